@@ -1,0 +1,18 @@
+"""The one place where numba's jit options are set.
+
+Kernels are private `_name` functions decorated with `njit` (or `njit_parallel`) from here, each
+wrapped by a public function that validates inputs, allocates outputs and packages results.
+`NUMBA_DISABLE_JIT=1` runs the same code as plain Python (the tests must pass that way too).
+"""
+
+from __future__ import annotations
+
+import numba
+
+njit = numba.njit(cache=True, nogil=True)
+"""Decorator for serial kernels."""
+
+njit_parallel = numba.njit(cache=True, nogil=True, parallel=True)
+"""Decorator for kernels with `numba.prange` loops (parallel across layers or chunks)."""
+
+prange = numba.prange

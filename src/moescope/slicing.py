@@ -1,0 +1,163 @@
+"""Slices of a trace: by sequences, tokens, labels, layers, and the train/test split by halves.
+
+The split follows the published OLMoE routing study: every sequence contributes its first half
+(``n // 2`` tokens) to *train* and the rest to *test*, so anything fitted on train is scored on later
+tokens of the same requests, never on the tokens it was fitted to. A 1-token sequence has an empty first
+half and appears only in *test*. Every slice records what was done in ``meta.extra["slices"]``.
+
+Pure functions: `RoutingTrace` in, `RoutingTrace` out; no I/O.
+
+    >>> train, test = split_halves(trace)
+    >>> law = select_labels(trace, ["law"])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+from moescope.errors import UsageError
+from moescope.trace import RoutingTrace
+
+SPLIT_PARTS = ("train", "test")
+
+
+def _with_note(trace: RoutingTrace, note: dict[str, Any]) -> dict[str, Any]:
+    extra = dict(trace.meta.extra)
+    extra["slices"] = [*extra.get("slices", []), note]
+    return extra
+
+
+def take_ranges(
+    trace: RoutingTrace, starts: np.ndarray, ends: np.ndarray, seq_index: np.ndarray, note: dict[str, Any]
+) -> RoutingTrace:
+    """Concatenate token ranges ``[starts[i], ends[i])``, each becoming one sequence of the result.
+
+    Parameters
+    ----------
+    starts, ends : [m] int64 token bounds (empty ranges are dropped).
+    seq_index : [m] int64 source sequence of each range (for its label).
+    note : what was done, appended to ``meta.extra["slices"]``.
+    """
+    starts, ends, seq_index = (np.asarray(a, dtype=np.int64) for a in (starts, ends, seq_index))
+    keep = ends > starts
+    starts, ends, seq_index = starts[keep], ends[keep], seq_index[keep]
+    lengths = ends - starts
+    new_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if lengths.size else lengths
+    # token index array without a Python loop per range
+    total = int(lengths.sum())
+    idx = np.ones(total, dtype=np.int64)
+    if total:
+        idx[0] = starts[0]
+        idx[new_starts[1:]] = starts[1:] - ends[:-1] + 1
+        idx = np.cumsum(idx)
+    meta = trace.meta.replace(extra=_with_note(trace, note))
+    return RoutingTrace(
+        trace.experts[idx],
+        trace.n_experts,
+        weights=None if trace.weights is None else trace.weights[idx],
+        seq_starts=new_starts,
+        seq_labels=None if trace.seq_labels is None else trace.seq_labels[seq_index],
+        layer_ids=trace.layer_ids,
+        phase=trace.phase,
+        meta=meta,
+        validate=False,
+    )
+
+
+def select_sequences(trace: RoutingTrace, indices: Iterable[int]) -> RoutingTrace:
+    """The sequences at `indices` (in the given order; no repeats)."""
+    idx = np.asarray(list(indices), dtype=np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= trace.n_sequences):
+        bad = int(idx[(idx < 0) | (idx >= trace.n_sequences)][0])
+        raise UsageError(f"sequence {bad} does not exist; this trace has sequences 0..{trace.n_sequences - 1}")
+    if np.unique(idx).size != idx.size:
+        raise UsageError("a sequence is selected twice; list each sequence once")
+    return take_ranges(
+        trace, trace.seq_starts[idx], trace.seq_ends[idx], idx, {"op": "sequences", "count": int(idx.size)}
+    )
+
+
+def select_tokens(trace: RoutingTrace, start: int, stop: int | None = None) -> RoutingTrace:
+    """Tokens ``start:stop``; sequences cut by the bounds keep their in-range part."""
+    stop = trace.n_tokens if stop is None else int(stop)
+    if not 0 <= start <= stop <= trace.n_tokens:
+        raise UsageError(f"token range {start}:{stop} is outside 0:{trace.n_tokens}; pick bounds inside it")
+    s = np.clip(trace.seq_starts, start, stop)
+    e = np.clip(trace.seq_ends, start, stop)
+    return take_ranges(trace, s, e, np.arange(trace.n_sequences), {"op": "tokens", "start": start, "stop": stop})
+
+
+def select_labels(trace: RoutingTrace, labels: Sequence[str]) -> RoutingTrace:
+    """The sequences whose label is one of `labels`."""
+    if trace.seq_labels is None:
+        raise UsageError("this trace has no sequence labels; slice by --sequences or --tokens instead")
+    known = trace.labels()
+    unknown = [lab for lab in labels if lab not in known]
+    if unknown:
+        raise UsageError(f"label(s) {unknown} not in this trace; its labels are {known}")
+    idx = np.flatnonzero(np.isin(trace.seq_labels, list(labels)))
+    out = take_ranges(trace, trace.seq_starts[idx], trace.seq_ends[idx], idx, {"op": "labels", "labels": list(labels)})
+    return out
+
+
+def select_layers(trace: RoutingTrace, layer_ids: Sequence[int]) -> RoutingTrace:
+    """Keep the MoE layers with these model layer ids (in the given order)."""
+    pos = {int(lid): i for i, lid in enumerate(trace.layer_ids.tolist())}
+    missing = [int(x) for x in layer_ids if int(x) not in pos]
+    if missing:
+        raise UsageError(f"layer(s) {missing} are not in this trace; its MoE layers are {trace.layer_ids.tolist()}")
+    if len(set(layer_ids)) != len(layer_ids) or not layer_ids:
+        raise UsageError(f"layer selection {list(layer_ids)} must be non-empty without repeats")
+    li = np.asarray([pos[int(x)] for x in layer_ids], dtype=np.int64)
+    return trace.replace(
+        experts=trace.experts[:, li],
+        weights=None if trace.weights is None else trace.weights[:, li],
+        layer_ids=trace.layer_ids[li],
+        meta=trace.meta.replace(extra=_with_note(trace, {"op": "layers", "layer_ids": [int(x) for x in layer_ids]})),
+        validate=False,
+    )
+
+
+def split_bounds(trace: RoutingTrace) -> np.ndarray:
+    """[sequences] int64 first token of each sequence's second half (``start + length // 2``)."""
+    return trace.seq_starts + trace.seq_lengths // 2
+
+
+def split_part(trace: RoutingTrace, part: Literal["train", "test"]) -> RoutingTrace:
+    """The first (``"train"``) or second (``"test"``) half of every sequence."""
+    if part not in SPLIT_PARTS:
+        raise UsageError(f"split part {part!r} is not one of {', '.join(SPLIT_PARTS)}")
+    mid = split_bounds(trace)
+    starts, ends = (trace.seq_starts, mid) if part == "train" else (mid, trace.seq_ends)
+    return take_ranges(trace, starts, ends, np.arange(trace.n_sequences), {"op": "split", "part": part})
+
+
+def split_halves(trace: RoutingTrace) -> tuple[RoutingTrace, RoutingTrace]:
+    """``(train, test)``: first half of every sequence, second half of every sequence."""
+    return split_part(trace, "train"), split_part(trace, "test")
+
+
+def parse_ranges(text: str, what: str = "value") -> list[int]:
+    """Parse ``"0,3,5-8"`` (non-negative integers, inclusive ranges) into ``[0, 3, 5, 6, 7, 8]``."""
+    out: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        try:
+            a = int(lo)
+            b = int(hi) if sep else a
+        except ValueError:
+            a, b = 0, -1
+        if a < 0 or b < a:
+            raise UsageError(
+                f"cannot read {what} list {text!r} at {part!r}; use non-negative integers and inclusive "
+                f"ranges like 0,3,5-8"
+            )
+        out.extend(range(a, b + 1))
+    if not out:
+        raise UsageError(f"empty {what} list {text!r}; give integers like 0,3,5-8")
+    return out

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny seeded traces built in memory, and the optional real-data folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moescope.trace import RoutingTrace
+
+REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
+
+
+def random_trace(
+    n_tokens: int = 50,
+    n_layers: int = 2,
+    n_experts: int = 8,
+    k: int = 2,
+    n_seq: int = 4,
+    seed: int = 0,
+    weights: str | None = "float32",
+    labels: bool = True,
+) -> RoutingTrace:
+    """A small valid trace with distinct ids per token, random sequence cuts and labels."""
+    rng = np.random.default_rng(seed)
+    experts = np.argsort(rng.random((n_tokens, n_layers, n_experts)), axis=2)[..., :k].astype(np.int16)
+    w = None
+    if weights:
+        raw = rng.random((n_tokens, n_layers, k)) + 0.05
+        w = (raw / raw.sum(axis=2, keepdims=True)).astype(weights)
+    cuts = np.sort(rng.choice(np.arange(1, n_tokens), size=n_seq - 1, replace=False)) if n_seq > 1 else []
+    starts = np.concatenate([[0], cuts]).astype(np.int64)
+    seq_labels = [("law", "code", "chat")[i % 3] for i in range(n_seq)] if labels else None
+    return RoutingTrace(
+        experts,
+        n_experts,
+        weights=w,
+        seq_starts=starts,
+        seq_labels=seq_labels,
+        layer_ids=np.arange(1, n_layers + 1),
+        meta={"model": "tiny-test", "source": "conftest"},
+    )
+
+
+@pytest.fixture
+def tiny_trace() -> RoutingTrace:
+    return random_trace()
+
+
+@pytest.fixture
+def realdata() -> Path:
+    if not REALDATA.is_dir():
+        pytest.skip("../shared/realdata is absent")
+    return REALDATA

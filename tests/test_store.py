@@ -1,0 +1,165 @@
+"""The Zarr trace store: round trips, chunked reads, the commit protocol, atomic writes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import random_trace
+from moescope.errors import FormatError, OutputExistsError, TraceError
+from moescope.store import TraceStore, TraceWriter, default_chunk_tokens, is_store, load_trace, save_trace
+from moescope.trace import expert_mass
+
+
+@pytest.mark.parametrize("chunk_tokens", [7, 16, 1000])
+@pytest.mark.parametrize("weights", [None, "float16", "float32"])
+def test_roundtrip_exact(tmp_path, chunk_tokens, weights):
+    tr = random_trace(n_tokens=97, n_layers=3, n_experts=16, k=4, n_seq=9, weights=weights)
+    save_trace(tr, tmp_path / "t.zarr", chunk_tokens=chunk_tokens)
+    back = load_trace(tmp_path / "t.zarr")
+    assert back.equals(tr)
+    assert [p.name for p in tmp_path.iterdir()] == ["t.zarr"]  # no temp folder left
+
+
+def test_chunks_cover_trace_and_carry_sequences(tmp_path):
+    tr = random_trace(n_tokens=100, n_seq=7)
+    save_trace(tr, tmp_path / "t.zarr", chunk_tokens=16)
+    store = TraceStore(tmp_path / "t.zarr")
+    chunks = list(store.iter_chunks(chunk_tokens=13))
+    assert [c.start for c in chunks] == list(range(0, 100, 13))
+    np.testing.assert_array_equal(np.concatenate([c.trace.experts for c in chunks]), tr.experts)
+    total = sum(expert_mass(c.trace.experts, 8) for c in chunks)
+    np.testing.assert_array_equal(total, tr.counts().values)
+    for c in chunks:
+        seq_of_first = int(np.searchsorted(tr.seq_starts, c.start, side="right")) - 1
+        assert c.first_sequence == seq_of_first
+        assert c.continues == (tr.seq_starts[seq_of_first] < c.start)
+        starts_inside = tr.seq_starts[(tr.seq_starts >= c.start) & (tr.seq_starts < c.start + c.trace.n_tokens)]
+        expected = ([0] if c.continues else []) + (starts_inside - c.start).tolist()
+        assert c.trace.seq_starts.tolist() == expected
+        assert c.trace.seq_labels.tolist() == tr.seq_labels[seq_of_first : seq_of_first + len(expected)].tolist()
+
+
+def test_read_layers_by_model_id(tmp_path):
+    tr = random_trace(n_layers=3)
+    save_trace(tr, tmp_path / "t.zarr")
+    sub = load_trace(tmp_path / "t.zarr", layers=[3, 1])
+    assert sub.layer_ids.tolist() == [3, 1]
+    np.testing.assert_array_equal(sub.experts, tr.experts[:, [2, 0]])
+    with pytest.raises(Exception, match=r"layer\(s\) \[7\] are not in this trace"):
+        load_trace(tmp_path / "t.zarr", layers=[7])
+
+
+def test_streaming_writer_blocks_continue_sequences(tmp_path):
+    tr = random_trace(n_tokens=60, n_seq=5)
+    with TraceWriter(tmp_path / "s.zarr", n_experts=8, n_layers=2, top_k=2, layer_ids=[1, 2],
+                     weights_dtype="float32", chunk_tokens=8, meta=tr.meta) as w:
+        # feed in blocks that cut sequences anywhere
+        for lo in range(0, 60, 11):
+            hi = min(60, lo + 11)
+            mask = (tr.seq_starts >= lo) & (tr.seq_starts < hi)
+            w.append(tr.experts[lo:hi], tr.weights[lo:hi], seq_starts=tr.seq_starts[mask] - lo,
+                     labels=tr.seq_labels[mask].tolist())
+    assert load_trace(tmp_path / "s.zarr").equals(tr)
+    assert TraceStore(tmp_path / "s.zarr").complete
+
+
+def test_interrupted_capture_keeps_committed_chunks(tmp_path):
+    tr = random_trace(n_tokens=64, n_seq=4, weights=None, labels=False)
+    path = tmp_path / "cap.zarr"
+    w = TraceWriter(path, n_experts=8, n_layers=2, top_k=2, chunk_tokens=16, atomic=False)
+    w.append(tr.experts[:40])            # 2 full chunks committed, 8 tokens buffered
+    assert is_store(path)
+    mid = TraceStore(path)                # a reader while the capture runs
+    assert mid.n_tokens == 32 and not mid.complete
+    np.testing.assert_array_equal(mid.to_trace().experts, tr.experts[:32])
+    del w                                 # the process "dies": buffered tokens are lost, nothing corrupt
+    after = TraceStore(path)
+    assert after.n_tokens == 32 and not after.complete
+    assert after.to_trace().n_sequences == 1
+
+
+def test_failed_block_in_capture_commits_what_was_valid(tmp_path):
+    tr = random_trace(n_tokens=20, n_seq=1, weights=None, labels=False)
+    path = tmp_path / "cap.zarr"
+    bad = tr.experts[:5].copy()
+    bad[2, 0, 0] = 99
+    with pytest.raises(TraceError, match="token 12, layer index 0, slot 0 has expert id 99"):
+        with TraceWriter(path, n_experts=8, n_layers=2, top_k=2, chunk_tokens=16, atomic=False) as w:
+            w.append(tr.experts[:10])
+            w.append(bad, seq_starts=[])
+    store = TraceStore(path)
+    assert store.n_tokens == 10 and not store.complete
+
+
+def test_atomic_writer_leaves_nothing_on_error(tmp_path):
+    tr = random_trace(n_tokens=20, weights=None, labels=False)
+    with pytest.raises(RuntimeError):
+        with TraceWriter(tmp_path / "a.zarr", n_experts=8, n_layers=2, top_k=2, chunk_tokens=4) as w:
+            w.append(tr.experts)
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_rules(tmp_path):
+    tr = random_trace()
+    save_trace(tr, tmp_path / "t.zarr")
+    with pytest.raises(OutputExistsError, match="already exists; pass --overwrite"):
+        save_trace(tr, tmp_path / "t.zarr")
+    other = random_trace(seed=5)
+    save_trace(other, tmp_path / "t.zarr", overwrite=True)
+    assert load_trace(tmp_path / "t.zarr").equals(other)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.zarr"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "block", "match"),
+    [
+        ({}, np.zeros((3, 2)), r"appended experts have shape \(3, 2\), expected \[n, 2, 2\]"),
+        ({}, "first-without-start", r"first block must start a sequence"),
+        ({"weights_dtype": "float16"}, "no-weights", r"this store has gate weights"),
+    ],
+)
+def test_writer_rejects_bad_blocks(tmp_path, kwargs, block, match):
+    tr = random_trace(weights=None, labels=False)
+    with pytest.raises(TraceError, match=match):
+        with TraceWriter(tmp_path / "w.zarr", n_experts=8, n_layers=2, top_k=2, **kwargs) as w:
+            if isinstance(block, str):
+                w.append(tr.experts[:5], seq_starts=[] if block == "first-without-start" else (0,))
+            else:
+                w.append(block)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_labels_all_or_none(tmp_path):
+    tr = random_trace(weights=None, labels=False)
+    with pytest.raises(TraceError, match="label every sequence or none"), TraceWriter(
+        tmp_path / "w.zarr", n_experts=8, n_layers=2, top_k=2
+    ) as w:
+        w.append(tr.experts[:5], labels=["a"])
+        w.append(tr.experts[5:9])
+
+
+def test_not_a_store(tmp_path):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(FormatError, match="is not a moescope trace store"):
+        TraceStore(tmp_path / "x")
+    (tmp_path / "x" / "zarr.json").write_text("{not json")
+    assert not is_store(tmp_path / "x")
+
+
+def test_newer_version_refused(tmp_path):
+    save_trace(random_trace(), tmp_path / "t.zarr")
+    meta = json.loads((tmp_path / "t.zarr" / "zarr.json").read_text())
+    meta["attributes"]["moescope"]["version"] = 99
+    (tmp_path / "t.zarr" / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(FormatError, match="newer than this moescope reads"):
+        TraceStore(tmp_path / "t.zarr")
+
+
+def test_default_chunking_targets_8mib():
+    assert default_chunk_tokens(26, 6) == 16384
+    assert default_chunk_tokens(48, 8) * 48 * 8 * 2 <= 8 << 20
+    assert default_chunk_tokens(1, 1) == 1 << 20
