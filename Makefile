@@ -2,24 +2,35 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.moescope-installed
+PIP := $(PY) -m pip install -q
+BASE := $(VENV)/.moescope-base
+DEV := $(VENV)/.moescope-dev
+# the CPU build of torch on this machine's disk; tests of torch-based readers skip without it
+TORCH ?= torch==2.13.0
 
 .PHONY: demo test lint bench clean
 
-$(STAMP): pyproject.toml
+$(BASE): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
-	touch $(STAMP)
+	$(PIP) --upgrade pip
+	$(PIP) -e .
+	touch $@
 
-demo: $(STAMP)
+$(DEV): $(BASE)
+	$(PIP) -e '.[dev]' '$(TORCH)'
+	touch $@
+
+demo: $(BASE)
 	$(VENV)/bin/moescope demo --out demo-out
 
-test: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench tools
+test: $(DEV)
+	$(VENV)/bin/ruff check src tests bench
 	$(PY) -m pytest -q
 
-bench: $(STAMP)
+lint: $(DEV)
+	$(VENV)/bin/ruff check src tests bench
+
+bench: $(DEV)
 	$(PY) bench/run.py --out bench/results
 
 clean:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 
@@ -34,7 +36,7 @@ def split_tokens(seq_starts: np.ndarray, n_tokens: int, part: str) -> list[int]:
     """Token indices of the train (first half) or test (second half) part of every sequence."""
     out: list[int] = []
     bounds = [*seq_starts.tolist(), n_tokens]
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+    for a, b in itertools.pairwise(bounds):
         mid = a + (b - a) // 2
         out.extend(range(a, mid) if part == "train" else range(mid, b))
     return out

@@ -17,7 +17,9 @@ def test_counts_roundtrip_exact(tmp_path):
     c = random_trace().counts()
     write_output(c, tmp_path / "c.json")
     assert read_input(tmp_path / "c.json").equals(c)
-    shares = ExpertCounts([[0.1, 0.2, 0.7], [1 / 3, 1 / 3, 1 / 3]], normalized=True, layer_ids=[4, 9], meta={"model": "x"})
+    shares = ExpertCounts(
+        [[0.1, 0.2, 0.7], [1 / 3, 1 / 3, 1 / 3]], normalized=True, layer_ids=[4, 9], meta={"model": "x"}
+    )
     write_output(shares, tmp_path / "s.json")
     back = read_input(tmp_path / "s.json")
     assert back.equals(shares, check_meta=False) and back.values.dtype == np.float64
@@ -38,7 +40,13 @@ def test_plain_list_of_lists(tmp_path):
 
 
 def test_gate_weighted_table(tmp_path):
-    doc = {"n_experts": 2, "top_k": 1, "layers": [[0.5, 0.5]], "layers_gate_weighted": [[0.6, 0.4]], "normalized": True}
+    doc = {
+        "n_experts": 2,
+        "top_k": 1,
+        "layers": [[0.5, 0.5]],
+        "layers_gate_weighted": [[0.6, 0.4]],
+        "normalized": True,
+    }
     (tmp_path / "g.json").write_text(json.dumps(doc))
     assert read_input(tmp_path / "g.json", options=ImportOptions(mass="gate")).values.tolist() == [[0.6, 0.4]]
     assert read_input(tmp_path / "g.json").mass == "counts"

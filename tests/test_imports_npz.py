@@ -25,9 +25,20 @@ def test_roundtrip_npz_zarr_npz(tmp_path):
 
 def test_realdata_style_file_with_task_starts(tmp_path):
     tr = random_trace(n_tokens=30, n_seq=3, labels=False)
-    meta = {"model": "m", "n_experts": 8, "top_k": 2, "layer_ids": [1, 2], "task_starts": {"b": tr.seq_starts[1].item(), "a": 0}}
-    np.savez(tmp_path / "t.npz", experts=tr.experts, weights=tr.weights.astype(np.float16),
-             seq_starts=tr.seq_starts, meta=np.asarray(json.dumps(meta)))
+    meta = {
+        "model": "m",
+        "n_experts": 8,
+        "top_k": 2,
+        "layer_ids": [1, 2],
+        "task_starts": {"b": tr.seq_starts[1].item(), "a": 0},
+    }
+    np.savez(
+        tmp_path / "t.npz",
+        experts=tr.experts,
+        weights=tr.weights.astype(np.float16),
+        seq_starts=tr.seq_starts,
+        meta=np.asarray(json.dumps(meta)),
+    )
     got = read_input(tmp_path / "t.npz")
     assert got.seq_labels.tolist() == ["a", "b", "b"]
     assert got.meta.model == "m" and "task_starts" not in got.meta.extra
@@ -43,11 +54,27 @@ def test_model_option_overrides(tmp_path):
     ("arrays", "match", "exc"),
     [
         ({"weights": np.zeros((2, 1, 2))}, "no 'experts' array", FormatError),
-        ({"experts": np.array([[[0, 1]]]), "meta": np.asarray("{bad")}, "'meta' is not valid JSON", FormatError),
+        (
+            {"experts": np.array([[[0, 1]]]), "meta": np.asarray("{bad")},
+            "'meta' is not valid JSON",
+            FormatError,
+        ),
         ({"experts": np.array([[[0, 1]]]), "meta": np.asarray("{}")}, "pass --n-experts", FormatError),
-        ({"experts": np.array([[[0, 5]]]), "meta": np.asarray('{"n_experts": 4}')}, "expert id 5", TraceError),
-        ({"experts": np.array([[[0, 1]]]), "meta": np.asarray('{"n_experts": 4, "top_k": 3}')}, "meta says top_k=3", FormatError),
-        ({"experts": np.array([[[0, 1]]], dtype=object), "meta": np.asarray('{"n_experts": 4}')}, "needs unpickling", FormatError),
+        (
+            {"experts": np.array([[[0, 5]]]), "meta": np.asarray('{"n_experts": 4}')},
+            "expert id 5",
+            TraceError,
+        ),
+        (
+            {"experts": np.array([[[0, 1]]]), "meta": np.asarray('{"n_experts": 4, "top_k": 3}')},
+            "meta says top_k=3",
+            FormatError,
+        ),
+        (
+            {"experts": np.array([[[0, 1]]], dtype=object), "meta": np.asarray('{"n_experts": 4}')},
+            "needs unpickling",
+            FormatError,
+        ),
     ],
 )
 def test_bad_npz(tmp_path, arrays, match, exc):
@@ -61,5 +88,5 @@ def test_bad_npz(tmp_path, arrays, match, exc):
 
 def test_not_a_zip(tmp_path):
     (tmp_path / "x.npz").write_text("hello")
-    with pytest.raises(FormatError, match="not a readable .npz"):
+    with pytest.raises(FormatError, match=r"not a readable \.npz"):
         read_npz(tmp_path / "x.npz", ImportOptions())

@@ -50,7 +50,9 @@ def test_one_token_sequence_only_in_test():
 def test_select_sequences_and_tokens():
     tr = random_trace(n_tokens=50, n_seq=5)
     sub = select_sequences(tr, [3, 1])
-    expect = np.concatenate([tr.experts[tr.seq_starts[3] : tr.seq_ends[3]], tr.experts[tr.seq_starts[1] : tr.seq_ends[1]]])
+    expect = np.concatenate(
+        [tr.experts[tr.seq_starts[3] : tr.seq_ends[3]], tr.experts[tr.seq_starts[1] : tr.seq_ends[1]]]
+    )
     np.testing.assert_array_equal(sub.experts, expect)
     assert sub.seq_labels.tolist() == [tr.seq_labels[3], tr.seq_labels[1]]
     cut = select_tokens(tr, 5, 30)

@@ -54,14 +54,26 @@ def test_read_layers_by_model_id(tmp_path):
 
 def test_streaming_writer_blocks_continue_sequences(tmp_path):
     tr = random_trace(n_tokens=60, n_seq=5)
-    with TraceWriter(tmp_path / "s.zarr", n_experts=8, n_layers=2, top_k=2, layer_ids=[1, 2],
-                     weights_dtype="float32", chunk_tokens=8, meta=tr.meta) as w:
+    with TraceWriter(
+        tmp_path / "s.zarr",
+        n_experts=8,
+        n_layers=2,
+        top_k=2,
+        layer_ids=[1, 2],
+        weights_dtype="float32",
+        chunk_tokens=8,
+        meta=tr.meta,
+    ) as w:
         # feed in blocks that cut sequences anywhere
         for lo in range(0, 60, 11):
             hi = min(60, lo + 11)
             mask = (tr.seq_starts >= lo) & (tr.seq_starts < hi)
-            w.append(tr.experts[lo:hi], tr.weights[lo:hi], seq_starts=tr.seq_starts[mask] - lo,
-                     labels=tr.seq_labels[mask].tolist())
+            w.append(
+                tr.experts[lo:hi],
+                tr.weights[lo:hi],
+                seq_starts=tr.seq_starts[mask] - lo,
+                labels=tr.seq_labels[mask].tolist(),
+            )
     assert load_trace(tmp_path / "s.zarr").equals(tr)
     assert TraceStore(tmp_path / "s.zarr").complete
 
@@ -70,12 +82,12 @@ def test_interrupted_capture_keeps_committed_chunks(tmp_path):
     tr = random_trace(n_tokens=64, n_seq=4, weights=None, labels=False)
     path = tmp_path / "cap.zarr"
     w = TraceWriter(path, n_experts=8, n_layers=2, top_k=2, chunk_tokens=16, atomic=False)
-    w.append(tr.experts[:40])            # 2 full chunks committed, 8 tokens buffered
+    w.append(tr.experts[:40])  # 2 full chunks committed, 8 tokens buffered
     assert is_store(path)
-    mid = TraceStore(path)                # a reader while the capture runs
+    mid = TraceStore(path)  # a reader while the capture runs
     assert mid.n_tokens == 32 and not mid.complete
     np.testing.assert_array_equal(mid.to_trace().experts, tr.experts[:32])
-    del w                                 # the process "dies": buffered tokens are lost, nothing corrupt
+    del w  # the process "dies": buffered tokens are lost, nothing corrupt
     after = TraceStore(path)
     assert after.n_tokens == 32 and not after.complete
     assert after.to_trace().n_sequences == 1
@@ -86,20 +98,24 @@ def test_failed_block_in_capture_commits_what_was_valid(tmp_path):
     path = tmp_path / "cap.zarr"
     bad = tr.experts[:5].copy()
     bad[2, 0, 0] = 99
-    with pytest.raises(TraceError, match="token 12, layer index 0, slot 0 has expert id 99"):
-        with TraceWriter(path, n_experts=8, n_layers=2, top_k=2, chunk_tokens=16, atomic=False) as w:
-            w.append(tr.experts[:10])
-            w.append(bad, seq_starts=[])
+    with (
+        pytest.raises(TraceError, match="token 12, layer index 0, slot 0 has expert id 99"),
+        TraceWriter(path, n_experts=8, n_layers=2, top_k=2, chunk_tokens=16, atomic=False) as w,
+    ):
+        w.append(tr.experts[:10])
+        w.append(bad, seq_starts=[])
     store = TraceStore(path)
     assert store.n_tokens == 10 and not store.complete
 
 
 def test_atomic_writer_leaves_nothing_on_error(tmp_path):
     tr = random_trace(n_tokens=20, weights=None, labels=False)
-    with pytest.raises(RuntimeError):
-        with TraceWriter(tmp_path / "a.zarr", n_experts=8, n_layers=2, top_k=2, chunk_tokens=4) as w:
-            w.append(tr.experts)
-            raise RuntimeError("boom")
+    with (
+        pytest.raises(RuntimeError),
+        TraceWriter(tmp_path / "a.zarr", n_experts=8, n_layers=2, top_k=2, chunk_tokens=4) as w,
+    ):
+        w.append(tr.experts)
+        raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -124,20 +140,23 @@ def test_overwrite_rules(tmp_path):
 )
 def test_writer_rejects_bad_blocks(tmp_path, kwargs, block, match):
     tr = random_trace(weights=None, labels=False)
-    with pytest.raises(TraceError, match=match):
-        with TraceWriter(tmp_path / "w.zarr", n_experts=8, n_layers=2, top_k=2, **kwargs) as w:
-            if isinstance(block, str):
-                w.append(tr.experts[:5], seq_starts=[] if block == "first-without-start" else (0,))
-            else:
-                w.append(block)
+    with (
+        pytest.raises(TraceError, match=match),
+        TraceWriter(tmp_path / "w.zarr", n_experts=8, n_layers=2, top_k=2, **kwargs) as w,
+    ):
+        if isinstance(block, str):
+            w.append(tr.experts[:5], seq_starts=[] if block == "first-without-start" else (0,))
+        else:
+            w.append(block)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_labels_all_or_none(tmp_path):
     tr = random_trace(weights=None, labels=False)
-    with pytest.raises(TraceError, match="label every sequence or none"), TraceWriter(
-        tmp_path / "w.zarr", n_experts=8, n_layers=2, top_k=2
-    ) as w:
+    with (
+        pytest.raises(TraceError, match="label every sequence or none"),
+        TraceWriter(tmp_path / "w.zarr", n_experts=8, n_layers=2, top_k=2) as w,
+    ):
         w.append(tr.experts[:5], labels=["a"])
         w.append(tr.experts[5:9])
 

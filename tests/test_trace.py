@@ -30,7 +30,7 @@ def test_sequences_and_labels(tiny_trace):
     assert tr.seq_lengths.sum() == tr.n_tokens
     assert tr.token_sequence().tolist() == np.repeat(np.arange(tr.n_sequences), tr.seq_lengths).tolist()
     assert tr.labels() == ["law", "code", "chat"]
-    assert [s for _, s in tr.iter_sequences()][0] == slice(0, int(tr.seq_starts[1]))
+    assert next(s for _, s in tr.iter_sequences()) == slice(0, int(tr.seq_starts[1]))
 
 
 @pytest.mark.parametrize(
@@ -44,13 +44,33 @@ def test_sequences_and_labels(tiny_trace):
         ([[[0, 1, 2]]], 2, {}, r"top_k is 3 but n_experts is only 2"),
         ([[[0, 1]]], 0, {}, r"n_experts is 0"),
         ([[[0, 1]], [[1, 2]]], 8, {"seq_starts": [1]}, r"seq_starts\[0\] is 1, expected 0"),
-        ([[[0, 1]], [[1, 2]], [[2, 3]]], 8, {"seq_starts": [0, 2, 1]}, r"not strictly increasing: seq_starts\[1\]=2"),
-        ([[[0, 1]], [[1, 2]]], 8, {"seq_starts": [0, 2]}, r"seq_starts\[1\]=2 is not below the token count 2"),
-        ([[[0, 1]]], 8, {"weights": [[[0.5]]]}, r"weights has shape \(1, 1, 1\) but experts has shape \(1, 1, 2\)"),
+        (
+            [[[0, 1]], [[1, 2]], [[2, 3]]],
+            8,
+            {"seq_starts": [0, 2, 1]},
+            r"not strictly increasing: seq_starts\[1\]=2",
+        ),
+        (
+            [[[0, 1]], [[1, 2]]],
+            8,
+            {"seq_starts": [0, 2]},
+            r"seq_starts\[1\]=2 is not below the token count 2",
+        ),
+        (
+            [[[0, 1]]],
+            8,
+            {"weights": [[[0.5]]]},
+            r"weights has shape \(1, 1, 1\) but experts has shape \(1, 1, 2\)",
+        ),
         ([[[0, 1]]], 8, {"weights": [[[0.5, np.nan]]]}, r"slot 1 has gate weight nan"),
         ([[[0, 1]]], 8, {"weights": [[[0.5, -0.1]]]}, r"must be finite and >= 0"),
         ([[[0, 1]]], 8, {"layer_ids": [1, 2]}, r"layer_ids has 2 entries but the data has 1"),
-        ([[[0, 1]], [[1, 2]]], 8, {"layer_ids": [5, 5][:1], "seq_labels": ["a", "b"]}, r"seq_labels has 2 entries"),
+        (
+            [[[0, 1]], [[1, 2]]],
+            8,
+            {"layer_ids": [5, 5][:1], "seq_labels": ["a", "b"]},
+            r"seq_labels has 2 entries",
+        ),
         ([[[0, 1]]], 8, {"phase": "train"}, r"phase is 'train'"),
     ],
 )
@@ -69,7 +89,13 @@ def test_error_names_token_beyond_first_block():
 
 
 @settings(max_examples=60, deadline=None)
-@given(arrays(np.int16, st.tuples(st.integers(0, 6), st.integers(1, 3), st.integers(1, 4)), elements=st.integers(-2, 9)))
+@given(
+    arrays(
+        np.int16,
+        st.tuples(st.integers(0, 6), st.integers(1, 3), st.integers(1, 4)),
+        elements=st.integers(-2, 9),
+    )
+)
 def test_validation_kernel_matches_reference(experts):
     assert tuple(int(x) for x in _first_bad_selection(experts, 8)) == reference.first_bad_selection(experts, 8)
 

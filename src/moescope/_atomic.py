@@ -22,7 +22,9 @@ def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
     """Fail early (before any work) when `path` exists and `overwrite` is off, or its folder is missing."""
     p = Path(path)
     if p.exists() and not overwrite:
-        raise OutputExistsError(f"output {str(p)!r} already exists; pass --overwrite to replace it or pick another path")
+        raise OutputExistsError(
+            f"output {str(p)!r} already exists; pass --overwrite to replace it or pick another path"
+        )
     if not p.parent.is_dir():
         raise UsageError(f"output folder {str(p.parent)!r} does not exist; create it first")
     return p

@@ -213,15 +213,14 @@ class TraceWriter:
                 raise TraceError("an empty block cannot start sequences; pass seq_starts=[]")
             return
         if starts.size and (starts[0] < 0 or np.any(np.diff(starts) <= 0) or starts[-1] >= n):
-            raise TraceError(
-                f"block seq_starts {starts.tolist()[:8]} must be strictly increasing in 0..{n - 1}"
-            )
+            raise TraceError(f"block seq_starts {starts.tolist()[:8]} must be strictly increasing in 0..{n - 1}")
         if self.n_tokens == 0 and (starts.size == 0 or starts[0] != 0):
             raise TraceError("the first block must start a sequence at its token 0 (seq_starts[0] == 0)")
         validate_experts(ex, self.n_experts, token_offset=self.n_tokens)
         if (weights is None) != (self.weights_dtype is None):
             raise TraceError(
-                "this store " + ("has" if self.weights_dtype is not None else "has no")
+                "this store "
+                + ("has" if self.weights_dtype is not None else "has no")
                 + " gate weights; give weights for every block or for none"
             )
         if weights is not None:
@@ -458,9 +457,7 @@ class TraceStore:
         pos = {int(lid): i for i, lid in enumerate(self.layer_ids.tolist())}
         missing = [int(x) for x in layers if int(x) not in pos]
         if missing:
-            raise UsageError(
-                f"layer(s) {missing} are not in this trace; its MoE layers are {self.layer_ids.tolist()}"
-            )
+            raise UsageError(f"layer(s) {missing} are not in this trace; its MoE layers are {self.layer_ids.tolist()}")
         return np.asarray([pos[int(x)] for x in layers], dtype=np.int64)
 
     def read(self, start: int = 0, stop: int | None = None, *, layers: Sequence[int] | None = None) -> Chunk:
@@ -494,9 +491,7 @@ class TraceStore:
         )
         return Chunk(start, trace, max(first, 0), bool(continues))
 
-    def iter_chunks(
-        self, *, layers: Sequence[int] | None = None, chunk_tokens: int | None = None
-    ) -> Iterator[Chunk]:
+    def iter_chunks(self, *, layers: Sequence[int] | None = None, chunk_tokens: int | None = None) -> Iterator[Chunk]:
         """Stream the trace in token chunks (default: the store's chunking), bounded memory."""
         step = int(chunk_tokens or self.chunk_tokens)
         if step < 1:

@@ -435,7 +435,9 @@ class ExpertCounts:
             bad = np.argwhere(~np.isfinite(v))
             if bad.size:
                 layer, e = (int(i) for i in bad[0])
-                raise TraceError(f"counts at layer index {layer}, expert {e} is {v[layer, e].item()!r}; expected a finite number")
+                raise TraceError(
+                    f"counts at layer index {layer}, expert {e} is {v[layer, e].item()!r}; expected a finite number"
+                )
         neg = np.argwhere(v < 0)
         if neg.size:
             layer, e = (int(i) for i in neg[0])
@@ -450,8 +452,7 @@ class ExpertCounts:
         self.n_experts = _check_n_experts(v.shape[1] if n_experts is None else n_experts, top_k)
         if v.shape[1] != self.n_experts:
             raise TraceError(
-                f"counts rows have {v.shape[1]} experts but n_experts is {self.n_experts}; "
-                f"give one value per expert"
+                f"counts rows have {v.shape[1]} experts but n_experts is {self.n_experts}; give one value per expert"
             )
         if mass not in MASS_KINDS:
             raise TraceError(f"mass is {mass!r}, expected one of {', '.join(MASS_KINDS)}")
@@ -574,7 +575,7 @@ def expert_mass(experts: np.ndarray, n_experts: int, weights: np.ndarray | None 
     -------
     [layers, experts] int64 counts, or float64 gate mass when `weights` is given.
     """
-    n_tok, n_lay, k = experts.shape
+    n_tok, n_lay, _ = experts.shape
     out = np.zeros((n_lay, n_experts), dtype=np.float64 if weights is not None else np.int64)
     offsets = (np.arange(n_lay, dtype=np.int64) * n_experts)[None, :, None]
     for lo in range(0, n_tok, _VALIDATE_BLOCK):

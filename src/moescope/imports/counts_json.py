@@ -22,7 +22,16 @@ from moescope.errors import FormatError, UsageError
 from moescope.imports.registry import ImportOptions, register_reader, register_writer
 from moescope.trace import ExpertCounts, RoutingTrace
 
-KNOWN_KEYS = ("n_experts", "top_k", "layers", "layer_ids", "normalized", "tokens", "mass", "layers_gate_weighted")
+KNOWN_KEYS = (
+    "n_experts",
+    "top_k",
+    "layers",
+    "layer_ids",
+    "normalized",
+    "tokens",
+    "mass",
+    "layers_gate_weighted",
+)
 
 
 def _is_table(x: Any) -> bool:

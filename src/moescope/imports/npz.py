@@ -86,8 +86,7 @@ def read_npz(path: Path, options: ImportOptions) -> RoutingTrace:
         labels = _labels_from_task_starts(meta["task_starts"], np.asarray(seq_starts), path)
     if "top_k" in meta and int(meta["top_k"]) != arrays["experts"].shape[-1]:
         raise FormatError(
-            f"{path}: meta says top_k={meta['top_k']} but experts has shape {arrays['experts'].shape}; "
-            f"fix the meta"
+            f"{path}: meta says top_k={meta['top_k']} but experts has shape {arrays['experts'].shape}; fix the meta"
         )
     # task_starts is now carried by the labels (and would go stale after slicing)
     info = {k: v for k, v in meta.items() if k not in STRUCTURAL_KEYS and k != "task_starts"}

@@ -13,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
+
+import numpy as np
 
 from moescope.errors import FormatError, UsageError
 from moescope.trace import ExpertCounts, RoutingTrace
@@ -116,9 +118,7 @@ def detect_format(path: str | Path) -> str:
     for reader in READERS.values():
         if reader.detect(p):
             return reader.name
-    raise FormatError(
-        f"cannot tell the format of {str(p)!r}; pass --from with one of: {', '.join(sorted(READERS))}"
-    )
+    raise FormatError(f"cannot tell the format of {str(p)!r}; pass --from with one of: {', '.join(sorted(READERS))}")
 
 
 def read_input(path: str | Path, fmt: str | None = None, options: ImportOptions | None = None) -> Data:
@@ -186,3 +186,27 @@ def as_counts(data: Data, mass: Literal["counts", "gate"] = "counts") -> ExpertC
     return data
 
 
+def moe_layer_index(dense: np.ndarray, moe_layers: tuple[int, ...] | None, what: str) -> np.ndarray:
+    """Indices along a source's layer axis to keep (shared by the engine-dump readers).
+
+    Parameters
+    ----------
+    dense : [layers] bool, True where the source recorded no routing (a dense layer).
+    moe_layers : the user's ``--moe-layers`` (checked and returned as given), or None for the non-dense.
+    what : the source, for messages.
+
+    Returns
+    -------
+    [kept layers] int64 indices along the layer axis.
+    """
+    if moe_layers is None:
+        if dense.all():
+            raise FormatError(f"every layer of {what} looks dense (no routing recorded); pass --moe-layers")
+        return np.flatnonzero(~dense)
+    kept, n = np.asarray(moe_layers, dtype=np.int64), dense.size
+    bad = kept[(kept < 0) | (kept >= n)]
+    if bad.size:
+        raise UsageError(f"--moe-layers {int(bad[0])} is out of range: {what} has {n} layers (0..{n - 1})")
+    if np.unique(kept).size != kept.size:
+        raise UsageError(f"--moe-layers {list(moe_layers)} repeats a layer; name each MoE layer once")
+    return kept

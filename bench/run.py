@@ -1,0 +1,161 @@
+"""moescope benchmarks (`make bench`): each writes bench/results/<name>.json. Not part of CI.
+
+Speed is reported as measured seconds and, where a reference exists, as a ratio measured in the same
+run; memory is the peak RSS of a fresh subprocess doing only that step.
+
+    python bench/run.py --out bench/results [--only store_scale]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REALDATA = ROOT.parent / "shared" / "realdata"
+MOESCOPE = [sys.executable, "-m", "moescope.cli"]
+
+
+def _child(code: str) -> dict:
+    """Run `code` in a fresh interpreter; it must leave its results in a dict named `out`.
+
+    Adds the child's own peak RSS (MiB, from getrusage in the child) and its wall time.
+    """
+    epilogue = (
+        "\nimport json as _j, resource as _r\n"
+        "out['peak_rss_mib'] = round(_r.getrusage(_r.RUSAGE_SELF).ru_maxrss / 1024, 1)\n"
+        "print(_j.dumps(out))\n"
+    )
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code + epilogue], check=True, capture_output=True, text=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["process_wall_s"] = round(time.perf_counter() - t0, 3)
+    return result
+
+
+def _timed(cmd: list[str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
+def bench_store_realdata(tmp: Path) -> dict:
+    """ESFT DeepSeek-V2-Lite trace (25,028 x 26 x 6): npz -> store, then `trace info`, as CLI runs."""
+    src = REALDATA / "esft-dsv2lite" / "trace.npz"
+    if not src.is_file():
+        return {"skipped": f"{src} is absent"}
+    store = tmp / "esft.zarr"
+    convert = _timed([*MOESCOPE, "trace", "convert", str(src), str(store)])
+    info = _timed([*MOESCOPE, "trace", "info", str(store), "--json"])
+    startup = _timed([*MOESCOPE, "--version"])
+    return {
+        "input": str(src),
+        "convert_s": round(convert, 3),
+        "info_s": round(info, 3),
+        "cli_startup_s": round(startup, 3),
+        "store_mib": round(sum(p.stat().st_size for p in store.rglob("*") if p.is_file()) / 2**20, 2),
+        "goal": "each well under 5 s",
+    }
+
+
+SCALE = dict(
+    n_tokens=1_000_000,
+    n_layers=48,
+    n_experts=128,
+    top_k=8,
+    n_teams=8,
+    team_size=8,
+    team_strength=0.4,
+    stickiness=0.2,
+    domains=("a", "b"),
+    seed=1,
+)
+
+
+def bench_store_scale(tmp: Path) -> dict:
+    """1M tokens x 48 layers x top-8 (384M decisions): streamed write, streamed read, each in its own process."""
+    path = tmp / "scale.zarr"
+    write = _child(
+        "import json, time\n"
+        "from pathlib import Path\n"
+        "from moescope.synth import SynthSpec\n"
+        "from moescope.cli.trace_cmds import write_synth_store\n"
+        f"spec = SynthSpec(**{SCALE!r})\n"
+        "t = time.perf_counter()\n"
+        f"write_synth_store(spec, Path({str(path)!r}))\n"
+        "out = {'write_s': round(time.perf_counter() - t, 3)}\n"
+    )
+    read = _child(
+        "import json, time\n"
+        "import numpy as np\n"
+        "from moescope.store import TraceStore\n"
+        "from moescope.trace import expert_mass\n"
+        "t = time.perf_counter()\n"
+        f"s = TraceStore({str(path)!r})\n"
+        "tot = np.zeros((s.n_layers, s.n_experts), dtype=np.int64)\n"
+        "for c in s.iter_chunks():\n"
+        "    tot += expert_mass(c.trace.experts, s.n_experts)\n"
+        "assert int(tot.sum()) == s.n_tokens * s.n_layers * s.top_k\n"
+        "out = {'read_s': round(time.perf_counter() - t, 3), 'tokens': s.n_tokens}\n"
+    )
+    in_memory = SCALE["n_tokens"] * SCALE["n_layers"] * SCALE["top_k"] * (2 + 2) / 2**20
+    return {
+        "shape": [SCALE["n_tokens"], SCALE["n_layers"], SCALE["top_k"]],
+        "write": write,
+        "read_validate_count": read,
+        "whole_trace_in_memory_mib": round(in_memory, 1),
+        "store_mib": round(sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20, 1),
+    }
+
+
+def bench_synth_speed(tmp: Path) -> dict:
+    """Token-layers generated per second (after JIT warm-up), 1M tokens x 10 layers x top-8 of 64."""
+    return _child(
+        "import json, time\n"
+        "from moescope.synth import SynthSpec, synth_trace\n"
+        "kw = dict(n_layers=10, n_experts=64, top_k=8, n_teams=4, team_strength=0.5, stickiness=0.3,"
+        " domains=('a', 'b'), seed=3)\n"
+        "synth_trace(SynthSpec(n_tokens=2000, **kw))\n"
+        "t = time.perf_counter()\n"
+        "tr = synth_trace(SynthSpec(n_tokens=1_000_000, **kw))\n"
+        "dt = time.perf_counter() - t\n"
+        "out = {'seconds': round(dt, 3), 'token_layers': 10_000_000, 'token_layers_per_s': round(10_000_000 / dt)}\n"
+    )
+
+
+BENCHES = {name[len("bench_") :]: fn for name, fn in globals().items() if name.startswith("bench_")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--only", choices=sorted(BENCHES), action="append")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    machine = {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": __import__("os").cpu_count(),
+    }
+    for name in args.only or sorted(BENCHES):
+        tmp = Path(tempfile.mkdtemp(prefix=f"moescope-bench-{name}-"))
+        try:
+            t0 = time.perf_counter()
+            result = BENCHES[name](tmp)
+            result["bench_wall_s"] = round(time.perf_counter() - t0, 3)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        result["machine"] = machine
+        (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(f"{name}: {json.dumps(result)}")
+
+
+if __name__ == "__main__":
+    main()

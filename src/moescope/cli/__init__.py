@@ -1,0 +1,72 @@
+"""The `moescope` command line: a thin layer over the library.
+
+Results go to stdout (tables, or JSON with ``--json``); diagnostics go to stderr through `logging`.
+Exit codes: 0 ok, 1 a check failed, 2 bad usage or bad input (one line naming the value, what was
+expected and the fix; the traceback only with ``--verbose``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from typing import Annotated
+
+import typer
+
+from moescope import __version__
+from moescope.cli import _common
+from moescope.cli.demo import demo
+from moescope.cli.trace_cmds import trace_app
+from moescope.errors import MoescopeError
+
+app = typer.Typer(
+    name="moescope",
+    help=(
+        "Measure how a Mixture-of-Experts model routes tokens to experts on your workload, and turn the "
+        "measurement into deployment decisions.\n\n"
+        "Start with [bold]moescope demo[/bold], or [bold]moescope trace info TRACE[/bold] on a trace you have "
+        "(zarr store, .npz, ESFT logs, SGLang / vLLM dumps, counts JSON)."
+    ),
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(trace_app, name="trace")
+app.command("demo")(demo)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"moescope {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging and full tracebacks.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only results and errors; no progress bars.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    _common.STATE.verbose = verbose
+    _common.STATE.quiet = quiet
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else (logging.WARNING if quiet else logging.INFO),
+        format="%(levelname)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `moescope` console script."""
+    try:
+        app(args=argv, prog_name="moescope")
+    except MoescopeError as exc:
+        if _common.STATE.verbose:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,130 @@
+"""The command line: every command runs, bad input exits 2 with one line and leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import random_trace
+from moescope.cli import main
+from moescope.imports import read_input, write_output
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def npz(tmp_path):
+    path = tmp_path / "t.npz"
+    write_output(random_trace(n_tokens=60, n_seq=6), path)
+    return path
+
+
+def test_help_and_version(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0 and "trace" in out and "demo" in out
+    code, out, _ = run(capsys, "trace", "slice", "--help")
+    assert code == 0 and "--split" in out and "Example" in out
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.startswith("moescope ")
+
+
+def test_info_table_and_json(capsys, npz, tmp_path):
+    code, out, _ = run(capsys, "trace", "info", npz)
+    assert code == 0 and "per-layer load" in out and "tiny-test" in out
+    code, out, _ = run(capsys, "trace", "info", npz, "--json")
+    d = json.loads(out)
+    assert d["tokens"] == 60 and d["sequences"] == 6 and len(d["layers_summary"]) == 2
+    run(capsys, "trace", "convert", npz, tmp_path / "t.zarr")
+    code, out, _ = run(capsys, "trace", "info", tmp_path / "t.zarr", "--json")
+    d2 = json.loads(out)
+    assert code == 0 and d2["layers_summary"] == d["layers_summary"] and d2["complete"] is True
+
+
+def test_convert_chain_is_exact(capsys, npz, tmp_path):
+    assert run(capsys, "trace", "convert", npz, tmp_path / "a.zarr")[0] == 0
+    assert run(capsys, "trace", "convert", tmp_path / "a.zarr", tmp_path / "b.npz")[0] == 0
+    assert run(capsys, "trace", "convert", tmp_path / "b.npz", tmp_path / "c.json")[0] == 0
+    assert read_input(tmp_path / "b.npz").equals(read_input(npz))
+    np.testing.assert_array_equal(read_input(tmp_path / "c.json").values, read_input(npz).counts().values)
+
+
+def test_slice_split_and_labels(capsys, npz, tmp_path):
+    code, _, err = run(capsys, "trace", "slice", npz, tmp_path / "train.npz", "--split", "train")
+    assert code == 0 and "wrote" in err
+    code, _, _ = run(capsys, "trace", "slice", npz, tmp_path / "law.zarr", "--labels", "law", "--layers", "2")
+    law = read_input(tmp_path / "law.zarr")
+    assert code == 0 and set(law.seq_labels.tolist()) == {"law"} and law.layer_ids.tolist() == [2]
+    code, _, _ = run(capsys, "trace", "slice", npz, tmp_path / "tok.npz", "--tokens", "10:20", "--sequences", "0-3")
+    assert code == 0 and read_input(tmp_path / "tok.npz").n_tokens == 10
+
+
+def test_formats_lists_registry(capsys):
+    from moescope.imports import READERS, WRITERS
+
+    code, out, _ = run(capsys, "trace", "formats", "--json")
+    names = {r["name"] for r in json.loads(out)}
+    assert code == 0 and names == set(READERS) | set(WRITERS)
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["trace", "info", "{missing}"], "does not exist"),
+        (["trace", "convert", "{npz}", "{out}", "--top-k", "3"], "--top-k does not apply to 'npz' input"),
+        (["trace", "convert", "{counts}", "{out}"], "needs a per-token trace"),
+        (["trace", "convert", "{npz}", "{tmp}/x.parquet"], "cannot tell the output format"),
+        (["trace", "convert", "{npz}", "{tmp}/nodir/x.zarr"], "does not exist; create it first"),
+        (["trace", "slice", "{npz}", "{out}"], "nothing to slice"),
+        (["trace", "slice", "{npz}", "{out}", "--split", "val"], "--split 'val'"),
+        (["trace", "slice", "{npz}", "{out}", "--tokens", "a:b"], "--tokens 'a:b'"),
+        (["trace", "slice", "{npz}", "{out}", "--labels", "poetry"], "not in this trace"),
+        (["trace", "slice", "{npz}", "{out}", "--layers", "9"], r"layer\(s\) \[9\]"),
+        (["trace", "info", "{npz}", "--mass", "bytes"], "--mass 'bytes'"),
+        (["trace", "info", "{junk}"], "cannot tell the format"),
+    ],
+)
+def test_bad_input_exits_2_and_writes_nothing(capsys, tmp_path, npz, args, match):
+    import re
+
+    counts = tmp_path / "c.json"
+    counts.write_text("[[1, 2], [2, 1]]")
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\x00\x01")
+    before = {p.name for p in tmp_path.iterdir()}
+    subs = {
+        "missing": tmp_path / "nope.npz",
+        "npz": npz,
+        "out": tmp_path / "out.zarr",
+        "counts": counts,
+        "tmp": tmp_path,
+        "junk": junk,
+    }
+    code, out, err = run(capsys, *[a.format(**subs) for a in args])
+    assert code == 2, (out, err)
+    assert re.search(match, err), err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert {p.name for p in tmp_path.iterdir()} == before
+
+
+def test_existing_output_needs_overwrite(capsys, npz, tmp_path):
+    out = tmp_path / "o.npz"
+    out.write_text("keep me")
+    code, _, err = run(capsys, "trace", "convert", npz, out)
+    assert code == 2 and "pass --overwrite" in err and out.read_text() == "keep me"
+    assert run(capsys, "trace", "convert", npz, out, "--overwrite")[0] == 0
+    assert read_input(out).n_tokens == 60
+
+
+def test_verbose_shows_traceback(capsys, tmp_path):
+    code, _, err = run(capsys, "--verbose", "trace", "info", tmp_path / "nope.npz")
+    assert code == 2 and "Traceback" in err
