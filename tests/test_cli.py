@@ -128,3 +128,46 @@ def test_existing_output_needs_overwrite(capsys, npz, tmp_path):
 def test_verbose_shows_traceback(capsys, tmp_path):
     code, _, err = run(capsys, "--verbose", "trace", "info", tmp_path / "nope.npz")
     assert code == 2 and "Traceback" in err
+
+
+def _esft_dir(tmp_path):
+    from moescope.imports.esft import write_esft
+
+    write_esft(random_trace(n_tokens=30, n_seq=3, labels=False), tmp_path / "esft")
+    return tmp_path / "esft"
+
+
+def _vllm_npy(tmp_path):
+    np.save(tmp_path / "routed.npy", random_trace(labels=False).experts.astype(np.int32))
+    return tmp_path / "routed.npy"
+
+
+def _sglang_csv(tmp_path):
+    (tmp_path / "expert_distribution_rank0_timestamp1.csv").write_text("layer,expert,count\n0,1,5\n")
+    return tmp_path / "expert_distribution_rank0_timestamp1.csv"
+
+
+@pytest.mark.parametrize(
+    ("make", "args", "match"),
+    [
+        (_esft_dir, ["--from", "esft", "--n-experts", "8"], "--top-k"),
+        (_esft_dir, ["--from", "esft", "--top-k", "2", "--n-experts", "4"], "expert id"),
+        (_vllm_npy, ["--from", "vllm"], "--n-experts"),
+        (_vllm_npy, ["--from", "vllm", "--n-experts", "8", "--moe-layers", "5"], "out of range"),
+        (_sglang_csv, ["--from", "sglang-csv", "--n-experts", "8"], "header"),
+    ],
+)
+def test_import_errors_exit_2(capsys, tmp_path, make, args, match):
+    src = make(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, _, err = run(capsys, "trace", "convert", src, tmp_path / "out.zarr", *args)
+    assert code == 2 and match in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_import_esft_and_vllm_via_cli(capsys, tmp_path):
+    src = _esft_dir(tmp_path)
+    code, _, _ = run(capsys, "trace", "convert", src, tmp_path / "e.zarr", "--top-k", "2", "--n-experts", "8")
+    assert code == 0 and read_input(tmp_path / "e.zarr").n_sequences == 3
+    code, _, _ = run(capsys, "trace", "convert", _vllm_npy(tmp_path), tmp_path / "v.npz", "--n-experts", "8")
+    assert code == 0 and read_input(tmp_path / "v.npz").weights is None
