@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
 
 from moescope.trace import RoutingTrace
 
@@ -53,3 +54,8 @@ def realdata() -> Path:
     if not REALDATA.is_dir():
         pytest.skip("../shared/realdata is absent")
     return REALDATA
+
+
+# hypothesis keeps no example database in the working directory (tests never write to the cwd)
+settings.register_profile("moescope", database=None, deadline=None)
+settings.load_profile("moescope")

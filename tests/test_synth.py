@@ -8,22 +8,48 @@ import json
 import numpy as np
 import pytest
 
-import reference_synth as ref
+import reference as ref
 from moescope import synth
 from moescope.errors import UsageError
 from moescope.synth import SynthSpec, synth_chunks, synth_trace, truth
 from moescope.trace import RoutingTrace, validate_experts
 
-RICH = SynthSpec(n_tokens=600, n_layers=2, n_experts=12, top_k=3, seq_len=9, seed=3, zipf=(1.0, 2.0),
-                 n_teams=2, team_size=3, team_strength=0.6, stickiness=0.4, domains=("a", "b", "c"),
-                 domain_specificity=0.7, n_generalists=1, generalist_share=0.2, weights_dtype="float32")
-TIGHT = SynthSpec(n_tokens=300, n_layers=2, n_experts=6, top_k=6, seq_len=5, seed=1, zipf=3.0, stickiness=0.3,
-                  weights_dtype="float32")  # k = E and a steep tail: the exact fallback draw runs often
+RICH = SynthSpec(
+    n_tokens=600,
+    n_layers=2,
+    n_experts=12,
+    top_k=3,
+    seq_len=9,
+    seed=3,
+    zipf=(1.0, 2.0),
+    n_teams=2,
+    team_size=3,
+    team_strength=0.6,
+    stickiness=0.4,
+    domains=("a", "b", "c"),
+    domain_specificity=0.7,
+    n_generalists=1,
+    generalist_share=0.2,
+    weights_dtype="float32",
+)
+TIGHT = SynthSpec(
+    n_tokens=300, n_layers=2, n_experts=6, top_k=6, seq_len=5, seed=1, zipf=3.0, stickiness=0.3, weights_dtype="float32"
+)  # k = E and a steep tail: the exact fallback draw runs often
 SPECS = {
     "rich": RICH,
     "tight": TIGHT,
-    "near-full-teams": SynthSpec(n_tokens=300, n_layers=1, n_experts=8, top_k=7, seq_len=4, zipf=2.5,
-                                 n_teams=2, team_size=4, team_strength=0.9, weights_dtype="float32"),
+    "near-full-teams": SynthSpec(
+        n_tokens=300,
+        n_layers=1,
+        n_experts=8,
+        top_k=7,
+        seq_len=4,
+        zipf=2.5,
+        n_teams=2,
+        team_size=4,
+        team_strength=0.9,
+        weights_dtype="float32",
+    ),
     "plain": SynthSpec(n_tokens=300, n_layers=3, n_experts=16, top_k=2, seq_len=30, weights_dtype="float32"),
 }
 
@@ -93,7 +119,10 @@ def test_ids_in_range_and_distinct(name):
     trace = make(SPECS[name])
     validate_experts(trace.experts, trace.n_experts)  # raises on a repeat or an out-of-range id
     assert trace.experts.dtype == np.int16 and trace.experts.shape == (
-        SPECS[name].n_tokens, SPECS[name].n_layers, SPECS[name].top_k)
+        SPECS[name].n_tokens,
+        SPECS[name].n_layers,
+        SPECS[name].top_k,
+    )
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
@@ -114,8 +143,11 @@ def test_no_weights_and_empty_trace():
 
 
 def test_sequences_vary_around_seq_len_and_labels_follow_domain_order():
-    trace = synth_trace(SynthSpec(n_tokens=20_000, n_layers=1, n_experts=8, top_k=2, seq_len=20,
-                                  domains=("a", "b", "c"), domain_order="cycle"))
+    trace = synth_trace(
+        SynthSpec(
+            n_tokens=20_000, n_layers=1, n_experts=8, top_k=2, seq_len=20, domains=("a", "b", "c"), domain_order="cycle"
+        )
+    )
     lengths = trace.seq_lengths[:-1]  # the last sequence is cut
     assert lengths.min() >= 1 and lengths.std() > 5
     assert abs(lengths.mean() - 20) < 2
@@ -175,9 +207,21 @@ def test_inclusion_matches_enumeration():
 
 
 def test_marginal_shares_match_expected_share():
-    spec = SynthSpec(n_tokens=6000, n_layers=2, n_experts=16, top_k=4, seq_len=30, zipf=(1.0, 3.0),
-                     n_teams=2, team_size=4, team_strength=0.7, domains=("a", "b"), n_generalists=1,
-                     generalist_share=0.2, weights_dtype=None)
+    spec = SynthSpec(
+        n_tokens=6000,
+        n_layers=2,
+        n_experts=16,
+        top_k=4,
+        seq_len=30,
+        zipf=(1.0, 3.0),
+        n_teams=2,
+        team_size=4,
+        team_strength=0.7,
+        domains=("a", "b"),
+        n_generalists=1,
+        generalist_share=0.2,
+        weights_dtype=None,
+    )
     trace, t = make(spec), truth(spec)
     tok_domain = np.repeat(trace.seq_labels, trace.seq_lengths)
     for d, name in enumerate(spec.domains):
@@ -217,8 +261,17 @@ def team_lift(trace: RoutingTrace, teams: list) -> tuple[float, float]:
 
 @pytest.mark.parametrize("strength", [0.0, 0.8])
 def test_teams_co_activate(strength):
-    spec = SynthSpec(n_tokens=4000, n_layers=2, n_experts=16, top_k=4, zipf=0.5, n_teams=4, team_size=4,
-                     team_strength=strength, weights_dtype=None)
+    spec = SynthSpec(
+        n_tokens=4000,
+        n_layers=2,
+        n_experts=16,
+        top_k=4,
+        zipf=0.5,
+        n_teams=4,
+        team_size=4,
+        team_strength=strength,
+        weights_dtype=None,
+    )
     inside, outside = team_lift(make(spec), truth(spec)["teams"])
     chance = 0.8  # (k-1) E / (k (E-1)): k distinct ids make any two experts repel a little
     if strength:
@@ -238,9 +291,19 @@ def test_stickiness_raises_consecutive_overlap():
 
 
 def test_domains_prefer_different_experts_and_share_generalists():
-    spec = SynthSpec(n_tokens=6000, n_layers=2, n_experts=32, top_k=2, seq_len=40, zipf=1.2,
-                     domains=("code", "math", "chat"), domain_specificity=0.9, n_generalists=2,
-                     generalist_share=0.3, weights_dtype=None)
+    spec = SynthSpec(
+        n_tokens=6000,
+        n_layers=2,
+        n_experts=32,
+        top_k=2,
+        seq_len=40,
+        zipf=1.2,
+        domains=("code", "math", "chat"),
+        domain_specificity=0.9,
+        n_generalists=2,
+        generalist_share=0.3,
+        weights_dtype=None,
+    )
     trace, t = make(spec), truth(spec)
     tok_domain = np.repeat(trace.seq_labels, trace.seq_lengths)
     for layer in range(spec.n_layers):
@@ -293,6 +356,7 @@ def test_zero_specificity_makes_domains_alike():
         ({"stickiness": 1.01}, "stickiness"),
         ({"domains": "code"}, "domains"),
         ({"domains": ("a", "a")}, "domains"),
+        ({"domains": None}, "domains"),
         ({"domain_specificity": 2}, "domain_specificity"),
         ({"domain_order": "shuffle"}, "domain_order"),
         ({"n_generalists": 2}, "generalist_share"),
@@ -316,8 +380,19 @@ def test_bad_chunk_size():
 
 def test_edge_specs_are_accepted():
     SynthSpec(n_experts=8, top_k=4, n_teams=2, team_size=4, team_strength=1.0)  # teams alone fill k
-    trace = synth_trace(SynthSpec(n_tokens=30, n_layers=1, n_experts=8, top_k=4, n_teams=2, team_size=4,
-                                  team_strength=1.0, stickiness=1.0, weights_dtype=None))
+    trace = synth_trace(
+        SynthSpec(
+            n_tokens=30,
+            n_layers=1,
+            n_experts=8,
+            top_k=4,
+            n_teams=2,
+            team_size=4,
+            team_strength=1.0,
+            stickiness=1.0,
+            weights_dtype=None,
+        )
+    )
     validate_experts(trace.experts, 8)
     for _, span in trace.iter_sequences():  # stickiness 1: every token repeats its sequence's first one
         rows = np.sort(trace.experts[span], axis=2)

@@ -53,8 +53,17 @@ MAX_ZIPF = 10.0  # beyond this, tail experts' mass underflows next to the head's
 _WEIGHT_FLOOR = 1e-3  # added to each gate exponential, so float16 never rounds a weight to 0
 _LENGTH_BATCH = 4096  # sequence lengths drawn per call, so a longer trace extends a shorter one
 _CHUNK = 1 << 16
-_INTS = (("n_tokens", 0), ("n_layers", 1), ("n_experts", 1), ("top_k", 1), ("seed", 0), ("n_teams", 0),
-         ("team_size", 0), ("n_generalists", 0))
+_INCLUSION_FLOATS = 1 << 22  # bounds the scratch of `_inclusion` (about 100 MB at most)
+_INTS = (
+    ("n_tokens", 0),
+    ("n_layers", 1),
+    ("n_experts", 1),
+    ("top_k", 1),
+    ("seed", 0),
+    ("n_teams", 0),
+    ("team_size", 0),
+    ("n_generalists", 0),
+)
 _PROBS = ("team_strength", "stickiness", "domain_specificity", "generalist_share")
 
 
@@ -112,16 +121,21 @@ class SynthSpec:
             fail("team_size", "an integer >= 1 when n_teams > 0", "pass team_size >= 1, or n_teams=0")
         used = self.n_teams * self.team_size + self.n_generalists
         if used > self.n_experts:
-            fail("n_teams", f"n_teams x team_size + n_generalists = {used} <= n_experts ({self.n_experts})",
-                 "teams and generalists are disjoint: use fewer or smaller teams, or fewer generalists")
+            fail(
+                "n_teams",
+                f"n_teams x team_size + n_generalists = {used} <= n_experts ({self.n_experts})",
+                "teams and generalists are disjoint: use fewer or smaller teams, or fewer generalists",
+            )
         if self.n_teams and self.team_strength == 1 and self.team_size < self.top_k:
-            fail("team_strength", f"< 1 when team_size ({self.team_size}) < top_k ({self.top_k})",
-                 "a team alone cannot fill k distinct slots; lower team_strength or enlarge the teams")
+            fail(
+                "team_strength",
+                f"< 1 when team_size ({self.team_size}) < top_k ({self.top_k})",
+                "a team alone cannot fill k distinct slots; lower team_strength or enlarge the teams",
+            )
         if self.n_generalists and not 0 < self.generalist_share < 1:
             fail("generalist_share", "in (0, 1) when n_generalists > 0", "give generalists some, not all, mass")
-        if isinstance(self.domains, str) or not all(isinstance(d, str) and d for d in self.domains) or len(
-            set(self.domains)
-        ) < len(self.domains):
+        names = isinstance(self.domains, (list, tuple)) and all(isinstance(d, str) and d for d in self.domains)
+        if not names or len(set(self.domains)) < len(self.domains):
             fail("domains", "a sequence of distinct non-empty names", "pass e.g. domains=('code', 'math')")
         object.__setattr__(self, "domains", tuple(self.domains))
         if self.domain_order not in DOMAIN_ORDERS:
@@ -316,8 +330,24 @@ def _exact_draw(mark, stamp, p, team_of, g, ts, g_mass, u):
 
 
 @njit
-def _generate(experts, weights, runs, prev, key, pop, base_cdf, guide, group_cdf, team_cdf, teams, team_of,
-              group_mass, stickiness, team_strength, max_tries):
+def _generate(
+    experts,
+    weights,
+    runs,
+    prev,
+    key,
+    pop,
+    base_cdf,
+    guide,
+    group_cdf,
+    team_cdf,
+    teams,
+    team_of,
+    group_mass,
+    stickiness,
+    team_strength,
+    max_tries,
+):
     """Fill ``experts [n, L, k]`` and, unless it has 0 rows, ``weights [n, L, k]`` float32.
 
     ``runs [R, 4]``: (sequence, first position, length, domain) of consecutive token runs. ``prev [L, k]``:
@@ -367,8 +397,9 @@ def _generate(experts, weights, runs, prev, key, pop, base_cdf, guide, group_cdf
                             e = c
                             break
                     if e < 0:
-                        e = _exact_draw(mark, stamp, pop[layer, d], team_of[layer], g, ts,
-                                        group_mass[layer, d, g], _uniform(st, j))
+                        e = _exact_draw(
+                            mark, stamp, pop[layer, d], team_of[layer], g, ts, group_mass[layer, d, g], _uniform(st, j)
+                        )
                         j += 1
                     mark[e] = stamp
                     experts[t, layer, slot] = e
@@ -388,8 +419,13 @@ def _generate(experts, weights, runs, prev, key, pop, base_cdf, guide, group_cdf
 # public wrappers
 
 
-def _blocks(spec: SynthSpec, chunk_tokens: int) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
-    """Yield (token offset, experts, float32 weights or None) of consecutive blocks of `chunk_tokens`."""
+def _blocks(
+    spec: SynthSpec, chunk_tokens: int, out: np.ndarray | None = None
+) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+    """Yield (token offset, experts, float32 weights or None) of consecutive blocks of `chunk_tokens`.
+
+    With `out` ([tokens, layers, k] int16), each block's experts are written into (and are a view of) it.
+    """
     m = _model(spec)
     starts, dom, key = _plan(spec)
     prev = np.zeros((spec.n_layers, spec.top_k), dtype=np.int16)
@@ -398,13 +434,28 @@ def _blocks(spec: SynthSpec, chunk_tokens: int) -> Iterator[tuple[int, np.ndarra
         s0, s1 = int(np.searchsorted(starts, a, side="right")) - 1, int(np.searchsorted(starts, b))
         lo, hi = np.maximum(starts[s0:s1], a), np.minimum(starts[s0 + 1 : s1 + 1], b)
         runs = np.stack([np.arange(s0, s1), lo - starts[s0:s1], hi - lo, dom[s0:s1]], axis=1)
-        experts = np.empty((b - a, spec.n_layers, spec.top_k), dtype=np.int16)
+        experts = np.empty((b - a, spec.n_layers, spec.top_k), np.int16) if out is None else out[a:b]
         weights = np.empty((b - a if spec.weights_dtype else 0, *experts.shape[1:]), dtype=np.float32)
         with np.errstate(over="ignore"):  # uint64 hashing wraps on purpose (numpy warns only without JIT)
-            _generate(experts, weights, runs.astype(np.int64), prev, key, m.popularity, m.base_cdf, m.guide,
-                      m.group_cdf, m.team_cdf, m.teams, m.team_of, m.group_mass, spec.stickiness,
-                      spec.team_strength, MAX_TRIES)
-        prev = experts[-1]
+            _generate(
+                experts,
+                weights,
+                runs.astype(np.int64),
+                prev,
+                key,
+                m.popularity,
+                m.base_cdf,
+                m.guide,
+                m.group_cdf,
+                m.team_cdf,
+                m.teams,
+                m.team_of,
+                m.group_mass,
+                spec.stickiness,
+                spec.team_strength,
+                MAX_TRIES,
+            )
+        prev = experts[-1].copy()  # the caller may reuse the yielded block
         yield a, experts, weights if spec.weights_dtype else None
 
 
@@ -420,8 +471,13 @@ def synth_chunks(spec: SynthSpec, chunk_tokens: int = _CHUNK) -> Iterator[SynthB
     names = np.asarray(spec.domains, dtype=str)
     for a, experts, w in _blocks(spec, int(chunk_tokens)):
         inside = np.arange(np.searchsorted(starts, a), np.searchsorted(starts, a + experts.shape[0]))
-        yield SynthBlock(experts, None if w is None else w.astype(spec.weights_dtype, copy=False),
-                         starts[inside] - a, names[dom[inside]] if spec.domains else None, a)
+        yield SynthBlock(
+            experts,
+            None if w is None else w.astype(spec.weights_dtype, copy=False),
+            starts[inside] - a,
+            names[dom[inside]] if spec.domains else None,
+            a,
+        )
 
 
 def synth_trace(spec: SynthSpec, chunk_tokens: int = _CHUNK) -> RoutingTrace:
@@ -432,20 +488,28 @@ def synth_trace(spec: SynthSpec, chunk_tokens: int = _CHUNK) -> RoutingTrace:
     shape = (spec.n_tokens, spec.n_layers, spec.top_k)
     experts = np.empty(shape, dtype=np.int16)
     weights = np.empty(shape, dtype=spec.weights_dtype) if spec.weights_dtype else None
-    for a, e, w in _blocks(spec, chunk_tokens):
-        experts[a : a + e.shape[0]] = e
+    for a, e, w in _blocks(spec, chunk_tokens, out=experts):
         if weights is not None:
             weights[a : a + e.shape[0]] = w
     starts, dom, _ = _plan(spec)
     labels = np.asarray(spec.domains, dtype=str)[dom] if spec.domains else None
-    return RoutingTrace(experts, spec.n_experts, weights=weights, seq_starts=starts[:-1], seq_labels=labels,
-                        phase=spec.phase, meta=synth_meta(spec), validate=False)
+    return RoutingTrace(
+        experts,
+        spec.n_experts,
+        weights=weights,
+        seq_starts=starts[:-1],
+        seq_labels=labels,
+        phase=spec.phase,
+        meta=synth_meta(spec),
+        validate=False,
+    )
 
 
 def synth_meta(spec: SynthSpec) -> TraceMeta:
     """Provenance of `spec`'s trace: ``extra["synth"] = {"spec": spec.to_dict(), "truth": truth(spec)}``."""
-    return TraceMeta(model=spec.model, source="moescope.synth",
-                     extra={"synth": {"spec": spec.to_dict(), "truth": truth(spec)}})
+    return TraceMeta(
+        model=spec.model, source="moescope.synth", extra={"synth": {"spec": spec.to_dict(), "truth": truth(spec)}}
+    )
 
 
 def truth(spec: SynthSpec) -> dict[str, Any]:
@@ -498,24 +562,27 @@ def _inclusion(rates: np.ndarray, k: int, step: float = 0.2) -> np.ndarray:
     out = (rates > 0).astype(np.float64)  # exact when k draws exhaust the support
     srt = -np.sort(-rates, axis=1)
     rows = np.flatnonzero(srt[:, k] > 0) if k < n_exp else np.zeros(0, np.int64)
-    batch = max(1, (1 << 22) // (n_exp * k * 256))
+    per_point = (n_exp + 1) * k  # floats of one prefix (or suffix) table per row and t
+    batch = max(1, _INCLUSION_FLOATS // (per_point * 256))
     for lo in range(0, rows.size, batch):
         sel = rows[lo : lo + batch]
         r = rates[sel][:, None, :]
         z = np.arange(np.log(1e-12 / srt[sel, 0].max()), np.log(60.0 / srt[sel, k].min()) + step, step)
-        t = np.exp(z)[None, :, None]
-        q = -np.expm1(-r * t)  # [c, nt, E] P(clock e rang before t)
-        pre = np.zeros((n_exp + 1, *q.shape[:2], k))
-        suf = np.zeros_like(pre)
-        pre[0, ..., 0] = suf[n_exp, ..., 0] = 1.0
-        for e in range(n_exp):
-            pre[e + 1] = pre[e] * (1 - q[..., e, None])
-            pre[e + 1, ..., 1:] += pre[e, ..., :-1] * q[..., e, None]
-            b = n_exp - 1 - e
-            suf[b] = suf[b + 1] * (1 - q[..., b, None])
-            suf[b, ..., 1:] += suf[b + 1, ..., :-1] * q[..., b, None]
-        cum = np.cumsum(suf, axis=-1)
-        fewer = sum(pre[:n_exp, ..., a] * cum[1:, ..., k - 1 - a] for a in range(k))  # [E, c, nt]
-        dens = r * t * np.exp(-r * t) * np.moveaxis(fewer, 0, -1)
-        out[sel] = step * dens.sum(axis=1) + r[:, 0] * t[0, 0, 0]
+        out[sel] = r[:, 0] * np.exp(z[0])  # the integral below the grid, where the integrand is ~rate_e
+        span = max(1, _INCLUSION_FLOATS // (per_point * sel.size))
+        for z_part in np.array_split(z, -(-z.size // span)):
+            t = np.exp(z_part)[None, :, None]
+            q = -np.expm1(-r * t)  # [c, nt, E] P(clock e rang before t)
+            pre = np.zeros((n_exp + 1, *q.shape[:2], k))
+            suf = np.zeros_like(pre)
+            pre[0, ..., 0] = suf[n_exp, ..., 0] = 1.0
+            for e in range(n_exp):
+                pre[e + 1] = pre[e] * (1 - q[..., e, None])
+                pre[e + 1, ..., 1:] += pre[e, ..., :-1] * q[..., e, None]
+                b = n_exp - 1 - e
+                suf[b] = suf[b + 1] * (1 - q[..., b, None])
+                suf[b, ..., 1:] += suf[b + 1, ..., :-1] * q[..., b, None]
+            cum = np.cumsum(suf, axis=-1)
+            fewer = sum(pre[:n_exp, ..., a] * cum[1:, ..., k - 1 - a] for a in range(k))  # [E, c, nt]
+            out[sel] += step * (r * t * np.exp(-r * t) * np.moveaxis(fewer, 0, -1)).sum(axis=1)
     return out
