@@ -86,10 +86,10 @@ def bench_store_scale(tmp: Path) -> dict:
         "import json, time\n"
         "from pathlib import Path\n"
         "from moescope.synth import SynthSpec\n"
-        "from moescope.cli.trace_cmds import write_synth_store\n"
+        "from moescope.synth import save_synth\n"
         f"spec = SynthSpec(**{SCALE!r})\n"
         "t = time.perf_counter()\n"
-        f"write_synth_store(spec, Path({str(path)!r}))\n"
+        f"save_synth(spec, Path({str(path)!r}))\n"
         "out = {'write_s': round(time.perf_counter() - t, 3)}\n"
     )
     read = _child(

@@ -171,3 +171,46 @@ def test_import_esft_and_vllm_via_cli(capsys, tmp_path):
     assert code == 0 and read_input(tmp_path / "e.zarr").n_sequences == 3
     code, _, _ = run(capsys, "trace", "convert", _vllm_npy(tmp_path), tmp_path / "v.npz", "--n-experts", "8")
     assert code == 0 and read_input(tmp_path / "v.npz").weights is None
+
+
+def test_synth_zarr_equals_npz_and_truth_stored(capsys, tmp_path):
+    args = [
+        "--tokens",
+        "3000",
+        "--layers",
+        "3",
+        "--experts",
+        "16",
+        "--top-k",
+        "2",
+        "--teams",
+        "2",
+        "--team-strength",
+        "0.5",
+        "--domains",
+        "a,b",
+        "--zipf",
+        "0.5,1,1.5",
+        "--seed",
+        "7",
+    ]
+    assert run(capsys, "trace", "synth", tmp_path / "s.zarr", *args)[0] == 0
+    assert run(capsys, "trace", "synth", tmp_path / "s.npz", *args)[0] == 0
+    a, b = read_input(tmp_path / "s.zarr"), read_input(tmp_path / "s.npz")
+    assert a.equals(b) and a.n_tokens == 3000 and a.labels() and set(a.labels()) <= {"a", "b"}
+    assert len(a.meta.extra["synth"]["truth"]["teams"]) == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--top-k", "20", "--experts", "8"], "top_k is 20"),
+        (["--zipf", "x"], "--zipf 'x'"),
+        (["--zipf", "1,2", "--layers", "3"], "one per layer"),
+        (["--stickiness", "1.5"], "stickiness is 1.5"),
+    ],
+)
+def test_synth_bad_spec_exits_2(capsys, tmp_path, args, match):
+    code, _, err = run(capsys, "trace", "synth", tmp_path / "s.zarr", "--tokens", "100", *args)
+    assert code == 2 and match in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -19,8 +19,8 @@ import numpy as np
 from moescope.imports import write_output
 from moescope.info import describe_store
 from moescope.slicing import split_halves
-from moescope.store import TraceStore, TraceWriter, save_trace
-from moescope.synth import SynthSpec, synth_chunks, synth_meta
+from moescope.store import TraceStore, save_trace
+from moescope.synth import SynthSpec, save_synth
 
 DEMO_SPEC = SynthSpec(
     n_tokens=200_000,
@@ -66,25 +66,7 @@ def run_demo(out_dir: Path, spec: SynthSpec = DEMO_SPEC, progress: Any = None) -
         "test": out_dir / "test.zarr",
         "counts": out_dir / "counts.json",
     }
-    with TraceWriter(
-        outputs["trace"],
-        n_experts=spec.n_experts,
-        n_layers=spec.n_layers,
-        top_k=spec.top_k,
-        phase=spec.phase,
-        meta=synth_meta(spec),
-        weights_dtype=spec.weights_dtype,
-        overwrite=True,
-    ) as writer:
-        for block in synth_chunks(spec, writer.chunk_tokens):
-            writer.append(
-                block.experts,
-                block.weights,
-                seq_starts=block.seq_starts,
-                labels=None if block.labels is None else block.labels.tolist(),
-            )
-            if progress is not None:
-                progress(writer.n_tokens, spec.n_tokens)
+    save_synth(spec, outputs["trace"], overwrite=True, progress=progress)
     store = TraceStore(outputs["trace"])
     info = describe_store(store)
     trace = store.to_trace()

@@ -25,7 +25,8 @@ so a token depends only on those and the previous token's experts: chunked gener
 generation exactly, for any chunk size, and jit-compiled and plain-Python runs agree. `truth` returns the
 planted structure and the expected share of selections per layer and domain (``E[count_e] / (tokens k)``),
 exact for ``stickiness = 0``; stickiness copies slots between tokens and so shifts shares somewhat (about
-5% relative at 0.3, 10% at 0.7 for 4 of 32 experts). This module does no I/O and never writes files.
+5% relative at 0.3, 10% at 0.7 for 4 of 32 experts). Apart from `save_synth`
+(which streams a trace into a store, memory bounded by one chunk) this module does no I/O.
 
     >>> trace = synth_trace(SynthSpec(n_tokens=100_000, n_layers=8, n_teams=4, team_strength=0.8))
     >>> trace.meta.extra["synth"]["truth"]["teams"][0]   # layer 0's planted teams
@@ -35,7 +36,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,7 +47,16 @@ from moescope._jit import njit
 from moescope.errors import UsageError
 from moescope.trace import MAX_EXPERTS, PHASES, RoutingTrace, TraceMeta
 
-__all__ = ["MAX_TRIES", "SynthBlock", "SynthSpec", "synth_chunks", "synth_meta", "synth_trace", "truth"]
+__all__ = [
+    "MAX_TRIES",
+    "SynthBlock",
+    "SynthSpec",
+    "save_synth",
+    "synth_chunks",
+    "synth_meta",
+    "synth_trace",
+    "truth",
+]
 
 MAX_TRIES = 16  # rejection tries per slot before the exact draw over the remaining mass
 WEIGHT_DTYPES = (None, "float16", "float32")
@@ -510,6 +522,37 @@ def synth_meta(spec: SynthSpec) -> TraceMeta:
     return TraceMeta(
         model=spec.model, source="moescope.synth", extra={"synth": {"spec": spec.to_dict(), "truth": truth(spec)}}
     )
+
+
+def save_synth(
+    spec: SynthSpec,
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Stream `spec`'s trace into a store at `path` (atomic; memory bounded by one chunk).
+
+    `progress`, if given, is called as ``progress(tokens_written, n_tokens)`` after each block.
+    """
+    from moescope.store import TraceWriter
+
+    with TraceWriter(
+        path,
+        n_experts=spec.n_experts,
+        n_layers=spec.n_layers,
+        top_k=spec.top_k,
+        phase=spec.phase,
+        meta=synth_meta(spec),
+        weights_dtype=spec.weights_dtype,
+        overwrite=overwrite,
+    ) as writer:
+        for block in synth_chunks(spec, writer.chunk_tokens):
+            labels = None if block.labels is None else block.labels.tolist()
+            writer.append(block.experts, block.weights, seq_starts=block.seq_starts, labels=labels)
+            if progress is not None:
+                progress(writer.n_tokens, spec.n_tokens)
+    return Path(path)
 
 
 def truth(spec: SynthSpec) -> dict[str, Any]:

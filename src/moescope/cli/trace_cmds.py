@@ -291,7 +291,7 @@ def synth(
     """
     from moescope._atomic import check_output
     from moescope.imports import writer_for
-    from moescope.synth import SynthSpec, synth_trace
+    from moescope.synth import SynthSpec, save_synth, synth_trace
 
     check_output(out, overwrite)
     spec = SynthSpec(
@@ -315,37 +315,9 @@ def synth(
         model=model,
     )
     if writer_for(out).name == "zarr":
-        write_synth_store(spec, out, overwrite)
+        with c.progress() as bar:
+            task = bar.add_task("synthesising", total=spec.n_tokens)
+            save_synth(spec, out, overwrite=overwrite, progress=lambda done, _: bar.update(task, completed=done))
     else:
         write_output(synth_trace(spec), out, None, overwrite)
     typer.echo(f"wrote {out}: {tokens:,} tokens x {layers} layers x top-{top_k} of {experts}", err=True)
-
-
-def write_synth_store(spec: Any, out: Path, overwrite: bool = False) -> Path:
-    """Stream `spec`'s synthetic trace into a store at `out`, with a progress bar."""
-    from moescope.store import TraceWriter
-    from moescope.synth import synth_chunks, synth_meta
-
-    with (
-        TraceWriter(
-            out,
-            n_experts=spec.n_experts,
-            n_layers=spec.n_layers,
-            top_k=spec.top_k,
-            phase=spec.phase,
-            meta=synth_meta(spec),
-            weights_dtype=spec.weights_dtype,
-            overwrite=overwrite,
-        ) as writer,
-        c.progress() as bar,
-    ):
-        task = bar.add_task("synthesising", total=spec.n_tokens)
-        for block in synth_chunks(spec, writer.chunk_tokens):
-            writer.append(
-                block.experts,
-                block.weights,
-                seq_starts=block.seq_starts,
-                labels=None if block.labels is None else block.labels.tolist(),
-            )
-            bar.advance(task, block.experts.shape[0])
-    return out
