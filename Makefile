@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q
 BASE := $(VENV)/.moescope-base
 DEV := $(VENV)/.moescope-dev
-# the CPU build of torch on this machine's disk; tests of torch-based readers skip without it
+# the CPU build of torch on this machine's disk (a plain `torch` would pull a multi-GB CUDA build)
 TORCH ?= torch==2.13.0
 
 .PHONY: demo test lint bench clean
@@ -17,18 +17,18 @@ $(BASE): pyproject.toml
 	touch $@
 
 $(DEV): $(BASE)
-	$(PIP) -e '.[dev]' '$(TORCH)'
+	$(PIP) -e '.[dev,hf]' '$(TORCH)'
 	touch $@
 
 demo: $(BASE)
 	$(VENV)/bin/moescope demo --out demo-out
 
 test: $(DEV)
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests bench tools
 	$(PY) -m pytest -q
 
 lint: $(DEV)
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests bench tools
 
 bench: $(DEV)
 	$(PY) bench/run.py --out bench/results

@@ -1,0 +1,19 @@
+"""The project's own tiny MoE model and the routing trace captured from it (the demo's default input).
+
+``data/tiny-moe/`` holds a Qwen3-MoE causal LM trained by ``tools/train_fixture.py`` on offline text
+(4 MoE layers x 16 experts, top-2; HF safetensors + tokenizer), its held-out text (``heldout/<domain>/``,
+never trained on) and ``trace.npz``: the prefill routing of that held-out text, captured with
+``moescope capture hf``. Nothing here is downloaded; the files ship inside the package.
+
+    >>> trace = moescope.read(fixture.TRACE)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+FIXTURE_DIR = Path(__file__).resolve().parent / "data" / "tiny-moe"
+MODEL_DIR = FIXTURE_DIR
+HELDOUT_DIR = FIXTURE_DIR / "heldout"
+TRACE = FIXTURE_DIR / "trace.npz"
+TRAINING_REPORT = FIXTURE_DIR / "training.json"
