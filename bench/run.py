@@ -130,6 +130,56 @@ def bench_synth_speed(tmp: Path) -> dict:
     )
 
 
+def bench_capture_hf_overhead(tmp: Path) -> dict:
+    """Router hooks' cost: forward + collect with `RouterRecorder` over a plain forward, same inputs.
+
+    Random Qwen3-MoE (hidden 256, 4 layers, 32 experts, top-4), batch 8 x 256 tokens, float32, on CUDA
+    when available else CPU. Hooked and plain runs alternate (order swapped every pair); the ratio is the
+    median of per-pair ratios, measured in this one run.
+    """
+    return _child(
+        "import statistics, time\n"
+        "import torch, transformers as tf\n"
+        "from moescope.capture import RouterRecorder\n"
+        "dev = 'cuda' if torch.cuda.is_available() else 'cpu'\n"
+        "sync = torch.cuda.synchronize if dev == 'cuda' else (lambda: None)\n"
+        "torch.manual_seed(0)\n"
+        "cfg = tf.Qwen3MoeConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,"
+        " num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=32,"
+        " num_experts_per_tok=4)\n"
+        "model = tf.AutoModelForCausalLM.from_config(cfg).to(dev).eval()\n"
+        "ids = torch.randint(0, 1024, (8, 256), device=dev)\n"
+        "mask = torch.ones_like(ids)\n"
+        "rec = RouterRecorder(model)\n"
+        "def plain():\n"
+        "    model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)\n"
+        "def hooked():\n"
+        "    with rec:\n"
+        "        plain()\n"
+        "        experts, weights = rec.collect(mask)\n"
+        "    assert experts.shape == (8 * 256, 4, 4)\n"
+        "def timed(fn):\n"
+        "    sync(); t = time.perf_counter(); fn(); sync()\n"
+        "    return time.perf_counter() - t\n"
+        "times = {'plain': [], 'hooked': []}\n"
+        "with torch.inference_mode():\n"
+        "    for fn in (plain, hooked, plain, hooked):\n"
+        "        fn()\n"
+        "    for r in range(15):\n"
+        "        order = (('plain', plain), ('hooked', hooked))\n"
+        "        for name, fn in order if r % 2 == 0 else order[::-1]:\n"
+        "            times[name].append(timed(fn))\n"
+        "ratios = [h / p for h, p in zip(times['hooked'], times['plain'])]\n"
+        "med = {k: statistics.median(v) for k, v in times.items()}\n"
+        "out = {'device': dev, 'threads': torch.get_num_threads(), 'tokens_per_forward': 8 * 256, 'repeats': 15,\n"
+        "       'plain_s': round(med['plain'], 4), 'hooked_s': round(med['hooked'], 4),\n"
+        "       'overhead_ratio': round(statistics.median(ratios), 4),\n"
+        "       'ratio_min_max': [round(min(ratios), 4), round(max(ratios), 4)],\n"
+        "       'tokens_per_s_plain': round(2048 / med['plain']), 'tokens_per_s_hooked': round(2048 / med['hooked']),\n"
+        "       'torch': torch.__version__, 'transformers': tf.__version__, 'goal': 'overhead_ratio <= 1.05'}\n"
+    )
+
+
 BENCHES = {name[len("bench_") :]: fn for name, fn in globals().items() if name.startswith("bench_")}
 
 

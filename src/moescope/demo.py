@@ -1,9 +1,9 @@
 """The main job on the built-in default data (what `make demo` / `moescope demo` runs).
 
-Until the project's own fixture model and its captured trace land, the default input is a seeded
-synthetic trace with planted structure (`DEMO_SPEC`): it is written as a store, described, split into
-train/test halves, and reduced to counts; the measured per-layer load is set beside the planted truth, so
-the demo also shows that the pipeline measures what is there. Library code: returns a result, prints nothing.
+The default input is the project's own fixture (`moescope.fixture`): the routing a tiny Qwen3-MoE model
+trained by the project made on held-out text of five domains, captured with ``moescope capture hf``. The
+demo writes it as a store, describes it, splits it into train/test halves and reduces it to counts;
+later issues add the analyses, simulations, plans and the report. Library code: returns, prints nothing.
 
     >>> result = run_demo(Path("demo-out"))
 """
@@ -16,30 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from moescope.imports import write_output
+from moescope import fixture
+from moescope.imports import as_trace, read_input, write_output
 from moescope.info import describe_store
 from moescope.slicing import split_halves
 from moescope.store import TraceStore, save_trace
-from moescope.synth import SynthSpec, save_synth
-
-DEMO_SPEC = SynthSpec(
-    n_tokens=200_000,
-    n_layers=12,
-    n_experts=64,
-    top_k=8,
-    seq_len=512,
-    seed=2026,
-    zipf=tuple(np.round(np.linspace(0.4, 1.3, 12), 3).tolist()),
-    n_teams=6,
-    team_size=4,
-    team_strength=0.5,
-    stickiness=0.25,
-    domains=("code", "prose", "math"),
-    domain_specificity=0.6,
-    n_generalists=2,
-    generalist_share=0.08,
-    model="moescope-demo-synthetic (64 experts, top-8)",
-)
+from moescope.trace import expert_mass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,18 +29,16 @@ class DemoResult:
     out_dir: Path
     outputs: dict[str, Path]
     info: dict[str, Any]
-    layers: list[dict[str, Any]]  # per layer: measured vs planted top share, experts for 50% of mass
+    layers: list[dict[str, Any]]  # per layer: top share, experts for 90% of mass, top expert per label
 
 
-def _experts_for_half(shares: np.ndarray) -> int:
-    return int(np.searchsorted(np.cumsum(np.sort(shares)[::-1]), 0.5) + 1)
+def experts_for_mass(shares: np.ndarray, mass: float) -> int:
+    """How many experts, hottest first, hold `mass` of a layer's routing (`shares` sums to 1)."""
+    return int(np.searchsorted(np.cumsum(np.sort(shares)[::-1]), mass - 1e-12) + 1)
 
 
-def run_demo(out_dir: Path, spec: SynthSpec = DEMO_SPEC, progress: Any = None) -> DemoResult:
-    """Write the demo trace and its derived files under `out_dir` (replacing earlier demo outputs).
-
-    `progress`, if given, is called as ``progress(tokens_done, tokens_total)`` while the trace is written.
-    """
+def run_demo(out_dir: Path, source: Path = fixture.TRACE) -> DemoResult:
+    """Write the demo outputs for the trace at `source` under `out_dir` (earlier demo outputs replaced)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs = {
         "trace": out_dir / "trace.zarr",
@@ -66,28 +46,26 @@ def run_demo(out_dir: Path, spec: SynthSpec = DEMO_SPEC, progress: Any = None) -
         "test": out_dir / "test.zarr",
         "counts": out_dir / "counts.json",
     }
-    save_synth(spec, outputs["trace"], overwrite=True, progress=progress)
-    store = TraceStore(outputs["trace"])
-    info = describe_store(store)
-    trace = store.to_trace()
+    trace = as_trace(read_input(source), "the demo")
+    save_trace(trace, outputs["trace"], overwrite=True)
+    info = describe_store(TraceStore(outputs["trace"]))
     train, test = split_halves(trace)
     save_trace(train, outputs["train"], overwrite=True)
     save_trace(test, outputs["test"], overwrite=True)
     counts = trace.counts()
     write_output(counts, outputs["counts"], overwrite=True)
-
-    expected = np.asarray(trace.meta.extra["synth"]["truth"]["expected_share"])  # [L, D, E]
-    n_seq_by_domain = np.asarray([np.sum(trace.seq_lengths[trace.seq_labels == d]) for d in spec.domains])
-    planted = np.einsum("lde,d->le", expected, n_seq_by_domain / n_seq_by_domain.sum())
     shares = counts.shares()
+    by_label: dict[str, np.ndarray] = {}
+    if trace.seq_labels is not None:
+        token_label = trace.seq_labels[trace.token_sequence()]
+        for lab in trace.labels():
+            by_label[lab] = expert_mass(trace.experts[token_label == lab], trace.n_experts)  # [layers, experts]
     layers = [
         {
             "layer": int(lid),
             "top_share": float(shares[i].max()),
-            "planted_top_share": float(planted[i].max()),
-            "experts_for_half_mass": _experts_for_half(shares[i]),
-            "train_tokens": train.n_tokens,
-            "test_tokens": test.n_tokens,
+            "experts_for_90pct": experts_for_mass(shares[i], 0.9),
+            "top_expert_by_label": {lab: int(m[i].argmax()) for lab, m in by_label.items()},
         }
         for i, lid in enumerate(trace.layer_ids.tolist())
     ]

@@ -16,6 +16,7 @@ import typer
 
 from moescope import __version__
 from moescope.cli import _common
+from moescope.cli.capture_cmds import capture_app
 from moescope.cli.demo import demo
 from moescope.cli.trace_cmds import trace_app
 from moescope.errors import MoescopeError
@@ -34,6 +35,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(trace_app, name="trace")
+app.add_typer(capture_app, name="capture")
 app.command("demo")(demo)
 
 

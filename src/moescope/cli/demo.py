@@ -19,47 +19,38 @@ def demo(
 ) -> None:
     """Run the main job on the built-in default data and print where the results are.
 
-    Today: a seeded synthetic trace with planted structure is written as a store, described, split into
-    train/test halves and counted; the measured per-layer skew is shown beside the planted truth.
+    The default data is the routing of the project's own tiny Qwen3-MoE model (trained on offline text)
+    over held-out text of five domains. Today the demo stores it, describes it, splits it into
+    train/test halves and counts it; later releases add analyses, simulations, plans and a report.
 
     Example: [bold]moescope demo --out demo-out[/bold]
     """
-    from moescope.demo import DEMO_SPEC, run_demo
+    from moescope.demo import run_demo
 
-    with c.progress() as bar:
-        task = bar.add_task("writing demo trace", total=DEMO_SPEC.n_tokens)
-        result = run_demo(out, DEMO_SPEC, progress=lambda done, total: bar.update(task, completed=done))
+    result = run_demo(out)
     if as_json:
         c.print_json(
-            {
-                "outputs": {k: str(v) for k, v in result.outputs.items()},
-                "info": result.info,
-                "layers": result.layers,
-            }
+            {"outputs": {k: str(v) for k, v in result.outputs.items()}, "info": result.info, "layers": result.layers}
         )
         return
     con = c.console()
     i = result.info
     con.print(
-        f"[bold]moescope demo[/bold]: {i['tokens']:,} tokens, {i['sequences']:,} sequences "
-        f"({', '.join(i['labels'])}), {i['layers']} MoE layers x {i['n_experts']} experts, top-{i['top_k']}"
+        f"[bold]moescope demo[/bold]: {i['meta'].get('model')}\n"
+        f"{i['tokens']:,} tokens in {i['sequences']:,} sequences ({', '.join(i['labels'])}), "
+        f"{i['layers']} MoE layers x {i['n_experts']} experts, top-{i['top_k']}"
     )
-    table = Table(title="per-layer load: measured vs planted", title_justify="left")
-    for col in ("layer", "top expert share", "planted", "experts for 50% of mass"):
-        table.add_column(col, justify="right")
+    table = Table(title="per-layer routing", title_justify="left")
+    for col in ("layer", "top share (x uniform)", "experts for 90%", "hottest expert per domain"):
+        table.add_column(col, justify="left" if col.startswith("hottest") else "right")
     for r in result.layers:
         table.add_row(
             str(r["layer"]),
-            f"{r['top_share']:.2%}",
-            f"{r['planted_top_share']:.2%}",
-            f"{r['experts_for_half_mass']} / {i['n_experts']}",
+            f"{r['top_share']:.1%} ({r['top_share'] * i['n_experts']:.1f}x)",
+            f"{r['experts_for_90pct']} / {i['n_experts']}",
+            "  ".join(f"{lab} {e}" for lab, e in r["top_expert_by_label"].items()),
         )
     con.print(table)
-    con.print(
-        "planted = expected share without temporal reuse; reusing the previous token's experts "
-        "flattens the top share slightly."
-    )
-    con.print(f"train/test split: {result.layers[0]['train_tokens']:,} / {result.layers[0]['test_tokens']:,} tokens")
     con.print("[bold]results[/bold]:")
     for name, path in result.outputs.items():
         con.print(f"  {name:7s} {path}")

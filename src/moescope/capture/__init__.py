@@ -1,0 +1,25 @@
+"""Capture: record real routing by running a model over a corpus (`moescope capture ...`).
+
+- `moescope.capture.corpus`: read a text file, a JSONL file or a folder into labelled `Document`s;
+- `moescope.capture.routers`: find every MoE router of a transformers model and hook it (`RouterRecorder`);
+- `moescope.capture.hf`: run the model over the corpus, streaming the routing to a trace store (`capture_hf`).
+
+Importing this package does not import torch or transformers; they are loaded when a capture runs.
+
+    >>> capture_hf("models/OLMoE-1B-7B", None, read_corpus("corpus/"), "olmoe.zarr")
+"""
+
+from moescope.capture.corpus import Document, read_corpus
+from moescope.capture.hf import capture_hf, load_hf_model
+from moescope.capture.routers import ROUTER_FORMATS, CaptureError, RouterRecorder, find_routers
+
+__all__ = [
+    "ROUTER_FORMATS",
+    "CaptureError",
+    "Document",
+    "RouterRecorder",
+    "capture_hf",
+    "find_routers",
+    "load_hf_model",
+    "read_corpus",
+]

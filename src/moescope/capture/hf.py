@@ -1,0 +1,335 @@
+"""`capture_hf`: run a Hugging Face transformers MoE model over a corpus and stream its routing to a store.
+
+What the routers did is read by `RouterRecorder` hooks (`moescope.capture.routers`): the ids and weights
+the model actually used. Two modes:
+
+- ``prefill``: teacher-forced; each document is cut into sequences of at most ``seq_len`` tokens (the
+  tokenizer's special tokens, e.g. BOS, only at the start of a document), padded into batches;
+- ``decode``: per document, the first ``prompt_len`` tokens are the prompt, then greedy generation with
+  a KV cache, one token per forward; only the generated tokens' routing is recorded (step i feeds the
+  token step i-1 chose), one sequence per document, phase ``decode``.
+
+The model, tokenizer and corpus are checked (routers found, one probe forward, non-empty tokens) before
+the store is created, so bad inputs leave nothing behind. The store is written in place
+(``TraceWriter(atomic=False)``): a capture that dies keeps every committed chunk readable, marked
+incomplete. Not done here: sampling, batched decode, multi-GPU sharding, remote code, downloads
+(models are read from a local folder only).
+
+    >>> capture_hf("models/OLMoE-1B-7B", None, read_corpus("corpus/"), "olmoe.zarr", max_tokens=100_000)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from moescope import _atomic
+from moescope.capture.corpus import Document
+from moescope.capture.routers import CaptureError, RouterRecorder, _torch, find_routers
+from moescope.errors import FormatError, TraceError, UsageError, require
+from moescope.store import TraceWriter
+from moescope.trace import TraceMeta, utc_now
+
+if TYPE_CHECKING:
+    import torch
+
+MODES = ("prefill", "decode")
+DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_BATCH = 8  # prefill sequences per forward
+
+
+def _transformers() -> Any:
+    return require("transformers", "hf", "capturing routing from transformers models")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype for a `DTYPES` name (UsageError otherwise)."""
+    if name not in DTYPES:
+        raise UsageError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
+    return getattr(_torch(), name)
+
+
+def check_device(device: str) -> str:
+    """`device` if torch can use it here, else a UsageError with the fix."""
+    torch = _torch()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device {device!r} was asked for but torch sees no CUDA GPU; use --device cpu")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"device {device!r} is not a torch device name; use cpu, cuda or cuda:N") from None
+    return device
+
+
+def load_hf_model(path: str | os.PathLike, device: str = "cpu", dtype: str = "float32") -> Any:
+    """Load a causal-LM MoE model from a local folder (nothing is downloaded), in eval mode.
+
+    The routers are looked for on an empty (meta-device) copy first, so a dense model is refused
+    before its weights are read.
+
+    Raises
+    ------
+    CaptureError : the folder is missing, not a transformers model, or not a MoE model.
+    """
+    torch, tf = _torch(), _transformers()
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        what = "does not exist" if not folder.exists() else "has no config.json"
+        raise CaptureError(
+            f"model folder {str(folder)!r} {what}; capture reads a local transformers model folder "
+            f"(download one first, e.g. hf download Qwen/Qwen1.5-MoE-A2.7B --local-dir {folder.name or 'DIR'})"
+        )
+    dt, device = torch_dtype(dtype), check_device(device)
+    try:
+        config = tf.AutoConfig.from_pretrained(folder, local_files_only=True)
+        with torch.device("meta"):
+            empty = tf.AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError) as exc:
+        raise CaptureError(
+            f"cannot build a causal LM from {str(folder)!r} with transformers {tf.__version__} ({exc}); "
+            f"check the folder's config.json, or upgrade transformers for a newer architecture"
+        ) from None
+    find_routers(empty)  # refuse a dense model before reading its weights
+    model = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=dt, local_files_only=True)
+    return model.to(device).eval()
+
+
+def load_tokenizer(path: str | os.PathLike) -> Any:
+    """The tokenizer saved in a local model folder."""
+    folder = Path(path)
+    try:
+        return _transformers().AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise CaptureError(f"no usable tokenizer in {str(folder)!r} ({exc}); pass a tokenizer explicitly") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Seq:
+    ids: list[int]
+    label: str
+
+
+def plan_sequences(
+    documents: Sequence[Document],
+    tokenizer: Any,
+    *,
+    mode: str,
+    seq_len: int,
+    prompt_len: int | None,
+    max_tokens: int | None,
+    vocab_size: int | None,
+) -> list[_Seq]:
+    """Tokenise documents into the sequences to run: prefill chunks of <= seq_len, or decode prompts."""
+    seqs: list[_Seq] = []
+    total = 0
+    for doc in documents:
+        ids = list(tokenizer(doc.text, add_special_tokens=True, verbose=False)["input_ids"])
+        if vocab_size is not None and ids and max(ids) >= vocab_size:
+            raise CaptureError(
+                f"{doc.source}: the tokenizer gave id {max(ids)} but the model has {vocab_size} embeddings; "
+                f"use the model's own tokenizer"
+            )
+        if mode == "decode":
+            if ids:
+                seqs.append(_Seq(ids[: prompt_len or seq_len], doc.label))
+            continue
+        for lo in range(0, len(ids), seq_len):
+            chunk = ids[lo : lo + seq_len][: None if max_tokens is None else max_tokens - total]
+            if chunk:
+                seqs.append(_Seq(chunk, doc.label))
+                total += len(chunk)
+        if max_tokens is not None and total >= max_tokens:
+            break
+    if not seqs:
+        raise FormatError("the corpus tokenises to no tokens; check the documents and the tokenizer")
+    return seqs
+
+
+def capture_hf(
+    model: Any,
+    tokenizer: Any,
+    documents: Sequence[Document],
+    out_path: str | os.PathLike,
+    *,
+    mode: str = "prefill",
+    seq_len: int = 512,
+    generate: int = 0,
+    prompt_len: int | None = None,
+    max_tokens: int | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    batch_size: int = DEFAULT_BATCH,
+    ignore_eos: bool = False,
+    corpus: str | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Run `model` over `documents` and stream its routing to a trace store at `out_path`.
+
+    Parameters
+    ----------
+    model : a local model folder (loaded with `load_hf_model` on `device` / `dtype`) or a loaded model
+        (run where it is; `device` and `dtype` are then unused).
+    tokenizer : a tokenizer, or None to load the one saved with the model.
+    documents : [documents] `Document`, e.g. from `read_corpus`; the label of each becomes its sequences'.
+    out_path : the store to create (a Zarr folder, written in place and readable while it grows).
+    mode : ``"prefill"``: each document cut into sequences of at most `seq_len` tokens, teacher-forced,
+        `batch_size` sequences per forward; ``"decode"``: `generate` greedy steps per document after a
+        prompt of its first `prompt_len` tokens (default `seq_len`); only the generated tokens' routing is
+        recorded (step i feeds the token step i-1 chose), one sequence per document, stopping early at an
+        end-of-sequence token unless `ignore_eos`.
+    max_tokens : stop after this many recorded tokens.
+    corpus : the corpus path, for the metadata.
+    progress : called as ``progress(tokens_recorded, tokens_planned)`` after each forward.
+
+    Returns
+    -------
+    `out_path`. The model, tokenizer and corpus are checked before the store is created; if the capture
+    fails later, the store keeps every committed token and stays marked incomplete.
+    """
+    torch, tf = _torch(), _transformers()
+    if mode not in MODES:
+        raise UsageError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    for what, value, low in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1), ("generate", generate, 0)):
+        if value < low:
+            raise UsageError(f"{what} is {value}; expected >= {low}")
+    if mode == "decode" and generate < 1:
+        raise UsageError("decode mode needs generate >= 1 (the number of tokens to generate per document)")
+    if (prompt_len is not None and prompt_len < 1) or (max_tokens is not None and max_tokens < 1):
+        raise UsageError(f"prompt_len {prompt_len} and max_tokens {max_tokens} must be >= 1 when given")
+    out = _atomic.check_output(out_path, overwrite)
+    if not documents:
+        raise FormatError("no documents to capture; give a non-empty corpus")
+    model_name = str(model) if isinstance(model, (str, os.PathLike)) else (model.name_or_path or type(model).__name__)
+    if isinstance(model, (str, os.PathLike)):
+        model = load_hf_model(model, device, dtype)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(model.name_or_path)
+    recorder = RouterRecorder(model)
+    plan = plan_sequences(
+        documents,
+        tokenizer,
+        mode=mode,
+        seq_len=seq_len,
+        prompt_len=prompt_len,
+        max_tokens=max_tokens,
+        vocab_size=getattr(model.get_input_embeddings(), "num_embeddings", None),
+    )
+    planned = sum(len(s.ids) for s in plan) if mode == "prefill" else len(plan) * generate
+    planned = min(planned, max_tokens or planned)
+    dev = next(model.parameters()).device
+    meta = TraceMeta(
+        model=model_name,
+        source=f"transformers {tf.__version__}",
+        corpus=corpus,
+        created=utc_now(),
+        extra={
+            "capture": {
+                "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                "device": str(dev),
+                "mode": mode,
+                "seq_len": seq_len,
+                "generate": generate,
+                "prompt_len": prompt_len,
+                "architecture": type(model).__name__,
+                "routers": recorder.router_classes,
+                "transformers": tf.__version__,
+            }
+        },
+    )
+    with recorder, torch.inference_mode():
+        _probe(model, recorder, plan[0].ids[:4], dev)  # unreadable routers fail here, before the store exists
+        with TraceWriter(
+            out,
+            n_experts=recorder.n_experts,
+            n_layers=recorder.n_layers,
+            top_k=recorder.top_k,
+            layer_ids=recorder.layer_ids,
+            phase=mode,
+            meta=meta,
+            weights_dtype="float32",
+            overwrite=overwrite,
+            atomic=False,
+        ) as writer:
+            steps = _prefill if mode == "prefill" else _decode
+            for experts, weights, starts, labels in steps(
+                model, recorder, plan, dev, batch_size=batch_size, generate=generate, ignore_eos=ignore_eos
+            ):
+                room = planned - writer.n_tokens
+                keep = int(np.searchsorted(starts, room)) if len(experts) > room else len(starts)
+                _append(writer, experts[:room], weights[:room], starts[:keep], labels[:keep], recorder)
+                if progress is not None:
+                    progress(writer.n_tokens, planned)
+                if writer.n_tokens >= planned:
+                    break
+    return out
+
+
+def _probe(model: Any, recorder: RouterRecorder, ids: list[int], dev: Any) -> None:
+    torch = _torch()
+    model(input_ids=torch.tensor([ids], device=dev), use_cache=False)
+    experts, _ = recorder.collect()
+    if experts.shape[0] != len(ids):
+        raise CaptureError(f"the routers saw {experts.shape[0]} tokens for a {len(ids)}-token probe input")
+
+
+def _append(
+    writer: TraceWriter, experts: np.ndarray, weights: np.ndarray, starts: Any, labels: Any, recorder: RouterRecorder
+) -> None:
+    try:
+        writer.append(experts, weights, seq_starts=starts, labels=list(labels))
+    except TraceError as exc:
+        raise CaptureError(
+            f"the routing captured from {type(recorder.model).__name__} ({', '.join(recorder.router_classes)}) "
+            f"failed the sanity check: {exc}. The hooks read the wrong outputs; report this with the model class"
+        ) from exc
+
+
+def _prefill(model: Any, recorder: RouterRecorder, plan: list[_Seq], dev: Any, *, batch_size: int, **_: Any):
+    """Yield (experts, weights, seq_starts, labels) per batch of padded, teacher-forced sequences."""
+    torch = _torch()
+    for lo in range(0, len(plan), batch_size):
+        batch = plan[lo : lo + batch_size]
+        width = max(len(s.ids) for s in batch)
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, s in enumerate(batch):
+            ids[row, : len(s.ids)] = torch.tensor(s.ids)
+            mask[row, : len(s.ids)] = 1
+        model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False, logits_to_keep=1)
+        experts, weights = recorder.collect(mask)
+        starts = np.cumsum([0] + [len(s.ids) for s in batch[:-1]])
+        yield experts, weights, starts, [s.label for s in batch]
+
+
+def _decode(
+    model: Any, recorder: RouterRecorder, plan: list[_Seq], dev: Any, *, generate: int, ignore_eos: bool, **_: Any
+):
+    """Yield (experts, weights, [0], [label]) per document: the routing of each generated token."""
+    torch = _torch()
+    eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
+    stop = set() if ignore_eos or eos is None else {eos} if isinstance(eos, int) else set(eos)
+    for seq in plan:
+        out = model(input_ids=torch.tensor([seq.ids], device=dev), use_cache=True, logits_to_keep=1)
+        recorder.reset()  # the prompt's routing is not part of a decode trace
+        rows_e, rows_w = [], []
+        for _step in range(generate):
+            token = int(out.logits[0, -1].argmax())
+            if token in stop:
+                break
+            out = model(
+                input_ids=torch.tensor([[token]], device=dev),
+                past_key_values=out.past_key_values,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            experts, weights = recorder.collect()
+            rows_e.append(experts)
+            rows_w.append(weights)
+        if rows_e:
+            yield np.concatenate(rows_e), np.concatenate(rows_w), np.array([0]), [seq.label]

@@ -1,0 +1,135 @@
+"""`moescope capture ...`: record real routing by running a model over your corpus."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from moescope.cli import _common as c
+
+capture_app = typer.Typer(
+    help="Record real routing by running a MoE model over a corpus (needs the [hf] extra: torch + transformers).",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+)
+
+
+@capture_app.command("hf")
+def hf(
+    model_dir: Annotated[
+        Path, typer.Argument(help="Local transformers model folder (config.json, weights, tokenizer).")
+    ],
+    corpus: Annotated[
+        Path,
+        typer.Argument(help='A text file, a .jsonl file ("text", optional "label"), or a folder of them.'),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output trace store (*.zarr), written as it grows.")],
+    generate: Annotated[
+        int,
+        typer.Option("--generate", min=0, help="Decode mode: generate N tokens per document, record only those."),
+    ] = 0,
+    prompt_len: Annotated[
+        int | None,
+        typer.Option("--prompt-len", min=1, help="Decode mode: prompt tokens per document (default: --seq-len)."),
+    ] = None,
+    seq_len: Annotated[
+        int, typer.Option("--seq-len", min=1, help="Prefill: documents are cut into sequences of this many tokens.")
+    ] = 512,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prefill: sequences per forward.")] = 8,
+    max_tokens: Annotated[
+        int | None, typer.Option("--max-tokens", min=1, help="Stop after recording this many tokens.")
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="Torch device: cpu, cuda or cuda:N.")] = "cpu",
+    dtype: Annotated[str, typer.Option("--dtype", help="Weights dtype: float32, bfloat16 or float16.")] = "float32",
+    ignore_eos: Annotated[
+        bool, typer.Option("--ignore-eos", help="Decode mode: keep generating past an end-of-sequence token.")
+    ] = False,
+    overwrite: c.OverwriteOpt = False,
+    as_json: c.JsonOpt = False,
+) -> None:
+    """Capture the routing of a Hugging Face transformers MoE model over a corpus.
+
+    A hook on every MoE layer's router records the expert ids and gate weights the model actually used
+    (DeepSeek-V3's bias and group routing included). Qwen2/3-MoE, OLMoE, Mixtral, DeepSeek-V2/V3, GPT-OSS,
+    Granite-MoE and PhiMoE are known; other transformers MoE models are detected from their router outputs.
+
+    [bold]Prefill[/bold] (default): every document is teacher-forced in sequences of at most --seq-len
+    tokens. [bold]Decode[/bold] (--generate N): each document's first --prompt-len tokens are the prompt,
+    then N tokens are generated greedily with a KV cache, one per step; only their routing is recorded.
+    In a corpus folder, files in a sub-folder are labelled with its name (law/a.txt -> law), files at the
+    top with their stem; a .jsonl "label" field wins.
+
+    The model and corpus are checked before the output is created. The store is committed chunk by
+    chunk, so a capture that dies leaves what was committed readable (marked incomplete).
+
+    Example: [bold]moescope capture hf ~/models/OLMoE-1B-7B corpus/ -o olmoe.zarr --max-tokens 200000[/bold]
+    """
+    from moescope._atomic import check_output
+    from moescope.capture.corpus import read_corpus
+    from moescope.capture.hf import capture_hf, check_device, torch_dtype
+    from moescope.store import TraceStore
+
+    check_output(out, overwrite)
+    torch_dtype(dtype)
+    check_device(device)
+    docs = read_corpus(corpus)
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        bar: list = []
+
+        def progress(done: int, total: int) -> None:
+            if not bar:  # started on the first forward, so input errors print no progress residue
+                bar.append(stack.enter_context(c.progress()))
+                bar.append(bar[0].add_task("capturing", total=total))
+            bar[0].update(bar[1], completed=done, total=total)
+
+        path = capture_hf(
+            model_dir,
+            None,
+            docs,
+            out,
+            mode="decode" if generate else "prefill",
+            seq_len=seq_len,
+            generate=generate,
+            prompt_len=prompt_len,
+            max_tokens=max_tokens,
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+            ignore_eos=ignore_eos,
+            corpus=str(corpus),
+            overwrite=overwrite,
+            progress=progress,
+        )
+    seconds = time.perf_counter() - t0
+    store = TraceStore(path)
+    result = {
+        "path": str(path),
+        "tokens": store.n_tokens,
+        "sequences": store.n_sequences,
+        "layers": store.n_layers,
+        "layer_ids": store.layer_ids.tolist(),
+        "n_experts": store.n_experts,
+        "top_k": store.top_k,
+        "phase": store.phase,
+        "documents": len(docs),
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(store.n_tokens / seconds, 1) if seconds > 0 else None,
+    }
+    if as_json:
+        c.print_json(result)
+        return
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("wrote", result["path"])
+    table.add_row("tokens", f"{result['tokens']:,} ({result['phase']})")
+    table.add_row("sequences", f"{result['sequences']:,} from {result['documents']:,} documents")
+    table.add_row("layers", f"{result['layers']} MoE layers, top-{result['top_k']} of {result['n_experts']} experts")
+    table.add_row("speed", f"{result['tokens_per_s'] or 0:,.1f} tokens/s ({result['seconds']:.1f} s)")
+    c.console().print(table)
