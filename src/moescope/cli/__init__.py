@@ -26,10 +26,10 @@ app = typer.Typer(
     help=(
         "Measure how a Mixture-of-Experts model routes tokens to experts on your workload, and turn the "
         "measurement into deployment decisions.\n\n"
-        "Start with [bold]moescope demo[/bold], or [bold]moescope trace info TRACE[/bold] on a trace you have "
+        "Start with `moescope demo`, or `moescope trace info TRACE` on a trace you have "
         "(zarr store, .npz, ESFT logs, SGLang / vLLM dumps, counts JSON)."
     ),
-    rich_markup_mode="rich",
+    rich_markup_mode="markdown",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},

@@ -15,7 +15,7 @@ from moescope.cli import _common as c
 capture_app = typer.Typer(
     help="Record real routing by running a MoE model over a corpus (needs the [hf] extra: torch + transformers).",
     no_args_is_help=True,
-    rich_markup_mode="rich",
+    rich_markup_mode="markdown",
 )
 
 
@@ -58,8 +58,8 @@ def hf(
     (DeepSeek-V3's bias and group routing included). Qwen2/3-MoE, OLMoE, Mixtral, DeepSeek-V2/V3, GPT-OSS,
     Granite-MoE and PhiMoE are known; other transformers MoE models are detected from their router outputs.
 
-    [bold]Prefill[/bold] (default): every document is teacher-forced in sequences of at most --seq-len
-    tokens. [bold]Decode[/bold] (--generate N): each document's first --prompt-len tokens are the prompt,
+    `Prefill` (default): every document is teacher-forced in sequences of at most --seq-len
+    tokens. `Decode` (--generate N): each document's first --prompt-len tokens are the prompt,
     then N tokens are generated greedily with a KV cache, one per step; only their routing is recorded.
     In a corpus folder, files in a sub-folder are labelled with its name (law/a.txt -> law), files at the
     top with their stem; a .jsonl "label" field wins.
@@ -67,7 +67,7 @@ def hf(
     The model and corpus are checked before the output is created. The store is committed chunk by
     chunk, so a capture that dies leaves what was committed readable (marked incomplete).
 
-    Example: [bold]moescope capture hf ~/models/OLMoE-1B-7B corpus/ -o olmoe.zarr --max-tokens 200000[/bold]
+    Example: `moescope capture hf ~/models/OLMoE-1B-7B corpus/ -o olmoe.zarr --max-tokens 200000`
     """
     from moescope._atomic import check_output
     from moescope.capture.corpus import read_corpus

@@ -23,7 +23,7 @@ def demo(
     over held-out text of five domains. Today the demo stores it, describes it, splits it into
     train/test halves and counts it; later releases add analyses, simulations, plans and a report.
 
-    Example: [bold]moescope demo --out demo-out[/bold]
+    Example: `moescope demo --out demo-out`
     """
     from moescope.demo import run_demo
 
@@ -36,7 +36,7 @@ def demo(
     con = c.console()
     i = result.info
     con.print(
-        f"[bold]moescope demo[/bold]: {i['meta'].get('model')}\n"
+        f"`moescope demo`: {i['meta'].get('model')}\n"
         f"{i['tokens']:,} tokens in {i['sequences']:,} sequences ({', '.join(i['labels'])}), "
         f"{i['layers']} MoE layers x {i['n_experts']} experts, top-{i['top_k']}"
     )
@@ -51,7 +51,7 @@ def demo(
             "  ".join(f"{lab} {e}" for lab, e in r["top_expert_by_label"].items()),
         )
     con.print(table)
-    con.print("[bold]results[/bold]:")
+    con.print("`results`:")
     for name, path in result.outputs.items():
         con.print(f"  {name:7s} {path}")
-    con.print(f"next: [bold]moescope trace info {result.outputs['trace']}[/bold]")
+    con.print(f"next: `moescope trace info {result.outputs['trace']}`")

@@ -27,7 +27,7 @@ from moescope.trace import RoutingTrace
 trace_app = typer.Typer(
     help="Inspect, convert, slice and synthesise routing traces (the data every analysis reads).",
     no_args_is_help=True,
-    rich_markup_mode="rich",
+    rich_markup_mode="markdown",
 )
 
 
@@ -98,7 +98,7 @@ def info(
 
     A trace store is read chunk by chunk, so this works on traces larger than memory.
 
-    Example: [bold]moescope trace info run.zarr[/bold]
+    Example: `moescope trace info run.zarr`
     """
     opts = c.import_options(n_experts, top_k, moe_layers, phys_to_log, model, mass, phase)
     if (fmt in (None, "zarr")) and is_store(path) and not opts.given():
@@ -132,8 +132,8 @@ def convert(
     A trace can become counts (counting selections); counts cannot become a trace (no token order).
     The output is written to a temporary name and renamed into place; the input is never modified.
 
-    Examples: [bold]moescope trace convert trace.npz run.zarr[/bold] ·
-    [bold]moescope trace convert esft_logs/ run.zarr --top-k 6 --n-experts 64[/bold]
+    Examples: `moescope trace convert trace.npz run.zarr` ·
+    `moescope trace convert esft_logs/ run.zarr --top-k 6 --n-experts 64`
     """
     opts = c.import_options(n_experts, top_k, moe_layers, phys_to_log, model, mass, phase)
     from moescope._atomic import check_output
@@ -173,9 +173,9 @@ def slice_(
     """Cut a trace: by sequences, token range, labels, layers, or the train/test split.
 
     Selections apply in that order. The split follows the published OLMoE routing study: fit on the
-    first half of every sequence ([bold]--split train[/bold]), score on the second ([bold]--split test[/bold]).
+    first half of every sequence (`--split train`), score on the second (`--split test`).
 
-    Example: [bold]moescope trace slice run.zarr test.zarr --labels law --split test[/bold]
+    Example: `moescope trace slice run.zarr test.zarr --labels law --split test`
     """
     if split is not None and split not in SPLIT_PARTS:
         raise UsageError(f"--split {split!r} is not one of {', '.join(SPLIT_PARTS)}")
@@ -287,7 +287,7 @@ def synth(
     The planted truth is stored in the trace metadata (meta.synth.truth), so analyses can be checked by
     recovering it. Deterministic for a seed, whatever the chunking; a .zarr output is streamed.
 
-    Example: [bold]moescope trace synth s.zarr --tokens 1000000 --layers 48 --teams 8 --team-strength 0.6[/bold]
+    Example: `moescope trace synth s.zarr --tokens 1000000 --layers 48 --teams 8 --team-strength 0.6`
     """
     from moescope._atomic import check_output
     from moescope.imports import writer_for
