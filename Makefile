@@ -16,8 +16,9 @@ $(BASE): pyproject.toml
 	$(PIP) -e .
 	touch $@
 
+# llama-cpp-python compiles llama.cpp (about 5 minutes on 2 cores), once per venv; pip caches the wheel
 $(DEV): $(BASE)
-	$(PIP) -e '.[dev,hf]' '$(TORCH)'
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) -e '.[dev,hf,llama]' '$(TORCH)'
 	touch $@
 
 demo: $(BASE)

@@ -1,9 +1,10 @@
 """The project's own tiny MoE model and the routing trace captured from it (the demo's default input).
 
 ``data/tiny-moe/`` holds a Qwen3-MoE causal LM trained by ``tools/train_fixture.py`` on offline text
-(4 MoE layers x 16 experts, top-2; HF safetensors + tokenizer), its held-out text (``heldout/<domain>/``,
-never trained on) and ``trace.npz``: the prefill routing of that held-out text, captured with
-``moescope capture hf``. Nothing here is downloaded; the files ship inside the package.
+(4 MoE layers x 16 experts, top-2; HF safetensors + tokenizer), its f32 GGUF (made by
+``tools/convert_fixture_gguf.py``), its held-out text (``heldout/<domain>/``, never trained on) and
+``trace.npz``: the prefill routing of that held-out text, captured with ``moescope capture hf``.
+Nothing here is downloaded; the files ship inside the package.
 
     >>> trace = moescope.read(fixture.TRACE)
 """
@@ -16,4 +17,5 @@ FIXTURE_DIR = Path(__file__).resolve().parent / "data" / "tiny-moe"
 MODEL_DIR = FIXTURE_DIR
 HELDOUT_DIR = FIXTURE_DIR / "heldout"
 TRACE = FIXTURE_DIR / "trace.npz"
+GGUF = FIXTURE_DIR / "tiny-moe-f32.gguf"  # tools/convert_fixture_gguf.py
 TRAINING_REPORT = FIXTURE_DIR / "training.json"

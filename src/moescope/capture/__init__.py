@@ -2,15 +2,17 @@
 
 - `moescope.capture.corpus`: read a text file, a JSONL file or a folder into labelled `Document`s;
 - `moescope.capture.routers`: find every MoE router of a transformers model and hook it (`RouterRecorder`);
-- `moescope.capture.hf`: run the model over the corpus, streaming the routing to a trace store (`capture_hf`).
+- `moescope.capture.hf`: run the model over the corpus, streaming the routing to a trace store (`capture_hf`);
+- `moescope.capture.llama`: the same through llama.cpp's eval callback on a GGUF (`capture_llama`).
 
-Importing this package does not import torch or transformers; they are loaded when a capture runs.
+Importing this package does not import torch, transformers or llama_cpp; they are loaded when a capture runs.
 
     >>> capture_hf("models/OLMoE-1B-7B", None, read_corpus("corpus/"), "olmoe.zarr")
 """
 
 from moescope.capture.corpus import Document, read_corpus
 from moescope.capture.hf import capture_hf, load_hf_model
+from moescope.capture.llama import capture_llama
 from moescope.capture.routers import ROUTER_FORMATS, CaptureError, RouterRecorder, find_routers
 
 __all__ = [
@@ -19,6 +21,7 @@ __all__ = [
     "Document",
     "RouterRecorder",
     "capture_hf",
+    "capture_llama",
     "find_routers",
     "load_hf_model",
     "read_corpus",

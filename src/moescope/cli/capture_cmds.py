@@ -13,7 +13,7 @@ from rich.table import Table
 from moescope.cli import _common as c
 
 capture_app = typer.Typer(
-    help="Record real routing by running a MoE model over a corpus (needs the [hf] extra: torch + transformers).",
+    help="Record real routing by running a MoE model over a corpus (extra [hf]: transformers, [llama]: llama.cpp).",
     no_args_is_help=True,
     rich_markup_mode="markdown",
 )
@@ -72,7 +72,6 @@ def hf(
     from moescope._atomic import check_output
     from moescope.capture.corpus import read_corpus
     from moescope.capture.hf import capture_hf, check_device, torch_dtype
-    from moescope.store import TraceStore
 
     check_output(out, overwrite)
     torch_dtype(dtype)
@@ -107,6 +106,119 @@ def hf(
             progress=progress,
         )
     seconds = time.perf_counter() - t0
+    _report(path, len(docs), seconds, as_json)
+
+
+@capture_app.command("llama")
+def llama(
+    model: Annotated[Path, typer.Argument(help="Local GGUF file of a Mixture-of-Experts model.")],
+    corpus: Annotated[
+        Path,
+        typer.Argument(help='A text file, a .jsonl file ("text", optional "label"), or a folder of them.'),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output trace store (*.zarr), written as it grows.")],
+    generate: Annotated[
+        int,
+        typer.Option("--generate", min=0, help="Decode mode: generate N tokens per document, record only those."),
+    ] = 0,
+    prompt_len: Annotated[
+        int | None,
+        typer.Option("--prompt-len", min=1, help="Decode mode: prompt tokens per document (default: --seq-len)."),
+    ] = None,
+    seq_len: Annotated[
+        int, typer.Option("--seq-len", min=1, help="Prefill: documents are cut into sequences of this many tokens.")
+    ] = 512,
+    max_tokens: Annotated[
+        int | None, typer.Option("--max-tokens", min=1, help="Stop after recording this many tokens.")
+    ] = None,
+    override_kv: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--override-kv",
+            help="llama.cpp metadata override KEY=TYPE:VALUE (TYPE int, float, bool, str); repeatable.",
+        ),
+    ] = None,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads (default: all).")] = None,
+    flash_attn: Annotated[
+        str, typer.Option("--flash-attn", help="Flash attention: auto, on or off (off + --kv-type f32: exact).")
+    ] = "auto",
+    kv_type: Annotated[str, typer.Option("--kv-type", help="KV cache type: f16 (llama.cpp default) or f32.")] = "f16",
+    n_gpu_layers: Annotated[
+        int, typer.Option("--n-gpu-layers", min=0, help="Layers to offload to the GPU (GPU builds only).")
+    ] = 0,
+    ignore_eos: Annotated[
+        bool, typer.Option("--ignore-eos", help="Decode mode: keep generating past an end-of-generation token.")
+    ] = False,
+    overwrite: c.OverwriteOpt = False,
+    as_json: c.JsonOpt = False,
+) -> None:
+    """Capture the routing of a GGUF MoE model run by llama.cpp (needs llama-cpp-python) over a corpus.
+
+    The ggml eval callback reads every MoE layer's selected experts (`ffn_moe_topk`) and the gate
+    weights it applied, as llama.cpp computed them (quantised weights, its kernels). Documents are
+    tokenised with the GGUF's own tokenizer.
+
+    `Prefill` (default): every document is run in sequences of at most --seq-len tokens, each in a
+    fresh KV cache. `Decode` (--generate N): the first --prompt-len tokens are the prompt, then N tokens
+    are generated greedily, one per step; only their routing is recorded.
+
+    The GGUF and corpus are checked before the output is created; the store is committed chunk by chunk.
+
+    Example: `moescope capture llama qwen3-30b-a3b-q4_k_m.gguf corpus/ -o qwen.zarr --max-tokens 200000`
+    """
+    from moescope._atomic import check_output
+    from moescope.capture.corpus import read_corpus
+    from moescope.capture.llama import KV_TYPES, capture_llama, parse_override, read_gguf_moe
+    from moescope.errors import UsageError
+
+    check_output(out, overwrite)
+    fa = {"auto": None, "on": True, "off": False}
+    if flash_attn not in fa:
+        raise UsageError(f"--flash-attn {flash_attn!r} is not one of auto, on, off")
+    if kv_type not in KV_TYPES:
+        raise UsageError(f"--kv-type {kv_type!r} is not one of {', '.join(KV_TYPES)}")
+    overrides = list(override_kv or [])
+    for spec in overrides:
+        parse_override(spec)
+    read_gguf_moe(model)
+    docs = read_corpus(corpus)
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        bar: list = []
+
+        def progress(done: int, total: int) -> None:
+            if not bar:
+                bar.append(stack.enter_context(c.progress()))
+                bar.append(bar[0].add_task("capturing", total=total))
+            bar[0].update(bar[1], completed=done, total=total)
+
+        path = capture_llama(
+            model,
+            docs,
+            out,
+            mode="decode" if generate else "prefill",
+            seq_len=seq_len,
+            generate=generate,
+            prompt_len=prompt_len,
+            max_tokens=max_tokens,
+            n_threads=threads,
+            flash_attn=fa[flash_attn],
+            kv_type=kv_type,
+            n_gpu_layers=n_gpu_layers,
+            overrides=overrides,
+            ignore_eos=ignore_eos,
+            corpus=str(corpus),
+            overwrite=overwrite,
+            progress=progress,
+        )
+    seconds = time.perf_counter() - t0
+    _report(path, len(docs), seconds, as_json)
+
+
+def _report(path: Path, documents: int, seconds: float, as_json: bool) -> None:
+    """Print what a capture wrote (a table, or JSON)."""
+    from moescope.store import TraceStore
+
     store = TraceStore(path)
     result = {
         "path": str(path),
@@ -117,7 +229,7 @@ def hf(
         "n_experts": store.n_experts,
         "top_k": store.top_k,
         "phase": store.phase,
-        "documents": len(docs),
+        "documents": documents,
         "seconds": round(seconds, 3),
         "tokens_per_s": round(store.n_tokens / seconds, 1) if seconds > 0 else None,
     }
