@@ -18,7 +18,7 @@ from moescope import __version__
 from moescope.cli import _common
 from moescope.cli.capture_cmds import capture_app
 from moescope.cli.demo import demo
-from moescope.cli.trace_cmds import trace_app
+from moescope.cli.trace_cmds import import_, trace_app
 from moescope.errors import MoescopeError
 
 app = typer.Typer(
@@ -37,6 +37,7 @@ app = typer.Typer(
 app.add_typer(trace_app, name="trace")
 app.add_typer(capture_app, name="capture")
 app.command("demo")(demo)
+app.command("import")(import_)
 
 
 def _version(value: bool) -> None:

@@ -321,3 +321,35 @@ def synth(
     else:
         write_output(synth_trace(spec), out, None, overwrite)
     typer.echo(f"wrote {out}: {tokens:,} tokens x {layers} layers x top-{top_k} of {experts}", err=True)
+
+
+def import_(
+    fmt: Annotated[str, typer.Argument(help="Source format: " + ", ".join(sorted(READERS)) + ".")],
+    src: Annotated[Path, typer.Argument(help="The file or folder to import.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write it (*.zarr, *.npz, *.json); without: describe it.")
+    ] = None,
+    n_experts: c.NExpertsOpt = None,
+    top_k: c.TopKOpt = None,
+    moe_layers: c.MoeLayersOpt = None,
+    phys_to_log: c.PhysToLogOpt = None,
+    model: c.ModelOpt = None,
+    mass: c.MassOpt = None,
+    phase: c.PhaseOpt = None,
+    overwrite: c.OverwriteOpt = False,
+    as_json: c.JsonOpt = False,
+) -> None:
+    """Import routing data from an engine or tool: describe it, or write it with `--out`.
+
+    The same readers as `moescope trace convert --from FORMAT`, named up front. Aggregate sources
+    (imatrix GGUFs, SGLang CSV/stat dumps, counts JSON) become counts; per-token sources become traces.
+
+    Examples: `moescope import imatrix model.imatrix.gguf -o counts.json` ·
+    `moescope import vllm routed.npz --n-experts 128 -o run.zarr`
+    """
+    if fmt not in READERS:
+        raise UsageError(f"unknown format {fmt!r}; expected one of: {', '.join(sorted(READERS))}")
+    if out is not None:
+        convert(src, out, fmt, None, n_experts, top_k, moe_layers, phys_to_log, model, mass, phase, overwrite)
+    else:
+        info(src, fmt, n_experts, top_k, moe_layers, phys_to_log, model, mass, phase, as_json)

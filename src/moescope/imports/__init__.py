@@ -3,7 +3,7 @@
 Importing this package registers every built-in format. Use `read_input` / `write_output`.
 """
 
-from moescope.imports import counts_json, esft, npz, sglang, vllm, zarr_store  # noqa: F401  (registration)
+from moescope.imports import counts_json, esft, imatrix, npz, sglang, vllm, zarr_store  # noqa: F401  (registration)
 from moescope.imports.registry import (
     READERS,
     WRITERS,
