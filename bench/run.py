@@ -180,6 +180,47 @@ def bench_capture_hf_overhead(tmp: Path) -> dict:
     )
 
 
+def bench_capture_llama_overhead(tmp: Path) -> dict:
+    """The eval callback's cost: `LlamaSession.run` (tap on) over `decode` of a tap-less session, same batch.
+
+    The fixture GGUF (tiny: each asked tensor splits the graph and syncs, a fixed cost that weighs most on a
+    tiny model), 512-token batches of its held-out text, all logits requested in both (the capture needs
+    them); the tap-less run with last-token logits only is reported too. Alternating, median of pair ratios.
+    """
+    return _child(
+        "import statistics, time\n"
+        "from moescope import fixture\n"
+        "from moescope.capture.corpus import read_corpus\n"
+        "from moescope.capture.llama import LlamaSession, read_gguf_moe\n"
+        "info = read_gguf_moe(fixture.GGUF)\n"
+        "kw = dict(n_ctx=512, n_threads=2, flash_attn=False, kv_type='f16')\n"
+        "tap = LlamaSession(fixture.GGUF, info, record=True, **kw)\n"
+        "plain = LlamaSession(fixture.GGUF, info, record=False, **kw)\n"
+        "text = ' '.join(d.text for d in read_corpus(fixture.HELDOUT_DIR))\n"
+        "ids = plain.tokenize(text)[:512]\n"
+        "def timed(fn):\n"
+        "    t = time.perf_counter(); fn(); return time.perf_counter() - t\n"
+        "def cap():\n"
+        "    tap.clear(); tap.run(ids)\n"
+        "def base():\n"
+        "    plain.clear(); plain.decode(ids)\n"
+        "def last():\n"
+        "    plain.clear(); plain.decode(ids, all_logits=False)\n"
+        "for f in (cap, base, last): f()\n"
+        "ratios, tc, tb, tl = [], [], [], []\n"
+        "for i in range(30):\n"
+        "    a, b = (timed(cap), timed(base)) if i % 2 else (timed(base), timed(cap))[::-1]\n"
+        "    tc.append(a); tb.append(b); tl.append(timed(last)); ratios.append(a / b)\n"
+        "out = {'tokens_per_batch': len(ids), 'repeats': 30, 'capture_s': round(statistics.median(tc), 5),\n"
+        "       'plain_all_logits_s': round(statistics.median(tb), 5),\n"
+        "       'plain_last_logit_s': round(statistics.median(tl), 5),\n"
+        "       'overhead_ratio': round(statistics.median(ratios), 4),\n"
+        "       'ratio_vs_last_logit_only': round(statistics.median(tc) / statistics.median(tl), 4),\n"
+        "       'tokens_per_s_capture': round(len(ids) / statistics.median(tc)),\n"
+        "       'goal': 'overhead_ratio <= 1.05'}\n"
+    )
+
+
 BENCHES = {name[len("bench_") :]: fn for name, fn in globals().items() if name.startswith("bench_")}
 
 

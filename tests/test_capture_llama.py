@@ -185,3 +185,20 @@ def test_bad_model_leaves_nothing(tmp_path, kind):
         capture_llama(model, [[1, 2, 3]], out)
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ([] if kind == "missing" else ["m.gguf"])
+
+
+def test_tapless_session_records_nothing_and_matches_logits(hf_tokens):
+    """The overhead benchmark's baseline: same decode, no callback; the tap does not change the logits."""
+    from moescope.capture.llama import LlamaSession
+
+    ids = hf_tokens[0][:32]
+    kw = {"n_ctx": 64, "flash_attn": False, "kv_type": "f32"}
+    with (
+        LlamaSession(GGUF, read_gguf_moe(GGUF), record=True, **kw) as tap,
+        LlamaSession(GGUF, read_gguf_moe(GGUF), record=False, **kw) as plain,
+    ):
+        experts, _ = tap.run(ids)
+        plain.decode(ids)
+        assert experts.shape == (32, 4, 2)
+        assert not plain.tap.grabs  # no callback: nothing was asked for or copied
+        assert tap.argmax_last() == plain.argmax_last()

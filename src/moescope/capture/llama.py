@@ -278,8 +278,10 @@ class LlamaSession:
     kv_type : ``"f16"`` (llama.cpp's default) or ``"f32"`` KV cache.
     n_gpu_layers : layers to offload (GPU builds only).
     overrides : [(key, type, value)] from `parse_override`.
+    record : install the routing tap (False: a plain context, the baseline of the overhead benchmark).
 
-    Use as a context manager; `run(ids)` returns ``(experts, weights)`` each ``[len(ids), layers, k]``.
+    Use as a context manager; `run(ids)` returns ``(experts, weights)`` each ``[len(ids), layers, k]``;
+    `decode(ids)` runs the same batch without collecting anything.
     """
 
     def __init__(
@@ -293,6 +295,7 @@ class LlamaSession:
         kv_type: str = "f16",
         n_gpu_layers: int = 0,
         overrides: Sequence[tuple[str, str, Any]] = (),
+        record: bool = True,
     ) -> None:
         lib = self._lib = _llama_cpp()
         self.info, self.n_ctx = info, int(n_ctx)
@@ -323,8 +326,9 @@ class LlamaSession:
             False: lib.LLAMA_FLASH_ATTN_TYPE_DISABLED,
         }[flash_attn]
         cparams.type_k = cparams.type_v = KV_TYPES[kv_type]
-        cparams.cb_eval = self.tap.callback
-        cparams.cb_eval_user_data = None
+        if record:
+            cparams.cb_eval = self.tap.callback
+            cparams.cb_eval_user_data = None
         cparams.no_perf = True
         self.ctx = lib.llama_init_from_model(self.model, cparams)
         if not self.ctx:
@@ -373,6 +377,12 @@ class LlamaSession:
         -------
         experts : [len(ids), layers, k] int64; weights : [len(ids), layers, k] float32.
         """
+        self.tap.reset()
+        self.decode(ids, start_pos)
+        return self.tap.collect(self.info.layer_ids, self.top_k, len(ids))
+
+    def decode(self, ids: Sequence[int], start_pos: int = 0, all_logits: bool = True) -> None:
+        """`llama_decode` of `ids` at ``start_pos...`` (logits for every token, or only the last)."""
         n = len(ids)
         if n < 1 or start_pos + n > self.n_ctx:
             raise UsageError(f"{n} tokens at position {start_pos} do not fit the {self.n_ctx}-token context")
@@ -382,13 +392,12 @@ class LlamaSession:
         b = self._batch
         b.n_tokens = n
         for i, tok in enumerate(ids):
-            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = int(tok), start_pos + i, 1, True
+            b.token[i], b.pos[i], b.n_seq_id[i] = int(tok), start_pos + i, 1
+            b.logits[i] = all_logits or i == n - 1
             b.seq_id[i][0] = 0
-        self.tap.reset()
         rc = self._lib.llama_decode(self.ctx, b)
         if rc != 0:
             raise CaptureError(f"llama_decode returned {rc} for a {n}-token batch at position {start_pos}")
-        return self.tap.collect(self.info.layer_ids, self.top_k, n)
 
     def argmax_last(self) -> int:
         """The greedy next token after the last `run`."""
