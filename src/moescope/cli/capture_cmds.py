@@ -19,31 +19,36 @@ capture_app = typer.Typer(
 )
 
 
+# -- options shared by every capture engine ------------------------------------------------------------
+CorpusArg = Annotated[
+    Path, typer.Argument(help='A text file, a .jsonl file ("text", optional "label"), or a folder of them.')
+]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output trace store (*.zarr), written as it grows.")]
+GenerateOpt = Annotated[
+    int, typer.Option("--generate", min=0, help="Decode mode: generate N tokens per document, record only those.")
+]
+PromptLenOpt = Annotated[
+    int | None,
+    typer.Option("--prompt-len", min=1, help="Decode mode: prompt tokens per document (default: --seq-len)."),
+]
+SeqLenOpt = Annotated[
+    int, typer.Option("--seq-len", min=1, help="Prefill: documents are cut into sequences of this many tokens.")
+]
+MaxTokensOpt = Annotated[int | None, typer.Option("--max-tokens", min=1, help="Stop after recording this many tokens.")]
+
+
 @capture_app.command("hf")
 def hf(
     model_dir: Annotated[
         Path, typer.Argument(help="Local transformers model folder (config.json, weights, tokenizer).")
     ],
-    corpus: Annotated[
-        Path,
-        typer.Argument(help='A text file, a .jsonl file ("text", optional "label"), or a folder of them.'),
-    ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output trace store (*.zarr), written as it grows.")],
-    generate: Annotated[
-        int,
-        typer.Option("--generate", min=0, help="Decode mode: generate N tokens per document, record only those."),
-    ] = 0,
-    prompt_len: Annotated[
-        int | None,
-        typer.Option("--prompt-len", min=1, help="Decode mode: prompt tokens per document (default: --seq-len)."),
-    ] = None,
-    seq_len: Annotated[
-        int, typer.Option("--seq-len", min=1, help="Prefill: documents are cut into sequences of this many tokens.")
-    ] = 512,
+    corpus: CorpusArg,
+    out: OutOpt,
+    generate: GenerateOpt = 0,
+    prompt_len: PromptLenOpt = None,
+    seq_len: SeqLenOpt = 512,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prefill: sequences per forward.")] = 8,
-    max_tokens: Annotated[
-        int | None, typer.Option("--max-tokens", min=1, help="Stop after recording this many tokens.")
-    ] = None,
+    max_tokens: MaxTokensOpt = None,
     device: Annotated[str, typer.Option("--device", help="Torch device: cpu, cuda or cuda:N.")] = "cpu",
     dtype: Annotated[str, typer.Option("--dtype", help="Weights dtype: float32, bfloat16 or float16.")] = "float32",
     ignore_eos: Annotated[
@@ -112,25 +117,12 @@ def hf(
 @capture_app.command("llama")
 def llama(
     model: Annotated[Path, typer.Argument(help="Local GGUF file of a Mixture-of-Experts model.")],
-    corpus: Annotated[
-        Path,
-        typer.Argument(help='A text file, a .jsonl file ("text", optional "label"), or a folder of them.'),
-    ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output trace store (*.zarr), written as it grows.")],
-    generate: Annotated[
-        int,
-        typer.Option("--generate", min=0, help="Decode mode: generate N tokens per document, record only those."),
-    ] = 0,
-    prompt_len: Annotated[
-        int | None,
-        typer.Option("--prompt-len", min=1, help="Decode mode: prompt tokens per document (default: --seq-len)."),
-    ] = None,
-    seq_len: Annotated[
-        int, typer.Option("--seq-len", min=1, help="Prefill: documents are cut into sequences of this many tokens.")
-    ] = 512,
-    max_tokens: Annotated[
-        int | None, typer.Option("--max-tokens", min=1, help="Stop after recording this many tokens.")
-    ] = None,
+    corpus: CorpusArg,
+    out: OutOpt,
+    generate: GenerateOpt = 0,
+    prompt_len: PromptLenOpt = None,
+    seq_len: SeqLenOpt = 512,
+    max_tokens: MaxTokensOpt = None,
     override_kv: Annotated[
         list[str] | None,
         typer.Option(
