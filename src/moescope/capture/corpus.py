@@ -1,4 +1,4 @@
-"""Read a capture corpus (the text a model is run over) into labelled documents.
+"""Read a capture corpus (the text a model is run over) into labelled documents; shared capture checks.
 
 A corpus is one of:
 
@@ -23,8 +23,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from moescope import _atomic
 from moescope.errors import FormatError, UsageError
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -157,3 +160,37 @@ def _read_text(path: Path) -> str:
             f"corpus file {str(path)!r} is not UTF-8 text (byte {exc.start} is 0x{data[exc.start]:02x}); "
             f"convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8) or remove it from the corpus"
         ) from None
+
+
+MODES = ("prefill", "decode")
+
+
+def check_capture(
+    mode: str,
+    documents: Sequence[Any],
+    out_path: str | os.PathLike,
+    *,
+    seq_len: int,
+    generate: int,
+    prompt_len: int | None,
+    max_tokens: int | None,
+    overwrite: bool,
+    batch_size: int = 1,
+) -> Path:
+    """The option and corpus checks every capture engine makes before it creates its store.
+
+    Returns the checked output path; raises `UsageError` / `FormatError` naming the bad value.
+    """
+    if mode not in MODES:
+        raise UsageError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    for what, value, low in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1), ("generate", generate, 0)):
+        if value < low:
+            raise UsageError(f"{what} is {value}; expected >= {low}")
+    if mode == "decode" and generate < 1:
+        raise UsageError("decode mode needs generate >= 1 (the number of tokens to generate per document)")
+    if (prompt_len is not None and prompt_len < 1) or (max_tokens is not None and max_tokens < 1):
+        raise UsageError(f"prompt_len {prompt_len} and max_tokens {max_tokens} must be >= 1 when given")
+    out = _atomic.check_output(out_path, overwrite)
+    if not documents:
+        raise FormatError("no documents to capture; give a non-empty corpus")
+    return out

@@ -28,8 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from moescope import _atomic
-from moescope.capture.corpus import Document
+from moescope.capture.corpus import Document, check_capture
 from moescope.capture.routers import CaptureError, RouterRecorder, _torch, find_routers
 from moescope.errors import FormatError, TraceError, UsageError, require
 from moescope.store import TraceWriter
@@ -38,7 +37,6 @@ from moescope.trace import TraceMeta, utc_now
 if TYPE_CHECKING:
     import torch
 
-MODES = ("prefill", "decode")
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_BATCH = 8  # prefill sequences per forward
 
@@ -193,18 +191,17 @@ def capture_hf(
     fails later, the store keeps every committed token and stays marked incomplete.
     """
     torch, tf = _torch(), _transformers()
-    if mode not in MODES:
-        raise UsageError(f"mode {mode!r} is not one of {', '.join(MODES)}")
-    for what, value, low in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1), ("generate", generate, 0)):
-        if value < low:
-            raise UsageError(f"{what} is {value}; expected >= {low}")
-    if mode == "decode" and generate < 1:
-        raise UsageError("decode mode needs generate >= 1 (the number of tokens to generate per document)")
-    if (prompt_len is not None and prompt_len < 1) or (max_tokens is not None and max_tokens < 1):
-        raise UsageError(f"prompt_len {prompt_len} and max_tokens {max_tokens} must be >= 1 when given")
-    out = _atomic.check_output(out_path, overwrite)
-    if not documents:
-        raise FormatError("no documents to capture; give a non-empty corpus")
+    out = check_capture(
+        mode,
+        documents,
+        out_path,
+        seq_len=seq_len,
+        generate=generate,
+        prompt_len=prompt_len,
+        max_tokens=max_tokens,
+        overwrite=overwrite,
+        batch_size=batch_size,
+    )
     model_name = str(model) if isinstance(model, (str, os.PathLike)) else (model.name_or_path or type(model).__name__)
     if isinstance(model, (str, os.PathLike)):
         model = load_hf_model(model, device, dtype)

@@ -40,8 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from moescope import _atomic
-from moescope.capture.corpus import Document
+from moescope.capture.corpus import Document, check_capture
 from moescope.capture.routers import CaptureError
 from moescope.errors import FormatError, TraceError, UsageError, require
 from moescope.store import TraceWriter
@@ -49,7 +48,6 @@ from moescope.trace import TraceMeta, utc_now
 
 log = logging.getLogger(__name__)
 
-MODES = ("prefill", "decode")
 TOPK_TENSOR = "ffn_moe_topk"
 # Gate weights in the order build_moe_ffn computes them; per layer, the last one present is what it applied.
 WEIGHT_STAGES = ("ffn_moe_weights", "ffn_moe_weights_softmax", "ffn_moe_weights_norm", "ffn_moe_weights_scaled")
@@ -531,20 +529,18 @@ def capture_llama(
     `out_path`. The GGUF, options and corpus are checked before the store is created; a capture that
     fails later leaves every committed token readable, marked incomplete.
     """
-    if mode not in MODES:
-        raise UsageError(f"mode {mode!r} is not one of {', '.join(MODES)}")
-    for what, value, low in (("seq_len", seq_len, 1), ("generate", generate, 0)):
-        if value < low:
-            raise UsageError(f"{what} is {value}; expected >= {low}")
-    if mode == "decode" and generate < 1:
-        raise UsageError("decode mode needs generate >= 1 (the number of tokens to generate per document)")
-    if (prompt_len is not None and prompt_len < 1) or (max_tokens is not None and max_tokens < 1):
-        raise UsageError(f"prompt_len {prompt_len} and max_tokens {max_tokens} must be >= 1 when given")
     if kv_type not in KV_TYPES:
         raise UsageError(f"kv_type {kv_type!r} is not one of {', '.join(KV_TYPES)}")
-    out = _atomic.check_output(out_path, overwrite)
-    if not documents:
-        raise FormatError("no documents to capture; give a non-empty corpus")
+    out = check_capture(
+        mode,
+        documents,
+        out_path,
+        seq_len=seq_len,
+        generate=generate,
+        prompt_len=prompt_len,
+        max_tokens=max_tokens,
+        overwrite=overwrite,
+    )
     parsed = [parse_override(s) for s in overrides]
     path = Path(gguf_path)
     info = read_gguf_moe(path)

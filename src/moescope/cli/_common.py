@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -123,3 +125,18 @@ def progress() -> Progress:
         disable=STATE.quiet,
         transient=True,
     )
+
+
+@contextlib.contextmanager
+def lazy_progress(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A ``progress(done, total)`` callback whose bar appears at its first call (input errors leave no bar)."""
+    with contextlib.ExitStack() as stack:
+        state: list[Any] = []
+
+        def update(done: int, total: int) -> None:
+            if not state:
+                bar = stack.enter_context(progress())
+                state.extend([bar, bar.add_task(description, total=total)])
+            state[0].update(state[1], completed=done, total=total)
+
+        yield update

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 from typing import Annotated
@@ -83,15 +82,7 @@ def hf(
     check_device(device)
     docs = read_corpus(corpus)
     t0 = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        bar: list = []
-
-        def progress(done: int, total: int) -> None:
-            if not bar:  # started on the first forward, so input errors print no progress residue
-                bar.append(stack.enter_context(c.progress()))
-                bar.append(bar[0].add_task("capturing", total=total))
-            bar[0].update(bar[1], completed=done, total=total)
-
+    with c.lazy_progress("capturing") as progress:
         path = capture_hf(
             model_dir,
             None,
@@ -175,15 +166,7 @@ def llama(
     read_gguf_moe(model)
     docs = read_corpus(corpus)
     t0 = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        bar: list = []
-
-        def progress(done: int, total: int) -> None:
-            if not bar:
-                bar.append(stack.enter_context(c.progress()))
-                bar.append(bar[0].add_task("capturing", total=total))
-            bar[0].update(bar[1], completed=done, total=total)
-
+    with c.lazy_progress("capturing") as progress:
         path = capture_llama(
             model,
             docs,
