@@ -180,3 +180,28 @@ def plackett_luce_inclusion(rates: list[float], k: int) -> list[float]:
         for e in order:
             out[e] += prob
     return out
+
+
+# -- moescope.analyze.concentration ---------------------------------------------------------------------
+def hot_experts(row: list[float], coverage: float) -> int:
+    """Experts, hottest first, until their summed share reaches `coverage` (shares sum to 1)."""
+    total, n = 0.0, 0
+    for share in sorted(row, reverse=True):
+        total += share
+        n += 1
+        if total >= coverage - 1e-9:
+            return n
+    return n
+
+
+def concentration_score(row: list[float]) -> float:
+    """1 - entropy / log(E)."""
+    if len(row) == 1:
+        return 1.0
+    return 1.0 - sum(-p * math.log(p) for p in row if p > 0) / math.log(len(row))
+
+
+def gini(row: list[float]) -> float:
+    """Mean absolute difference over all ordered pairs, divided by twice the mean."""
+    n, mean = len(row), sum(row) / len(row)
+    return sum(abs(a - b) for a in row for b in row) / (2 * n * n * mean) if mean > 0 else 0.0

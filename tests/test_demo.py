@@ -39,3 +39,10 @@ def test_demo_cli_json(tmp_path, capsys):
     code, out, _ = run(capsys, "demo", "--out", tmp_path / "d", "--json")
     d = json.loads(out)
     assert code == 0 and d["info"]["n_experts"] == 16 and set(d["outputs"]) == {"trace", "train", "test", "counts"}
+
+
+def test_demo_runs_the_concentration_gate(tmp_path):
+    from moescope.analyze import concentration
+
+    result = run_demo(tmp_path / "out")
+    assert result.gate == concentration(read_input(fixture.TRACE).counts())

@@ -2,8 +2,9 @@
 
 The default input is the project's own fixture (`moescope.fixture`): the routing a tiny Qwen3-MoE model
 trained by the project made on held-out text of five domains, captured with ``moescope capture hf``. The
-demo writes it as a store, describes it, splits it into train/test halves and reduces it to counts;
-later issues add the analyses, simulations, plans and the report. Library code: returns, prints nothing.
+demo writes it as a store, describes it, splits it into train/test halves, reduces it to counts and
+runs the concentration gate; later issues add the other analyses, simulations, plans and the report.
+Library code: returns, prints nothing.
 
     >>> result = run_demo(Path("demo-out"))
 """
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from moescope import fixture
+from moescope.analyze import Concentration, concentration
 from moescope.imports import as_trace, read_input, write_output
 from moescope.info import describe_store
 from moescope.slicing import split_halves
@@ -30,6 +32,7 @@ class DemoResult:
     outputs: dict[str, Path]
     info: dict[str, Any]
     layers: list[dict[str, Any]]  # per layer: top share, experts for 90% of mass, top expert per label
+    gate: Concentration  # the concentration gate on the whole trace
 
 
 def experts_for_mass(shares: np.ndarray, mass: float) -> int:
@@ -69,4 +72,4 @@ def run_demo(out_dir: Path, source: Path = fixture.TRACE) -> DemoResult:
         }
         for i, lid in enumerate(trace.layer_ids.tolist())
     ]
-    return DemoResult(out_dir, outputs, info, layers)
+    return DemoResult(out_dir, outputs, info, layers, concentration(counts))

@@ -16,6 +16,7 @@ import typer
 
 from moescope import __version__
 from moescope.cli import _common
+from moescope.cli.analyze_cmds import concentration
 from moescope.cli.capture_cmds import capture_app
 from moescope.cli.demo import demo
 from moescope.cli.trace_cmds import import_, trace_app
@@ -38,6 +39,7 @@ app.add_typer(trace_app, name="trace")
 app.add_typer(capture_app, name="capture")
 app.command("demo")(demo)
 app.command("import")(import_)
+app.command("concentration")(concentration)
 
 
 def _version(value: bool) -> None:

@@ -21,7 +21,8 @@ def demo(
 
     The default data is the routing of the project's own tiny Qwen3-MoE model (trained on offline text)
     over held-out text of five domains. Today the demo stores it, describes it, splits it into
-    train/test halves and counts it; later releases add analyses, simulations, plans and a report.
+    train/test halves, counts it and runs the concentration gate; later releases add the other analyses,
+    simulations, plans and a report.
 
     Example: `moescope demo --out demo-out`
     """
@@ -30,13 +31,18 @@ def demo(
     result = run_demo(out)
     if as_json:
         c.print_json(
-            {"outputs": {k: str(v) for k, v in result.outputs.items()}, "info": result.info, "layers": result.layers}
+            {
+                "outputs": {k: str(v) for k, v in result.outputs.items()},
+                "info": result.info,
+                "layers": result.layers,
+                "concentration": result.gate.to_dict(),
+            }
         )
         return
     con = c.console()
     i = result.info
     con.print(
-        f"`moescope demo`: {i['meta'].get('model')}\n"
+        f"[bold]moescope demo[/bold]: {i['meta'].get('model')}\n"
         f"{i['tokens']:,} tokens in {i['sequences']:,} sequences ({', '.join(i['labels'])}), "
         f"{i['layers']} MoE layers x {i['n_experts']} experts, top-{i['top_k']}"
     )
@@ -51,7 +57,13 @@ def demo(
             "  ".join(f"{lab} {e}" for lab, e in r["top_expert_by_label"].items()),
         )
     con.print(table)
-    con.print("`results`:")
+    g = result.gate
+    con.print(
+        f"concentration gate: {g.median_hot_frac:.0%} of the experts (median over layers) carry {g.coverage:.0%} "
+        f"of the routing, so a per-expert cache {'helps' if g.cache_helps else 'helps little'} "
+        f"(threshold {g.threshold:.0%}; details: [bold]moescope concentration[/bold])"
+    )
+    con.print("[bold]results[/bold]:")
     for name, path in result.outputs.items():
         con.print(f"  {name:7s} {path}")
-    con.print(f"next: `moescope trace info {result.outputs['trace']}`")
+    con.print(f"next: [bold]moescope trace info {result.outputs['trace']}[/bold]")

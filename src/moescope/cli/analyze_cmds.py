@@ -1,0 +1,77 @@
+"""`moescope concentration` (and the other analyses as they land): thin CLI over `moescope.analyze`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from moescope.cli import _common as c
+
+
+def concentration(
+    src: Annotated[Path, typer.Argument(help="A trace (any format), counts JSON, or an imatrix GGUF.")],
+    coverage: Annotated[
+        float, typer.Option("--coverage", help="Share of routing mass the resident experts must cover.")
+    ] = 0.90,
+    threshold: Annotated[
+        float, typer.Option("--threshold", help="Verdict: a cache helps when the median hot fraction is below this.")
+    ] = 0.25,
+    mass: c.MassOpt = None,
+    model_name: Annotated[str | None, typer.Option("--model-name", help="Model name for the report.")] = None,
+    fmt: c.FromOpt = None,
+    n_experts: c.NExpertsOpt = None,
+    top_k: c.TopKOpt = None,
+    moe_layers: c.MoeLayersOpt = None,
+    phys_to_log: c.PhysToLogOpt = None,
+    phase: c.PhaseOpt = None,
+    as_json: c.JsonOpt = False,
+) -> None:
+    """Should you build a per-expert cache? The concentration gate, per layer and overall.
+
+    Per layer: the fraction of experts that must be resident, hottest first, to cover `--coverage` of the
+    routing mass; 1 - normalised entropy; the top expert's share; the Gini coefficient. Verdict: a cache
+    helps when the median hot fraction is below `--threshold`. Mass is selections (`--mass counts`) or
+    gate weight (`--mass gate`, needs weights or a gate-weighted counts table). A frequency view only:
+    temporal reuse and real cache policies are measured by other commands.
+
+    Example: `moescope concentration run.zarr --coverage 0.9 --mass gate`
+    """
+    from moescope.analyze import concentration as gate
+    from moescope.imports import READERS, as_counts, detect_format, read_input
+
+    name = fmt or detect_format(src)
+    reader = READERS.get(name)
+    # a counts source is read with the asked mass; a trace is read whole and counted with it
+    source_mass = mass if reader is not None and reader.produces == "counts" else None
+    data = read_input(src, name, c.import_options(n_experts, top_k, moe_layers, phys_to_log, None, source_mass, phase))
+    result = gate(as_counts(data, mass or "counts"), coverage=coverage, threshold=threshold, model=model_name)
+    if as_json:
+        c.print_json(result.to_dict())
+        return
+    con = c.console()
+    table = Table(
+        title=f"concentration ({result.mass} mass, {result.coverage:.0%} coverage) - {result.model or src.name}",
+        title_justify="left",
+    )
+    for col in ("layer", "hot experts", "hot fraction", "concentration", "top share", "Gini"):
+        table.add_column(col, justify="right")
+    for r in result.layers:
+        table.add_row(
+            str(r.layer),
+            f"{r.hot_experts}/{result.n_experts}",
+            f"{r.hot_frac_for_coverage:.1%}",
+            f"{r.concentration_score:.3f}",
+            f"{r.top_share:.1%}",
+            f"{r.gini:.3f}",
+        )
+    con.print(table)
+    verdict = "[green]a per-expert cache helps[/]"
+    if not result.cache_helps:
+        verdict = "[yellow]a per-expert cache helps little[/]"
+    con.print(
+        f"median hot fraction {result.median_hot_frac:.1%} vs threshold {result.threshold:.0%}: {verdict} "
+        f"(median concentration {result.median_concentration:.3f})"
+    )
