@@ -205,3 +205,24 @@ def gini(row: list[float]) -> float:
     """Mean absolute difference over all ordered pairs, divided by twice the mean."""
     n, mean = len(row), sum(row) / len(row)
     return sum(abs(a - b) for a in row for b in row) / (2 * n * n * mean) if mean > 0 else 0.0
+
+
+# -- moescope.analyze.ranking ---------------------------------------------------------------------------
+def ranking(experts: np.ndarray, n_experts: int, layer: int) -> list[int]:
+    """Experts of one layer index, most selected first, ties by lower id."""
+    counts = [0] * n_experts
+    for row in experts[:, layer, :]:
+        for e in row:
+            counts[int(e)] += 1
+    return sorted(range(n_experts), key=lambda e: (-counts[e], e))
+
+
+def group_mass(experts: np.ndarray, layer: int, group: set[int]) -> tuple[float, float]:
+    """(selections inside / all selections, tokens with every slot inside / all tokens) of one layer index."""
+    inside = total = full = 0
+    for row in experts[:, layer, :]:
+        hits = sum(int(e) in group for e in row)
+        inside += hits
+        total += len(row)
+        full += hits == len(row)
+    return inside / total, full / experts.shape[0]

@@ -1,11 +1,22 @@
 """Routing analyses: pure functions from counts or traces to typed results (each with `to_dict()`).
 
-- `concentration`: the "should we build a per-expert cache?" gate (coverage, entropy, Gini per layer).
+- `concentration`: the "should we build a per-expert cache?" gate (coverage, entropy, Gini per layer);
+- `rank_experts` / `group_mass`: per-layer rankings (CSV for split and placement) and what an expert subset keeps.
 
     >>> from moescope.analyze import concentration
     >>> concentration(trace.counts()).cache_helps
 """
 
 from moescope.analyze.concentration import Concentration, LayerConcentration, concentration
+from moescope.analyze.ranking import GroupMass, Ranking, group_mass, rank_experts, write_ranking_csv
 
-__all__ = ["Concentration", "LayerConcentration", "concentration"]
+__all__ = [
+    "Concentration",
+    "GroupMass",
+    "LayerConcentration",
+    "Ranking",
+    "concentration",
+    "group_mass",
+    "rank_experts",
+    "write_ranking_csv",
+]

@@ -16,7 +16,7 @@ import typer
 
 from moescope import __version__
 from moescope.cli import _common
-from moescope.cli.analyze_cmds import concentration
+from moescope.cli.analyze_cmds import concentration, rank
 from moescope.cli.capture_cmds import capture_app
 from moescope.cli.demo import demo
 from moescope.cli.trace_cmds import import_, trace_app
@@ -40,6 +40,7 @@ app.add_typer(capture_app, name="capture")
 app.command("demo")(demo)
 app.command("import")(import_)
 app.command("concentration")(concentration)
+app.command("rank")(rank)
 
 
 def _version(value: bool) -> None:

@@ -75,3 +75,50 @@ def concentration(
         f"median hot fraction {result.median_hot_frac:.1%} vs threshold {result.threshold:.0%}: {verdict} "
         f"(median concentration {result.median_concentration:.3f})"
     )
+
+
+def rank(
+    src: Annotated[Path, typer.Argument(help="A trace (any format) or selection counts (counts JSON, imatrix GGUF).")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="CSV: layer,expert,rank,count,gate_mass,share.")
+    ] = None,
+    by: Annotated[str, typer.Option("--by", help="Rank by 'counts' (selections) or 'gate' (gate mass).")] = "counts",
+    fmt: c.FromOpt = None,
+    n_experts: c.NExpertsOpt = None,
+    top_k: c.TopKOpt = None,
+    moe_layers: c.MoeLayersOpt = None,
+    phys_to_log: c.PhysToLogOpt = None,
+    phase: c.PhaseOpt = None,
+    overwrite: c.OverwriteOpt = False,
+    as_json: c.JsonOpt = False,
+) -> None:
+    """Rank every layer's experts, hottest first, by selections or gate mass.
+
+    Rankings are per layer (expert 5 of layer 3 is not expert 5 of layer 4). With `--out` the ranking is
+    written as CSV (the ranking format the expert-split and placement planners read); without it,
+    the top experts of each layer are printed.
+
+    Example: `moescope rank run.zarr --by gate -o ranking.csv`
+    """
+    from moescope._atomic import check_output
+    from moescope.analyze import rank_experts, write_ranking_csv
+    from moescope.imports import read_input
+
+    if out is not None:
+        check_output(out, overwrite)
+    data = read_input(src, fmt, c.import_options(n_experts, top_k, moe_layers, phys_to_log, None, None, phase))
+    ranking = rank_experts(data, by)
+    if out is not None:
+        write_ranking_csv(ranking, out, overwrite)
+        typer.echo(f"wrote {out}", err=True)
+    if as_json:
+        c.print_json(ranking.to_dict())
+    elif out is None:
+        table = Table(title=f"experts by {by}, hottest first (share)", title_justify="left")
+        table.add_column("layer", justify="right")
+        table.add_column("top experts")
+        rows = ranking.rows()
+        for lid in ranking.layer_ids.tolist():
+            top = [r for r in rows if r[0] == lid][:8]
+            table.add_row(str(lid), "  ".join(f"{r[1]} ({r[5]:.1%})" for r in top))
+        c.console().print(table)
