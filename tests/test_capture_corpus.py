@@ -77,3 +77,17 @@ def test_missing_path_and_empty_folder(tmp_path):
     _write(tmp_path / "empty" / "readme.rst", "not a corpus suffix")
     with pytest.raises(FormatError, match=r"holds no \*\.txt"):
         read_corpus(tmp_path / "empty")
+
+
+def test_cut_sequences_prefill_decode_and_cap():
+    from moescope.capture.corpus import Seq, cut_sequences
+
+    docs = [(list(range(10)), "a"), (list(range(5)), "b"), ([], "c")]
+    got = cut_sequences(iter(docs), mode="prefill", seq_len=4, prompt_len=None, max_tokens=None)
+    assert [len(s.ids) for s in got] == [4, 4, 2, 4, 1] and [s.label for s in got] == ["a"] * 3 + ["b"] * 2
+    capped = cut_sequences(iter(docs), mode="prefill", seq_len=4, prompt_len=None, max_tokens=9)
+    assert sum(len(s.ids) for s in capped) == 9 and capped[-1] == Seq([8], "a")  # cut mid-document, b never read
+    prompts = cut_sequences(iter(docs), mode="decode", seq_len=4, prompt_len=3, max_tokens=None)
+    assert prompts == [Seq([0, 1, 2], "a"), Seq([0, 1, 2], "b")]
+    with pytest.raises(FormatError, match="tokenises to no tokens"):
+        cut_sequences(iter([([], "x")]), mode="prefill", seq_len=4, prompt_len=None, max_tokens=None)

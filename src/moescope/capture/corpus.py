@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -194,3 +194,44 @@ def check_capture(
     if not documents:
         raise FormatError("no documents to capture; give a non-empty corpus")
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Seq:
+    """One sequence to run: its token ids and the label of the document it came from."""
+
+    ids: list[int]
+    label: str | None
+
+
+def cut_sequences(
+    tokenised: Iterable[tuple[list[int], str | None]],
+    *,
+    mode: str,
+    seq_len: int,
+    prompt_len: int | None,
+    max_tokens: int | None,
+) -> list[Seq]:
+    """Token-id lists (with labels) -> the sequences a capture runs, for every engine.
+
+    Prefill: each list is cut into sequences of at most `seq_len` ids, stopping at `max_tokens` in all.
+    Decode: each non-empty list gives one prompt of its first `prompt_len` (default `seq_len`) ids.
+    `tokenised` is consumed lazily, so documents past `max_tokens` are never tokenised.
+    """
+    seqs: list[Seq] = []
+    total = 0
+    for ids, label in tokenised:
+        if mode == "decode":
+            if ids:
+                seqs.append(Seq(ids[: prompt_len or seq_len], label))
+            continue
+        for lo in range(0, len(ids), seq_len):
+            chunk = ids[lo : lo + seq_len][: None if max_tokens is None else max_tokens - total]
+            if chunk:
+                seqs.append(Seq(chunk, label))
+                total += len(chunk)
+        if max_tokens is not None and total >= max_tokens:
+            break
+    if not seqs:
+        raise FormatError("the corpus tokenises to no tokens; check the documents and the tokenizer")
+    return seqs

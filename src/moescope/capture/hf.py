@@ -20,7 +20,6 @@ incomplete. Not done here: sampling, batched decode, multi-GPU sharding, remote 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,9 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from moescope.capture.corpus import Document, check_capture
+from moescope.capture.corpus import Document, Seq, check_capture, cut_sequences
 from moescope.capture.routers import CaptureError, RouterRecorder, _torch, find_routers
-from moescope.errors import FormatError, TraceError, UsageError, require
+from moescope.errors import TraceError, UsageError, require
 from moescope.store import TraceWriter
 from moescope.trace import TraceMeta, utc_now
 
@@ -106,12 +105,6 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
         raise CaptureError(f"no usable tokenizer in {str(folder)!r} ({exc}); pass a tokenizer explicitly") from None
 
 
-@dataclasses.dataclass(frozen=True)
-class _Seq:
-    ids: list[int]
-    label: str
-
-
 def plan_sequences(
     documents: Sequence[Document],
     tokenizer: Any,
@@ -121,31 +114,20 @@ def plan_sequences(
     prompt_len: int | None,
     max_tokens: int | None,
     vocab_size: int | None,
-) -> list[_Seq]:
-    """Tokenise documents into the sequences to run: prefill chunks of <= seq_len, or decode prompts."""
-    seqs: list[_Seq] = []
-    total = 0
-    for doc in documents:
-        ids = list(tokenizer(doc.text, add_special_tokens=True, verbose=False)["input_ids"])
-        if vocab_size is not None and ids and max(ids) >= vocab_size:
-            raise CaptureError(
-                f"{doc.source}: the tokenizer gave id {max(ids)} but the model has {vocab_size} embeddings; "
-                f"use the model's own tokenizer"
-            )
-        if mode == "decode":
-            if ids:
-                seqs.append(_Seq(ids[: prompt_len or seq_len], doc.label))
-            continue
-        for lo in range(0, len(ids), seq_len):
-            chunk = ids[lo : lo + seq_len][: None if max_tokens is None else max_tokens - total]
-            if chunk:
-                seqs.append(_Seq(chunk, doc.label))
-                total += len(chunk)
-        if max_tokens is not None and total >= max_tokens:
-            break
-    if not seqs:
-        raise FormatError("the corpus tokenises to no tokens; check the documents and the tokenizer")
-    return seqs
+) -> list[Seq]:
+    """Tokenise documents into the sequences to run (see `cut_sequences`), checking ids fit the model."""
+
+    def tokenised():
+        for doc in documents:
+            ids = list(tokenizer(doc.text, add_special_tokens=True, verbose=False)["input_ids"])
+            if vocab_size is not None and ids and max(ids) >= vocab_size:
+                raise CaptureError(
+                    f"{doc.source}: the tokenizer gave id {max(ids)} but the model has {vocab_size} embeddings; "
+                    f"use the model's own tokenizer"
+                )
+            yield ids, doc.label
+
+    return cut_sequences(tokenised(), mode=mode, seq_len=seq_len, prompt_len=prompt_len, max_tokens=max_tokens)
 
 
 def capture_hf(
@@ -287,7 +269,7 @@ def _append(
         ) from exc
 
 
-def _prefill(model: Any, recorder: RouterRecorder, plan: list[_Seq], dev: Any, *, batch_size: int, **_: Any):
+def _prefill(model: Any, recorder: RouterRecorder, plan: list[Seq], dev: Any, *, batch_size: int, **_: Any):
     """Yield (experts, weights, seq_starts, labels) per batch of padded, teacher-forced sequences."""
     torch = _torch()
     for lo in range(0, len(plan), batch_size):
@@ -305,7 +287,7 @@ def _prefill(model: Any, recorder: RouterRecorder, plan: list[_Seq], dev: Any, *
 
 
 def _decode(
-    model: Any, recorder: RouterRecorder, plan: list[_Seq], dev: Any, *, generate: int, ignore_eos: bool, **_: Any
+    model: Any, recorder: RouterRecorder, plan: list[Seq], dev: Any, *, generate: int, ignore_eos: bool, **_: Any
 ):
     """Yield (experts, weights, [0], [label]) per document: the routing of each generated token."""
     torch = _torch()

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from moescope.capture.corpus import Document, check_capture
+from moescope.capture.corpus import Document, Seq, check_capture, cut_sequences
 from moescope.capture.routers import CaptureError
 from moescope.errors import FormatError, TraceError, UsageError, require
 from moescope.store import TraceWriter
@@ -442,12 +442,6 @@ def _override_array(lib: Any, overrides: Sequence[tuple[str, str, Any]]) -> Any:
 
 
 # -- the capture ---------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class _Seq:
-    ids: list[int]
-    label: str | None
-
-
 def _plan(
     items: Sequence[Document | Sequence[int]],
     tokenize: Callable[[str], list[int]],
@@ -456,29 +450,15 @@ def _plan(
     seq_len: int,
     prompt_len: int | None,
     max_tokens: int | None,
-) -> list[_Seq]:
-    """Documents (tokenised) or id lists -> the sequences to run, as `moescope.capture.hf.plan_sequences`."""
+) -> list[Seq]:
+    """Documents (tokenised with the GGUF's tokenizer) or token-id lists -> the sequences to run."""
     kinds = {isinstance(it, Document) for it in items}
     if len(kinds) != 1:
         raise UsageError("give either Documents or token-id lists, not a mix (labels would be partial)")
-    seqs: list[_Seq] = []
-    total = 0
-    for it in items:
-        ids, label = (tokenize(it.text), it.label) if isinstance(it, Document) else ([int(t) for t in it], None)
-        if mode == "decode":
-            if ids:
-                seqs.append(_Seq(ids[: prompt_len or seq_len], label))
-            continue
-        for lo in range(0, len(ids), seq_len):
-            chunk = ids[lo : lo + seq_len][: None if max_tokens is None else max_tokens - total]
-            if chunk:
-                seqs.append(_Seq(chunk, label))
-                total += len(chunk)
-        if max_tokens is not None and total >= max_tokens:
-            break
-    if not seqs:
-        raise FormatError("the corpus tokenises to no tokens; check the documents and the tokenizer")
-    return seqs
+    tokenised = (
+        (tokenize(it.text), it.label) if isinstance(it, Document) else ([int(t) for t in it], None) for it in items
+    )
+    return cut_sequences(tokenised, mode=mode, seq_len=seq_len, prompt_len=prompt_len, max_tokens=max_tokens)
 
 
 def capture_llama(
@@ -623,11 +603,11 @@ def capture_llama(
     return out
 
 
-def _prefill(session: LlamaSession, seq: _Seq, _generate: int, _ignore_eos: bool) -> tuple[np.ndarray, np.ndarray]:
+def _prefill(session: LlamaSession, seq: Seq, _generate: int, _ignore_eos: bool) -> tuple[np.ndarray, np.ndarray]:
     return session.run(seq.ids)
 
 
-def _decode(session: LlamaSession, seq: _Seq, generate: int, ignore_eos: bool) -> tuple[np.ndarray, np.ndarray]:
+def _decode(session: LlamaSession, seq: Seq, generate: int, ignore_eos: bool) -> tuple[np.ndarray, np.ndarray]:
     """Greedy generation after the prompt; the routing of each generated token, in order."""
     session.run(seq.ids)  # the prompt's routing is not part of a decode trace
     pos, rows_e, rows_w = len(seq.ids), [], []
