@@ -27,6 +27,7 @@ demo: $(BASE)
 test: $(DEV)
 	$(VENV)/bin/ruff check src tests bench tools
 	$(PY) -m pytest -q
+	NUMBA_DISABLE_JIT=1 $(PY) -m pytest -q -m kernels
 
 lint: $(DEV)
 	$(VENV)/bin/ruff check src tests bench tools

@@ -226,3 +226,246 @@ def group_mass(experts: np.ndarray, layer: int, group: set[int]) -> tuple[float,
         total += len(row)
         full += hits == len(row)
     return inside / total, full / experts.shape[0]
+
+
+# -- moescope.cache -------------------------------------------------------------------------------------
+# Each takes req [groups, k] and reset [groups] and returns (hits, demand_misses, prefetch_loads, wasted).
+def _segments(req: np.ndarray, reset: np.ndarray) -> list[list[list[int]]]:
+    segs: list[list[list[int]]] = []
+    for g, row in enumerate(req.tolist()):
+        if reset[g] or not segs:
+            segs.append([])
+        segs[-1].append(row)
+    return segs
+
+
+def cache_lru(req, reset, capacity):
+    hits = misses = 0
+    for seg in _segments(req, reset):
+        order: list[int] = []  # most recent first
+        for group in seg:
+            for x in group:
+                if x in order:
+                    hits += 1
+                else:
+                    misses += 1
+            keep = [y for y in order if y not in group][: capacity - len(group)]
+            order = list(group) + keep
+    return hits, misses, 0, 0
+
+
+def cache_lru_misses_all(req, reset, n_items, k):
+    """Demand misses of LRU at every capacity k..n_items, one replay each."""
+    return {c: cache_lru(req, reset, c)[1] for c in range(k, n_items + 1)}
+
+
+def _evicting(req, reset, capacity, choose, on_hit=None, on_load=None, on_reset=None, tick=None):
+    """Generic demand cache: `choose(cached, group, g)` picks the victim among cached items not in group."""
+    hits = misses = 0
+    for seg in _segments(req, reset):
+        cached: set[int] = set()
+        if on_reset:
+            on_reset()
+        for group in seg:
+            g = tick()
+            for x in group:
+                if x in cached:
+                    hits += 1
+                    if on_hit:
+                        on_hit(x, g)
+            for x in group:
+                if x in cached:
+                    continue
+                misses += 1
+                if len(cached) == capacity:
+                    cached.remove(choose([y for y in cached if y not in group], g))
+                cached.add(x)
+                if on_load:
+                    on_load(x, g)
+    return hits, misses, 0, 0
+
+
+def cache_fifo(req, reset, capacity):
+    loaded: dict[int, int] = {}
+    clock = iter(range(10**12))
+    return _evicting(
+        req,
+        reset,
+        capacity,
+        lambda cand, g: min(cand, key=lambda y: (loaded[y], y)),
+        on_load=lambda x, g: loaded.__setitem__(x, g),
+        tick=lambda: next(clock),
+    )
+
+
+def cache_lfu(req, reset, capacity, aging=0):
+    uses: dict[int, int] = {}
+    last: dict[int, int] = {}
+    clock = iter(range(10**12))
+
+    def tick():
+        g = next(clock)
+        if aging and g and g % aging == 0:
+            for y in uses:
+                uses[y] //= 2
+        return g
+
+    def use(x, g):
+        uses[x] = uses.get(x, 0) + 1
+        last[x] = g
+
+    # counts restart with each segment; the clock (and the aging schedule) does not
+    return _evicting(
+        req,
+        reset,
+        capacity,
+        lambda cand, g: min(cand, key=lambda y: (uses.get(y, 0), last.get(y, -1), y)),
+        on_hit=use,
+        on_load=use,
+        on_reset=uses.clear,
+        tick=tick,
+    )
+
+
+def cache_belady(req, reset, capacity):
+    rows = req.tolist()
+    seg_id = np.cumsum(reset) if len(reset) else reset
+
+    def next_use(x, g):
+        for h in range(g + 1, len(rows)):
+            if seg_id[h] != seg_id[g]:
+                break
+            if x in rows[h]:
+                return h
+        return float("inf")
+
+    clock = iter(range(10**12))
+    return _evicting(
+        req, reset, capacity, lambda cand, g: max(cand, key=lambda y: (next_use(y, g), -y)), tick=lambda: next(clock)
+    )
+
+
+def cache_static(req, pinned: set[int]):
+    hits = sum(1 for row in req.tolist() for x in row if x in pinned)
+    return hits, req.size - hits, 0, 0
+
+
+def _arc_lru(lst, group):
+    """Least recently used entry of an ARC list that the current group does not need."""
+    return next((y for y in lst if y not in group), None)
+
+
+def _arc_replace(lists, p, x_in_b2, group):
+    t1, t2, b1, b2 = lists
+    from_t1 = len(t1) > 0 and (len(t1) > p or (x_in_b2 and len(t1) == p))
+    src, dst = (t1, b1) if from_t1 else (t2, b2)
+    y = _arc_lru(src, group)
+    if y is None:
+        src, dst = (t2, b2) if from_t1 else (t1, b1)
+        y = _arc_lru(src, group)
+    del src[y]
+    dst[y] = True
+
+
+def cache_arc(req, reset, capacity):
+    """ARC as published (Megiddo & Modha 2003, Fig. 4), lists as OrderedDicts (LRU first), groups served
+    hits first; a resident victim is never an item of the current group."""
+    from collections import OrderedDict
+
+    c = capacity
+    hits = misses = 0
+    for seg in _segments(req, reset):
+        lists = t1, t2, b1, b2 = OrderedDict(), OrderedDict(), OrderedDict(), OrderedDict()
+        p = 0.0
+        for group in seg:
+            for x in group:
+                if x in t1 or x in t2:
+                    hits += 1
+                    t1.pop(x, None)
+                    t2.pop(x, None)
+                    t2[x] = True
+            for x in group:
+                if x in t1 or x in t2:
+                    continue
+                misses += 1
+                full = len(t1) + len(t2) >= c
+                if x in b1:
+                    p = min(float(c), p + max(len(b2) / len(b1), 1.0))
+                    del b1[x]
+                    if full:
+                        _arc_replace(lists, p, False, group)
+                    t2[x] = True
+                elif x in b2:
+                    p = max(0.0, p - max(len(b1) / len(b2), 1.0))
+                    del b2[x]
+                    if full:
+                        _arc_replace(lists, p, True, group)
+                    t2[x] = True
+                else:
+                    if len(t1) + len(b1) == c:
+                        if len(t1) < c:
+                            b1.popitem(last=False)
+                        else:
+                            del t1[_arc_lru(t1, group)]
+                    elif len(t1) + len(t2) + len(b1) + len(b2) >= 2 * c and b2:
+                        b2.popitem(last=False)
+                    if len(t1) + len(t2) >= c:
+                        _arc_replace(lists, p, False, group)
+                    t1[x] = True
+    return hits, misses, 0, 0
+
+
+def _evict_lru(order: list[int], pending: set[int], protect: set[int]) -> int:
+    """Drop the least recently used unprotected item; 1 if it was an unused prefetch."""
+    for y in reversed(order):
+        if y not in protect:
+            order.remove(y)
+            if y in pending:
+                pending.discard(y)
+                return 1
+            return 0
+    raise AssertionError("no evictable item")
+
+
+def cache_coact_prefetch(req, reset, capacity, coact, n_experts, budget):
+    """LRU (group on top, slot 0 most recent) + after each group load the `budget` experts with the highest
+    summed co-activation with it (ties by id, score > 0) at the LRU end (cached ones untouched); wasted =
+    loaded by prefetch and evicted (or left at a reset or the end) without a hit."""
+    hits = misses = loads = wasted = 0
+    b = min(budget, capacity - req.shape[1])
+    for seg in _segments(req, reset):
+        order: list[int] = []
+        pending: set[int] = set()
+        for group in seg:
+            for x in group:
+                if x in order:
+                    hits += 1
+                    pending.discard(x)
+            for x in group:
+                if x not in order:
+                    misses += 1
+                    if len(order) == capacity:
+                        wasted += _evict_lru(order, pending, set(group))
+                    order.insert(0, x)
+            order = list(group) + [y for y in order if y not in group]
+            if b <= 0:
+                continue
+            layer = group[0] // n_experts
+            base = layer * n_experts
+            score = [sum(float(coact[layer, x - base, f]) for x in group) for f in range(n_experts)]
+            cands = sorted((f for f in range(n_experts) if base + f not in group), key=lambda f: (-score[f], f))
+            protect = set(group)
+            for f in cands[:b]:
+                if score[f] <= 0:
+                    break
+                y = base + f
+                protect.add(y)
+                if y in order:
+                    continue
+                loads += 1
+                if len(order) == capacity:
+                    wasted += _evict_lru(order, pending, protect)
+                order.append(y)  # the LRU end
+                pending.add(y)
+        wasted += len(pending)
+    return hits, misses, loads, wasted

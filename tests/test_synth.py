@@ -96,6 +96,7 @@ def test_same_seed_same_trace_other_seed_other_trace():
     assert not np.array_equal(a.experts, c.experts)
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("chunk", [1, 7, 64, 599, 600, 10_000])
 @pytest.mark.parametrize("name", ["rich", "tight"])
 def test_chunks_concatenate_to_the_whole_trace(name, chunk):
@@ -185,6 +186,7 @@ def test_mix_matches_the_reference():
             assert int(synth._mix(np.uint64(z))) == ref.splitmix64(z)
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_kernel_matches_naive_reference(name):
     spec = SPECS[name]

@@ -88,6 +88,7 @@ def test_error_names_token_beyond_first_block():
         RoutingTrace(ex, 4)
 
 
+@pytest.mark.kernels
 @settings(max_examples=60, deadline=None)
 @given(
     arrays(
@@ -100,6 +101,7 @@ def test_validation_kernel_matches_reference(experts):
     assert tuple(int(x) for x in _first_bad_selection(experts, 8)) == reference.first_bad_selection(experts, 8)
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("with_weights", [False, True])
 def test_expert_mass_matches_reference(with_weights):
     tr = random_trace(n_tokens=80, n_layers=3, n_experts=6, k=3)

@@ -42,7 +42,8 @@ import numpy as np
 
 from moescope.capture.corpus import Document, Seq, check_capture, cut_sequences
 from moescope.capture.routers import CaptureError
-from moescope.errors import FormatError, TraceError, UsageError, require
+from moescope.errors import TraceError, UsageError, require
+from moescope.gguf import GGUFModel, inspect_gguf
 from moescope.store import TraceWriter
 from moescope.trace import TraceMeta, utc_now
 
@@ -54,7 +55,6 @@ WEIGHT_STAGES = ("ffn_moe_weights", "ffn_moe_weights_softmax", "ffn_moe_weights_
 KV_TYPES = {"f32": 0, "f16": 1}  # ggml_type of the KV cache
 OVERRIDE_TYPES = ("int", "float", "bool", "str")
 _GGML_DTYPES = {0: np.dtype(np.float32), 1: np.dtype(np.float16), 26: np.dtype(np.int32)}  # ggml_type -> numpy
-_GGUF_MAGIC = b"GGUF"
 _NAME = re.compile(r"^(.+)-(\d+)$")
 
 
@@ -63,69 +63,16 @@ def _llama_cpp() -> Any:
 
 
 # -- the GGUF, read before llama.cpp loads it ---------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class GGUFMoE:
-    """What a GGUF says about its experts.
-
-    architecture : ``general.architecture``, e.g. ``qwen3moe``.
-    n_experts, top_k : ``{arch}.expert_count`` and ``{arch}.expert_used_count``.
-    layer_ids : [layers] the blocks that have a router (``blk.N.ffn_gate_inp.weight``), ascending.
-    name : ``general.name`` when present.
-    """
-
-    architecture: str
-    n_experts: int
-    top_k: int
-    layer_ids: tuple[int, ...]
-    name: str | None
-
-
-def read_gguf_moe(path: str | os.PathLike) -> GGUFMoE:
-    """Check that `path` is a GGUF of a Mixture-of-Experts model and return its expert layout.
+def read_gguf_moe(path: str | os.PathLike) -> GGUFModel:
+    """Check that `path` is a GGUF of a Mixture-of-Experts model and return its expert layout
+    (`moescope.gguf.inspect_gguf`: architecture, n_experts, top_k, router layer_ids, name, bytes).
 
     Raises
     ------
     UsageError : the file does not exist.
     FormatError : not a GGUF, unreadable, or a model without experts / routers.
     """
-    from gguf import GGUFReader
-
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"model {str(p)!r} does not exist or is not a file; give a local .gguf file")
-    with p.open("rb") as fh:
-        magic = fh.read(4)
-    if magic != _GGUF_MAGIC:
-        raise FormatError(
-            f"{str(p)!r} starts with {magic!r}, not the GGUF magic {_GGUF_MAGIC!r}; give a .gguf model "
-            f"(convert a transformers folder with llama.cpp's convert_hf_to_gguf.py)"
-        )
-    try:
-        reader = GGUFReader(p)
-    except (ValueError, OSError) as exc:
-        raise FormatError(f"{str(p)!r} is not a readable GGUF ({exc}); re-download or re-convert it") from None
-
-    def field(key: str) -> Any:
-        f = reader.get_field(key)
-        return None if f is None else f.contents()
-
-    arch = field("general.architecture")
-    n_experts, top_k = field(f"{arch}.expert_count"), field(f"{arch}.expert_used_count")
-    if not n_experts or not top_k:
-        raise FormatError(
-            f"{str(p)!r} ({arch}) has {arch}.expert_count={n_experts} and {arch}.expert_used_count={top_k}; "
-            f"it is not a Mixture-of-Experts model, so there is no routing to capture"
-        )
-    routers = sorted(
-        int(m.group(1)) for t in reader.tensors if (m := re.fullmatch(r"blk\.(\d+)\.ffn_gate_inp\.weight", t.name))
-    )
-    if not routers:
-        raise FormatError(
-            f"{str(p)!r} ({arch}) declares {n_experts} experts but has no blk.N.ffn_gate_inp.weight router "
-            f"tensor; this architecture routes in a way moescope cannot read"
-        )
-    name = field("general.name")
-    return GGUFMoE(str(arch), int(n_experts), int(top_k), tuple(routers), None if name is None else str(name))
+    return inspect_gguf(path)
 
 
 def parse_override(spec: str) -> tuple[str, str, Any]:
@@ -285,7 +232,7 @@ class LlamaSession:
     def __init__(
         self,
         path: Path,
-        info: GGUFMoE,
+        info: GGUFModel,
         *,
         n_ctx: int,
         n_threads: int | None = None,

@@ -17,6 +17,7 @@ import typer
 from moescope import __version__
 from moescope.cli import _common
 from moescope.cli.analyze_cmds import concentration, rank
+from moescope.cli.cache_cmds import cache
 from moescope.cli.capture_cmds import capture_app
 from moescope.cli.demo import demo
 from moescope.cli.trace_cmds import import_, trace_app
@@ -41,6 +42,7 @@ app.command("demo")(demo)
 app.command("import")(import_)
 app.command("concentration")(concentration)
 app.command("rank")(rank)
+app.command("cache")(cache)
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,58 @@
+"""Expert-cache simulator: replay a routing trace through caches of experts in fast memory.
+
+Semantics (what every number here means):
+
+- **Caches.** One cache per MoE layer holding `capacity` experts (capacity >= top-k), or one pooled cache
+  over all layers (`pooled=True`, capacity x layers experts; items are (layer, expert) pairs).
+- **Groups.** A token's k experts at a layer are needed together: hits are served, then each missing
+  expert is loaded, and a policy may never evict an expert the current token needs.
+- **Sequences.** One long-lived cache serves all sequences in trace order (a server), or each sequence
+  starts empty (`reset_per_sequence=True`).
+- **Counts.** A *demand miss* is a load the token waits for; a *prefetch load* is issued ahead by a
+  prefetching policy; a *wasted prefetch* is a prefetched expert evicted (or left at the end) unused;
+  *transfers* = demand misses + prefetch loads; bytes = transfers x expert bytes. hits + demand misses =
+  accesses = tokens x layers x k.
+- **Split.** Policies that learn (LFU-static, co-activation prefetch) fit on the first half of every
+  sequence; all policies replay the second halves (`split="test"`), or everything in-sample (`"all"`).
+- **Belady/MIN** (evict the expert, not needed now, whose next use is furthest) is the offline optimum of
+  demand loading and the floor every table shows; a prefetcher may go below it on demand misses only by
+  paying prefetch loads, and a static set (LFU-static, which serves misses from slow memory without
+  loading them, "bypass") is not bound by it either, though in practice it is the worst.
+
+Modules: `kernels` (numba replays), `policies` (the registry `POLICIES`), `simulate` (tables, curves,
+budget allocation), `cost` (projected decode speed).
+
+    >>> from moescope.cache import simulate
+    >>> simulate(trace, [8, 16, 32], ["lru", "belady"]).rows()
+"""
+
+from moescope.cache.cost import ASSUMPTIONS, Hardware, Projection, project_decode
+from moescope.cache.policies import POLICIES, CachePolicy, PolicyParams, Stream, make_policy
+from moescope.cache.simulate import (
+    Allocation,
+    CacheResult,
+    MissCurves,
+    allocate,
+    build_streams,
+    miss_curves,
+    simulate,
+)
+
+__all__ = [
+    "ASSUMPTIONS",
+    "POLICIES",
+    "Allocation",
+    "CachePolicy",
+    "CacheResult",
+    "Hardware",
+    "MissCurves",
+    "PolicyParams",
+    "Projection",
+    "Stream",
+    "allocate",
+    "build_streams",
+    "make_policy",
+    "miss_curves",
+    "project_decode",
+    "simulate",
+]

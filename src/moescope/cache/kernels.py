@@ -1,0 +1,478 @@
+"""Numba kernels of the expert-cache simulator: one replay of one request stream per call.
+
+A stream is ``req: [groups, k] int32`` item ids (a group = one token at one MoE layer: the k experts it
+needs together) and ``reset: [groups] bool`` (True where the cache is emptied before the group: the start
+of the stream, and every sequence start with ``--reset-per-sequence``). Items are expert ids of one layer
+(per-layer caches) or ``layer * E + expert`` (one pooled cache). Every kernel returns
+
+    stats: [4] int64 = (hits, demand_misses, prefetch_loads, wasted_prefetches)
+
+with ``hits + demand_misses == groups * k``. Within a group, hits are served first, then misses are loaded,
+evicting only items the group does not need (possible because capacity >= k). Kernels never allocate per
+access; the caller validates (`moescope.cache.simulate`). Naive references: tests/reference.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moescope._jit import njit
+
+HITS, MISSES, PREFETCHES, WASTED = 0, 1, 2, 3
+NEVER = np.iinfo(np.int64).max  # next use of an item that is not used again (in its segment)
+
+
+@njit
+def next_use(req, reset, n_items):
+    """[groups, k] int64: the next group (same segment) that needs each request's item, or NEVER."""
+    g_n, k = req.shape
+    out = np.empty((g_n, k), dtype=np.int64)
+    last = np.full(n_items, NEVER, dtype=np.int64)
+    for g in range(g_n - 1, -1, -1):
+        for j in range(k):
+            x = req[g, j]
+            out[g, j] = last[x]
+            last[x] = g
+        if reset[g]:
+            last[:] = NEVER
+    return out
+
+
+# -- LRU: a doubly linked list over item ids, O(1) per access -------------------------------------
+@njit
+def lru(req, reset, n_items, capacity):
+    """LRU. At the end of a group its items are the most recent, slot 0 first (same order as `lru_depths`)."""
+    g_n, k = req.shape
+    prv = np.full(n_items, -1, dtype=np.int64)
+    nxt = np.full(n_items, -1, dtype=np.int64)
+    cached = np.zeros(n_items, dtype=np.bool_)
+    head, tail, size = -1, -1, 0
+    hits, misses = 0, 0
+    for g in range(g_n):
+        if reset[g]:
+            cached[:] = False
+            head, tail, size = -1, -1, 0
+        for j in range(k):  # hits to the front first, so the tail is never an item this group needs
+            x = req[g, j]
+            if cached[x]:
+                hits += 1
+                if head != x:
+                    p, n = prv[x], nxt[x]
+                    nxt[p] = n
+                    if n >= 0:
+                        prv[n] = p
+                    else:
+                        tail = p
+                    prv[x], nxt[x] = -1, head
+                    prv[head] = x
+                    head = x
+        for j in range(k):
+            x = req[g, j]
+            if not cached[x]:
+                misses += 1
+                if size == capacity:  # the tail is never needed by this group: its cached items are at the head
+                    v = tail
+                    tail = prv[v]
+                    if tail >= 0:
+                        nxt[tail] = -1
+                    else:
+                        head = -1
+                    cached[v] = False
+                    size -= 1
+                cached[x] = True
+                size += 1
+                prv[x], nxt[x] = -1, head
+                if head >= 0:
+                    prv[head] = x
+                head = x
+                if tail < 0:
+                    tail = x
+        for j in range(k - 1, -1, -1):  # move to the front in reverse slot order: slot 0 ends most recent
+            x = req[g, j]
+            if head == x:
+                continue
+            p, n = prv[x], nxt[x]
+            nxt[p] = n
+            if n >= 0:
+                prv[n] = p
+            else:
+                tail = p
+            prv[x], nxt[x] = -1, head
+            prv[head] = x
+            head = x
+    return np.array([hits, misses, 0, 0], dtype=np.int64)
+
+
+@njit
+def lru_depths(req, reset, n_items):
+    """LRU stack depths, for every capacity at once (LRU is a stack algorithm here too).
+
+    Returns ``hist: [n_items + 1] int64``: hist[d] = accesses whose item was at depth d (0 = most recent)
+    of the recency stack before its group, hist[n_items] = cold accesses (first use in the segment). An LRU
+    cache of capacity C >= k misses exactly ``hist[C:].sum()`` times.
+    """
+    g_n, k = req.shape
+    hist = np.zeros(n_items + 1, dtype=np.int64)
+    stack = np.empty(n_items, dtype=np.int64)
+    on_stack = np.zeros(n_items, dtype=np.bool_)
+    in_group = np.zeros(n_items, dtype=np.bool_)
+    depth = 0
+    for g in range(g_n):
+        if reset[g]:
+            for i in range(depth):
+                on_stack[stack[i]] = False
+            depth = 0
+        deepest, n_cold = -1, 0
+        for j in range(k):
+            x = req[g, j]
+            in_group[x] = True
+            if not on_stack[x]:
+                hist[n_items] += 1
+                n_cold += 1
+        found = 0
+        for i in range(depth):  # depths in the old stack; stop once every cached item of the group is seen
+            if found == k - n_cold:
+                break
+            if in_group[stack[i]]:
+                hist[i] += 1
+                found += 1
+                deepest = i
+        # rebuild: the group (slot order) on top, then the old stack without the group's items; the part
+        # below the deepest group item moves down by n_cold first, then the part above it is compacted
+        if n_cold:
+            for i in range(depth - 1, deepest, -1):
+                stack[i + n_cold] = stack[i]
+        w = deepest
+        for i in range(deepest, -1, -1):
+            y = stack[i]
+            if not in_group[y]:
+                stack[w + n_cold] = y
+                w -= 1
+        for j in range(k):
+            x = req[g, j]
+            stack[j] = x
+            on_stack[x] = True
+            in_group[x] = False
+        depth += n_cold
+    return hist
+
+
+# -- policies that pick a victim by scanning the cache slots (O(capacity) per miss) ---------------
+@njit
+def _victim(slot_item, need, g, key1, key2, largest):
+    """Slot of the cached item not needed by group g with the smallest (or largest) (key1, key2)."""
+    best = -1
+    for s in range(slot_item.shape[0]):
+        x = slot_item[s]
+        if x < 0 or need[x] == g:
+            continue
+        if best < 0:
+            best = s
+            continue
+        b = slot_item[best]
+        if largest:
+            better = key1[x] > key1[b] or (key1[x] == key1[b] and key2[x] > key2[b])
+        else:
+            better = key1[x] < key1[b] or (key1[x] == key1[b] and key2[x] < key2[b])
+        if better:
+            best = s
+    return best
+
+
+@njit
+def scan_policy(req, reset, n_items, capacity, kind, aging):
+    """FIFO (kind 0), LFU (kind 1) or Belady/MIN (kind 2).
+
+    - FIFO evicts the item loaded longest ago (hits do not refresh it).
+    - LFU evicts the item with the fewest uses since the segment began (uses counted while evicted too,
+      "perfect" LFU), ties by least recent use, then by id; with ``aging > 0`` every count is halved every
+      ``aging`` groups.
+    - Belady evicts the item whose next use is furthest (never used again first): the offline optimum for
+      demand loading with the whole group needed together.
+    """
+    g_n, k = req.shape
+    nu = next_use(req, reset, n_items) if kind == 2 else np.empty((1, 1), dtype=np.int64)
+    slot_item = np.full(capacity, -1, dtype=np.int64)
+    slot_of = np.full(n_items, -1, dtype=np.int64)
+    need = np.full(n_items, -1, dtype=np.int64)
+    key1 = np.zeros(n_items, dtype=np.int64)  # FIFO: load time; LFU: uses; Belady: -(next use)
+    key2 = np.zeros(n_items, dtype=np.int64)  # LFU: last use, then id; FIFO, Belady: id (deterministic ties)
+    for x in range(n_items):
+        key2[x] = x
+    hits, misses, free = 0, 0, capacity
+    for g in range(g_n):
+        if reset[g]:
+            slot_item[:] = -1
+            slot_of[:] = -1
+            free = capacity
+            if kind == 1:
+                key1[:] = 0
+        if kind == 1 and aging > 0 and g > 0 and g % aging == 0:
+            key1 //= 2
+        for j in range(k):
+            x = req[g, j]
+            need[x] = g
+            if slot_of[x] >= 0:
+                hits += 1
+                if kind == 1:
+                    key1[x] += 1
+                    key2[x] = g * n_items + x
+                elif kind == 2:
+                    key1[x] = -nu[g, j]
+        for j in range(k):
+            x = req[g, j]
+            if slot_of[x] >= 0:
+                continue
+            misses += 1
+            if free > 0:
+                s = capacity - free
+                free -= 1
+            else:
+                s = _victim(slot_item, need, g, key1, key2, False)
+                slot_of[slot_item[s]] = -1
+            slot_item[s] = x
+            slot_of[x] = s
+            if kind == 0:
+                key1[x] = g
+            elif kind == 1:
+                key1[x] += 1
+                key2[x] = g * n_items + x
+            else:
+                key1[x] = -nu[g, j]
+    return np.array([hits, misses, 0, 0], dtype=np.int64)
+
+
+@njit
+def static_set(req, pinned):
+    """A fixed resident set (``pinned: [n_items] bool``, chosen beforehand): every other access is a miss."""
+    g_n, k = req.shape
+    hits = 0
+    for g in range(g_n):
+        for j in range(k):
+            if pinned[req[g, j]]:
+                hits += 1
+    return np.array([hits, g_n * k - hits, 0, 0], dtype=np.int64)
+
+
+# -- ARC (Megiddo & Modha, FAST 2003), with the group constraint ---------------------------------
+_T1, _T2, _B1, _B2 = 1, 2, 3, 4
+
+
+@njit
+def _lru_of(where, stamp, need, g, lst, n_items):
+    """Least recently used item of list `lst` (not needed by group g when lst is resident), or -1."""
+    best, best_t = -1, NEVER
+    for x in range(n_items):
+        if where[x] == lst and stamp[x] < best_t and not (lst <= _T2 and need[x] == g):
+            best, best_t = x, stamp[x]
+    return best
+
+
+@njit
+def arc(req, reset, n_items, capacity):
+    """Adaptive Replacement Cache: resident lists T1 (seen once) and T2 (seen again), ghost lists B1, B2
+    remember recent evictions and steer the target size p of T1. Evictions skip items the group needs."""
+    g_n, k = req.shape
+    c = capacity
+    where = np.zeros(n_items, dtype=np.int64)
+    stamp = np.zeros(n_items, dtype=np.int64)
+    need = np.full(n_items, -1, dtype=np.int64)
+    n = np.zeros(5, dtype=np.int64)  # list sizes by list code
+    p = 0.0
+    clock, hits, misses = 0, 0, 0
+    for g in range(g_n):
+        if reset[g]:
+            where[:] = 0
+            n[:] = 0
+            p = 0.0
+        for j in range(k):
+            x = req[g, j]
+            need[x] = g
+            if where[x] == _T1 or where[x] == _T2:
+                hits += 1
+                n[where[x]] -= 1
+                where[x] = _T2
+                n[_T2] += 1
+                clock += 1
+                stamp[x] = clock
+        for j in range(k):
+            x = req[g, j]
+            w = where[x]
+            if w in (_T1, _T2):
+                continue
+            misses += 1
+            if w == _B1:
+                p = min(float(c), p + max(n[_B2] / n[_B1], 1.0))
+            elif w == _B2:
+                p = max(0.0, p - max(n[_B1] / n[_B2], 1.0))
+            elif n[_T1] + n[_B1] == c:
+                if n[_T1] < c:
+                    y = _lru_of(where, stamp, need, g, _B1, n_items)
+                    where[y] = 0
+                    n[_B1] -= 1
+                else:  # T1 fills the cache: drop its LRU page without a ghost
+                    y = _lru_of(where, stamp, need, g, _T1, n_items)
+                    where[y] = 0
+                    n[_T1] -= 1
+            elif n[_T1] + n[_T2] + n[_B1] + n[_B2] >= 2 * c:
+                y = _lru_of(where, stamp, need, g, _B2, n_items)
+                if y >= 0:
+                    where[y] = 0
+                    n[_B2] -= 1
+            if w != 0:
+                n[w] -= 1
+                where[x] = 0
+            if n[_T1] + n[_T2] >= c:  # REPLACE: evict from T1 or T2 into its ghost list
+                from_t1 = n[_T1] > 0 and (n[_T1] > p or (w == _B2 and n[_T1] == p))
+                y = _lru_of(where, stamp, need, g, _T1 if from_t1 else _T2, n_items)
+                if y < 0:  # every page of that list is needed by this group: take the other list
+                    from_t1 = not from_t1
+                    y = _lru_of(where, stamp, need, g, _T1 if from_t1 else _T2, n_items)
+                src, dst = (_T1, _B1) if from_t1 else (_T2, _B2)
+                where[y] = dst
+                n[src] -= 1
+                n[dst] += 1
+            where[x] = _T1 if w == 0 else _T2
+            n[where[x]] += 1
+            clock += 1
+            stamp[x] = clock
+    return np.array([hits, misses, 0, 0], dtype=np.int64)
+
+
+# -- the co-activation prefetcher on top of LRU ----------------------------------------------------
+@njit
+def coact_prefetch(req, reset, n_items, capacity, coact, n_experts, budget):
+    """LRU plus prefetch: after each group, load the `budget` experts (of the same layer) most co-activated
+    with the group's experts (``coact: [layers, E, E]`` counts learned on the train split; item x is expert
+    ``x % E`` of layer ``x // E``), evicting least recently used items the group does not need. Prefetched
+    items enter at the LRU end (below every used item; a later prefetch below an earlier one), as prefetched
+    blocks usually do, so a wrong guess evicts another guess before a hot expert; a hit moves an item to the
+    top. Candidates already cached are left alone. A prefetched item evicted (or left at a reset or the end)
+    before any use is wasted."""
+    g_n, k = req.shape
+    slot_item = np.full(capacity, -1, dtype=np.int64)
+    slot_of = np.full(n_items, -1, dtype=np.int64)
+    need = np.full(n_items, -1, dtype=np.int64)
+    recent = np.zeros(n_items, dtype=np.int64)
+    ids = np.arange(n_items).astype(np.int64)
+    pending = np.zeros(n_items, dtype=np.bool_)
+    score = np.zeros(n_experts, dtype=np.float64)
+    chosen = np.zeros(n_experts, dtype=np.bool_)
+    hits, misses, loads, wasted, free, clock = 0, 0, 0, 0, capacity, 0
+    b = min(budget, capacity - k)
+    for g in range(g_n):
+        if reset[g]:
+            for s in range(capacity):
+                if slot_item[s] >= 0 and pending[slot_item[s]]:
+                    wasted += 1
+                    pending[slot_item[s]] = False
+            slot_item[:] = -1
+            slot_of[:] = -1
+            free = capacity
+        for j in range(k):
+            x = req[g, j]
+            need[x] = g
+            if slot_of[x] >= 0:
+                hits += 1
+                pending[x] = False
+        for j in range(k):
+            x = req[g, j]
+            if slot_of[x] >= 0:
+                continue
+            misses += 1
+            if free > 0:
+                s = capacity - free
+                free -= 1
+            else:
+                s = _victim(slot_item, need, g, recent, ids, False)
+                v = slot_item[s]
+                if pending[v]:
+                    wasted += 1
+                    pending[v] = False
+                slot_of[v] = -1
+            slot_item[s] = x
+            slot_of[x] = s
+        for j in range(k - 1, -1, -1):  # recency as in `lru`: slot 0 most recent
+            clock += 1
+            recent[req[g, j]] = clock
+        if b <= 0:
+            continue
+        layer = req[g, 0] // n_experts
+        base = layer * n_experts
+        score[:] = 0.0
+        chosen[:] = False
+        for j in range(k):
+            e = req[g, j] - base
+            chosen[e] = True  # the group's own experts are cached already
+            for f in range(n_experts):
+                score[f] += coact[layer, e, f]
+        for _ in range(b):  # the b best candidates, ties by expert id
+            best = -1
+            for f in range(n_experts):
+                if not chosen[f] and (best < 0 or score[f] > score[best]):
+                    best = f
+            if best < 0 or score[best] <= 0.0:
+                break
+            chosen[best] = True
+            y = base + best
+            need[y] = g  # protect this round's prefetches from each other
+            clock += 1
+            if slot_of[y] >= 0:
+                continue
+            loads += 1
+            if free > 0:
+                s = capacity - free
+                free -= 1
+            else:
+                s = _victim(slot_item, need, g, recent, ids, False)
+                v = slot_item[s]
+                if pending[v]:
+                    wasted += 1
+                    pending[v] = False
+                slot_of[v] = -1
+            slot_item[s] = y
+            slot_of[y] = s
+            recent[y] = -clock  # at the LRU end: an unused prefetch is the first to go, not a hot expert
+            pending[y] = True
+    for s in range(capacity):
+        if slot_item[s] >= 0 and pending[slot_item[s]]:
+            wasted += 1
+    return np.array([hits, misses, loads, wasted], dtype=np.int64)
+
+
+@njit
+def allocate_slots(misses, caps, budget):
+    """argmin over per-layer choices j_l of sum_l misses[l, j_l] subject to sum_l caps[j_l] <= budget.
+
+    misses: [layers, choices] int64; caps: [choices] int64 ascending. Returns [layers] int64 choice indices.
+    Dynamic programme over (layer, slots used), O(layers x budget x choices); ties prefer fewer slots.
+    """
+    n_layers, n_choices = misses.shape
+    inf = np.iinfo(np.int64).max
+    best = np.full(budget + 1, inf, dtype=np.int64)
+    best[0] = 0
+    pick = np.full((n_layers, budget + 1), -1, dtype=np.int64)
+    for i in range(n_layers):
+        new = np.full(budget + 1, inf, dtype=np.int64)
+        for b in range(budget + 1):
+            if best[b] == inf:
+                continue
+            for j in range(n_choices):
+                nb = b + caps[j]
+                if nb > budget:
+                    break
+                v = best[b] + misses[i, j]
+                if v < new[nb]:
+                    new[nb] = v
+                    pick[i, nb] = j
+        best = new
+    b = 0
+    for c in range(budget + 1):
+        if best[c] < best[b]:
+            b = c
+    out = np.empty(n_layers, dtype=np.int64)
+    for i in range(n_layers - 1, -1, -1):
+        j = pick[i, b]
+        out[i] = j
+        b -= caps[j]
+    return out

@@ -1,0 +1,176 @@
+"""The cache policies, one small class each behind one interface, registered by name.
+
+A policy is built with its parameters, optionally fitted on a train stream (`learns`), then replays test
+streams at a capacity. The CLI's ``--policy`` choices are the keys of `POLICIES`; the shared contract
+tests run over the same registry. Kernels live in `moescope.cache.kernels`.
+
+    >>> policy = POLICIES["lru"](PolicyParams())
+    >>> policy.run(stream, capacity=16)     # [hits, demand_misses, prefetch_loads, wasted_prefetches]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import numpy as np
+
+from moescope.cache import kernels as K
+from moescope.errors import UsageError
+
+
+@dataclasses.dataclass(frozen=True)
+class Stream:
+    """One replayable request stream.
+
+    req: [groups, k] int32 item ids; a group is one token at one MoE layer, its k experts needed together.
+    reset: [groups] bool, True where the cache starts empty (group 0 always).
+    n_items: distinct items (E per layer, or layers x E for one pooled cache; item = layer * E + expert).
+    n_experts: E, experts per layer.
+    """
+
+    req: np.ndarray
+    reset: np.ndarray
+    n_items: int
+    n_experts: int
+
+    @property
+    def k(self) -> int:
+        return int(self.req.shape[1])
+
+    @property
+    def n_layers(self) -> int:
+        return self.n_items // self.n_experts
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyParams:
+    """aging: LFU halves its counts every `aging` groups (0 = never).
+    prefetch: experts the co-activation prefetcher loads after each token (default 1; capped at capacity - k).
+    More is worse on real traces: each extra guess evicts a used expert's neighbour for a rarer hit."""
+
+    aging: int = 0
+    prefetch: int = 1
+
+
+class CachePolicy:
+    """Base class: `run` replays a stream at one capacity; `fit` learns from the train split if `learns`."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    learns: ClassVar[bool] = False
+    prefetches: ClassVar[bool] = False
+    offline: ClassVar[bool] = False
+    bypass: ClassVar[bool] = False  # misses are served from slow memory without entering the cache
+
+    def __init__(self, params: PolicyParams) -> None:
+        self.params = params
+
+    def fit(self, train: Stream) -> None:
+        """Learn from a train stream (no-op for policies that do not learn)."""
+
+    def run(self, stream: Stream, capacity: int) -> np.ndarray:
+        """[4] int64: hits, demand misses, prefetch loads, wasted prefetches."""
+        raise NotImplementedError
+
+
+POLICIES: dict[str, type[CachePolicy]] = {}
+
+
+def register(cls: type[CachePolicy]) -> type[CachePolicy]:
+    POLICIES[cls.name] = cls
+    return cls
+
+
+def make_policy(name: str, params: PolicyParams | None = None) -> CachePolicy:
+    try:
+        cls = POLICIES[name]
+    except KeyError:
+        raise UsageError(f"cache policy {name!r} is unknown; choose from {', '.join(POLICIES)}") from None
+    return cls(params or PolicyParams())
+
+
+@register
+class LRU(CachePolicy):
+    name = "lru"
+    summary = "least recently used (the baseline every cache must beat)"
+
+    def run(self, stream: Stream, capacity: int) -> np.ndarray:
+        return K.lru(stream.req, stream.reset, stream.n_items, capacity)
+
+
+@register
+class FIFO(CachePolicy):
+    name = "fifo"
+    summary = "first in, first out (hits do not refresh)"
+
+    def run(self, stream: Stream, capacity: int) -> np.ndarray:
+        return K.scan_policy(stream.req, stream.reset, stream.n_items, capacity, 0, 0)
+
+
+@register
+class LFU(CachePolicy):
+    name = "lfu"
+    summary = "least frequently used, counts since the cache started (halved every --aging tokens if set)"
+
+    def run(self, stream: Stream, capacity: int) -> np.ndarray:
+        return K.scan_policy(stream.req, stream.reset, stream.n_items, capacity, 1, self.params.aging)
+
+
+@register
+class LFUStatic(CachePolicy):
+    name = "lfu-static"
+    summary = "the capacity's most frequent experts of the train split, pinned; never changes"
+    learns = True
+    bypass = True
+
+    def fit(self, train: Stream) -> None:
+        self._order = np.argsort(-np.bincount(train.req.ravel(), minlength=train.n_items), kind="stable")
+
+    def run(self, stream: Stream, capacity: int) -> np.ndarray:
+        pinned = np.zeros(stream.n_items, dtype=np.bool_)
+        pinned[self._order[:capacity]] = True
+        return K.static_set(stream.req, pinned)
+
+
+@register
+class ARC(CachePolicy):
+    name = "arc"
+    summary = "adaptive replacement cache (recency and frequency lists steered by ghost hits)"
+
+    def run(self, stream: Stream, capacity: int) -> np.ndarray:
+        return K.arc(stream.req, stream.reset, stream.n_items, capacity)
+
+
+@register
+class CoactPrefetch(CachePolicy):
+    name = "coact-prefetch"
+    summary = "LRU + after each token prefetch the experts most co-activated with its set (train split)"
+    learns = True
+    prefetches = True
+
+    def fit(self, train: Stream) -> None:
+        e, k = train.n_experts, train.k
+        req = train.req.astype(np.int64)
+        layer = req[:, :1] // e
+        local = req - layer * e
+        pairs = (layer * e + local)[:, :, None] * e + local[:, None, :]  # [groups, k, k] flat (layer, a, b)
+        off_diagonal = ~np.eye(k, dtype=bool)
+        flat = pairs[:, off_diagonal].ravel()
+        coact = np.bincount(flat, minlength=train.n_layers * e * e).astype(np.float64)
+        self._coact = coact.reshape(train.n_layers, e, e)
+
+    def run(self, stream: Stream, capacity: int) -> np.ndarray:
+        return K.coact_prefetch(
+            stream.req, stream.reset, stream.n_items, capacity, self._coact, stream.n_experts, self.params.prefetch
+        )
+
+
+@register
+class Belady(CachePolicy):
+    name = "belady"
+    summary = "offline optimum (MIN): evict the expert needed furthest in the future; the floor"
+    offline = True
+
+    def run(self, stream: Stream, capacity: int) -> np.ndarray:
+        return K.scan_policy(stream.req, stream.reset, stream.n_items, capacity, 2, 0)

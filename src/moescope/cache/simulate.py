@@ -1,0 +1,399 @@
+"""Replay a routing trace through expert caches: tables per capacity x policy, miss-rate curves, budgets.
+
+Streams. Per-layer caches (the default) replay one stream per MoE layer: token t's group is its k experts
+at that layer. A pooled cache (``pooled=True``) replays one stream over (layer, expert) items in model
+order, token by token and layer by layer, with capacity = per-layer capacity x layers (the same memory).
+
+Split. With ``split="test"`` (the default) policies that learn (LFU-static, the co-activation prefetcher)
+are fitted on the first half of every sequence and every policy replays the second halves, in trace order,
+so no policy is scored on what it learned from; ``split="all"`` replays the whole trace and fits on it
+(in-sample, flagged in the result). With ``reset_per_sequence`` each sequence (each test half) starts
+with an empty cache; otherwise one long-lived cache serves all sequences, as in a server.
+
+Layers and capacities run in parallel threads (the kernels release the GIL).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from moescope.cache import kernels as K
+from moescope.cache.policies import POLICIES, PolicyParams, Stream, make_policy
+from moescope.errors import UsageError
+from moescope.slicing import split_part
+from moescope.trace import RoutingTrace
+
+SPLITS = ("test", "all")
+STAT_NAMES = ("hits", "demand_misses", "prefetch_loads", "wasted_prefetches")
+
+
+def _reset_flags(trace: RoutingTrace, per_sequence: bool) -> np.ndarray:
+    """[tokens] bool: where a cache starts empty."""
+    reset = np.zeros(trace.n_tokens, dtype=np.bool_)
+    if trace.n_tokens:
+        reset[0] = True
+        if per_sequence:
+            reset[trace.seq_starts] = True
+    return reset
+
+
+def build_streams(trace: RoutingTrace, *, pooled: bool = False, reset_per_sequence: bool = False) -> list[Stream]:
+    """One `Stream` per MoE layer (in layer order), or a single pooled stream."""
+    e, n_layers = trace.n_experts, trace.n_layers
+    reset = _reset_flags(trace, reset_per_sequence)
+    if pooled:
+        offset = (np.arange(n_layers, dtype=np.int32) * e)[None, :, None]
+        req = (trace.experts.astype(np.int32) + offset).reshape(trace.n_tokens * n_layers, trace.top_k)
+        pooled_reset = np.zeros(req.shape[0], dtype=np.bool_)
+        pooled_reset[::n_layers] = reset
+        return [Stream(np.ascontiguousarray(req), pooled_reset, e * n_layers, e)]
+    return [Stream(np.ascontiguousarray(trace.experts[:, i, :], dtype=np.int32), reset, e, e) for i in range(n_layers)]
+
+
+def split_streams(
+    trace: RoutingTrace, split: str, *, pooled: bool, reset_per_sequence: bool
+) -> tuple[list[Stream], list[Stream], int]:
+    """(train streams, test streams, test tokens) for a split mode."""
+    if split not in SPLITS:
+        raise UsageError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
+    if split == "all":
+        streams = build_streams(trace, pooled=pooled, reset_per_sequence=reset_per_sequence)
+        return streams, streams, trace.n_tokens
+    train, test = split_part(trace, "train"), split_part(trace, "test")
+    if test.n_tokens == 0 or train.n_tokens == 0:
+        raise UsageError(
+            f"the trace's sequences are too short to split into train and test halves ({trace.n_tokens} tokens in "
+            f"{trace.n_sequences} sequences); use split='all' (--split all) to replay it in-sample"
+        )
+    return (
+        build_streams(train, pooled=pooled, reset_per_sequence=reset_per_sequence),
+        build_streams(test, pooled=pooled, reset_per_sequence=reset_per_sequence),
+        test.n_tokens,
+    )
+
+
+def check_capacities(capacities: Sequence[int], k: int, n_items: int, what: str = "capacity") -> list[int]:
+    out = []
+    for c in capacities:
+        if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < k:
+            raise UsageError(
+                f"{what} {c!r} is below top-k = {k}: a token's {k} experts must fit in the cache together; "
+                f"give capacities >= {k}"
+            )
+        out.append(int(min(c, n_items)))
+    return out
+
+
+def _pool(n_jobs: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=max(1, min(n_jobs, os.cpu_count() or 1)))
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheResult:
+    """stats: [policies, capacities, streams, 4] int64 (hits, demand misses, prefetch loads, wasted
+    prefetches); streams are the MoE layers (`layer_ids`) or one pooled stream. Capacities are per layer
+    (a pooled cache holds capacity x layers items)."""
+
+    policies: tuple[str, ...]
+    capacities: tuple[int, ...]
+    layer_ids: tuple[int, ...]
+    stats: np.ndarray
+    tokens: int
+    top_k: int
+    n_experts: int
+    pooled: bool
+    reset_per_sequence: bool
+    split: str
+    params: PolicyParams
+
+    def totals(self) -> np.ndarray:
+        """[policies, capacities, 4] summed over streams."""
+        return self.stats.sum(axis=2)
+
+    def miss_rate(self) -> np.ndarray:
+        """[policies, capacities] demand misses / accesses."""
+        t = self.totals()
+        acc = t[..., 0] + t[..., 1]
+        return np.divide(t[..., 1], acc, out=np.zeros(acc.shape), where=acc > 0)
+
+    def rows(self, expert_bytes: float | None = None) -> list[dict[str, Any]]:
+        """One dict per (capacity, policy): rates per token (summed over layers) and the gap to Belady."""
+        t = self.totals().astype(np.float64)
+        rate = self.miss_rate()
+        floor = self.policies.index("belady") if "belady" in self.policies else None
+        tok = max(self.tokens, 1)
+        out = []
+        for ci, cap in enumerate(self.capacities):
+            for pi, name in enumerate(self.policies):
+                _, misses, loads, wasted = t[pi, ci]
+                row = {
+                    "capacity": cap,
+                    "policy": name,
+                    "demand_miss_rate": float(rate[pi, ci]),
+                    "demand_misses_per_token": misses / tok,
+                    "prefetch_loads_per_token": loads / tok,
+                    "wasted_prefetches_per_token": wasted / tok,
+                    "transfers_per_token": (misses + loads) / tok,
+                    "gap_to_belady": None if floor is None else float(rate[pi, ci] - rate[floor, ci]),
+                }
+                if expert_bytes is not None:
+                    row["bytes_per_token"] = (misses + loads) * expert_bytes / tok
+                out.append(row)
+        return out
+
+    def to_dict(self, expert_bytes: float | None = None) -> dict[str, Any]:
+        return {
+            "tokens": self.tokens,
+            "top_k": self.top_k,
+            "n_experts": self.n_experts,
+            "layers": list(self.layer_ids),
+            "pooled": self.pooled,
+            "reset_per_sequence": self.reset_per_sequence,
+            "split": self.split,
+            "in_sample": self.split == "all",
+            "params": dataclasses.asdict(self.params),
+            "rows": self.rows(expert_bytes),
+            "per_layer": {
+                name: {
+                    str(cap): {
+                        "layer": list(self.layer_ids) if not self.pooled else ["pooled"],
+                        "demand_misses": self.stats[pi, ci, :, 1].tolist(),
+                        "prefetch_loads": self.stats[pi, ci, :, 2].tolist(),
+                    }
+                    for ci, cap in enumerate(self.capacities)
+                }
+                for pi, name in enumerate(self.policies)
+            },
+        }
+
+
+def simulate(
+    trace: RoutingTrace,
+    capacities: Sequence[int],
+    policies: Sequence[str] = tuple(POLICIES),
+    *,
+    pooled: bool = False,
+    reset_per_sequence: bool = False,
+    split: str = "test",
+    params: PolicyParams | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> CacheResult:
+    """Replay `trace` through every policy at every capacity.
+
+    Parameters
+    ----------
+    trace : the routing to replay.
+    capacities : experts per layer that fit in fast memory (each >= top-k; values above E act as E).
+    policies : names from `POLICIES`.
+    pooled : one cache over all layers holding capacity x layers experts, instead of one per layer.
+    reset_per_sequence : every sequence starts with an empty cache (otherwise one cache serves all).
+    split : "test" (fit on first halves, replay second halves) or "all" (in-sample).
+    params : LFU aging, prefetch budget.
+    progress : called with (jobs done, jobs) as replays finish.
+
+    Returns
+    -------
+    CacheResult
+    """
+    params = params or PolicyParams()
+    names = list(dict.fromkeys(policies))
+    if not names:
+        raise UsageError("no cache policy given; choose from " + ", ".join(POLICIES))
+    instances = {name: make_policy(name, params) for name in names}
+    if params.aging < 0:
+        raise UsageError(f"aging {params.aging} is negative; give 0 (off) or a number of tokens")
+    if params.prefetch < 0:
+        raise UsageError(f"prefetch {params.prefetch} is negative; give 0 (off) or the experts to prefetch")
+    train, test, tokens = split_streams(trace, split, pooled=pooled, reset_per_sequence=reset_per_sequence)
+    scale = trace.n_layers if pooled else 1
+    caps = check_capacities(list(capacities), trace.top_k, trace.n_experts)
+    # one fitted policy object per (policy, stream): fitting is cheap next to the replays
+    fitted: dict[tuple[str, int], Any] = {}
+    for name in names:
+        for s, tr_stream in enumerate(train):
+            pol = make_policy(name, params) if s else instances[name]
+            if pol.learns:
+                pol.fit(tr_stream)
+            fitted[name, s] = pol
+    jobs = [(pi, ci, s) for pi in range(len(names)) for ci in range(len(caps)) for s in range(len(test))]
+    stats = np.zeros((len(names), len(caps), len(test), 4), dtype=np.int64)
+
+    def work(job: tuple[int, int, int]) -> None:
+        pi, ci, s = job
+        stats[pi, ci, s] = fitted[names[pi], s].run(test[s], caps[ci] * scale)
+
+    _run_jobs(work, jobs, progress)
+    return CacheResult(
+        tuple(names),
+        tuple(caps),
+        tuple(int(x) for x in trace.layer_ids),
+        stats,
+        tokens,
+        trace.top_k,
+        trace.n_experts,
+        pooled,
+        reset_per_sequence,
+        split,
+        params,
+    )
+
+
+def _run_jobs(work: Callable[[Any], None], jobs: Sequence[Any], progress: Callable[[int, int], None] | None) -> None:
+    if progress:
+        progress(0, len(jobs))
+    with _pool(len(jobs)) as pool:
+        for done, _ in enumerate(pool.map(work, jobs), 1):
+            if progress:
+                progress(done, len(jobs))
+
+
+# -- miss-rate curves -------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class MissCurves:
+    """misses: [policies, layers, capacities] int64 demand misses; accesses: [layers] int64 (same for every
+    policy); capacities from top-k to E. LRU comes from one pass (stack depths); the others replay once per
+    capacity."""
+
+    policies: tuple[str, ...]
+    capacities: np.ndarray
+    layer_ids: tuple[int, ...]
+    misses: np.ndarray
+    accesses: np.ndarray
+    tokens: int
+    split: str
+
+    def curve(self, policy: str) -> np.ndarray:
+        """[layers, capacities] demand misses of one policy."""
+        return self.misses[self.policies.index(policy)]
+
+    def to_dict(self) -> dict[str, Any]:
+        rate = self.misses.sum(axis=1) / max(int(self.accesses.sum()), 1)
+        return {
+            "capacities": self.capacities.tolist(),
+            "layers": list(self.layer_ids),
+            "tokens": self.tokens,
+            "split": self.split,
+            "miss_rate": {p: rate[i].tolist() for i, p in enumerate(self.policies)},
+            "per_layer_misses": {p: self.misses[i].tolist() for i, p in enumerate(self.policies)},
+        }
+
+
+def miss_curves(
+    trace: RoutingTrace,
+    policies: Sequence[str] = ("lru", "belady"),
+    *,
+    capacities: Sequence[int] | None = None,
+    reset_per_sequence: bool = False,
+    split: str = "test",
+    params: PolicyParams | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> MissCurves:
+    """Demand misses per layer at every capacity (default: top-k .. E), per policy (per-layer caches)."""
+    params = params or PolicyParams()
+    names = list(dict.fromkeys(policies))
+    for name in names:
+        make_policy(name, params)
+    caps = np.asarray(
+        check_capacities(
+            list(range(trace.top_k, trace.n_experts + 1)) if capacities is None else list(capacities),
+            trace.top_k,
+            trace.n_experts,
+        ),
+        dtype=np.int64,
+    )
+    train, test, tokens = split_streams(trace, split, pooled=False, reset_per_sequence=reset_per_sequence)
+    misses = np.zeros((len(names), len(test), caps.size), dtype=np.int64)
+    jobs: list[tuple[int, int, int]] = []
+    for pi, name in enumerate(names):
+        for s in range(len(test)):
+            if name == "lru":
+                jobs.append((pi, s, -1))
+            else:
+                jobs.extend((pi, s, ci) for ci in range(caps.size))
+    fitted = {}
+    for name in names:
+        for s, tr_stream in enumerate(train):
+            pol = make_policy(name, params)
+            if pol.learns:
+                pol.fit(tr_stream)
+            fitted[name, s] = pol
+
+    def work(job: tuple[int, int, int]) -> None:
+        pi, s, ci = job
+        if ci < 0:
+            hist = K.lru_depths(test[s].req, test[s].reset, test[s].n_items)
+            beyond = np.cumsum(hist[::-1])[::-1]  # beyond[d] = accesses at depth >= d (cold included)
+            misses[pi, s] = beyond[caps]
+        else:
+            misses[pi, s, ci] = fitted[names[pi], s].run(test[s], int(caps[ci]))[1]
+
+    _run_jobs(work, jobs, progress)
+    accesses = np.array([st.req.size for st in test], dtype=np.int64)
+    return MissCurves(tuple(names), caps, tuple(int(x) for x in trace.layer_ids), misses, accesses, tokens, split)
+
+
+# -- budget allocation ----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Allocation:
+    """Per-layer capacities for a total slot budget, and what they save over a uniform split."""
+
+    policy: str
+    budget_slots: int
+    capacities: tuple[int, ...]
+    misses: int
+    uniform_capacities: tuple[int, ...]
+    uniform_misses: int
+    accesses: int
+    tokens: int
+
+    @property
+    def gain(self) -> float:
+        """Relative demand-miss reduction over the uniform split (0.1 = 10% fewer misses)."""
+        return 1.0 - self.misses / self.uniform_misses if self.uniform_misses else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["gain_over_uniform"] = self.gain
+        d["miss_rate"] = self.misses / max(self.accesses, 1)
+        d["uniform_miss_rate"] = self.uniform_misses / max(self.accesses, 1)
+        return d
+
+
+def allocate(curves: MissCurves, budget_slots: int, policy: str = "lru") -> Allocation:
+    """Per-layer capacities summing to at most `budget_slots` that minimise total demand misses.
+
+    Exact: a dynamic programme over layers and slots (`kernels.allocate_slots`) on the per-layer curves,
+    so non-convex curves are handled too (the greedy on marginal gains is optimal only for convex ones).
+    Every layer gets at least top-k slots. The uniform split gives each layer floor(budget / layers).
+    """
+    if policy not in curves.policies:
+        raise UsageError(f"no curve for policy {policy!r}; curves were computed for {', '.join(curves.policies)}")
+    m = curves.curve(policy)
+    caps = curves.capacities
+    n_layers = m.shape[0]
+    floor_total = int(caps[0]) * n_layers
+    if budget_slots < floor_total:
+        raise UsageError(
+            f"a budget of {budget_slots} expert slots is below {floor_total} = top-k ({caps[0]}) x {n_layers} "
+            f"layers, the least a per-expert cache needs; raise the budget or restrict the layers"
+        )
+    budget = min(int(budget_slots), int(caps[-1]) * n_layers)
+    pos = K.allocate_slots(m, caps, budget)
+    uniform_cap = min(budget_slots // n_layers, int(caps[-1]))
+    u = int(np.searchsorted(caps, uniform_cap, side="right") - 1)
+    return Allocation(
+        policy,
+        int(budget_slots),
+        tuple(int(caps[j]) for j in pos),
+        int(m[np.arange(n_layers), pos].sum()),
+        tuple([int(caps[u])] * n_layers),
+        int(m[:, u].sum()),
+        int(curves.accesses.sum()),
+        curves.tokens,
+    )

@@ -1,0 +1,292 @@
+"""`moescope cache`: replay a trace through expert caches (thin CLI over `moescope.cache`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+from rich.table import Table
+
+from moescope.cache.policies import POLICIES
+from moescope.cli import _common as c
+
+_POLICY_HELP = "Policies, comma-separated (default: all): " + ", ".join(POLICIES) + "."
+
+
+def _auto_capacities(k: int, n_experts: int) -> list[int]:
+    """8, 16, 32 for top-k <= 8; otherwise the next power of two >= k and its doubles; capped at E."""
+    first = 1 << max(3, (k - 1).bit_length())
+    return sorted({min(first * m, n_experts) for m in (1, 2, 4)})
+
+
+def cache(
+    src: Annotated[Path, typer.Argument(help="A per-token trace (zarr store, .npz, ESFT logs, engine dumps).")],
+    capacity: Annotated[
+        str | None,
+        typer.Option("--capacity", help="Experts per layer in fast memory, e.g. 8,16,32 (default: 8,16,32 or k..4k)."),
+    ] = None,
+    policy: Annotated[str | None, typer.Option("--policy", help=_POLICY_HELP)] = None,
+    pooled: Annotated[
+        bool, typer.Option("--pooled", help="One cache over all layers holding capacity x layers experts.")
+    ] = False,
+    reset_per_sequence: Annotated[
+        bool, typer.Option("--reset-per-sequence", help="Empty the cache at every sequence (default: one for all).")
+    ] = False,
+    split: Annotated[
+        str, typer.Option("--split", help="'test': fit on first halves, replay second halves; 'all': in-sample.")
+    ] = "test",
+    aging: Annotated[int, typer.Option("--aging", min=0, help="LFU halves its counts every N tokens (0: never).")] = 0,
+    prefetch: Annotated[
+        int, typer.Option("--prefetch", min=0, help="Experts coact-prefetch loads per token (capped at capacity - k).")
+    ] = 1,
+    layers: Annotated[str | None, typer.Option("--layers", help="Model layer ids to keep, e.g. 1-4,12.")] = None,
+    curve: Annotated[
+        bool, typer.Option("--curve", help="Miss-rate curves over every capacity k..E (LRU in one pass).")
+    ] = False,
+    slots: Annotated[
+        int | None, typer.Option("--slots", min=1, help="Total expert slots to allocate across layers.")
+    ] = None,
+    vram: Annotated[
+        str | None, typer.Option("--vram", help="VRAM for routed experts, e.g. 10GiB (slots = VRAM / expert bytes).")
+    ] = None,
+    budget_policy: Annotated[
+        str, typer.Option("--budget-policy", help="Policy whose curves drive the allocation.")
+    ] = "lru",
+    expert_bytes: Annotated[
+        str | None, typer.Option("--expert-bytes", help="Bytes of one routed expert, e.g. 12MiB.")
+    ] = None,
+    gguf: Annotated[
+        Path | None, typer.Option("--gguf", help="Model GGUF: expert and dense bytes are read from it.")
+    ] = None,
+    dense_bytes: Annotated[
+        str | None, typer.Option("--dense-bytes", help="Non-expert bytes read per token (default: --gguf's, or 0).")
+    ] = None,
+    pcie_gbps: Annotated[float, typer.Option("--pcie-gbps", help="Host-to-GPU bandwidth, GB/s.")] = 25.0,
+    gpu_gbps: Annotated[float, typer.Option("--gpu-gbps", help="GPU memory bandwidth, GB/s.")] = 900.0,
+    cpu_gbps: Annotated[float, typer.Option("--cpu-gbps", help="CPU memory bandwidth, GB/s.")] = 60.0,
+    fmt: c.FromOpt = None,
+    n_experts: c.NExpertsOpt = None,
+    top_k: c.TopKOpt = None,
+    moe_layers: c.MoeLayersOpt = None,
+    phys_to_log: c.PhysToLogOpt = None,
+    phase: c.PhaseOpt = None,
+    as_json: c.JsonOpt = False,
+) -> None:
+    """If C experts per layer sit in fast memory, how often does a token wait for slow memory, under which
+        policy, and what does that do to decode speed?
+
+        Replays the trace through each cache policy at each capacity. Semantics: one cache per MoE layer (or
+        `--pooled`); a token's k experts are needed together and are never evicted for each other; misses are
+        loads the token waits for, prefetch loads are issued ahead; Belady (offline optimum) is the floor.
+        Policies that learn are fitted on the first half of every sequence and all are scored on the second
+        halves (`--split test`). `--curve` adds miss-rate curves over every capacity; `--slots` / `--vram`
+        chooses per-layer capacities for a budget (exact, from the curves) and, with `--expert-bytes` or
+        `--gguf`, projects decode tokens/s for all-experts-on-CPU, whole layers in VRAM, and the cache.
+
+        Policies:
+
+    {policies}
+
+        Example: `moescope cache run.zarr --capacity 8,16,32 --policy lru,lfu-static,belady --vram 10GiB --gguf model.gguf`
+    """
+    from moescope._units import parse_bytes
+    from moescope.cache import (
+        ASSUMPTIONS,
+        Hardware,
+        PolicyParams,
+        allocate,
+        miss_curves,
+        project_decode,
+        simulate,
+    )
+    from moescope.errors import UsageError
+    from moescope.imports import as_trace, read_input
+    from moescope.slicing import parse_ranges, select_layers
+
+    hw = Hardware(pcie_gbps, gpu_gbps, cpu_gbps)
+    names = list(POLICIES) if policy is None else [p.strip() for p in policy.split(",") if p.strip()]
+    unknown = [p for p in names if p not in POLICIES]
+    if unknown:
+        raise UsageError(f"--policy {', '.join(unknown)}: unknown; choose from {', '.join(POLICIES)}")
+    if budget_policy not in POLICIES:
+        raise UsageError(f"--budget-policy {budget_policy!r}: unknown; choose from {', '.join(POLICIES)}")
+    if expert_bytes is not None and gguf is not None:
+        raise UsageError("give --expert-bytes or --gguf, not both")
+    if slots is not None and vram is not None:
+        raise UsageError("give --slots or --vram, not both")
+    trace = as_trace(
+        read_input(src, fmt, c.import_options(n_experts, top_k, moe_layers, phys_to_log, None, None, phase)),
+        "the cache simulator",
+    )
+    if layers is not None:
+        trace = select_layers(trace, parse_ranges(layers, "--layers"))
+    eb, dense = _bytes(trace, expert_bytes, gguf, dense_bytes, parse_bytes)
+    caps = _auto_capacities(trace.top_k, trace.n_experts) if capacity is None else parse_ranges(capacity, "--capacity")
+    params = PolicyParams(aging=aging, prefetch=prefetch)
+    budget = slots
+    if vram is not None:
+        if eb is None:
+            raise UsageError("--vram needs the expert size: give --expert-bytes or --gguf (or use --slots)")
+        budget = int(parse_bytes(vram, "--vram") // float(np.max(eb)))
+    if budget is not None and budget < trace.top_k * trace.n_layers:
+        raise UsageError(
+            f"a budget of {budget} expert slots is below {trace.top_k * trace.n_layers} = top-k ({trace.top_k}) x "
+            f"{trace.n_layers} layers, the least a per-expert cache needs; raise the budget or pick --layers"
+        )
+    with c.lazy_progress("replaying") as bar:
+        result = simulate(
+            trace,
+            caps,
+            names,
+            pooled=pooled,
+            reset_per_sequence=reset_per_sequence,
+            split=split,
+            params=params,
+            progress=bar,
+        )
+    mean_eb = None if eb is None else float(np.mean(eb))
+    out: dict[str, Any] = {"table": result.to_dict(mean_eb)}
+    curves = None
+    if curve or budget is not None:
+        curve_names = list(dict.fromkeys(([*names] if curve else []) + ([budget_policy] if budget is not None else [])))
+        with c.lazy_progress("curves") as bar:
+            curves = miss_curves(
+                trace, curve_names, reset_per_sequence=reset_per_sequence, split=split, params=params, progress=bar
+            )
+        if curve:
+            out["curves"] = curves.to_dict()
+    if budget is not None and curves is not None:
+        alloc = allocate(curves, budget, budget_policy)
+        out["allocation"] = alloc.to_dict()
+        if eb is not None:
+            m = curves.curve(budget_policy)
+            pos = np.searchsorted(curves.capacities, alloc.capacities)
+            miss = m[np.arange(m.shape[0]), pos] / curves.tokens
+            acc = curves.accesses / curves.tokens
+            proj = project_decode(
+                expert_bytes=eb,
+                top_k=trace.top_k,
+                n_experts=trace.n_experts,
+                dense_bytes=dense,
+                budget_slots=budget,
+                cache_hits_per_token=acc - miss,
+                cache_loads_per_token=miss,
+                cache_misses_per_token=miss,
+                hw=hw,
+            )
+            out["projection"] = {
+                "hardware": {"pcie_gbps": pcie_gbps, "gpu_gbps": gpu_gbps, "cpu_gbps": cpu_gbps},
+                "expert_bytes": eb.tolist(),
+                "dense_bytes": dense,
+                "assumptions": list(ASSUMPTIONS),
+                "placements": [p.to_dict() for p in proj],
+            }
+    if as_json:
+        c.print_json(out)
+        return
+    _print(result, out, curves, mean_eb)
+
+
+cache.__doc__ = (cache.__doc__ or "").replace(
+    "{policies}", "\n".join(f"    - `{name}`: {cls.summary}" for name, cls in POLICIES.items())
+)
+
+
+def _bytes(trace, expert_bytes, gguf, dense_bytes, parse_bytes) -> tuple[np.ndarray | None, float]:
+    """Per-layer expert bytes ([layers] or None) and dense bytes per token."""
+    from moescope.errors import UsageError
+
+    dense = 0.0 if dense_bytes is None else float(parse_bytes(dense_bytes, "--dense-bytes"))
+    if expert_bytes is not None:
+        return np.full(trace.n_layers, float(parse_bytes(expert_bytes, "--expert-bytes"))), dense
+    if gguf is None:
+        return None, dense
+    from moescope.gguf import inspect_gguf
+
+    model = inspect_gguf(gguf)
+    if model.n_experts != trace.n_experts:
+        raise UsageError(
+            f"--gguf {gguf} has {model.n_experts} experts per layer but the trace has {trace.n_experts}; "
+            f"give the model the trace was captured from"
+        )
+    missing = [int(lid) for lid in trace.layer_ids if int(lid) not in model.expert_bytes]
+    if missing:
+        raise UsageError(
+            f"--gguf {gguf} has no MoE block for trace layer(s) {missing} (its MoE blocks: "
+            f"{list(model.layer_ids)}); give the matching model"
+        )
+    eb = np.array([model.expert_bytes[int(lid)] for lid in trace.layer_ids], dtype=np.float64)
+    return eb, dense if dense_bytes is not None else float(model.dense_bytes_per_token)
+
+
+def _print(result, out: dict[str, Any], curves, mean_eb: float | None) -> None:
+    from moescope._units import format_bytes
+
+    con = c.console()
+    where = "one pooled cache" if result.pooled else "one cache per layer"
+    life = "reset per sequence" if result.reset_per_sequence else "shared across sequences"
+    split = "fitted on first halves, scored on second halves" if result.split == "test" else "IN-SAMPLE (--split all)"
+    table = Table(
+        title=f"expert caches: {where}, {life}; {split}; {result.tokens:,} tokens x {len(result.layer_ids)} layers",
+        min_width=60,
+        title_justify="left",
+    )
+    cols = ["capacity", "policy", "miss rate", "vs Belady", "prefetch/tok", "transfers/tok"]
+    if mean_eb is not None:
+        cols.append("bytes/tok")
+    for col in cols:
+        table.add_column(col, justify="left" if col == "policy" else "right")
+    last_cap = None
+    for row in out["table"]["rows"]:
+        if last_cap is not None and row["capacity"] != last_cap:
+            table.add_section()
+        last_cap = row["capacity"]
+        gap = row["gap_to_belady"]
+        cells = [
+            str(row["capacity"]),
+            row["policy"],
+            f"{row['demand_miss_rate']:.1%}",
+            "" if gap is None else f"{gap * 100:+.1f} pt",
+            f"{row['prefetch_loads_per_token']:.2f}",
+            f"{row['transfers_per_token']:.2f}",
+        ]
+        if mean_eb is not None:
+            cells.append(format_bytes(row["bytes_per_token"]))
+        table.add_row(*cells)
+    con.print(table)
+    con.print(
+        "Read: miss rate = demand misses (loads a token waits for) / accesses; Belady is the offline floor "
+        "for demand loading; a prefetcher trades transfers (loads per token, all layers) for misses."
+    )
+    if curves is not None and "curves" in out:
+        ct = Table(
+            title="miss-rate curves (demand miss rate by capacity; --json for every capacity)", title_justify="left"
+        )
+        caps = curves.capacities
+        pick = sorted({int(x) for x in np.unique(np.geomspace(caps[0], caps[-1], num=min(8, caps.size)).round())})
+        pick = [p for p in pick if p in set(caps.tolist())] or caps.tolist()
+        ct.add_column("policy")
+        for p in pick:
+            ct.add_column(str(p), justify="right")
+        rates = out["curves"]["miss_rate"]
+        for name in curves.policies:
+            ct.add_row(name, *(f"{rates[name][int(np.flatnonzero(caps == p)[0])]:.1%}" for p in pick))
+        con.print(ct)
+    if "allocation" in out:
+        a = out["allocation"]
+        con.print(
+            f"budget {a['budget_slots']} slots ({a['policy']}): per-layer capacities {a['capacities']} -> miss rate "
+            f"{a['miss_rate']:.1%} vs {a['uniform_miss_rate']:.1%} for the uniform split "
+            f"({a['uniform_capacities'][0]} per layer): {a['gain_over_uniform']:.1%} fewer demand misses"
+        )
+    if "projection" in out:
+        pt = Table(title="projected decode speed (cost model; assumptions below)", title_justify="left")
+        for col in ("placement", "tokens/s", "ms/token", "detail"):
+            pt.add_column(col, justify="left" if col in ("placement", "detail") else "right")
+        for p in out["projection"]["placements"]:
+            pt.add_row(p["name"], f"{p['tokens_per_second']:.1f}", f"{p['seconds_per_token'] * 1e3:.2f}", p["detail"])
+        con.print(pt)
+        for line in out["projection"]["assumptions"]:
+            con.print(f"  assumes: {line}")

@@ -1,0 +1,175 @@
+"""What a GGUF model file says about its experts, read through a memory map (the file is never loaded).
+
+`inspect_gguf` returns the architecture, expert count and top-k, the MoE blocks (those with a router
+``blk.N.ffn_gate_inp.weight``), every tensor with its type and bytes, the bytes of one routed expert per
+layer, and the bytes of everything else. Per-expert tensors are the ``blk.N.*_exps.*`` ones (``ffn_gate_exps``,
+``ffn_up_exps``, ``ffn_down_exps``, merged ``ffn_gate_up_exps``, and their biases / scales), whose outermost
+dimension (the last in GGUF's order) is the expert. It does not modify the file.
+
+    >>> model = inspect_gguf("Qwen3-30B-A3B-Q4_K_M.gguf")
+    >>> model.expert_bytes[model.layer_ids[0]]     # bytes of one routed expert in the first MoE layer
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from moescope.errors import FormatError, UsageError
+
+GGUF_MAGIC = b"GGUF"
+_BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
+_EXPERT_TENSOR = re.compile(r"^blk\.(\d+)\.[a-z_]+_exps\.[a-z_]+$")
+_ROUTER = re.compile(r"^blk\.(\d+)\.ffn_gate_inp\.weight$")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """One tensor: name, ggml type name, shape in GGUF order (innermost first), bytes, block (-1 if none)."""
+
+    name: str
+    type: str
+    shape: tuple[int, ...]
+    n_bytes: int
+    block: int
+    per_expert: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFModel:
+    """A GGUF Mixture-of-Experts model's layout.
+
+    architecture : ``general.architecture``; n_experts, top_k : ``{arch}.expert_count`` / ``expert_used_count``
+    (top_k may be a per-layer array in some files: then its maximum); layer_ids : MoE blocks (with a router),
+    ascending; n_blocks : ``{arch}.block_count``; expert_bytes : MoE block -> bytes of one routed expert
+    (all its per-expert tensors); shared_experts : ``{arch}.expert_shared_count`` (0 if absent); tensors : all.
+    """
+
+    path: str
+    architecture: str
+    name: str | None
+    n_experts: int
+    top_k: int
+    layer_ids: tuple[int, ...]
+    n_blocks: int
+    shared_experts: int
+    expert_bytes: dict[int, int]
+    tensors: tuple[TensorInfo, ...]
+
+    @property
+    def routed_expert_bytes(self) -> int:
+        """Bytes of all routed experts (every per-expert tensor)."""
+        return sum(t.n_bytes for t in self.tensors if t.per_expert)
+
+    @property
+    def other_bytes(self) -> int:
+        """Bytes of everything else (attention, shared experts, routers, norms, embeddings, output head)."""
+        return sum(t.n_bytes for t in self.tensors if not t.per_expert)
+
+    @property
+    def dense_bytes_per_token(self) -> int:
+        """Bytes a decode step reads besides the routed experts: all non-expert tensors except the token
+        embedding table (a token reads one row of it)."""
+        return sum(t.n_bytes for t in self.tensors if not t.per_expert and not t.name.startswith("token_embd."))
+
+    @property
+    def leading_dense_blocks(self) -> int:
+        """Blocks before the first MoE block (dense FFN layers, e.g. DeepSeek's first_k_dense_replace)."""
+        return self.layer_ids[0] if self.layer_ids else self.n_blocks
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.update(
+            routed_expert_bytes=self.routed_expert_bytes,
+            other_bytes=self.other_bytes,
+            dense_bytes_per_token=self.dense_bytes_per_token,
+            leading_dense_blocks=self.leading_dense_blocks,
+        )
+        d["expert_bytes"] = {str(k): v for k, v in self.expert_bytes.items()}
+        return d
+
+
+def open_gguf(path: str | os.PathLike) -> Any:
+    """A `gguf.GGUFReader` over `path` (memory-mapped), after checking it exists and is a GGUF."""
+    from gguf import GGUFReader
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"model {str(p)!r} does not exist or is not a file; give a local .gguf file")
+    with p.open("rb") as fh:
+        magic = fh.read(4)
+    if magic != GGUF_MAGIC:
+        raise FormatError(
+            f"{str(p)!r} starts with {magic!r}, not the GGUF magic {GGUF_MAGIC!r}; give a .gguf model "
+            f"(convert a transformers folder with llama.cpp's convert_hf_to_gguf.py)"
+        )
+    try:
+        return GGUFReader(p, "r")
+    except (ValueError, OSError) as exc:
+        raise FormatError(f"{str(p)!r} is not a readable GGUF ({exc}); re-download or re-convert it") from None
+
+
+def field(reader: Any, key: str) -> Any:
+    """A metadata value (scalar, string or list), or None when absent."""
+    f = reader.get_field(key)
+    return None if f is None else f.contents()
+
+
+def inspect_gguf(path: str | os.PathLike) -> GGUFModel:
+    """Read a GGUF MoE model's expert layout.
+
+    Raises
+    ------
+    UsageError : the file does not exist.
+    FormatError : not a GGUF, unreadable, or a model without experts / routers.
+    """
+    reader = open_gguf(path)
+    p = str(Path(path))
+    arch = field(reader, "general.architecture")
+    n_experts, top_k = field(reader, f"{arch}.expert_count"), field(reader, f"{arch}.expert_used_count")
+    if isinstance(top_k, list):
+        top_k = max(top_k) if top_k else None
+    if not n_experts or not top_k:
+        raise FormatError(
+            f"{p!r} ({arch}) has {arch}.expert_count={n_experts} and {arch}.expert_used_count={top_k}; "
+            f"it is not a Mixture-of-Experts model, so there is no routing to study"
+        )
+    tensors = []
+    for t in reader.tensors:
+        m = _BLOCK.match(t.name)
+        tensors.append(
+            TensorInfo(
+                t.name,
+                t.tensor_type.name,
+                tuple(int(x) for x in t.shape),
+                int(t.n_bytes),
+                int(m.group(1)) if m else -1,
+                bool(_EXPERT_TENSOR.match(t.name)) and int(t.shape[-1]) == int(n_experts),
+            )
+        )
+    routers = sorted(int(m.group(1)) for t in tensors if (m := _ROUTER.match(t.name)))
+    if not routers:
+        raise FormatError(
+            f"{p!r} ({arch}) declares {n_experts} experts but has no blk.N.ffn_gate_inp.weight router "
+            f"tensor; this architecture routes in a way moescope cannot read"
+        )
+    expert_bytes = {lid: 0 for lid in routers}
+    for t in tensors:
+        if t.per_expert and t.block in expert_bytes:
+            expert_bytes[t.block] += t.n_bytes // int(n_experts)
+    name = field(reader, "general.name")
+    return GGUFModel(
+        path=p,
+        architecture=str(arch),
+        name=None if name is None else str(name),
+        n_experts=int(n_experts),
+        top_k=int(top_k),
+        layer_ids=tuple(routers),
+        n_blocks=int(field(reader, f"{arch}.block_count") or (max(routers) + 1)),
+        shared_experts=int(field(reader, f"{arch}.expert_shared_count") or 0),
+        expert_bytes=expert_bytes,
+        tensors=tuple(tensors),
+    )

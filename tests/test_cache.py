@@ -1,0 +1,317 @@
+"""The expert-cache simulator: every policy against its naive reference, shared contract tests over the
+registry, libCacheSim agreement for k = 1, the train/test split, curves, budget allocation, cost model, CLI."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+import reference
+from conftest import random_trace
+from moescope import fixture
+from moescope.cache import (
+    POLICIES,
+    Hardware,
+    PolicyParams,
+    Stream,
+    allocate,
+    build_streams,
+    make_policy,
+    miss_curves,
+    project_decode,
+    simulate,
+)
+from moescope.cache import kernels as K
+from moescope.errors import UsageError
+from moescope.imports import read_input
+from moescope.trace import RoutingTrace
+from test_cli import run
+
+
+def _stream(seed: int, n_items: int | None = None, k: int | None = None, groups: int | None = None):
+    """A small stream with locality (repeated sets) and random resets."""
+    rng = np.random.default_rng(seed)
+    e = n_items or int(rng.integers(3, 10))
+    k = k or int(rng.integers(1, min(4, e) + 1))
+    g_n = groups or int(rng.integers(1, 80))
+    req = np.argsort(rng.random((g_n, e)), axis=1)[:, :k].astype(np.int32)
+    for g in range(1, g_n):
+        if rng.random() < 0.4:
+            req[g] = req[g - 1][rng.permutation(k)]
+    reset = np.zeros(g_n, dtype=bool)
+    reset[0] = True
+    reset[rng.random(g_n) < 0.1] = True
+    return Stream(req, reset, e, e), rng
+
+
+def _reference(name: str, s: Stream, capacity: int, policy) -> tuple[int, ...]:
+    if name == "lru":
+        return reference.cache_lru(s.req, s.reset, capacity)
+    if name == "fifo":
+        return reference.cache_fifo(s.req, s.reset, capacity)
+    if name == "lfu":
+        return reference.cache_lfu(s.req, s.reset, capacity, policy.params.aging)
+    if name == "lfu-static":
+        return reference.cache_static(s.req, set(policy._order[:capacity].tolist()))
+    if name == "arc":
+        return reference.cache_arc(s.req, s.reset, capacity)
+    if name == "coact-prefetch":
+        return reference.cache_coact_prefetch(
+            s.req, s.reset, capacity, policy._coact, s.n_experts, policy.params.prefetch
+        )
+    if name == "belady":
+        return reference.cache_belady(s.req, s.reset, capacity)
+    raise AssertionError(f"policy {name!r} has no naive reference in tests/reference.py: add one")
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("name", list(POLICIES))
+@pytest.mark.parametrize("seed", range(12))
+def test_policy_matches_reference(name, seed):
+    s, rng = _stream(seed)
+    params = PolicyParams(aging=int(rng.integers(0, 4)), prefetch=int(rng.integers(0, 4)))
+    policy = make_policy(name, params)
+    if policy.learns:
+        train, _ = _stream(seed + 1000, n_items=s.n_items, k=s.k)
+        policy.fit(train)
+    for capacity in range(s.k, s.n_items + 1):
+        got = tuple(int(v) for v in policy.run(s, capacity))
+        assert got == _reference(name, s, capacity, policy), (name, seed, capacity)
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("name", list(POLICIES))
+@pytest.mark.parametrize("seed", range(6))
+def test_policy_contract(name, seed):
+    """Invariants every policy keeps: hits + misses = accesses; a cache holding everything loads each used
+    item once per segment (by a miss or a useful prefetch); Belady is a floor for every policy that loads
+    each miss and prefetches nothing."""
+    s, _ = _stream(seed, groups=60)
+    policy = make_policy(name, PolicyParams(prefetch=2))
+    if policy.learns:
+        policy.fit(s)
+    cold = sum(len({x for row in seg for x in row}) for seg in reference._segments(s.req, s.reset))
+    for capacity in range(s.k, s.n_items + 1):
+        hits, misses, loads, wasted = policy.run(s, capacity).tolist()
+        assert hits + misses == s.req.size and min(hits, misses, loads, wasted) >= 0
+        assert wasted <= loads and (loads == 0 or policy.prefetches)
+        if not policy.prefetches and not policy.bypass:
+            assert misses >= K.scan_policy(s.req, s.reset, s.n_items, capacity, 2, 0)[1]
+        if capacity == s.n_items:  # nothing is ever evicted: each used item enters once per segment
+            assert misses + loads - wasted == (0 if policy.bypass else cold)
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("seed", range(10))
+def test_lru_depths_give_every_capacity(seed):
+    s, _ = _stream(seed)
+    hist = K.lru_depths(s.req, s.reset, s.n_items)
+    assert hist.sum() == s.req.size
+    beyond = np.cumsum(hist[::-1])[::-1]
+    for capacity in range(s.k, s.n_items + 1):
+        assert beyond[capacity] == K.lru(s.req, s.reset, s.n_items, capacity)[1]
+
+
+def test_prefetch_zero_is_lru_and_stack_policies_are_monotone():
+    s, _ = _stream(3, n_items=12, k=3, groups=300)
+    pol = make_policy("coact-prefetch", PolicyParams(prefetch=0))
+    pol.fit(s)
+    for capacity in range(3, 13):
+        assert pol.run(s, capacity).tolist() == K.lru(s.req, s.reset, 12, capacity).tolist()
+    for name in ("lru", "belady"):
+        misses = [make_policy(name).run(s, c)[1] for c in range(3, 13)]
+        assert all(a >= b for a, b in itertools.pairwise(misses)), name
+
+
+def _oracle_general(path, ids: np.ndarray) -> None:
+    """libCacheSim's oracleGeneral binary trace: (u32 time, u64 id, u32 size, i64 next access or -1)."""
+    nxt = K.next_use(ids.reshape(-1, 1).astype(np.int32), np.r_[True, np.zeros(ids.size - 1, bool)], 1 << 16)[:, 0]
+    rec = np.zeros(ids.size, dtype=[("t", "<u4"), ("id", "<u8"), ("size", "<u4"), ("next", "<i8")])
+    rec["t"], rec["id"], rec["size"] = np.arange(ids.size), ids, 1
+    rec["next"] = np.where(nxt == K.NEVER, -1, nxt)
+    rec.tofile(path)
+
+
+@pytest.mark.parametrize("source", ["zipf", "esft"])
+def test_lru_and_belady_agree_with_libcachesim(tmp_path, source, request):
+    lcs = pytest.importorskip("libcachesim")
+    if source == "esft":
+        realdata = request.getfixturevalue("realdata")
+        ids = read_input(realdata / "esft-dsv2lite" / "trace.npz").experts[:, 5, :].ravel().astype(np.int64)
+    else:
+        ids = np.random.default_rng(0).zipf(1.3, 50_000) % 200
+    path = tmp_path / "t.oracleGeneral.bin"
+    _oracle_general(path, ids)
+    req = ids.reshape(-1, 1).astype(np.int32)
+    reset = np.r_[True, np.zeros(ids.size - 1, bool)]
+    n_items = int(ids.max()) + 1
+    for capacity in (2, 8, 32):
+        for cls, ours in ((lcs.LRU, "lru"), (lcs.Belady, "belady")):
+            reader = lcs.TraceReader(str(path), lcs.TraceType.ORACLE_GENERAL_TRACE)
+            miss_ratio, _ = cls(cache_size=capacity).process_trace(reader)
+            misses = make_policy(ours).run(Stream(req, reset, n_items, n_items), capacity)[1]
+            assert misses == round(miss_ratio * ids.size), (ours, capacity)
+
+
+def _halves_trace() -> RoutingTrace:
+    """Every sequence uses experts 0-3 in its first half and 4-7 in its second."""
+    rows = []
+    starts = []
+    for _ in range(6):
+        starts.append(len(rows))
+        rows += [[(t % 2) * 2, (t % 2) * 2 + 1] for t in range(10)]
+        rows += [[4 + (t % 2) * 2, 5 + (t % 2) * 2] for t in range(10)]
+    experts = np.array(rows, dtype=np.int16)[:, None, :]
+    return RoutingTrace(experts, 8, seq_starts=starts)
+
+
+def test_split_fits_on_first_halves_and_scores_second_halves():
+    tr = _halves_trace()
+    r = simulate(tr, [4], ["lfu-static", "lru", "belady"])
+    rate = dict(zip(r.policies, r.miss_rate()[:, 0], strict=True))
+    assert r.tokens == 60 and rate["lfu-static"] == 1.0  # pinned 0-3, the test halves use 4-7 only
+    assert rate["lru"] == rate["belady"] == pytest.approx(4 / 120)  # 4 cold misses, then all fits
+    r_all = simulate(tr, [4], ["lfu-static"], split="all")
+    assert r_all.tokens == 120 and r_all.to_dict()["in_sample"] is True
+    reset = simulate(tr, [4], ["lru"], reset_per_sequence=True)
+    assert reset.totals()[0, 0, 1] == 6 * 4  # every test half starts cold
+
+
+def test_pooled_cache():
+    tr = random_trace(n_tokens=300, n_layers=3, n_experts=8, k=2, n_seq=5, seed=4)
+    (stream,) = build_streams(tr, pooled=True)
+    assert stream.n_items == 24 and stream.req.shape == (900, 2)
+    assert stream.req[1].tolist() == (tr.experts[0, 1] + 8).tolist()
+    r = simulate(tr, [2, 4], ["lru", "belady"], pooled=True, split="all")
+    assert r.stats.shape == (2, 2, 1, 4)
+    # the pooled cache holds capacity x layers items: the kernel replay at 6 and 12 items
+    assert r.stats[0, 0, 0].tolist() == K.lru(stream.req, stream.reset, 24, 6).tolist()
+    assert r.stats[1, 1, 0].tolist() == K.scan_policy(stream.req, stream.reset, 24, 12, 2, 0).tolist()
+    one = random_trace(n_tokens=200, n_layers=1, n_experts=8, k=2, seed=5)
+    a = simulate(one, [3], ["arc"], pooled=True, split="all").stats
+    b = simulate(one, [3], ["arc"], split="all").stats
+    assert a.tolist() == b.tolist()
+
+
+def test_simulate_refuses_bad_input():
+    tr = random_trace(n_tokens=100, n_layers=2, n_experts=8, k=2)
+    with pytest.raises(UsageError, match="below top-k = 2"):
+        simulate(tr, [1], ["lru"])
+    with pytest.raises(UsageError, match="unknown"):
+        simulate(tr, [4], ["lru", "clairvoyant"])
+    with pytest.raises(UsageError, match="split 'half'"):
+        simulate(tr, [4], ["lru"], split="half")
+    single = RoutingTrace(np.array([[[0, 1]]], dtype=np.int16), 8)
+    with pytest.raises(UsageError, match="too short to split"):
+        simulate(single, [2], ["lru"])
+
+
+def test_curves_match_replays():
+    tr = random_trace(n_tokens=400, n_layers=2, n_experts=10, k=3, n_seq=4, seed=9)
+    curves = miss_curves(tr, ["lru", "belady", "fifo"])
+    assert curves.capacities.tolist() == list(range(3, 11))
+    table = simulate(tr, curves.capacities.tolist(), ["lru", "belady", "fifo"])
+    for pi in range(3):
+        assert curves.misses[pi].T.tolist() == table.stats[pi, :, :, 1].tolist()
+    assert curves.accesses.tolist() == [table.tokens * 3] * 2
+
+
+def test_allocation_is_optimal_and_beats_uniform():
+    rng = np.random.default_rng(0)
+    tr = random_trace(n_tokens=10, n_layers=3, n_experts=6, k=2)
+    curves = miss_curves(tr, ["lru"])  # shape only; replace the misses by arbitrary non-convex curves
+    caps = curves.capacities
+    m = np.sort(rng.integers(0, 100, (3, caps.size)), axis=1)[:, ::-1].copy()
+    m[1, 1] = m[1, 0]  # a flat step before a drop: a plain greedy would stall here
+    curves = type(curves)(curves.policies, caps, curves.layer_ids, m[None], curves.accesses, curves.tokens, "all")
+    for budget in range(6, 19):
+        a = allocate(curves, budget)
+        best = min(
+            sum(m[i, j] for i, j in enumerate(js))
+            for js in np.ndindex(*(caps.size,) * 3)
+            if sum(caps[j] for j in js) <= budget
+        )
+        assert a.misses == best and sum(a.capacities) <= budget
+        assert a.misses <= a.uniform_misses
+    with pytest.raises(UsageError, match="below 6 = top-k"):
+        allocate(curves, 5)
+
+
+def test_cost_model_by_hand():
+    hw = Hardware(pcie_gbps=10, gpu_gbps=100, cpu_gbps=20)
+    proj = {
+        p.name: p
+        for p in project_decode(
+            expert_bytes=np.array([1e9, 1e9]),
+            top_k=2,
+            n_experts=4,
+            dense_bytes=1e9,
+            budget_slots=5,
+            cache_hits_per_token=np.array([1.5, 1.0]),
+            cache_loads_per_token=np.array([0.5, 1.0]),
+            cache_misses_per_token=np.array([0.5, 1.0]),
+            hw=hw,
+        )
+    }
+    assert proj["all-cpu"].seconds_per_token == pytest.approx(0.01 + 4 / 20)
+    assert proj["static-layers"].seconds_per_token == pytest.approx(0.01 + 2 / 100 + 2 / 20)
+    assert proj["expert-cache"].seconds_per_token == pytest.approx(0.01 + 2.5 / 100 + 1.5 / 10)
+    # misses on the CPU: compute 0.01 + 0.025 + 1.5/20 = 0.11 < the background copies' 1.5/10 = 0.15
+    assert proj["expert-cache, misses on CPU"].seconds_per_token == pytest.approx(0.15)
+    assert proj["all-cpu"].tokens_per_second == pytest.approx(1 / 0.21)
+    with pytest.raises(UsageError, match="--pcie-gbps"):
+        Hardware(pcie_gbps=0)
+
+
+def test_cli_cache_on_fixture(capsys, tmp_path):
+    trace = fixture.FIXTURE_DIR / fixture.TRACE
+    gguf = fixture.FIXTURE_DIR / fixture.GGUF
+    code, out, err = run(
+        capsys, "cache", trace, "--capacity", "2,4,8", "--json", "--curve", "--vram", "1MiB", "--gguf", gguf
+    )
+    assert code == 0, err
+    d = json.loads(out)
+    assert {r["policy"] for r in d["table"]["rows"]} == set(POLICIES)
+    assert d["table"]["split"] == "test" and len(d["curves"]["capacities"]) == 16 - 2 + 1
+    alloc = d["allocation"]
+    assert alloc["budget_slots"] == 1 * 2**20 // 49152 and sum(alloc["capacities"]) <= alloc["budget_slots"]
+    names = [p["name"] for p in d["projection"]["placements"]]
+    assert names == ["all-cpu", "static-layers", "expert-cache", "expert-cache, misses on CPU"]
+    code, out, _ = run(capsys, "cache", trace, "--policy", "lru,belady")
+    assert code == 0 and "belady" in out and "vs Belady" in out and "fifo" not in out
+    code, out, _ = run(capsys, "cache", "--help")
+    assert code == 0 and all(name in out for name in POLICIES)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--capacity", "1"], "below top-k = 2"),
+        (["--policy", "lru,mru"], "unknown"),
+        (["--vram", "1GiB"], "--vram needs the expert size"),
+        (["--slots", "4"], "below 8 = top-k"),
+        (["--expert-bytes", "12 parsecs"], "not a size"),
+        (["--gguf", "nope.gguf"], "does not exist"),
+    ],
+)
+def test_cli_cache_bad_input(capsys, args, message):
+    code, _, err = run(capsys, "cache", fixture.FIXTURE_DIR / fixture.TRACE, *args)
+    assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_esft_reproduces_the_field_ordering(realdata):
+    """LFU-static worst, LRU well above Belady, co-activation prefetch ties LRU on demand misses but moves
+    more bytes (prefill, one cache shared across sequences, held-out halves)."""
+    tr = read_input(realdata / "esft-dsv2lite" / "trace.npz")
+    r = simulate(tr, [8, 16, 32], ["lru", "lfu-static", "coact-prefetch", "belady"])
+    rate = r.miss_rate()
+    t = r.totals()
+    lru, static, coact, belady = range(4)
+    for ci in range(3):
+        assert rate[static, ci] == rate[:, ci].max()
+        assert rate[lru, ci] > rate[belady, ci] + 0.08
+        assert abs(rate[coact, ci] - rate[lru, ci]) < 0.01
+        assert t[coact, ci, 1] + t[coact, ci, 2] > 1.1 * t[lru, ci, 1]
