@@ -221,6 +221,16 @@ def bench_capture_llama_overhead(tmp: Path) -> dict:
     )
 
 
+def bench_cache_replay(tmp: Path) -> dict:
+    """Cache replays vs libCacheSim on the same 8M-access stream (see bench/cache_speed.py)."""
+    return _bench_module("cache_speed")
+
+
+def _bench_module(name: str) -> dict:
+    """Run `measure()` of bench/<name>.py in a fresh interpreter (see `_child`)."""
+    return _child(f"import sys\nsys.path.insert(0, {str(ROOT / 'bench')!r})\nimport {name}\nout = {name}.measure()\n")
+
+
 BENCHES = {name[len("bench_") :]: fn for name, fn in globals().items() if name.startswith("bench_")}
 
 
