@@ -8,7 +8,14 @@
 """
 
 from moescope.analyze.concentration import Concentration, LayerConcentration, concentration
-from moescope.analyze.ranking import GroupMass, Ranking, group_mass, rank_experts, write_ranking_csv
+from moescope.analyze.ranking import (
+    GroupMass,
+    Ranking,
+    group_mass,
+    rank_experts,
+    read_ranking_csv,
+    write_ranking_csv,
+)
 
 __all__ = [
     "Concentration",
@@ -18,5 +25,6 @@ __all__ = [
     "concentration",
     "group_mass",
     "rank_experts",
+    "read_ranking_csv",
     "write_ranking_csv",
 ]

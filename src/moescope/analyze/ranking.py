@@ -91,6 +91,55 @@ def rank_experts(data: RoutingTrace | ExpertCounts, by: str = "counts") -> Ranki
     return Ranking(np.asarray(layer_ids), order, np.asarray(counts, dtype=np.int64), gate, by)
 
 
+def read_ranking_csv(path: str | Path) -> Ranking:
+    """Read a ranking CSV written by `write_ranking_csv` (or by hand: ``layer,expert,rank`` at least;
+    ``count`` and ``gate_mass`` optional). Every layer must rank the same experts 0..E-1, each once."""
+    import csv
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"ranking {str(p)!r} does not exist; write one with `moescope rank TRACE -o ranking.csv`")
+    with p.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = {"layer", "expert", "rank"} - set(reader.fieldnames or ())
+        if missing:
+            raise UsageError(
+                f"ranking {str(p)!r} lacks column(s) {sorted(missing)}; expected a header "
+                f"{','.join(CSV_HEADER)} (as `moescope rank -o` writes)"
+            )
+        rows: dict[int, list[tuple[int, int, int, float | None]]] = {}
+        for n, row in enumerate(reader, 2):
+            try:
+                layer, expert, rank = int(row["layer"]), int(row["expert"]), int(row["rank"])
+                count = int(row["count"]) if row.get("count") not in (None, "") else 0
+                gm = float(row["gate_mass"]) if row.get("gate_mass") not in (None, "") else None
+            except ValueError:
+                raise UsageError(f"ranking {str(p)!r} line {n}: {dict(row)} is not numeric where it must be") from None
+            rows.setdefault(layer, []).append((rank, expert, count, gm))
+    if not rows:
+        raise UsageError(f"ranking {str(p)!r} has no rows")
+    sizes = {len(v) for v in rows.values()}
+    n_experts = max(sizes)
+    for layer, entries in rows.items():
+        experts = sorted(e for _, e, _, _ in entries)
+        if experts != list(range(n_experts)):
+            raise UsageError(
+                f"ranking {str(p)!r} layer {layer} ranks experts {experts[:8]}{'...' if len(experts) > 8 else ''}, "
+                f"expected each of 0..{n_experts - 1} exactly once; rewrite it with `moescope rank`"
+            )
+    layer_ids = np.array(sorted(rows), dtype=np.int64)
+    order = np.array([[e for _, e, _, _ in sorted(rows[lid])] for lid in layer_ids], dtype=np.int64)
+    counts = np.zeros((len(layer_ids), n_experts), dtype=np.int64)
+    gate = np.zeros((len(layer_ids), n_experts), dtype=np.float64)
+    has_gate = True
+    for i, lid in enumerate(layer_ids):
+        for _, e, cnt, gm in rows[lid]:
+            counts[i, e] = cnt
+            has_gate = has_gate and gm is not None
+            gate[i, e] = gm or 0.0
+    return Ranking(layer_ids, order, counts, gate if has_gate else None, "counts")
+
+
 def write_ranking_csv(ranking: Ranking, path: str | Path, overwrite: bool = False) -> Path:
     """Write ``layer,expert,rank,count,gate_mass,share`` rows (gate_mass empty when unknown), atomically."""
     buf = io.StringIO()

@@ -344,6 +344,11 @@ class LlamaSession:
         if rc != 0:
             raise CaptureError(f"llama_decode returned {rc} for a {n}-token batch at position {start_pos}")
 
+    def logits(self, n: int) -> np.ndarray:
+        """[n, vocab] float32: a copy of the logits of the last `decode` of n tokens with ``all_logits``."""
+        ptr = self._lib.llama_get_logits(self.ctx)
+        return np.ctypeslib.as_array(ptr, shape=(n, self.n_vocab)).copy()
+
     def argmax_last(self) -> int:
         """The greedy next token after the last `run`."""
         ptr = self._lib.llama_get_logits_ith(self.ctx, -1)

@@ -20,6 +20,7 @@ from moescope.cli.analyze_cmds import concentration, rank
 from moescope.cli.cache_cmds import cache
 from moescope.cli.capture_cmds import capture_app
 from moescope.cli.demo import demo
+from moescope.cli.gguf_cmds import gguf_app, split
 from moescope.cli.trace_cmds import import_, trace_app
 from moescope.errors import MoescopeError
 
@@ -38,11 +39,13 @@ app = typer.Typer(
 )
 app.add_typer(trace_app, name="trace")
 app.add_typer(capture_app, name="capture")
+app.add_typer(gguf_app, name="gguf")
 app.command("demo")(demo)
 app.command("import")(import_)
 app.command("concentration")(concentration)
 app.command("rank")(rank)
 app.command("cache")(cache)
+app.command("split")(split)
 
 
 def _version(value: bool) -> None:

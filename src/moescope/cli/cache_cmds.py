@@ -75,21 +75,22 @@ def cache(
     as_json: c.JsonOpt = False,
 ) -> None:
     """If C experts per layer sit in fast memory, how often does a token wait for slow memory, under which
-        policy, and what does that do to decode speed?
+    policy, and what does that do to decode speed?
 
-        Replays the trace through each cache policy at each capacity. Semantics: one cache per MoE layer (or
-        `--pooled`); a token's k experts are needed together and are never evicted for each other; misses are
-        loads the token waits for, prefetch loads are issued ahead; Belady (offline optimum) is the floor.
-        Policies that learn are fitted on the first half of every sequence and all are scored on the second
-        halves (`--split test`). `--curve` adds miss-rate curves over every capacity; `--slots` / `--vram`
-        chooses per-layer capacities for a budget (exact, from the curves) and, with `--expert-bytes` or
-        `--gguf`, projects decode tokens/s for all-experts-on-CPU, whole layers in VRAM, and the cache.
+    Replays the trace through each cache policy at each capacity. Semantics: one cache per MoE layer (or
+    `--pooled`); a token's k experts are needed together and are never evicted for each other; misses are
+    loads the token waits for, prefetch loads are issued ahead; Belady (offline optimum) is the floor.
+    Policies that learn are fitted on the first half of every sequence and all are scored on the second
+    halves (`--split test`). `--curve` adds miss-rate curves over every capacity; `--slots` / `--vram`
+    chooses per-layer capacities for a budget (exact, from the curves) and, with `--expert-bytes` or
+    `--gguf`, projects decode tokens/s for all-experts-on-CPU, whole layers in VRAM, and the cache.
 
-        Policies:
+    Policies:
 
     {policies}
 
-        Example: `moescope cache run.zarr --capacity 8,16,32 --policy lru,lfu-static,belady --vram 10GiB --gguf model.gguf`
+    Example: `moescope cache run.zarr --capacity 8,16,32 --policy lru,lfu-static,belady`
+    `--vram 10GiB --gguf model.gguf`
     """
     from moescope._units import parse_bytes
     from moescope.cache import (
@@ -190,7 +191,7 @@ def cache(
 
 
 cache.__doc__ = (cache.__doc__ or "").replace(
-    "{policies}", "\n".join(f"    - `{name}`: {cls.summary}" for name, cls in POLICIES.items())
+    "{policies}", "\n    ".join(f"- `{name}`: {cls.summary}" for name, cls in POLICIES.items())
 )
 
 
