@@ -256,3 +256,43 @@ def test_split_outputs_load_and_generate_in_llama_cpp(tmp_path):
             assert 0 <= s.argmax_last() < s.n_vocab  # generates
     np.testing.assert_allclose(logits[1], logits[0], atol=1e-4)  # all experts, permuted: same model
     assert not np.allclose(logits[2], logits[0], atol=1e-2)  # half the experts: a different model
+
+
+@pytest.mark.slow
+def test_reduce_and_split_evaluate_on_fixture(capsys, tmp_path):
+    pytest.importorskip("llama_cpp")
+    gguf_path = fixture.FIXTURE_DIR / fixture.GGUF
+    heldout = fixture.HELDOUT_DIR
+    code, out, err = run(capsys, "reduce", gguf_path, "--corpus", heldout, "--max-tokens", "600", "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    k2, k1 = d["scores"]
+    assert (k2["k"], k1["k"]) == (2, 1) and k2["kl_vs_reference"] == 0 and k2["top1_agreement"] == 1
+    assert k1["perplexity"] > k2["perplexity"] and k1["kl_vs_reference"] > 0.01 and k1["top1_agreement"] < 1
+    assert d["recommended_k"] == 2 and d["llama_cpp_flag"] == "--override-kv qwen3moe.expert_used_count=int:2"
+    code, out, _ = run(capsys, "reduce", gguf_path, "--corpus", heldout, "--max-tokens", "300", "--tolerance", "10")
+    assert code == 0 and "recommended k = 1" in out
+    code, _, err = run(capsys, "reduce", gguf_path, "--corpus", heldout, "--k", "0")
+    assert code == 2 and "each k must be in 1..16" in err
+    code, out, err = run(
+        capsys,
+        "split",
+        gguf_path,
+        "-o",
+        tmp_path,
+        "-g",
+        "2",
+        "--evaluate",
+        "--corpus",
+        heldout,
+        "--trace",
+        fixture.FIXTURE_DIR / fixture.TRACE,
+        "--max-tokens",
+        "300",
+        "--json",
+    )
+    assert code == 0, err
+    ev = json.loads(out)["evaluation"]
+    assert len(ev) == 2 and all(r["kl_vs_reference"] > 0 and 0 < r["routing_mass_kept"] < 1 for r in ev)
+    code, _, err = run(capsys, "split", gguf_path, "-o", tmp_path, "--evaluate", "--overwrite")
+    assert code == 2 and "--evaluate needs --corpus" in err

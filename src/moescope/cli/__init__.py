@@ -20,7 +20,7 @@ from moescope.cli.analyze_cmds import concentration, rank
 from moescope.cli.cache_cmds import cache
 from moescope.cli.capture_cmds import capture_app
 from moescope.cli.demo import demo
-from moescope.cli.gguf_cmds import gguf_app, split
+from moescope.cli.gguf_cmds import gguf_app, reduce, split
 from moescope.cli.trace_cmds import import_, trace_app
 from moescope.errors import MoescopeError
 
@@ -46,6 +46,7 @@ app.command("concentration")(concentration)
 app.command("rank")(rank)
 app.command("cache")(cache)
 app.command("split")(split)
+app.command("reduce")(reduce)
 
 
 def _version(value: bool) -> None:

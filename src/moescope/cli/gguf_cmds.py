@@ -1,14 +1,24 @@
-"""`moescope gguf inspect` and `moescope split`: act on GGUF model files (thin CLI over `moescope.gguf`)."""
+"""`moescope gguf inspect`, `moescope split`, `moescope reduce`: act on GGUF model files (over `moescope.gguf`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import numpy as np
 import typer
 from rich.table import Table
 
+from moescope.capture.corpus import read_corpus
 from moescope.cli import _common as c
+from moescope.errors import UsageError
+from moescope.gguf import inspect_gguf
+
+CorpusOpt = Annotated[
+    Path | None, typer.Option("--corpus", help="Text to score on: a .txt, a .jsonl (text field) or a folder.")
+]
+SeqLenOpt = Annotated[int, typer.Option("--seq-len", min=2, help="Tokens per scored window.")]
+MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", min=2, help="Tokens scored in all.")]
 
 gguf_app = typer.Typer(
     help="Read GGUF model files: what the experts weigh, layer by layer.",
@@ -68,6 +78,15 @@ def split(
         Path | None, typer.Option("--groups-file", help='custom mode: {"groups": [{"<block>": [ids]}, ...]}.')
     ] = None,
     core: Annotated[int, typer.Option("--core", min=0, help="Each layer's N hottest experts go into every group.")] = 0,
+    evaluate: Annotated[
+        bool, typer.Option("--evaluate", help="Score every group against the full model on --corpus (llama.cpp).")
+    ] = False,
+    corpus: CorpusOpt = None,
+    trace: Annotated[
+        Path | None, typer.Option("--trace", help="With --evaluate: a trace to predict each group's routing mass.")
+    ] = None,
+    seq_len: SeqLenOpt = 512,
+    max_tokens: MaxTokensOpt = 4096,
     overwrite: c.OverwriteOpt = False,
     as_json: c.JsonOpt = False,
 ) -> None:
@@ -80,22 +99,144 @@ def split(
     Per-expert tensors are sliced along the expert dimension (any quantisation), router rows gathered,
     `expert_count` set and `expert_used_count` lowered where needed; everything else is copied untouched.
     Writes `<model>.group-<g>-of-<G>.gguf` and `split.json` (new expert id -> source id) into `--out`.
+    `--evaluate --corpus FILE` then scores each group against the full model (perplexity, KL, top-1
+    agreement, as `moescope reduce`), beside the routing mass the group keeps on `--trace`.
 
     Example: `moescope rank run.zarr -o ranking.csv`, then
     `moescope split model.gguf -o parts/ -g 2 --mode ranked --ranking ranking.csv --core 4`
     """
     from moescope.analyze import read_ranking_csv
-    from moescope.gguf import inspect_gguf
     from moescope.gguf.split import plan_groups, split_gguf
 
     m = inspect_gguf(model)
+    if evaluate and corpus is None:
+        raise UsageError("--evaluate needs --corpus FILE (text to score the groups on)")
+    docs = read_corpus(corpus) if evaluate else None
     rk = None if ranking is None else read_ranking_csv(ranking)
     plan = plan_groups(m, groups, mode, ranking=rk, custom=groups_file, core=core)
+    mass = None
+    if evaluate and trace is not None:
+        from moescope.analyze import group_mass
+        from moescope.imports import as_trace, read_input
+
+        tr = as_trace(read_input(trace), "--trace")
+        mass = [group_mass(tr, g) for g in plan]
     with c.lazy_progress("writing") as bar:
         result = split_gguf(model, out_dir, plan, overwrite=overwrite, progress=bar)
+    out: dict[str, Any] = result.to_dict()
+    if evaluate:
+        from moescope.gguf.evaluate import Variant
+        from moescope.gguf.evaluate import evaluate as score
+
+        variants = [Variant(f"{i + 1} of {len(result.paths)}", p) for i, p in enumerate(result.paths)]
+        with c.lazy_progress("scoring") as bar:
+            scores = score(Variant("full", model), variants, docs, seq_len=seq_len, max_tokens=max_tokens, progress=bar)
+        out["evaluation"] = [
+            {
+                **sc.to_dict(),
+                **(
+                    {}
+                    if mass is None
+                    else {
+                        "routing_mass_kept": float(np.mean(mass[i].mass_share)),
+                        "tokens_fully_inside": float(np.mean(mass[i].full_token_share)),
+                    }
+                ),
+            }
+            for i, sc in enumerate(scores)
+        ]
     if as_json:
-        c.print_json(result.to_dict())
+        c.print_json(out)
         return
     for p in result.paths:
         typer.echo(f"wrote {p}")
     typer.echo(f"wrote {result.manifest}")
+    if evaluate:
+        table = Table(title="groups vs the full model (same text)", title_justify="left")
+        cols = ["group", "perplexity", "KL vs full", "top-1 agree", "tok/s"]
+        if mass is not None:
+            cols += ["routing mass kept", "tokens fully inside"]
+        for col in cols:
+            table.add_column(col, justify="left" if col == "group" else "right")
+        for row in out["evaluation"]:
+            cells = [
+                row["label"],
+                f"{row['perplexity']:.2f}",
+                f"{row['kl_vs_reference']:.3f}",
+                f"{row['top1_agreement']:.1%}",
+                f"{row['prefill_tokens_per_s']:.0f}",
+            ]
+            if mass is not None:
+                cells += [f"{row['routing_mass_kept']:.1%}", f"{row['tokens_fully_inside']:.1%}"]
+            table.add_row(*cells)
+        c.console().print(table)
+
+
+def reduce(
+    model: ModelArg,
+    corpus: CorpusOpt = None,
+    ks: Annotated[str | None, typer.Option("--k", help="Experts per token to try, e.g. 8,6,4 (default: k..1).")] = None,
+    tolerance: Annotated[
+        float, typer.Option("--tolerance", min=0.0, help="Accepted perplexity increase over the model's own k.")
+    ] = 0.02,
+    seq_len: SeqLenOpt = 512,
+    max_tokens: MaxTokensOpt = 4096,
+    as_json: c.JsonOpt = False,
+) -> None:
+    """How far can top-k be reduced? Runs the model at each k (llama.cpp metadata override of
+    `<arch>.expert_used_count`) on the same text and reports perplexity, KL divergence of the next-token
+    distributions from the model's own k, top-1 agreement and prefill tokens/s; recommends the smallest k
+    within `--tolerance` of the native perplexity and prints the llama.cpp flag that sets it.
+
+    Example: `moescope reduce Qwen3-30B-A3B-Q4_K_M.gguf --corpus my-prompts.jsonl --k 8,6,4`
+    """
+    from moescope.gguf.evaluate import Variant, evaluate, recommend_k
+    from moescope.slicing import parse_ranges
+
+    m = inspect_gguf(model)
+    if corpus is None:
+        raise UsageError("--corpus FILE is required: the text on which to compare the k values")
+    docs = read_corpus(corpus)
+    k_list = list(range(m.top_k, 0, -1)) if ks is None else sorted(set(parse_ranges(ks, "--k")), reverse=True)
+    bad = [k for k in k_list if not 1 <= k <= m.n_experts]
+    if bad:
+        raise UsageError(f"--k {bad}: each k must be in 1..{m.n_experts} (the model's experts per layer)")
+    if m.top_k not in k_list:
+        k_list = [m.top_k, *k_list]
+    key = f"{m.architecture}.expert_used_count"
+    variants = [Variant(f"k={k}", model, () if k == m.top_k else ((key, "int", k),)) for k in k_list]
+    with c.lazy_progress("scoring") as bar:
+        scores = evaluate(
+            variants[k_list.index(m.top_k)], variants, docs, seq_len=seq_len, max_tokens=max_tokens, progress=bar
+        )
+    best = recommend_k(scores, k_list, m.top_k, tolerance)
+    flag = f"--override-kv {key}=int:{best}"
+    if as_json:
+        c.print_json(
+            {
+                "native_k": m.top_k,
+                "tolerance": tolerance,
+                "recommended_k": best,
+                "llama_cpp_flag": flag,
+                "scores": [dict(k=k, **s.to_dict()) for k, s in zip(k_list, scores, strict=True)],
+            }
+        )
+        return
+    table = Table(
+        title=f"top-k reduction on {scores[0].tokens:,} scored tokens (native k = {m.top_k})", title_justify="left"
+    )
+    for col in ("k", "perplexity", "vs native", "KL vs native", "top-1 agree", "prefill tok/s"):
+        table.add_column(col, justify="right")
+    base = scores[k_list.index(m.top_k)].perplexity
+    for k, sc in zip(k_list, scores, strict=True):
+        table.add_row(
+            str(k),
+            f"{sc.perplexity:.3f}",
+            f"{sc.perplexity / base - 1:+.1%}",
+            f"{sc.kl_vs_reference:.4f}",
+            f"{sc.top1_agreement:.1%}",
+            f"{sc.prefill_tokens_per_s:.0f}",
+        )
+    con = c.console()
+    con.print(table)
+    con.print(f"recommended k = {best} (perplexity within {tolerance:.0%} of k = {m.top_k}): {flag}")
