@@ -20,7 +20,7 @@ from moescope.cli.analyze_cmds import concentration, rank
 from moescope.cli.cache_cmds import cache
 from moescope.cli.capture_cmds import capture_app
 from moescope.cli.demo import demo
-from moescope.cli.gguf_cmds import gguf_app, reduce, split
+from moescope.cli.gguf_cmds import gguf_app, plan_app, reduce, split
 from moescope.cli.trace_cmds import import_, trace_app
 from moescope.errors import MoescopeError
 
@@ -40,6 +40,7 @@ app = typer.Typer(
 app.add_typer(trace_app, name="trace")
 app.add_typer(capture_app, name="capture")
 app.add_typer(gguf_app, name="gguf")
+app.add_typer(plan_app, name="plan")
 app.command("demo")(demo)
 app.command("import")(import_)
 app.command("concentration")(concentration)

@@ -240,3 +240,127 @@ def reduce(
     con = c.console()
     con.print(table)
     con.print(f"recommended k = {best} (perplexity within {tolerance:.0%} of k = {m.top_k}): {flag}")
+
+
+plan_app = typer.Typer(
+    help="Plans for running a MoE model: which experts go where, as engine flags.",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+)
+
+
+@plan_app.command("offload")
+def offload(
+    model: ModelArg,
+    vram: Annotated[str, typer.Option("--vram", help="GPU memory to use, e.g. 10GiB.")],
+    ctx: Annotated[int, typer.Option("--ctx", min=1, help="Context length (KV cache size).")] = 4096,
+    kv_type: Annotated[str, typer.Option("--kv-type", help="KV cache type: f16, q8_0, q4_0, f32, ...")] = "f16",
+    compute_buffer: Annotated[
+        str | None, typer.Option("--compute-buffer", help="Compute buffer allowance (default 512MiB + logits).")
+    ] = None,
+    ubatch: Annotated[int, typer.Option("--ubatch", min=1, help="llama.cpp -ub (prefill batch).")] = 512,
+    trace: Annotated[
+        Path | None,
+        typer.Option("--trace", help="A trace of this model: expert use per ubatch and a cache projection."),
+    ] = None,
+    pcie_gbps: Annotated[float, typer.Option("--pcie-gbps", help="Host-to-GPU bandwidth, GB/s.")] = 25.0,
+    gpu_gbps: Annotated[float, typer.Option("--gpu-gbps", help="GPU memory bandwidth, GB/s.")] = 900.0,
+    cpu_gbps: Annotated[float, typer.Option("--cpu-gbps", help="CPU memory bandwidth, GB/s.")] = 60.0,
+    as_json: c.JsonOpt = False,
+) -> None:
+    """Which MoE layers' experts fit in VRAM, as llama.cpp flags, and what speed to expect.
+
+    Accounts for the non-expert weights, the KV cache at `--ctx` / `--kv-type` and a compute-buffer
+    allowance, then fits whole layers' experts into the rest. Prints both `--n-cpu-moe N` (the experts of
+    blocks 0..N-1 stay on the CPU, leading dense blocks counted) and the equivalent `-ot` rule, after
+    checking they move exactly the same tensors. llama.cpp's automatic `--fit` would move the LAST layers
+    instead and is off when `-ngl` / `-ot` are given. Projects decode tokens/s (CPU-resident experts run
+    on the CPU) and the PCIe bound on prefill (ubatches of >= 32 tokens stream CPU-resident experts to the
+    GPU); with `--trace`, also decode tokens/s for a per-expert cache in the same VRAM (cache simulator).
+
+    Example: `moescope plan offload Qwen3-30B-A3B-Q4_K_M.gguf --vram 10GiB --ctx 32768 --kv-type q8_0`
+    """
+    from moescope._units import format_bytes, parse_bytes
+    from moescope.cache import Hardware
+    from moescope.gguf.plan import experts_per_window, plan_offload, project_plan
+
+    hw = Hardware(pcie_gbps, gpu_gbps, cpu_gbps)
+    m = inspect_gguf(model)
+    tr = None
+    if trace is not None:
+        from moescope.imports import as_trace, read_input
+
+        tr = as_trace(read_input(trace), "--trace")
+        missing = [int(x) for x in tr.layer_ids if int(x) not in m.expert_bytes]
+        if tr.n_experts != m.n_experts or missing:
+            raise UsageError(
+                f"--trace has {tr.n_experts} experts and layers {tr.layer_ids.tolist()}; the model has {m.n_experts} "
+                f"experts and MoE blocks {list(m.layer_ids)}: give a trace of this model"
+            )
+    compute = None if compute_buffer is None else parse_bytes(compute_buffer, "--compute-buffer")
+    p = plan_offload(m, parse_bytes(vram, "--vram"), ctx=ctx, kv_type=kv_type, compute=compute, ubatch=ubatch)
+    used = None if tr is None else experts_per_window(tr, ubatch)
+    proj = project_plan(p, m, top_k=m.top_k, hw=hw, experts_per_ubatch=used, ubatch=ubatch)
+    out: dict[str, Any] = {"plan": p.to_dict(), "projection": proj}
+    if tr is not None:
+        out["cache"] = _cache_same_vram(tr, m, p, hw)
+    if as_json:
+        c.print_json(out)
+        return
+    con = c.console()
+    con.print(
+        f"VRAM {format_bytes(p.vram)}: weights {format_bytes(p.weights)} + KV {format_bytes(p.kv_cache)} "
+        f"(ctx {p.ctx}, {p.kv_type}) + compute {format_bytes(p.compute)} -> {format_bytes(p.free_for_experts)} "
+        f"for experts; {len(p.gpu_blocks)} of {len(m.layer_ids)} MoE layers' experts fit "
+        f"({format_bytes(p.experts_in_vram)})"
+    )
+    for name, flag in p.flags().items():
+        con.print(f"  {name}: {flag}", soft_wrap=True)
+    con.print(f"  both forms move the same tensors: {'yes' if p.forms_agree else 'NO'}")
+    for note in p.notes:
+        con.print(f"  note: {note}")
+    pre = proj["prefill_pcie_bound_tokens_per_s"]
+    con.print(
+        f"decode ~{proj['decode_tokens_per_s']:.1f} tok/s; prefill "
+        + (f"<= {pre:.0f} tok/s (PCIe streaming of CPU-resident experts)" if pre else "not PCIe-bound")
+    )
+    if "cache" in out:
+        cc = out["cache"]
+        con.print(
+            f"a per-expert cache in the same VRAM ({cc['slots']} slots): decode ~{cc['tokens_per_second']:.1f} tok/s "
+            f"(demand miss rate {cc['miss_rate']:.1%}, LRU, per-layer sizes chosen for the budget)"
+            if cc.get("slots")
+            else f"a per-expert cache does not fit: {cc['reason']}"
+        )
+
+
+def _cache_same_vram(tr: Any, m: Any, p: Any, hw: Any) -> dict[str, Any]:
+    """Decode tokens/s of a per-expert cache holding as many experts as the plan's expert VRAM."""
+    from moescope.cache import allocate, miss_curves, project_decode
+
+    eb = np.array([m.expert_bytes[int(lid)] for lid in tr.layer_ids], dtype=np.float64)
+    slots = int(max(p.free_for_experts, 0) // eb.max())
+    if slots < tr.top_k * tr.n_layers:
+        return {"slots": 0, "reason": f"{slots} expert slots < top-k x layers = {tr.top_k * tr.n_layers}"}
+    curves = miss_curves(tr, ["lru"])
+    alloc = allocate(curves, slots, "lru")
+    miss = curves.curve("lru")[np.arange(tr.n_layers), np.searchsorted(curves.capacities, alloc.capacities)]
+    miss = miss / curves.tokens
+    acc = curves.accesses / curves.tokens
+    proj = project_decode(
+        expert_bytes=eb,
+        top_k=tr.top_k,
+        n_experts=tr.n_experts,
+        dense_bytes=m.dense_bytes_per_token,
+        budget_slots=slots,
+        cache_hits_per_token=acc - miss,
+        cache_loads_per_token=miss,
+        hw=hw,
+    )
+    cache = next(x for x in proj if x.name == "expert-cache")
+    return {
+        "slots": slots,
+        "capacities": list(alloc.capacities),
+        "miss_rate": alloc.misses / max(alloc.accesses, 1),
+        "tokens_per_second": cache.tokens_per_second,
+    }

@@ -1,0 +1,251 @@
+"""The llama.cpp offload plan: how many MoE layers' experts fit in VRAM, as ``--n-cpu-moe`` and ``-ot``.
+
+VRAM accounting (stated with every plan):
+
+- weights: every non-expert tensor except the token embedding table (llama.cpp keeps the input layer in
+  host memory), i.e. attention, norms, routers, shared experts, dense FFN blocks, output head;
+- KV cache: ``ctx x layers x (heads_kv x key_length + heads_kv x value_length)`` elements of the KV type
+  (MLA models, with ``attention.kv_lora_rank``: ``ctx x layers x (kv_lora_rank + rope dims)``);
+  sliding-window layers are counted at full context (an upper bound);
+- compute buffer: an allowance (default 512 MiB + ubatch x vocab x 4 bytes of logits);
+- experts: whole MoE layers, ``E x bytes per expert`` each, as many as the rest of the VRAM holds.
+
+Conventions. ``--n-cpu-moe N`` keeps the experts of the first N *blocks* (``blk.0 .. blk.N-1``, leading
+dense blocks counted) on the CPU: llama.cpp's `common/arg.cpp` pushes one override per block built by
+``llm_ffn_exps_block_regex(i)`` = ``blk\\.<i>\\.ffn_(up|down|gate|gate_up)_(ch|)exps`` bound to the CPU.
+The ``-ot`` form lists the same blocks in one rule (llama.cpp applies ``regex_search``; the first matching
+rule wins). We check that both forms move exactly the same tensors of this file. llama.cpp's automatic
+``--fit`` moves the *last* layers' experts to the CPU instead, and turns itself off when ``-ngl`` or
+``-ot`` is given; the plan below uses the first-N convention for both forms.
+
+Speed (projected with `moescope.cache.cost`): decode computes CPU-resident experts on the CPU; prefill
+batches of >= 32 tokens (``GGML_OP_OFFLOAD_MIN_BATCH``) stream CPU-resident expert weights to the GPU, so a
+ubatch pays PCIe time for every CPU-resident expert it uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import numpy as np
+
+from moescope._units import format_bytes
+from moescope.errors import UsageError
+from moescope.gguf.inspect import GGUFModel, field, open_gguf
+
+# bytes per element of the KV cache types llama.cpp accepts (block types: block bytes / 32 values)
+KV_BYTES = {
+    "f32": 4.0,
+    "f16": 2.0,
+    "bf16": 2.0,
+    "q8_0": 34 / 32,
+    "q4_0": 18 / 32,
+    "q4_1": 20 / 32,
+    "iq4_nl": 18 / 32,
+    "q5_0": 22 / 32,
+    "q5_1": 24 / 32,
+}
+EXPS_REGEX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"  # llama.cpp common.h LLM_FFN_EXPS_REGEX
+OFFLOAD_MIN_BATCH = 32
+
+
+def block_regex(i: int) -> str:
+    """llama.cpp's ``llm_ffn_exps_block_regex(i)``."""
+    return rf"blk\.{i}{EXPS_REGEX}"
+
+
+def ot_rule(blocks: list[int]) -> str | None:
+    """One ``-ot`` rule sending the routed experts of `blocks` to the CPU (None for no block)."""
+    if not blocks:
+        return None
+    return rf"blk\.({'|'.join(str(b) for b in blocks)}){EXPS_REGEX}=CPU"
+
+
+def cpu_tensors(names: list[str], rules: list[str]) -> set[str]:
+    """Tensors that rules ``PATTERN=CPU`` send to the CPU (llama.cpp: regex_search, first match wins)."""
+    out = set()
+    for name in names:
+        for rule in rules:
+            pattern, _, buft = rule.rpartition("=")
+            if re.search(pattern, name):
+                if buft == "CPU":
+                    out.add(name)
+                break
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class OffloadPlan:
+    """Bytes (VRAM accounting), the MoE blocks whose experts stay on the CPU, and the flags."""
+
+    vram: int
+    weights: int
+    kv_cache: int
+    compute: int
+    expert_layer_bytes: dict[int, int]
+    gpu_blocks: tuple[int, ...]
+    cpu_blocks: tuple[int, ...]
+    n_cpu_moe: int
+    ot: str | None
+    forms_agree: bool
+    ctx: int
+    kv_type: str
+    notes: tuple[str, ...]
+
+    @property
+    def free_for_experts(self) -> int:
+        return self.vram - self.weights - self.kv_cache - self.compute
+
+    @property
+    def experts_in_vram(self) -> int:
+        return sum(self.expert_layer_bytes[b] for b in self.gpu_blocks)
+
+    def flags(self) -> dict[str, str]:
+        out = {"n_cpu_moe": f"-ngl 999 --n-cpu-moe {self.n_cpu_moe}"}
+        out["override_tensor"] = "-ngl 999" + (f' -ot "{self.ot}"' if self.ot else "")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.update(free_for_experts=self.free_for_experts, experts_in_vram=self.experts_in_vram, flags=self.flags())
+        d["expert_layer_bytes"] = {str(k): v for k, v in self.expert_layer_bytes.items()}
+        return d
+
+
+def kv_cache_bytes(model: GGUFModel, reader: Any, ctx: int, kv_type: str) -> int:
+    """KV cache bytes for `ctx` tokens (see the module docstring for MLA and sliding windows)."""
+    if kv_type not in KV_BYTES:
+        raise UsageError(f"--kv-type {kv_type!r}: expected one of {', '.join(KV_BYTES)}")
+    arch = model.architecture
+    n_embd = int(field(reader, f"{arch}.embedding_length") or 0)
+    heads = field(reader, f"{arch}.attention.head_count") or 1
+    heads_kv = field(reader, f"{arch}.attention.head_count_kv") or heads
+    n_layers = model.n_blocks
+    heads_l = np.broadcast_to(np.asarray(heads, dtype=np.int64), (n_layers,))
+    heads_kv_l = np.broadcast_to(np.asarray(heads_kv, dtype=np.int64), (n_layers,))
+    lora = field(reader, f"{arch}.attention.kv_lora_rank")
+    if lora:
+        rope = int(field(reader, f"{arch}.rope.dimension_count") or 64)
+        per_token = n_layers * (int(lora) + rope)
+    else:
+        k_len = field(reader, f"{arch}.attention.key_length")
+        v_len = field(reader, f"{arch}.attention.value_length")
+        head_dim = n_embd // np.maximum(heads_l, 1)
+        k = np.full(n_layers, k_len) if k_len else head_dim
+        v = np.full(n_layers, v_len) if v_len else head_dim
+        per_token = int((heads_kv_l * (k + v)).sum())
+    return int(ctx * per_token * KV_BYTES[kv_type])
+
+
+def plan_offload(
+    model: GGUFModel,
+    vram: int,
+    *,
+    ctx: int = 4096,
+    kv_type: str = "f16",
+    compute: int | None = None,
+    ubatch: int = 512,
+) -> OffloadPlan:
+    """Fit whole MoE layers' experts into `vram` after weights, KV cache and compute buffer (first N on CPU)."""
+    if ctx < 1:
+        raise UsageError(f"--ctx {ctx}: expected a positive context length")
+    reader = open_gguf(model.path)
+    names = [t.name for t in model.tensors]
+    weights = sum(t.n_bytes for t in model.tensors if not t.per_expert and not t.name.startswith("token_embd."))
+    kv = kv_cache_bytes(model, reader, ctx, kv_type)
+    vocab = next((t.shape[-1] for t in model.tensors if t.name == "token_embd.weight"), 0)
+    if compute is None:
+        compute = 512 * 2**20 + ubatch * vocab * 4
+    notes = []
+    free = vram - weights - kv - compute
+    if free < 0:
+        raise UsageError(
+            f"{format_bytes(vram)} of VRAM does not hold even the non-expert weights ({format_bytes(weights)}), "
+            f"KV cache ({format_bytes(kv)} at ctx {ctx}, {kv_type}) and compute buffer ({format_bytes(compute)}); "
+            f"lower --ctx, use --kv-type q8_0, or run all on CPU"
+        )
+    layer_bytes = {b: model.expert_bytes[b] * model.n_experts for b in model.layer_ids}
+    # first-N convention: the GPU keeps the LAST MoE blocks; find the fewest CPU blocks that make the rest fit
+    blocks = list(model.layer_ids)
+    n_cpu_moe_blocks = len(blocks)
+    for cut in range(len(blocks) + 1):
+        if sum(layer_bytes[b] for b in blocks[cut:]) <= free:
+            n_cpu_moe_blocks = cut
+            break
+    cpu = blocks[:n_cpu_moe_blocks]
+    gpu = blocks[n_cpu_moe_blocks:]
+    n_cpu_moe = 0 if not cpu else cpu[-1] + 1  # a block count from blk.0: leading dense blocks included
+    if model.leading_dense_blocks and cpu:
+        notes.append(f"--n-cpu-moe counts the {model.leading_dense_blocks} leading dense block(s) too")
+    ot = ot_rule(cpu)
+    by_n = cpu_tensors(names, [block_regex(i) + "=CPU" for i in range(n_cpu_moe)])
+    by_ot = cpu_tensors(names, [ot] if ot else [])
+    return OffloadPlan(
+        vram,
+        weights,
+        kv,
+        compute,
+        layer_bytes,
+        tuple(gpu),
+        tuple(cpu),
+        n_cpu_moe,
+        ot,
+        by_n == by_ot,
+        ctx,
+        kv_type,
+        tuple(notes),
+    )
+
+
+def prefill_pcie_seconds_per_token(
+    plan: OffloadPlan, experts_used_per_ubatch: float, n_experts: int, ubatch: int, pcie_gbps: float
+) -> float:
+    """PCIe seconds per prefill token: each ubatch streams every CPU-resident expert it uses to the GPU."""
+    if ubatch < OFFLOAD_MIN_BATCH:
+        return 0.0
+    per_expert = {b: plan.expert_layer_bytes[b] / n_experts for b in plan.cpu_blocks}
+    total = sum(per_expert[b] * experts_used_per_ubatch for b in plan.cpu_blocks)
+    return total / (pcie_gbps * 1e9) / ubatch
+
+
+def experts_per_window(trace: Any, window: int) -> float:
+    """Mean distinct experts per layer used by `window` consecutive tokens of `trace` (whole windows only;
+    the mean over layers and windows; all of a shorter trace as one window)."""
+    n = trace.n_tokens
+    w = min(window, n)
+    out = []
+    for i in range(trace.n_layers):
+        ex = trace.experts[:, i, :]
+        for a in range(0, n - w + 1, w):
+            out.append(np.unique(ex[a : a + w]).size)
+    return float(np.mean(out)) if out else 0.0
+
+
+def project_plan(
+    plan: OffloadPlan,
+    model: GGUFModel,
+    *,
+    top_k: int,
+    hw: Any,
+    experts_per_ubatch: float | None = None,
+    ubatch: int = 512,
+) -> dict[str, Any]:
+    """Decode tokens/s of the plan (CPU-resident experts computed on the CPU) and the PCIe bound on prefill
+    tokens/s (CPU-resident experts streamed to the GPU per ubatch), with the cost model's assumptions."""
+    eb = {b: model.expert_bytes[b] for b in model.layer_ids}
+    gpu, cpu = hw.gpu_gbps * 1e9, hw.cpu_gbps * 1e9
+    dense = model.dense_bytes_per_token / gpu
+    t_decode = (
+        dense + sum(top_k * eb[b] for b in plan.gpu_blocks) / gpu + sum(top_k * eb[b] for b in plan.cpu_blocks) / cpu
+    )
+    used = float(model.n_experts if experts_per_ubatch is None else experts_per_ubatch)
+    t_stream = prefill_pcie_seconds_per_token(plan, used, model.n_experts, ubatch, hw.pcie_gbps)
+    return {
+        "decode_tokens_per_s": 1.0 / t_decode,
+        "decode_ms_per_token": t_decode * 1e3,
+        "prefill_pcie_bound_tokens_per_s": (1.0 / t_stream) if t_stream > 0 else None,
+        "experts_streamed_per_ubatch_per_layer": used if plan.cpu_blocks else 0.0,
+        "ubatch": ubatch,
+    }
