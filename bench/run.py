@@ -226,6 +226,11 @@ def bench_cache_replay(tmp: Path) -> dict:
     return _bench_module("cache_speed")
 
 
+def bench_split_gguf(tmp: Path) -> dict:
+    """GGUF split throughput vs a plain copy of the same file (see bench/split_speed.py)."""
+    return _bench_module("split_speed")
+
+
 def _bench_module(name: str) -> dict:
     """Run `measure()` of bench/<name>.py in a fresh interpreter (see `_child`)."""
     return _child(f"import sys\nsys.path.insert(0, {str(ROOT / 'bench')!r})\nimport {name}\nout = {name}.measure()\n")

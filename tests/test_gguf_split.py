@@ -296,3 +296,13 @@ def test_reduce_and_split_evaluate_on_fixture(capsys, tmp_path):
     assert len(ev) == 2 and all(r["kl_vs_reference"] > 0 and 0 < r["routing_mass_kept"] < 1 for r in ev)
     code, _, err = run(capsys, "split", gguf_path, "-o", tmp_path, "--evaluate", "--overwrite")
     assert code == 2 and "--evaluate needs --corpus" in err
+
+
+def test_ranking_of_another_model_is_refused(model, tmp_path):
+    m = inspect_gguf(model)
+    wide = RoutingTrace(np.array([[[0, 11], [2, 3]]], dtype=np.int16), 12, layer_ids=[0, 1])
+    with pytest.raises(UsageError, match="ranks 12 experts per layer but the model has 8"):
+        plan_groups(m, 2, "ranked", ranking=rank_experts(wide))
+    other_layers = RoutingTrace(np.array([[[0, 1], [2, 3]]], dtype=np.int16), E, layer_ids=[5, 6])
+    with pytest.raises(UsageError, match=r"MoE blocks \[0, 1\] are not among them"):
+        plan_groups(m, 2, "balanced", ranking=rank_experts(other_layers))

@@ -1,8 +1,9 @@
 """A streaming GGUF writer for surgery on an existing file: copy its metadata (raw bytes, untouched) except
 the keys given new values, and its tensors, some of them gathered along their outermost dimension.
 
-Tensor data is copied from the source's memory map slice by slice, so memory stays constant whatever the
-file size, and any quantisation type works: the outermost dimension (the last in GGUF's order) of a tensor
+Tensor data is copied slice by slice with ``copy_file_range`` (in the kernel, no user-space buffer; plain
+reads and writes where that is refused), so memory stays constant whatever the file size, and any
+quantisation type works: the outermost dimension (the last in GGUF's order) of a tensor
 is made of whole rows of blocks, so one index along it is a contiguous run of ``n_bytes / dim`` bytes.
 Only little-endian GGUF v2/v3 files are handled. The output is written to a temporary file beside the
 target and renamed into place (see `moescope._atomic`); the source is opened read-only.
@@ -11,6 +12,7 @@ target and renamed into place (see `moescope._atomic`); the source is opened rea
 from __future__ import annotations
 
 import dataclasses
+import os
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -111,9 +113,8 @@ def write_gguf(
         offset += t.n_bytes
     head = header + b"".join(infos)
     total = sum(t.n_bytes for t in tensors)
-    data = reader.data
     done = 0
-    with out.open("wb") as fh:
+    with open(reader.data.filename, "rb") as src, out.open("wb") as fh:
         fh.write(head)
         fh.write(b"\0" * (-len(head) % alignment))
         pos = 0
@@ -121,7 +122,7 @@ def write_gguf(
             pad = -pos % alignment
             fh.write(b"\0" * pad)
             pos += pad
-            _copy(fh, data, t)
+            _copy(src, fh, t)
             pos += t.n_bytes
             done += t.n_bytes
             if progress:
@@ -129,12 +130,35 @@ def write_gguf(
         return fh.tell()
 
 
-def _copy(fh: BinaryIO, data: np.ndarray, t: TensorOut) -> None:
+def _copy_range(src: BinaryIO, dst: BinaryIO, offset: int, n: int) -> None:
+    """Append bytes ``offset .. offset + n`` of `src` to `dst`: in the kernel where it can, else in chunks."""
+    dst.flush()
+    if hasattr(os, "copy_file_range"):
+        left, at = n, offset
+        while left:
+            try:
+                got = os.copy_file_range(src.fileno(), dst.fileno(), min(left, _COPY_CHUNK), at)
+            except OSError:
+                break  # e.g. across file systems that refuse it: copy in user space
+            if got == 0:
+                raise FormatError(f"the source ends at byte {at}, before its tensor data does; the file is truncated")
+            left -= got
+            at += got
+        offset, n = at, left
+    src.seek(offset)
+    while n:
+        buf = src.read(min(n, _COPY_CHUNK))
+        if not buf:
+            raise FormatError(f"the source ends at byte {offset}, before its tensor data does; the file is truncated")
+        dst.write(buf)
+        n -= len(buf)
+        offset += len(buf)
+
+
+def _copy(src: BinaryIO, fh: BinaryIO, t: TensorOut) -> None:
     if t.take is None:
-        for a in range(t.source_offset, t.source_offset + t.source_bytes, _COPY_CHUNK):
-            fh.write(data[a : min(a + _COPY_CHUNK, t.source_offset + t.source_bytes)])
+        _copy_range(src, fh, t.source_offset, t.source_bytes)
         return
     per = t.source_bytes // t.outer
     for i in t.take:
-        a = t.source_offset + i * per
-        fh.write(data[a : a + per])
+        _copy_range(src, fh, t.source_offset + i * per, per)
