@@ -20,6 +20,7 @@ from moescope.cli.analyze_cmds import concentration, rank
 from moescope.cli.cache_cmds import cache
 from moescope.cli.capture_cmds import capture_app
 from moescope.cli.demo import demo
+from moescope.cli.report_cmd import report
 from moescope.cli.gguf_cmds import gguf_app, plan_app, reduce, split
 from moescope.cli.trace_cmds import import_, trace_app
 from moescope.errors import MoescopeError
@@ -48,6 +49,7 @@ app.command("rank")(rank)
 app.command("cache")(cache)
 app.command("split")(split)
 app.command("reduce")(reduce)
+app.command("report")(report)
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,73 @@
+"""The HTML report: verdicts and figures from the fixture trace, offline, and rendered by a real browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from moescope import fixture
+from moescope.imports import read_input
+from moescope.report import build_report
+from test_cli import run
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
+
+
+def _browser() -> str | None:
+    return next((b for b in map(shutil.which, BROWSERS) if b), None)
+
+
+@pytest.fixture(scope="module")
+def fixture_report(tmp_path_factory):
+    trace = read_input(fixture.FIXTURE_DIR / fixture.TRACE)
+    rep = build_report(trace, gguf=fixture.FIXTURE_DIR / fixture.GGUF)
+    path = tmp_path_factory.mktemp("report") / "report.html"
+    path.write_text(rep.html, encoding="utf-8")
+    return rep, path
+
+
+def test_report_is_self_contained_with_verdicts(fixture_report):
+    rep, _ = fixture_report
+    html = rep.html
+    for title in ("Is a per-expert cache worth building?", "A cache of C experts per layer", "llama.cpp offload plan"):
+        assert title in html
+    assert "--n-cpu-moe" in html and "Belady" in html
+    assert not re.search(r"""<script[^>]+src=|<link[^>]+href=["']https?:""", html)  # nothing fetched to view it
+    assert html.count("Plotly.newPlot") == html.count("class='figure'") >= 3
+    assert {"concentration", "cache", "curves", "offload"} <= set(rep.summary)
+
+
+def test_report_renders_in_a_browser(fixture_report, tmp_path):
+    browser = _browser()
+    if browser is None:
+        pytest.skip("no Chromium on this machine (.ci/run installs Debian's chromium)")
+    _, path = fixture_report
+    args = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--virtual-time-budget=20000"]
+    dom = subprocess.run([*args, "--dump-dom", path.as_uri()], capture_output=True, text=True, timeout=180).stdout
+    body = re.search(r"<body([^>]*)>", dom)
+    assert body, "the browser returned no page"
+    attrs = dict(re.findall(r'data-([a-z-]+)="([^"]*)"', body.group(1)))
+    assert json.loads(attrs["errors"].replace("&quot;", '"')) == []
+    assert int(attrs["figures-rendered"]) == int(attrs["figures-expected"]) >= 3
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [*args, "--window-size=1280,2600", f"--screenshot={shot}", path.as_uri()], capture_output=True, timeout=180
+    )
+    assert shot.stat().st_size > 50_000
+    keep = os.environ.get("MOESCOPE_SCREENSHOT_DIR")
+    if keep:
+        shutil.copy(shot, keep)
+
+
+def test_cli_report(capsys, tmp_path):
+    out = tmp_path / "r.html"
+    code, stdout, err = run(capsys, "report", fixture.FIXTURE_DIR / fixture.TRACE, "-o", out, "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["report"] == str(out) and out.stat().st_size > 1_000_000
+    code, _, err = run(capsys, "report", fixture.FIXTURE_DIR / fixture.TRACE, "-o", out)
+    assert code == 2 and "already exists" in err
