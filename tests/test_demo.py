@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from moescope import fixture
 from moescope.demo import experts_for_mass, run_demo
@@ -38,7 +39,9 @@ def test_demo_cli_json(tmp_path, capsys):
 
     code, out, _ = run(capsys, "demo", "--out", tmp_path / "d", "--json")
     d = json.loads(out)
-    assert code == 0 and d["info"]["n_experts"] == 16 and set(d["outputs"]) == {"trace", "train", "test", "counts"}
+    assert code == 0 and d["info"]["n_experts"] == 16
+    assert set(d["outputs"]) == {"trace", "train", "test", "counts", "ranking", "report"}
+    assert {"concentration", "cache", "offload"} <= set(d["summary"])
 
 
 def test_demo_runs_the_concentration_gate(tmp_path):
@@ -46,3 +49,22 @@ def test_demo_runs_the_concentration_gate(tmp_path):
 
     result = run_demo(tmp_path / "out")
     assert result.gate == concentration(read_input(fixture.TRACE).counts())
+
+
+def test_demo_writes_the_report_and_ranking(tmp_path):
+    result = run_demo(tmp_path / "out")
+    html = result.outputs["report"].read_text()
+    assert "Is a per-expert cache worth building?" in html and "llama.cpp offload plan" in html
+    assert result.outputs["ranking"].read_text().startswith("layer,expert,rank,count,gate_mass,share")
+
+
+@pytest.mark.slow
+def test_demo_capture_afresh_matches_the_committed_trace(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    result = run_demo(tmp_path / "out", capture=True)
+    fresh = read_input(result.outputs["captured"])
+    committed = read_input(fixture.TRACE)
+    assert fresh.n_tokens == committed.n_tokens
+    agree = (np.sort(fresh.experts, axis=2) == np.sort(committed.experts, axis=2)).all(axis=2).mean()
+    assert agree > 0.999  # the same model on the same text: the same routing (float near-ties aside)

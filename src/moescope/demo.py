@@ -1,10 +1,11 @@
 """The main job on the built-in default data (what `make demo` / `moescope demo` runs).
 
 The default input is the project's own fixture (`moescope.fixture`): the routing a tiny Qwen3-MoE model
-trained by the project made on held-out text of five domains, captured with ``moescope capture hf``. The
-demo writes it as a store, describes it, splits it into train/test halves, reduces it to counts and
-runs the concentration gate; later issues add the other analyses, simulations, plans and the report.
-Library code: returns, prints nothing.
+trained by the project made on held-out text of five domains, captured with ``moescope capture hf`` (or
+captured afresh with ``capture=True`` when the ``[hf]`` extra is installed). The demo writes it as a store,
+describes it, splits it into train/test halves, reduces it to counts and a ranking, and writes the report
+(`moescope.report`: concentration gate, co-activation, locality, caches vs Belady, placement, and the
+llama.cpp offload plan of the fixture's GGUF). Library code: returns, prints nothing.
 
     >>> result = run_demo(Path("demo-out"))
 """
@@ -12,15 +13,17 @@ Library code: returns, prints nothing.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from moescope import fixture
-from moescope.analyze import Concentration, concentration
+from moescope import _atomic, fixture
+from moescope.analyze import Concentration, concentration, rank_experts, write_ranking_csv
 from moescope.imports import as_trace, read_input, write_output
 from moescope.info import describe_store
+from moescope.report import build_report
 from moescope.slicing import split_halves
 from moescope.store import TraceStore, save_trace
 from moescope.trace import expert_mass
@@ -33,6 +36,7 @@ class DemoResult:
     info: dict[str, Any]
     layers: list[dict[str, Any]]  # per layer: top share, experts for 90% of mass, top expert per label
     gate: Concentration  # the concentration gate on the whole trace
+    summary: dict[str, Any]  # the numbers behind the report
 
 
 def experts_for_mass(shares: np.ndarray, mass: float) -> int:
@@ -40,15 +44,36 @@ def experts_for_mass(shares: np.ndarray, mass: float) -> int:
     return int(np.searchsorted(np.cumsum(np.sort(shares)[::-1]), mass - 1e-12) + 1)
 
 
-def run_demo(out_dir: Path, source: Path = fixture.TRACE) -> DemoResult:
-    """Write the demo outputs for the trace at `source` under `out_dir` (earlier demo outputs replaced)."""
+def run_demo(
+    out_dir: Path,
+    source: Path = fixture.TRACE,
+    *,
+    capture: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> DemoResult:
+    """Write the demo outputs for the trace at `source` under `out_dir` (earlier demo outputs replaced).
+
+    With `capture`, the fixture model is first run over its held-out text with the transformers capture
+    (needs the ``[hf]`` extra) and that fresh trace is used instead of `source`.
+    """
+    say = progress or (lambda _msg: None)
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs = {
         "trace": out_dir / "trace.zarr",
         "train": out_dir / "train.zarr",
         "test": out_dir / "test.zarr",
         "counts": out_dir / "counts.json",
+        "ranking": out_dir / "ranking.csv",
+        "report": out_dir / "report.html",
     }
+    if capture:
+        from moescope.capture import capture_hf, read_corpus
+
+        say("capturing")
+        source = capture_hf(
+            fixture.MODEL_DIR, None, read_corpus(fixture.HELDOUT_DIR), out_dir / "captured.zarr", overwrite=True
+        )
+        outputs["captured"] = source
     trace = as_trace(read_input(source), "the demo")
     save_trace(trace, outputs["trace"], overwrite=True)
     info = describe_store(TraceStore(outputs["trace"]))
@@ -72,4 +97,7 @@ def run_demo(out_dir: Path, source: Path = fixture.TRACE) -> DemoResult:
         }
         for i, lid in enumerate(trace.layer_ids.tolist())
     ]
-    return DemoResult(out_dir, outputs, info, layers, concentration(counts))
+    write_ranking_csv(rank_experts(trace), outputs["ranking"], overwrite=True)
+    report = build_report(trace, gguf=fixture.GGUF, progress=say)
+    _atomic.write_text_atomic(outputs["report"], report.html, overwrite=True)
+    return DemoResult(out_dir, outputs, info, layers, concentration(counts), report.summary)
