@@ -221,6 +221,36 @@ def bench_capture_llama_overhead(tmp: Path) -> dict:
     )
 
 
+def bench_locality(tmp: Path) -> dict:
+    """`locality` (reuse vs shuffle, gaps, working sets, cross-layer, 4 predictors x 3 budgets, train/test split)
+    on the 1M x 48 x top-8-of-128 synthetic trace in a fresh process after JIT warm-up; the CLI on ESFT.
+
+    Wall and CPU seconds of the analysis alone (not the synthesis); peak RSS is the whole child's (the trace
+    itself is 768 MiB of int16 ids), with the RSS before the analysis beside it.
+    """
+    scale = _child(
+        "import resource, time\n"
+        "from moescope.synth import SynthSpec, synth_trace\n"
+        "from moescope.analyze.locality import locality\n"
+        "locality(synth_trace(SynthSpec(n_tokens=3000, n_layers=3, n_experts=128, top_k=8, weights_dtype=None)))\n"
+        f"tr = synth_trace(SynthSpec(**{SCALE!r}, weights_dtype=None))\n"
+        "rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+        "t, c = time.perf_counter(), time.process_time()\n"
+        "r = locality(tr)\n"
+        "out = {'seconds': round(time.perf_counter() - t, 3), 'cpu_s': round(time.process_time() - c, 3),\n"
+        "       'rss_before_analysis_mib': round(rss0, 1),\n"
+        "       'reuse_ratio_median': round(r.summary['reuse_ratio'].median, 4),\n"
+        "       'hit_rate_last_b8': round(r.prefetch_overall['last'][0].mean, 4),\n"
+        "       'goal': 'seconds < 25 (all analyses < 60), peak_rss_mib well under 4096'}\n"
+    )
+    src = REALDATA / "esft-dsv2lite" / "trace.npz"
+    if not src.is_file():
+        esft = {"skipped": f"{src} is absent"}
+    else:
+        esft = {"input": str(src), "cli_json_s": round(_timed([*MOESCOPE, "locality", str(src), "--json"]), 3)}
+    return {"shape": [SCALE["n_tokens"], SCALE["n_layers"], SCALE["top_k"]], "scale": scale, "esft": esft}
+
+
 def bench_cache_replay(tmp: Path) -> dict:
     """Cache replays vs libCacheSim on the same 8M-access stream (see bench/cache_speed.py)."""
     return _bench_module("cache_speed")

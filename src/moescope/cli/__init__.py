@@ -20,8 +20,9 @@ from moescope.cli.analyze_cmds import concentration, rank
 from moescope.cli.cache_cmds import cache
 from moescope.cli.capture_cmds import capture_app
 from moescope.cli.demo import demo
-from moescope.cli.report_cmd import report
 from moescope.cli.gguf_cmds import gguf_app, plan_app, reduce, split
+from moescope.cli.locality_cmd import locality
+from moescope.cli.report_cmd import report
 from moescope.cli.trace_cmds import import_, trace_app
 from moescope.errors import MoescopeError
 
@@ -46,6 +47,7 @@ app.command("demo")(demo)
 app.command("import")(import_)
 app.command("concentration")(concentration)
 app.command("rank")(rank)
+app.command("locality")(locality)
 app.command("cache")(cache)
 app.command("split")(split)
 app.command("reduce")(reduce)
