@@ -76,8 +76,8 @@ def build_report(
 
 
 def _extra_sections() -> list[tuple[str, Callable[..., None]]]:
-    """Sections whose analyses are optional additions (co-activation, locality, placement)."""
-    return []
+    """The sections after the cache gate, in page order."""
+    return [("locality", _locality)]
 
 
 # -- concentration -------------------------------------------------------------------------------------
@@ -243,5 +243,95 @@ def _offload(trace: RoutingTrace, gguf: Path, vram: int | None, cards: list[Card
                 f"(PCIe 25, GPU 900, CPU 60 GB/s); see <code>moescope plan offload --help</code>.",
             ),
             "info",
+        )
+    )
+
+
+# -- locality ------------------------------------------------------------------------------------------
+def _locality(trace: RoutingTrace, cards: list[Card], figures: list[Figure], summary: dict[str, Any], _d) -> None:
+    import plotly.graph_objects as go
+
+    from moescope.analyze import locality
+
+    loc = locality(trace)
+    summary["locality"] = loc.to_dict()
+    s = loc.summary
+    ratio = s["reuse_ratio"].median or 0.0
+    best = max(loc.predictors, key=lambda p: loc.prefetch_overall[p][0].mean or 0.0)
+    hit = loc.prefetch_overall[best][0].mean or 0.0
+    verdict = (
+        f"consecutive tokens share {s['reuse'].median:.0%} of their experts, {ratio:.2f}x a within-sequence shuffle; "
+        f"best next-token prefetch at B={loc.budgets[0]}: {best} {hit:.0%} (chance {loc.prefetch_chance[0]:.0%})"
+    )
+    summary["locality"]["verdict"] = verdict
+    cards.append(
+        Card(
+            "Is there temporal locality to exploit?",
+            f"reuse {ratio:.2f}x the shuffled order" if ratio else "no consecutive tokens",
+            (
+                f"Median over layers: consecutive tokens share {s['reuse'].median:.1%} of their experts vs "
+                f"{s['reuse_shuffled_expected'].median:.1%} with each sequence's tokens shuffled and "
+                f"{s['reuse_uniform'].median:.1%} uniform.",
+                f"Predicting the next token's experts (held-out halves), the best of {', '.join(loc.predictors)} at "
+                f"B={loc.budgets[0]} is {best}: {hit:.1%} of the needed experts (chance {loc.prefetch_chance[0]:.1%}).",
+            ),
+            "good" if ratio > 1.2 else "warn",
+        )
+    )
+    lids = [str(r.layer) for r in loc.layers]
+    fig = go.Figure()
+    for key, name, dash in (
+        ("reuse", "real order", "solid"),
+        ("reuse_shuffled_expected", "shuffled within sequences", "dash"),
+        ("reuse_uniform", "uniform", "dot"),
+    ):
+        fig.add_trace(
+            go.Scatter(
+                x=lids,
+                y=[getattr(r, key) for r in loc.layers],
+                mode="lines+markers",
+                name=name,
+                line=dict(dash=dash),
+                hovertemplate=f"layer %{{x}}<br>{name}: %{{y:.1%}}<extra></extra>",
+            )
+        )
+    fig.update_layout(**_LAYOUT, xaxis_title="MoE layer", yaxis_title="experts shared with the previous token")
+    fig.update_xaxes(type="category")
+    fig.update_yaxes(tickformat=".0%")
+    figures.append(
+        Figure(
+            "Locality",
+            "the gap between the real-order line and the shuffled line is locality that only the token order "
+            "gives (what LRU-style caches and prefetchers can use); the shuffled line is what frequency alone gives.",
+            fig,
+        )
+    )
+    bars = go.Figure()
+    for p in loc.predictors:
+        bars.add_trace(
+            go.Bar(
+                x=[f"B={b}" for b in loc.budgets],
+                y=[sp.mean for sp in loc.prefetch_overall[p]],
+                name=p,
+                hovertemplate=f"{p}<br>%{{x}}: %{{y:.1%}} of next-token experts<extra></extra>",
+            )
+        )
+    bars.add_trace(
+        go.Scatter(
+            x=[f"B={b}" for b in loc.budgets],
+            y=list(loc.prefetch_chance),
+            mode="markers",
+            name="chance",
+            marker=dict(symbol="line-ew-open", size=40, color="#444"),
+        )
+    )
+    bars.update_layout(**_LAYOUT, barmode="group", yaxis_title="hit rate (held-out halves)")
+    bars.update_yaxes(tickformat=".0%")
+    figures.append(
+        Figure(
+            "Locality",
+            "how many of the next token's experts a predictor of B experts gets right, learned on first halves and "
+            "scored on second halves; bars far above the chance marks mean prefetching can hide loads.",
+            bars,
         )
     )
