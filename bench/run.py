@@ -251,6 +251,35 @@ def bench_locality(tmp: Path) -> dict:
     return {"shape": [SCALE["n_tokens"], SCALE["n_layers"], SCALE["top_k"]], "scale": scale, "esft": esft}
 
 
+def bench_coact_scale(tmp: Path) -> dict:
+    """`coactivation` on 1M tokens x 48 layers x top-8 of 128 (SCALE, no weights): pair counts, 3 nulls per
+    layer and the balanced clustering of 4 matrices per layer, with each null; after a JIT warm-up on 2,000
+    tokens. RSS before the analysis (the trace itself, ~0.8 GB) and the process peak are both reported."""
+    return _child(
+        "import time\n"
+        "import numpy as np\n"
+        "from moescope.analyze.coact import coact_counts, coactivation\n"
+        "from moescope.slicing import select_tokens\n"
+        "from moescope.synth import SynthSpec, synth_trace\n"
+        f"tr = synth_trace(SynthSpec(**{SCALE!r}, weights_dtype=None))\n"
+        "coactivation(select_tokens(tr, 0, 2000), layers=[0], null='swap')\n"
+        "coactivation(select_tokens(tr, 0, 2000), layers=[0], null='shuffle')\n"
+        "def rss_mib():\n"
+        "    return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20\n"
+        "out = {'shape': [tr.n_tokens, tr.n_layers, tr.top_k], 'n_experts': tr.n_experts, 'groups': 8, 'n_null': 3,\n"
+        "       'rss_before_mib': round(rss_mib(), 1)}\n"
+        "t = time.perf_counter(); coact_counts(tr.experts, tr.n_experts)\n"
+        "out['counts_only_s'] = round(time.perf_counter() - t, 3)\n"
+        "for null in ('swap', 'shuffle'):\n"
+        "    t = time.perf_counter(); r = coactivation(tr, groups=8, n_null=3, null=null)\n"
+        "    out[null] = {'seconds': round(time.perf_counter() - t, 3), 'median_gain': round(r.median_gain, 4),\n"
+        "                 'median_null_gain': round(r.median_null_gain, 4),\n"
+        "                 'median_excess': round(r.median_excess, 4),\n"
+        "                 'structured_layers': r.structured_layers}\n"
+        "out['goal'] = 'swap seconds well under 25 on 2 cores; peak RSS - rss_before well under 4 GB'\n"
+    )
+
+
 def bench_cache_replay(tmp: Path) -> dict:
     """Cache replays vs libCacheSim on the same 8M-access stream (see bench/cache_speed.py)."""
     return _bench_module("cache_speed")

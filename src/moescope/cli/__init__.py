@@ -19,6 +19,7 @@ from moescope.cli import _common
 from moescope.cli.analyze_cmds import concentration, rank
 from moescope.cli.cache_cmds import cache
 from moescope.cli.capture_cmds import capture_app
+from moescope.cli.coact_cmd import coact
 from moescope.cli.demo import demo
 from moescope.cli.gguf_cmds import gguf_app, plan_app, reduce, split
 from moescope.cli.locality_cmd import locality
@@ -47,6 +48,7 @@ app.command("demo")(demo)
 app.command("import")(import_)
 app.command("concentration")(concentration)
 app.command("rank")(rank)
+app.command("coact")(coact)
 app.command("locality")(locality)
 app.command("cache")(cache)
 app.command("split")(split)
