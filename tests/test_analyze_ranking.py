@@ -80,3 +80,33 @@ def test_cli_rank(capsys, tmp_path):
     assert json.loads(out)["rows"][0]["count"] == int(tr.counts().values[0].max())
     code, _, err = run(capsys, "rank", fixture.TRACE, "--by", "bytes")
     assert code == 2 and "rank by 'bytes'" in err
+
+
+def test_cli_group_mass(capsys, tmp_path):
+    from test_cli import run
+
+    trace = fixture.FIXTURE_DIR / fixture.TRACE
+    code, out, err = run(capsys, "rank", trace, "--group-top", "4", "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    tr = read_input(trace)
+    r = rank_experts(tr)
+    want = group_mass(tr, {lid: r.top(lid, 4) for lid in tr.layer_ids.tolist()})
+    assert d["group_mass"] == [
+        want.to_dict()
+        | {
+            "layer_ids": list(want.layer_ids),
+            "group_size": [4] * 4,
+            "mass_share": list(want.mass_share),
+            "full_token_share": list(want.full_token_share),
+        }
+    ]
+    groups = tmp_path / "g.json"
+    groups.write_text(json.dumps({"groups": [{str(lid): [0, 1] for lid in tr.layer_ids.tolist()}]}))
+    code, out, _ = run(capsys, "rank", trace, "--groups-file", groups)
+    assert code == 0 and "group mass of group 1" in out
+    groups.write_text("{}")
+    code, _, err = run(capsys, "rank", trace, "--groups-file", groups)
+    assert code == 2 and "--groups-file" in err
+    code, _, err = run(capsys, "rank", fixture.FIXTURE_DIR / fixture.TRACE, "--group-top", "2", "--groups-file", groups)
+    assert code == 2 and "not both" in err

@@ -83,6 +83,14 @@ def rank(
         Path | None, typer.Option("--out", "-o", help="CSV: layer,expert,rank,count,gate_mass,share.")
     ] = None,
     by: Annotated[str, typer.Option("--by", help="Rank by 'counts' (selections) or 'gate' (gate mass).")] = "counts",
+    group_top: Annotated[
+        int | None,
+        typer.Option("--group-top", min=1, help="Also: what each layer's N hottest experts keep (group mass)."),
+    ] = None,
+    groups_file: Annotated[
+        Path | None,
+        typer.Option("--groups-file", help='Also: group mass of subsets {"groups": [{"<layer>": [ids]}, ...]}.'),
+    ] = None,
     fmt: c.FromOpt = None,
     n_experts: c.NExpertsOpt = None,
     top_k: c.TopKOpt = None,
@@ -96,9 +104,12 @@ def rank(
 
     Rankings are per layer (expert 5 of layer 3 is not expert 5 of layer 4). With `--out` the ranking is
     written as CSV (the ranking format the expert-split and placement planners read); without it,
-    the top experts of each layer are printed.
+    the top experts of each layer are printed. `--group-top N` (or `--groups-file`, the format `moescope
+    split --mode custom` reads) adds the group mass of each subset: the share of routing selections it
+    holds and the share of tokens whose whole top-k lies inside it (what an expert-split group serving
+    only that subset could answer alone); both need a per-token trace.
 
-    Example: `moescope rank run.zarr --by gate -o ranking.csv`
+    Example: `moescope rank run.zarr --by gate -o ranking.csv --group-top 16`
     """
     from moescope._atomic import check_output
     from moescope.analyze import rank_experts, write_ranking_csv
@@ -108,12 +119,25 @@ def rank(
         check_output(out, overwrite)
     data = read_input(src, fmt, c.import_options(n_experts, top_k, moe_layers, phys_to_log, None, None, phase))
     ranking = rank_experts(data, by)
+    groups = _groups(ranking, group_top, groups_file)
+    masses = []
+    if groups:
+        from moescope.analyze import group_mass
+        from moescope.imports import as_trace
+
+        trace = as_trace(data, "group mass")
+        masses = [group_mass(trace, g) for g in groups]
     if out is not None:
         write_ranking_csv(ranking, out, overwrite)
         typer.echo(f"wrote {out}", err=True)
     if as_json:
-        c.print_json(ranking.to_dict())
-    elif out is None:
+        d = ranking.to_dict()
+        if masses:
+            d["group_mass"] = [m.to_dict() for m in masses]
+        c.print_json(d)
+        return
+    con = c.console()
+    if out is None:
         table = Table(title=f"experts by {by}, hottest first (share)", title_justify="left")
         table.add_column("layer", justify="right")
         table.add_column("top experts")
@@ -121,4 +145,34 @@ def rank(
         for lid in ranking.layer_ids.tolist():
             top = [r for r in rows if r[0] == lid][:8]
             table.add_row(str(lid), "  ".join(f"{r[1]} ({r[5]:.1%})" for r in top))
-        c.console().print(table)
+        con.print(table)
+    for gi, m in enumerate(masses):
+        what = f"the {group_top} hottest experts" if groups_file is None else f"group {gi + 1}"
+        gt = Table(title=f"group mass of {what} per layer", title_justify="left")
+        for col in ("layer", "experts", "routing mass kept", "tokens fully inside"):
+            gt.add_column(col, justify="right")
+        for lid, size, ms, full in zip(m.layer_ids, m.group_size, m.mass_share, m.full_token_share, strict=True):
+            gt.add_row(str(lid), str(size), f"{ms:.1%}", f"{full:.1%}")
+        con.print(gt)
+
+
+def _groups(ranking, group_top: int | None, groups_file: Path | None) -> list[dict[int, list[int]]]:
+    """Expert subsets per layer from --group-top or --groups-file (split's custom JSON)."""
+    import json
+
+    from moescope.errors import UsageError
+
+    if group_top is not None and groups_file is not None:
+        raise UsageError("give --group-top or --groups-file, not both")
+    if group_top is not None:
+        return [{int(lid): ranking.top(int(lid), group_top) for lid in ranking.layer_ids}]
+    if groups_file is None:
+        return []
+    try:
+        doc = json.loads(groups_file.read_text(encoding="utf-8"))
+        return [{int(k): [int(x) for x in v] for k, v in g.items()} for g in doc["groups"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UsageError(
+            f'--groups-file {str(groups_file)!r}: expected {{"groups": [{{"<layer>": [expert ids]}}, ...]}} '
+            f"({type(exc).__name__}: {exc})"
+        ) from None
