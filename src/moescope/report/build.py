@@ -77,7 +77,7 @@ def build_report(
 
 def _extra_sections() -> list[tuple[str, Callable[..., None]]]:
     """The sections after the cache gate, in page order."""
-    return [("locality", _locality)]
+    return [("co-activation", _coact), ("locality", _locality)]
 
 
 # -- concentration -------------------------------------------------------------------------------------
@@ -333,5 +333,109 @@ def _locality(trace: RoutingTrace, cards: list[Card], figures: list[Figure], sum
             "how many of the next token's experts a predictor of B experts gets right, learned on first halves and "
             "scored on second halves; bars far above the chance marks mean prefetching can hide loads.",
             bars,
+        )
+    )
+
+
+# -- co-activation -------------------------------------------------------------------------------------
+def _coact(trace: RoutingTrace, cards: list[Card], figures: list[Figure], summary: dict[str, Any], _d) -> None:
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from moescope.analyze import coactivation
+
+    if trace.n_experts < 4:
+        return
+    res = coactivation(trace, keep_matrices=True)
+    d = res.to_dict()
+    for row in d["layers"]:
+        row.pop("counts", None)
+    verdict = (
+        f"{res.structured_layers}/{len(res.layers)} layers have real pairwise structure: clustered gain "
+        f"{res.median_gain:.2f} vs {res.median_null_gain:.2f} on the {res.null} null (excess {res.median_excess:.2f})"
+    )
+    d["verdict"] = verdict
+    summary["coact"] = d
+    cards.append(
+        Card(
+            "Do experts fire in teams?",
+            "yes: real co-activation structure" if res.structured else "no more than popularity explains",
+            (
+                f"Grouping each layer's experts into {res.n_groups} groups puts {res.median_gain:.2f}x the chance "
+                f"share of co-selected pairs inside groups; the same clustering on routing with the pairing destroyed "
+                f"({res.null} null, marginals kept) finds {res.median_null_gain:.2f}x. Excess {res.median_excess:.2f} "
+                f"(median over layers); {res.structured_layers} of {len(res.layers)} layers pass.",
+            ),
+            "good" if res.structured else "warn",
+        )
+    )
+    # the layer with the highest excess, its lift matrix ordered by group
+    best = max(res.layers, key=lambda r: r.excess)
+    c = best.counts.astype(np.float64)
+    n = np.diag(c)
+    lift = np.divide(c * trace.n_tokens, np.outer(n, n), out=np.zeros_like(c), where=np.outer(n, n) > 0)
+    np.fill_diagonal(lift, np.nan)
+    order = [e for g in best.groups for e in g]
+    z = lift[np.ix_(order, order)]
+    heat = make_subplots(
+        rows=1,
+        cols=2,
+        column_widths=[0.62, 0.38],
+        horizontal_spacing=0.12,
+        subplot_titles=(
+            f"layer {best.layer}: lift, experts ordered by group",
+            "clustered gain: real vs null, per layer",
+        ),
+    )
+    heat.add_trace(
+        go.Heatmap(
+            z=np.log2(np.clip(z, 1 / 4, 4)),
+            x=[str(e) for e in order],
+            y=[str(e) for e in order],
+            customdata=z,
+            colorscale="RdBu",
+            reversescale=True,
+            zmid=0,
+            colorbar=dict(title="log2 lift", x=0.55),
+            hovertemplate="experts %{y} + %{x}<br>lift %{customdata:.2f}x<extra></extra>",
+        ),
+        row=1,
+        col=1,
+    )
+    lids = [str(r.layer) for r in res.layers]
+    heat.add_trace(
+        go.Bar(
+            x=lids,
+            y=[r.gain for r in res.layers],
+            name="real",
+            marker_color="#3a6fd8",
+            hovertemplate="layer %{x}<br>gain %{y:.2f}<extra></extra>",
+        ),
+        row=1,
+        col=2,
+    )
+    heat.add_trace(
+        go.Bar(
+            x=lids,
+            y=[r.null_gain_mean for r in res.layers],
+            name=f"{res.null} null",
+            marker_color="#b9c0cc",
+            hovertemplate="layer %{x}<br>null gain %{y:.2f}<extra></extra>",
+        ),
+        row=1,
+        col=2,
+    )
+    heat.update_layout(**{**_LAYOUT, "height": 480}, barmode="group", legend=dict(x=0.99, xanchor="right"))
+    heat.update_xaxes(type="category", row=1, col=1, showticklabels=trace.n_experts <= 32)
+    heat.update_yaxes(type="category", row=1, col=1, autorange="reversed", showticklabels=trace.n_experts <= 32)
+    heat.update_xaxes(type="category", title_text="MoE layer", row=1, col=2)
+    heat.update_yaxes(title_text="gain (1 = chance)", row=1, col=2)
+    figures.append(
+        Figure(
+            "Co-activation",
+            "red blocks on the diagonal are teams of experts chosen together more often than their popularity "
+            "predicts; on the right, real bars well above the null bars mean the teams are real, not something "
+            "clustering would find in any routing.",
+            heat,
         )
     )
