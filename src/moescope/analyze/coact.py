@@ -481,7 +481,47 @@ def coactivation(
     -------
     `Coactivation`, one `LayerCoact` per analysed layer.
     """
-    n_exp, k, n_tok = trace.n_experts, trace.top_k, trace.n_tokens
+    pos = _layer_positions(trace, layers)
+    opts = _options(trace.n_experts, trace.top_k, trace.n_tokens, groups, n_null, null, seed, restarts, min_excess)
+    rows: list[LayerCoact] = []
+    batch = max(1, numba.get_num_threads())
+    for lo in range(0, pos.size, batch):
+        idx = pos[lo : lo + batch]
+        real = _layer_counts(trace.experts, idx, trace.n_experts)
+        rows += _batch_rows(real, [int(trace.layer_ids[i]) for i in idx], trace.n_tokens, trace.top_k, opts,
+                            keep_matrices)  # fmt: skip
+        if progress is not None:
+            progress(len(rows), pos.size)
+    return _result(rows, trace.n_experts, trace.top_k, trace.n_tokens, opts, trace.meta.model)
+
+
+def coactivation_from_counts(
+    counts: np.ndarray,
+    n_tokens: int,
+    top_k: int,
+    layer_ids: Sequence[int],
+    *,
+    groups: int | None = None,
+    n_null: int = DEFAULT_N_NULL,
+    null: str = DEFAULT_NULL,
+    seed: int = 0,
+    restarts: int = DEFAULT_RESTARTS,
+    min_excess: float = DEFAULT_MIN_EXCESS,
+    keep_matrices: bool = False,
+    model: str | None = None,
+) -> Coactivation:
+    """`coactivation` from summed pair counts ``[layers, E, E]`` (e.g. a map-reduce over token chunks):
+    the nulls depend only on each expert's selections, the token count and k, so the result equals
+    `coactivation` of the whole trace with the same options and seed."""
+    c = np.asarray(counts)
+    if c.ndim != 3 or c.shape[0] != len(layer_ids):
+        raise UsageError(f"counts has shape {c.shape}; expected [layers, E, E] with {len(layer_ids)} layers")
+    opts = _options(c.shape[1], top_k, n_tokens, groups, n_null, null, seed, restarts, min_excess)
+    rows = _batch_rows(c.astype(np.int64), [int(x) for x in layer_ids], n_tokens, top_k, opts, keep_matrices)
+    return _result(rows, c.shape[1], top_k, n_tokens, opts, model)
+
+
+def _options(n_exp, k, n_tok, groups, n_null, null, seed, restarts, min_excess) -> dict[str, Any]:
     if k < 2:
         raise UsageError(f"top_k is {k}; co-activation needs at least 2 experts per token")
     if n_tok == 0:
@@ -494,27 +534,28 @@ def coactivation(
     _check_int("restarts", restarts, 1)
     if not min_excess >= 1.0:
         raise UsageError(f"min_excess is {min_excess}; expected a ratio >= 1 (e.g. 1.1)")
-    pos = _layer_positions(trace, layers)
+    return dict(groups=int(groups), n_null=int(n_null), null=null, seed=int(seed), restarts=int(restarts),
+                min_excess=float(min_excess))  # fmt: skip
 
-    rows: list[LayerCoact] = []
-    batch = max(1, numba.get_num_threads())
-    for lo in range(0, pos.size, batch):
-        idx = pos[lo : lo + batch]
-        lids = [int(trace.layer_ids[i]) for i in idx]
-        real = _layer_counts(trace.experts, idx, n_exp)
-        n_sel = np.repeat(np.einsum("lii->li", real), n_null, axis=0)  # [m * n_null, E], a fresh array
-        keys = np.stack([_stream_keys(seed, lid, r, _KEY_NULL, n_exp) for lid in lids for r in range(n_null)])
-        null_mats = _null_counts(n_sel, n_tok, k, keys, null).reshape(len(lids), n_null, n_exp, n_exp)
-        mats = np.concatenate([real[:, None], null_mats], axis=1).reshape(-1, n_exp, n_exp)  # per layer: real, nulls
-        ckeys = np.stack(
-            [_stream_keys(seed, lid, r, _KEY_CLUSTER, restarts - 1) for lid in lids for r in range(n_null + 1)]
-        )
-        labels = _cluster(mats, groups, restarts, ckeys).reshape(len(lids), n_null + 1, n_exp)
-        for q, lid in enumerate(lids):
-            rows.append(_layer_result(lid, real[q], null_mats[q], labels[q], n_tok, min_excess, keep_matrices))
-        if progress is not None:
-            progress(len(rows), pos.size)
 
+def _batch_rows(real, lids, n_tok, k, o, keep_matrices) -> list[LayerCoact]:
+    """Rows of the layers `lids` from their real counts ``[m, E, E]``: nulls, clustering, verdicts."""
+    n_exp, n_null, restarts = real.shape[-1], o["n_null"], o["restarts"]
+    n_sel = np.repeat(np.einsum("lii->li", real), n_null, axis=0)  # [m * n_null, E], a fresh array
+    keys = np.stack([_stream_keys(o["seed"], lid, r, _KEY_NULL, n_exp) for lid in lids for r in range(n_null)])
+    null_mats = _null_counts(n_sel, n_tok, k, keys, o["null"]).reshape(len(lids), n_null, n_exp, n_exp)
+    mats = np.concatenate([real[:, None], null_mats], axis=1).reshape(-1, n_exp, n_exp)  # per layer: real, nulls
+    ckeys = np.stack(
+        [_stream_keys(o["seed"], lid, r, _KEY_CLUSTER, restarts - 1) for lid in lids for r in range(n_null + 1)]
+    )
+    labels = _cluster(mats, o["groups"], restarts, ckeys).reshape(len(lids), n_null + 1, n_exp)
+    return [
+        _layer_result(lid, real[q], null_mats[q], labels[q], n_tok, o["min_excess"], keep_matrices)
+        for q, lid in enumerate(lids)
+    ]
+
+
+def _result(rows, n_exp, k, n_tok, o, model) -> Coactivation:
     gains = np.array([r.gain for r in rows])
     nulls = np.array([r.null_gain_mean for r in rows])
     n_struct = sum(r.structured for r in rows)
@@ -523,15 +564,15 @@ def coactivation(
         n_experts=n_exp,
         top_k=k,
         n_tokens=n_tok,
-        n_groups=int(groups),
-        group_sizes=tuple(int(s) for s in group_sizes(n_exp, groups)),
-        null=null,
-        n_null=int(n_null),
-        seed=int(seed),
-        restarts=int(restarts),
-        min_excess=float(min_excess),
+        n_groups=o["groups"],
+        group_sizes=tuple(int(s) for s in group_sizes(n_exp, o["groups"])),
+        null=o["null"],
+        n_null=o["n_null"],
+        seed=o["seed"],
+        restarts=o["restarts"],
+        min_excess=o["min_excess"],
         null_z=NULL_Z,
-        model=trace.meta.model,
+        model=model,
         median_gain=float(np.median(gains)),
         median_null_gain=float(np.median(nulls)),
         median_excess=float(np.median(gains / nulls)),

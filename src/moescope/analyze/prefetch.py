@@ -456,6 +456,20 @@ class HitCounts:
     budgets: tuple[int, ...]
     predictors: tuple[str, ...]
 
+    def __add__(self, other: HitCounts) -> HitCounts:
+        """Hits of two chunks of whole sequences scored with the same tables, budgets and predictors."""
+        if (self.budgets, self.predictors) != (other.budgets, other.predictors):
+            raise UsageError("cannot add hit counts of different budgets or predictors")
+        return HitCounts(
+            self.next_token + other.next_token,
+            self.cross + other.cross,
+            self.cross_frequency + other.cross_frequency,
+            self.pairs + other.pairs,
+            self.tokens + other.tokens,
+            self.budgets,
+            self.predictors,
+        )
+
 
 def block_hits(
     slab: np.ndarray,

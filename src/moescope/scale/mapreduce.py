@@ -26,7 +26,7 @@ from moescope.errors import MissingDependencyError, UsageError
 from moescope.store import TraceStore
 from moescope.trace import RoutingTrace
 
-Partial = dict[str, np.ndarray]
+Partial = dict[str, Any]  # values are numpy arrays or additive result objects (with __add__)
 DEFAULT_CHUNK_TOKENS = 1 << 17
 
 
@@ -56,12 +56,16 @@ def add_partials(a: Partial, b: Partial) -> Partial:
 @dataclasses.dataclass(frozen=True)
 class Analysis:
     """A chunked analysis: `map` turns a chunk (whole sequences) into a partial; `finish` turns the sum of
-    all partials into the result. `needs` names analyses whose partials `finish` also reads."""
+    all partials into the result. Two-pass analyses also give `learn` (first-pass sum -> what the second
+    pass needs) and `map2`; their second-pass sums reach `finish` under keys prefixed ``pass2/``."""
 
     name: str
     summary: str
     map: Callable[[RoutingTrace, Mapping[str, Any]], Partial]
     finish: Callable[[Partial, Mapping[str, Any]], Any]
+    # a second pass over the chunks, given what the first one learned (e.g. tables fitted on the train halves)
+    learn: Callable[[Partial, Mapping[str, Any]], Any] | None = None
+    map2: Callable[[RoutingTrace, Mapping[str, Any], Any], Partial] | None = None
 
 
 ANALYSES: dict[str, Analysis] = {}
@@ -73,20 +77,34 @@ def register(a: Analysis) -> Analysis:
 
 
 def _map_chunk(
-    path: str, lo: int, hi: int, names: Sequence[str], layers: Sequence[int] | None, params: Mapping[str, Any]
+    path: str,
+    lo: int,
+    hi: int,
+    names: Sequence[str],
+    layers: Sequence[int] | None,
+    params: Mapping[str, Any],
+    learned: Mapping[str, Any] | None = None,
 ) -> Partial:
-    """One task: read tokens lo:hi of the store and return every analysis' partial, keys prefixed."""
+    """One task: read tokens lo:hi of the store and return every analysis' partial, keys prefixed (the
+    first pass with `learned` None, else the second pass of the analyses named in `learned`)."""
     chunk = TraceStore(path).read(lo, hi, layers=layers).trace
     out: Partial = {}
     for name in names:
-        for k, v in ANALYSES[name].map(chunk, params).items():
+        a = ANALYSES[name]
+        part = a.map(chunk, params) if learned is None else a.map2(chunk, params, learned[name])
+        for k, v in part.items():
             out[f"{name}/{k}"] = v
     return out
 
 
 def _context(store: TraceStore, layers: Sequence[int] | None, params: Mapping[str, Any]) -> dict[str, Any]:
+    from moescope.analyze.locality import default_budgets
+    from moescope.analyze.prefetch import PREDICTORS
+
     ids = store.layer_ids if layers is None else np.asarray(list(layers), dtype=np.int64)
     return {
+        "budgets": default_budgets(store.top_k, store.n_experts),
+        "predictors": tuple(PREDICTORS),
         **params,
         "n_experts": store.n_experts,
         "top_k": store.top_k,
@@ -125,20 +143,30 @@ def run_chunked(
     ranges = sequence_chunks(store.seq_starts, store.n_tokens, chunk_tokens)
     ctx = _context(store, layers, params or {})
     path_s = str(Path(path).resolve())
-    if scheduler is None:
-        total: Partial = {}
-        for i, (lo, hi) in enumerate(ranges):
-            total = add_partials(total, _map_chunk(path_s, lo, hi, names, layers, ctx))
-            if progress:
-                progress(i + 1, len(ranges))
-    else:
-        total = _run_dask(scheduler, path_s, ranges, names, layers, ctx, progress)
-    out = {}
-    for name in names:
-        prefix = name + "/"
-        part = {k[len(prefix) :]: v for k, v in total.items() if k.startswith(prefix)}
-        out[name] = ANALYSES[name].finish(part, ctx)
-    return out
+
+    def run_pass(which: Sequence[str], learned: Mapping[str, Any] | None) -> Partial:
+        if scheduler is None:
+            total: Partial = {}
+            for i, (lo, hi) in enumerate(ranges):
+                total = add_partials(total, _map_chunk(path_s, lo, hi, which, layers, ctx, learned))
+                if progress:
+                    progress(i + 1, len(ranges))
+            return total
+        return _run_dask(scheduler, path_s, ranges, which, layers, ctx, learned, progress)
+
+    total = run_pass(names, None)
+    two = [n for n in names if ANALYSES[n].map2 is not None]
+    if two:
+        learned = {n: ANALYSES[n].learn(_strip(total, n), ctx) for n in two}
+        for k, v in run_pass(two, learned).items():
+            name, _, rest = k.partition("/")
+            total[f"{name}/pass2/{rest}"] = v
+    return {name: ANALYSES[name].finish(_strip(total, name), ctx) for name in names}
+
+
+def _strip(total: Partial, name: str) -> Partial:
+    prefix = name + "/"
+    return {k[len(prefix) :]: v for k, v in total.items() if k.startswith(prefix)}
 
 
 def _client(scheduler: str) -> tuple[Any, Any]:
@@ -158,10 +186,12 @@ def _client(scheduler: str) -> tuple[Any, Any]:
     return Client(scheduler), None
 
 
-def _run_dask(scheduler, path, ranges, names, layers, ctx, progress) -> Partial:
+def _run_dask(scheduler, path, ranges, names, layers, ctx, learned, progress) -> Partial:
     client, cluster = _client(scheduler)
     try:
-        futures = [client.submit(_map_chunk, path, lo, hi, names, layers, ctx, pure=False) for lo, hi in ranges]
+        futures = [
+            client.submit(_map_chunk, path, lo, hi, names, layers, ctx, learned, pure=False) for lo, hi in ranges
+        ]
         done = 0
         level = futures
         while len(level) > 1:  # a tree of pairwise sums on the workers
@@ -233,3 +263,109 @@ def _ranking(part: Partial, ctx: Mapping[str, Any]):
 
 
 register(Analysis("ranking", "per-layer expert ranking", _counts_map, _ranking))
+
+
+# co-activation: pair counts add up; the nulls need only each expert's selections, so the result is exact
+def _coact_map(tr: RoutingTrace, ctx: Mapping[str, Any]) -> Partial:
+    from moescope.analyze.coact import coact_counts
+
+    return {"counts": coact_counts(tr.experts, tr.n_experts), "tokens": np.array([tr.n_tokens], dtype=np.int64)}
+
+
+def _coact_finish(part: Partial, ctx: Mapping[str, Any]):
+    from moescope.analyze.coact import coactivation_from_counts
+
+    opts = {k: ctx[k] for k in ("groups", "n_null", "null", "seed", "restarts", "min_excess") if k in ctx}
+    return coactivation_from_counts(
+        part["counts"],
+        int(part["tokens"][0]),
+        ctx["top_k"],
+        [int(x) for x in ctx["layer_ids"]],
+        model=ctx["model"],
+        **opts,
+    )
+
+
+register(Analysis("coact", "co-activation matrices, clustering gain vs the null", _coact_map, _coact_finish))
+
+
+# temporal locality: exact additive sums over whole sequences (the exact shuffle expectation, no seeded shuffle)
+def _temporal_map(tr: RoutingTrace, ctx: Mapping[str, Any]) -> Partial:
+    from moescope.analyze.locality import temporal_counts
+
+    return {"temporal": temporal_counts(tr)}
+
+
+@dataclasses.dataclass(frozen=True)
+class TemporalSummary:
+    """Per layer, from chunked sums: next-token reuse, its exact within-sequence shuffle expectation, the
+    share of cold selections and the mean distinct experts per sequence (working set)."""
+
+    layer_ids: tuple[int, ...]
+    reuse: tuple[float, ...]
+    reuse_shuffled_expected: tuple[float, ...]
+    cold_share: tuple[float, ...]
+    working_set_mean: tuple[float, ...]
+    tokens: int
+    pairs: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _temporal_finish(part: Partial, ctx: Mapping[str, Any]) -> TemporalSummary:
+    t = part["temporal"]
+    k = ctx["top_k"]
+    den = max(t.pairs * k, 1)
+    n_seq = t.ws_hist.sum(axis=1)
+    ws = (t.ws_hist * np.arange(t.ws_hist.shape[1])).sum(axis=1) / np.maximum(n_seq, 1)
+    return TemporalSummary(
+        tuple(int(x) for x in ctx["layer_ids"]),
+        tuple(float(x) for x in t.overlap / den),
+        tuple(float(x) for x in t.shuffle_expected / den),
+        tuple(float(x) for x in t.cold / max(t.tokens * k, 1)),
+        tuple(float(x) for x in ws),
+        int(t.tokens),
+        int(t.pairs),
+    )
+
+
+register(
+    Analysis(
+        "temporal",
+        "next-token reuse vs the shuffle expectation, cold share, working set",
+        _temporal_map,
+        _temporal_finish,
+    )
+)
+
+
+# prefetch and cross-layer prediction: tables learned on the train halves (pass 1), scored on the test halves
+def _tables_map(tr: RoutingTrace, ctx: Mapping[str, Any]) -> Partial:
+    from moescope.analyze.prefetch import learn_tables
+
+    return {"tables": learn_tables(tr)}
+
+
+def _hits_map(tr: RoutingTrace, ctx: Mapping[str, Any], tables: Any) -> Partial:
+    from moescope.analyze.prefetch import hit_counts, split_ranges
+
+    return {"hits": hit_counts(tr, tables, ctx["budgets"], ctx["predictors"], ranges=split_ranges(tr, "test"))}
+
+
+def _prefetch_finish(part: Partial, ctx: Mapping[str, Any]):
+    from moescope.analyze.prefetch import results_from_hits
+
+    return results_from_hits(part["pass2/hits"], [int(x) for x in ctx["layer_ids"]], ctx["top_k"], ctx["n_experts"])
+
+
+register(
+    Analysis(
+        "prefetch",
+        "next-token prefetch hit rates and cross-layer precision (train halves -> test halves)",
+        _tables_map,
+        _prefetch_finish,
+        learn=lambda part, ctx: part["tables"],
+        map2=_hits_map,
+    )
+)
