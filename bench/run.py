@@ -290,6 +290,11 @@ def bench_split_gguf(tmp: Path) -> dict:
     return _bench_module("split_speed")
 
 
+def bench_scale_analyses(tmp: Path) -> dict:
+    """Every chunked analysis on 5M x 48 x top-8 in process and on Dask (see bench/scale_speed.py)."""
+    return _bench_module("scale_speed")
+
+
 def _bench_module(name: str) -> dict:
     """Run `measure()` of bench/<name>.py in a fresh interpreter (see `_child`)."""
     return _child(f"import sys\nsys.path.insert(0, {str(ROOT / 'bench')!r})\nimport {name}\nout = {name}.measure()\n")

@@ -1,0 +1,86 @@
+"""Production-size analysis: a 5M-token x 48-layer x top-8 synthetic store (~1.9 billion routing decisions)
+analysed chunk by chunk in one process (peak RSS must stay under 4 GB), then on a 2-worker Dask
+LocalCluster; both results are compared and the speed-up reported (`bench/run.py scale_analyses`).
+
+Each step runs in its own process so its peak RSS is its own. The store is written by `save_synth`
+(streamed). Analyses: counts, concentration, ranking, coact, temporal, prefetch (every chunked analysis).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SPEC = dict(
+    n_tokens=5_000_000,
+    n_layers=48,
+    n_experts=128,
+    top_k=8,
+    n_teams=8,
+    team_size=8,
+    team_strength=0.4,
+    stickiness=0.2,
+    domains=("a", "b"),
+    seed=1,
+    weights_dtype=None,
+    seq_len=512.0,
+)
+
+_STEP = """
+import json, resource, sys, time
+import numpy as np
+from moescope.scale import ANALYSES, run_chunked
+t = time.perf_counter()
+res = run_chunked(sys.argv[1], list(ANALYSES), scheduler=None if sys.argv[2] == "none" else sys.argv[2])
+dt = time.perf_counter() - t
+digest = {
+    "counts_sum": int(res["counts"].values.sum()),
+    "coact_median_excess": res["coact"].median_excess,
+    "temporal_reuse": list(res["temporal"].reuse[:4]),
+    "prefetch_first_layer": res["prefetch"][0][0].to_dict(),
+}
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"seconds": round(dt, 2), "peak_rss_mib": round(rss, 1), "digest": digest}))
+"""
+
+
+def _run(code: str, *args: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def measure() -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="moescope-scale-"))
+    try:
+        store = tmp / "big.zarr"
+        t = time.perf_counter()
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from pathlib import Path; from moescope.synth import SynthSpec, "
+                f"save_synth; save_synth(SynthSpec(**{SPEC!r}), Path(sys.argv[1]))",
+                str(store),
+            ],
+            check=True,
+        )
+        write_s = time.perf_counter() - t
+        inproc = _run(_STEP, str(store), "none")
+        dask = _run(_STEP, str(store), "local:2")
+        return {
+            "shape": [SPEC["n_tokens"], SPEC["n_layers"], SPEC["top_k"]],
+            "decisions": SPEC["n_tokens"] * SPEC["n_layers"] * SPEC["top_k"],
+            "store_write_s": round(write_s, 1),
+            "in_process": {k: v for k, v in inproc.items() if k != "digest"},
+            "dask_local_2": {k: v for k, v in dask.items() if k != "digest"},
+            "speedup_dask_vs_in_process": round(inproc["seconds"] / dask["seconds"], 3),
+            "results_identical": inproc["digest"] == dask["digest"],
+            "goal": "in-process peak RSS < 4096 MiB; Dask results identical",
+        }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
