@@ -18,7 +18,7 @@ $(BASE): pyproject.toml
 
 # llama-cpp-python compiles llama.cpp (about 5 minutes on 2 cores), once per venv; pip caches the wheel
 $(DEV): $(BASE)
-	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) -e '.[dev,hf,llama]' '$(TORCH)'
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) -e '.[dev,hf,llama,place,dask]' '$(TORCH)'
 	touch $@
 
 demo: $(BASE)

@@ -84,3 +84,20 @@ def test_bad_requests(store):
         run_chunked(path, ["counts"], scheduler="local:two")
     with pytest.raises(UsageError, match=r"layer\(s\) \[9\]"):
         run_chunked(path, ["counts"], layers=[9])
+
+
+def test_cli_analyze(store, capsys):
+    import json
+
+    from test_cli import run
+
+    path, trace = store
+    code, out, err = run(capsys, "analyze", path, "--only", "counts,coact,temporal", "--chunk-tokens", "900", "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["coact"] == coactivation(trace).to_dict()
+    assert d["counts"]["tokens"] == trace.n_tokens
+    code, out, _ = run(capsys, "analyze", path, "--only", "prefetch,concentration")
+    assert code == 0 and "cross-layer precision" in out and "cache helps" in out
+    code, _, err = run(capsys, "analyze", path, "--only", "nope")
+    assert code == 2 and "unknown" in err

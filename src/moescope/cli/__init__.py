@@ -24,6 +24,7 @@ from moescope.cli.demo import demo
 from moescope.cli.gguf_cmds import gguf_app, plan_app, reduce, split
 from moescope.cli.locality_cmd import locality
 from moescope.cli.report_cmd import report
+from moescope.cli.scale_cmd import analyze
 from moescope.cli.trace_cmds import import_, trace_app
 from moescope.errors import MoescopeError
 
@@ -54,6 +55,7 @@ app.command("cache")(cache)
 app.command("split")(split)
 app.command("reduce")(reduce)
 app.command("report")(report)
+app.command("analyze")(analyze)
 
 
 def _version(value: bool) -> None:
