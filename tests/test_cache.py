@@ -315,3 +315,28 @@ def test_esft_reproduces_the_field_ordering(realdata):
         assert rate[lru, ci] > rate[belady, ci] + 0.08
         assert abs(rate[coact, ci] - rate[lru, ci]) < 0.01
         assert t[coact, ci, 1] + t[coact, ci, 2] > 1.1 * t[lru, ci, 1]
+
+
+def test_cut_at_resets_adds_up():
+    from moescope.cache.simulate import cut_at_resets
+
+    tr = random_trace(n_tokens=400, n_layers=1, n_experts=8, k=2, n_seq=12, seed=3)
+    (stream,) = build_streams(tr, reset_per_sequence=True)
+    parts = cut_at_resets(stream, 4)
+    assert 1 < len(parts) <= 4 and all(p.reset[0] for p in parts)
+    assert sum(p.req.shape[0] for p in parts) == 400
+    for name in ("lru", "arc", "belady"):
+        whole = make_policy(name).run(stream, 3)
+        assert (sum(make_policy(name).run(p, 3) for p in parts) == whole).all()
+
+
+@pytest.mark.slow
+def test_simulate_on_dask_equals_threads():
+    pytest.importorskip("distributed")
+    tr = random_trace(n_tokens=600, n_layers=2, n_experts=8, k=2, n_seq=10, seed=8)
+    for reset in (False, True):
+        a = simulate(tr, [2, 4], ["lru", "lfu-static", "coact-prefetch", "belady"], reset_per_sequence=reset)
+        b = simulate(
+            tr, [2, 4], ["lru", "lfu-static", "coact-prefetch", "belady"], reset_per_sequence=reset, scheduler="local:2"
+        )
+        assert np.array_equal(a.stats, b.stats)

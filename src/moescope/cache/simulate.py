@@ -16,6 +16,7 @@ Layers and capacities run in parallel threads (the kernels release the GIL).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -183,6 +184,7 @@ def simulate(
     split: str = "test",
     params: PolicyParams | None = None,
     progress: Callable[[int, int], None] | None = None,
+    scheduler: str | None = None,
 ) -> CacheResult:
     """Replay `trace` through every policy at every capacity.
 
@@ -196,6 +198,9 @@ def simulate(
     split : "test" (fit on first halves, replay second halves) or "all" (in-sample).
     params : LFU aging, prefetch budget.
     progress : called with (jobs done, jobs) as replays finish.
+    scheduler : run the replays as Dask tasks (``"local:N"`` or a scheduler address) instead of threads:
+        one task per policy and layer, and with `reset_per_sequence` each layer's stream cut at sequence
+        starts into independent pieces whose counts add up exactly.
 
     Returns
     -------
@@ -221,14 +226,18 @@ def simulate(
             if pol.learns:
                 pol.fit(tr_stream)
             fitted[name, s] = pol
-    jobs = [(pi, ci, s) for pi in range(len(names)) for ci in range(len(caps)) for s in range(len(test))]
     stats = np.zeros((len(names), len(caps), len(test), 4), dtype=np.int64)
+    if scheduler is not None:
+        _simulate_dask(scheduler, names, params, train, test, [c * scale for c in caps], reset_per_sequence, stats,
+                       progress)  # fmt: skip
+    else:
+        jobs = [(pi, ci, s) for pi in range(len(names)) for ci in range(len(caps)) for s in range(len(test))]
 
-    def work(job: tuple[int, int, int]) -> None:
-        pi, ci, s = job
-        stats[pi, ci, s] = fitted[names[pi], s].run(test[s], caps[ci] * scale)
+        def work(job: tuple[int, int, int]) -> None:
+            pi, ci, s = job
+            stats[pi, ci, s] = fitted[names[pi], s].run(test[s], caps[ci] * scale)
 
-    _run_jobs(work, jobs, progress)
+        _run_jobs(work, jobs, progress)
     return CacheResult(
         tuple(names),
         tuple(caps),
@@ -242,6 +251,57 @@ def simulate(
         split,
         params,
     )
+
+
+def replay(name: str, params: PolicyParams, train: Stream, test: Stream, capacities: Sequence[int]) -> np.ndarray:
+    """[capacities, 4] stats of one policy fitted on `train` and replayed on `test` (a Dask task)."""
+    pol = make_policy(name, params)
+    if pol.learns:
+        pol.fit(train)
+    return np.stack([pol.run(test, int(c)) for c in capacities])
+
+
+def cut_at_resets(stream: Stream, pieces: int) -> list[Stream]:
+    """Up to `pieces` consecutive parts of `stream`, cut only where the cache restarts empty (so each part
+    replays independently and the parts' counts add up to the whole stream's)."""
+    starts = np.flatnonzero(stream.reset)
+    if pieces <= 1 or starts.size <= 1:
+        return [stream]
+    n = stream.req.shape[0]
+    want = np.linspace(0, n, pieces + 1)[1:-1]
+    cuts = sorted({int(starts[np.argmin(np.abs(starts - w))]) for w in want} - {0})
+    bounds = [0, *cuts, n]
+    return [
+        Stream(stream.req[a:b], stream.reset[a:b], stream.n_items, stream.n_experts)
+        for a, b in itertools.pairwise(bounds)
+    ]
+
+
+def _simulate_dask(scheduler, names, params, train, test, capacities, per_sequence, stats, progress) -> None:
+    from moescope.scale.mapreduce import _client
+
+    client, cluster = _client(scheduler)
+    try:
+        n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+        futures, where = [], []
+        for pi, name in enumerate(names):
+            for s in range(len(test)):
+                parts = cut_at_resets(test[s], 2 * n_workers) if per_sequence else [test[s]]
+                for part in parts:
+                    futures.append(client.submit(replay, name, params, train[s], part, capacities, pure=False))
+                    where.append((pi, s))
+        from distributed import as_completed
+
+        index = {f.key: i for i, f in enumerate(futures)}
+        for done, fut in enumerate(as_completed(futures), 1):
+            pi, s = where[index[fut.key]]
+            stats[pi, :, s] += fut.result()
+            if progress:
+                progress(done, len(futures))
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
 
 
 def _run_jobs(work: Callable[[Any], None], jobs: Sequence[Any], progress: Callable[[int, int], None] | None) -> None:

@@ -63,6 +63,9 @@ def cache(
     dense_bytes: Annotated[
         str | None, typer.Option("--dense-bytes", help="Non-expert bytes read per token (default: --gguf's, or 0).")
     ] = None,
+    scheduler: Annotated[
+        str | None, typer.Option("--scheduler", help="Replay on Dask: 'local:N' or a scheduler address.")
+    ] = None,
     pcie_gbps: Annotated[float, typer.Option("--pcie-gbps", help="Host-to-GPU bandwidth, GB/s.")] = 25.0,
     gpu_gbps: Annotated[float, typer.Option("--gpu-gbps", help="GPU memory bandwidth, GB/s.")] = 900.0,
     cpu_gbps: Annotated[float, typer.Option("--cpu-gbps", help="CPU memory bandwidth, GB/s.")] = 60.0,
@@ -146,6 +149,7 @@ def cache(
             split=split,
             params=params,
             progress=bar,
+            scheduler=scheduler,
         )
     mean_eb = None if eb is None else float(np.mean(eb))
     out: dict[str, Any] = {"table": result.to_dict(mean_eb)}
