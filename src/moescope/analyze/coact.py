@@ -517,7 +517,12 @@ def coactivation_from_counts(
     if c.ndim != 3 or c.shape[0] != len(layer_ids):
         raise UsageError(f"counts has shape {c.shape}; expected [layers, E, E] with {len(layer_ids)} layers")
     opts = _options(c.shape[1], top_k, n_tokens, groups, n_null, null, seed, restarts, min_excess)
-    rows = _batch_rows(c.astype(np.int64), [int(x) for x in layer_ids], n_tokens, top_k, opts, keep_matrices)
+    lids = [int(x) for x in layer_ids]
+    rows: list[LayerCoact] = []
+    batch = max(1, numba.get_num_threads())  # the nulls hold N k ids per null layer: a few layers at a time
+    for lo in range(0, len(lids), batch):
+        rows += _batch_rows(c[lo : lo + batch].astype(np.int64), lids[lo : lo + batch], n_tokens, top_k, opts,
+                            keep_matrices)  # fmt: skip
     return _result(rows, c.shape[1], top_k, n_tokens, opts, model)
 
 
