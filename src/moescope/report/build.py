@@ -77,7 +77,7 @@ def build_report(
 
 def _extra_sections() -> list[tuple[str, Callable[..., None]]]:
     """The sections after the cache gate, in page order."""
-    return [("co-activation", _coact), ("locality", _locality)]
+    return [("co-activation", _coact), ("locality", _locality), ("placement", _placement)]
 
 
 # -- concentration -------------------------------------------------------------------------------------
@@ -437,5 +437,78 @@ def _coact(trace: RoutingTrace, cards: list[Card], figures: list[Figure], summar
             "predicts; on the right, real bars well above the null bars mean the teams are real, not something "
             "clustering would find in any routing.",
             heat,
+        )
+    )
+
+
+# -- placement -----------------------------------------------------------------------------------------
+def _placement(trace: RoutingTrace, cards: list[Card], figures: list[Figure], summary: dict[str, Any], devices) -> None:
+    import plotly.graph_objects as go
+
+    from moescope.place import compare_placements
+
+    devs = [int(d) for d in devices if 2 <= int(d) <= trace.n_experts // 2]
+    if not devs:
+        return
+    rep = compare_placements(trace, devs)
+    d = rep.to_dict()
+    rows = []
+    picks = []
+    for n_dev in devs:
+        mine = [r for r in rep.rows if r.n_devices == n_dev and r.replicas == 0]
+        ok = [r for r in mine if r.method != "frequency" and r.cv_excess <= 0.05] or [r for r in mine]
+        best = min(ok, key=lambda r: (r.score.mean_devices, r.method))
+        picks.append(best)
+        base = best.baseline
+        rows.append(
+            (
+                f"D={n_dev}",
+                best.method,
+                f"{base.mean_devices:.2f}",
+                f"{best.score.mean_devices:.2f}",
+                f"{best.vs_frequency:+.1%}",
+                f"{base.mean_cv:.3f} / {best.score.mean_cv:.3f}",
+            )
+        )
+    verdict = "; ".join(f"D={r.n_devices}: {r.method} {r.vs_frequency:+.0%} devices/token" for r in picks)
+    d["verdict"] = verdict
+    summary["placement"] = d
+    cards.append(
+        Card(
+            "Which static placement across devices?",
+            f"{picks[-1].method}: {picks[-1].vs_frequency:+.0%} devices per token at D={picks[-1].n_devices}",
+            (
+                "Fitted on first halves, scored on second halves, against frequency load balancing; a method counts "
+                "only if its load CV stays within 0.05 of frequency's (fewer devices per token = less all-to-all).",
+            ),
+            "good" if picks[-1].vs_frequency < -0.05 else "info",
+            (("D", "best method", "frequency dev/tok", "best dev/tok", "change", "load CV freq / best"), *rows),
+        )
+    )
+    fig = go.Figure()
+    symbols = ["circle", "square", "diamond", "triangle-up", "x", "star"]
+    for mi, name in enumerate(dict.fromkeys(r.method for r in rep.rows)):
+        mine = [r for r in rep.rows if r.method == name and r.replicas == 0]
+        fig.add_trace(
+            go.Scatter(
+                x=[r.score.mean_cv for r in mine],
+                y=[r.score.mean_devices for r in mine],
+                mode="markers+text",
+                text=[f"D={r.n_devices}" for r in mine],
+                textposition="top center",
+                name=name,
+                marker=dict(size=12, symbol=symbols[mi % len(symbols)]),
+                hovertemplate=f"{name}<br>%{{text}}<br>load CV %{{x:.3f}}<br>devices/token %{{y:.2f}}<extra></extra>",
+            )
+        )
+    fig.update_layout(
+        **_LAYOUT, xaxis_title="load CV across devices (held-out)", yaxis_title="distinct devices per token"
+    )
+    figures.append(
+        Figure(
+            "Placement",
+            "each point is a method at one device count: lower means less all-to-all traffic, further right means "
+            "more load imbalance (stragglers); the best placements sit low without moving right of frequency.",
+            fig,
         )
     )
