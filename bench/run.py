@@ -295,6 +295,11 @@ def bench_scale_analyses(tmp: Path) -> dict:
     return _bench_module("scale_speed")
 
 
+def bench_place_speed(tmp: Path) -> dict:
+    """A 128-expert x 48-layer x D=8 placement from a 1M-token trace (see bench/place_speed.py)."""
+    return _bench_module("place_speed")
+
+
 def _bench_module(name: str) -> dict:
     """Run `measure()` of bench/<name>.py in a fresh interpreter (see `_child`)."""
     return _child(f"import sys\nsys.path.insert(0, {str(ROOT / 'bench')!r})\nimport {name}\nout = {name}.measure()\n")

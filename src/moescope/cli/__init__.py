@@ -23,6 +23,7 @@ from moescope.cli.coact_cmd import coact
 from moescope.cli.demo import demo
 from moescope.cli.gguf_cmds import gguf_app, plan_app, reduce, split
 from moescope.cli.locality_cmd import locality
+from moescope.cli.place_cmd import place
 from moescope.cli.report_cmd import report
 from moescope.cli.scale_cmd import analyze
 from moescope.cli.trace_cmds import import_, trace_app
@@ -51,6 +52,7 @@ app.command("concentration")(concentration)
 app.command("rank")(rank)
 app.command("coact")(coact)
 app.command("locality")(locality)
+app.command("place")(place)
 app.command("cache")(cache)
 app.command("split")(split)
 app.command("reduce")(reduce)

@@ -1,0 +1,187 @@
+"""Fit placement methods on the train split, score them on the held-out split, side by side.
+
+`compare_placements` is what ``moescope place`` runs: for each device count D and each method, fit on the
+train tokens (first half of every sequence; ``split="all"``: every token, in-sample) and score on the held-out
+tokens (second halves; ``"all"``: every token) with `moescope.place.metrics`. ``frequency`` (standard load
+balancing) is always fitted: every row's devices per token is also given relative to it. With ``replicas
+R > 0`` each method is scored twice, without and with R copies of the hottest experts, so the trade of
+memory for balance and locality reads off adjacent rows. Pure: no I/O, no printing.
+
+    >>> report = compare_placements(trace, devices=[4, 8], methods=["frequency", "coact-refined"])
+    >>> report.rows[1].vs_frequency
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from moescope.errors import UsageError
+from moescope.place.data import TrainData
+from moescope.place.layout import Placement, check_devices
+from moescope.place.methods import METHODS, PlaceParams, available_methods
+from moescope.place.metrics import PlacementScore, score_placement
+from moescope.place.replicas import add_replicas
+from moescope.slicing import split_halves
+from moescope.trace import RoutingTrace
+
+SPLITS = ("test", "all")
+BASELINE = "frequency"
+
+
+@dataclasses.dataclass(frozen=True)
+class PlacementRow:
+    """One method at one device count (and replica count), scored on the held-out split."""
+
+    n_devices: int
+    method: str
+    replicas: int
+    score: PlacementScore
+    baseline: PlacementScore
+    fit_seconds: float
+
+    @property
+    def vs_frequency(self) -> float:
+        """Relative change of mean devices per token against frequency (replica-free) at the same D."""
+        return self.score.mean_devices / self.baseline.mean_devices - 1.0
+
+    @property
+    def cv_excess(self) -> float:
+        """Mean load CV minus frequency's (replica-free, same D)."""
+        return self.score.mean_cv - self.baseline.mean_cv
+
+    def to_dict(self, layers: bool = False) -> dict[str, Any]:
+        score = self.score.to_dict()
+        if not layers:
+            score.pop("layers")
+        return {
+            "devices": self.n_devices,
+            "method": self.method,
+            "replicas": self.replicas,
+            "vs_frequency": self.vs_frequency,
+            "load_cv_minus_frequency": self.cv_excess,
+            "fit_seconds": round(self.fit_seconds, 3),
+            **score,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class PlacementReport:
+    """Rows in (D, method, replicas) order, the split used, and the fitted placements by (D, method, R)."""
+
+    rows: tuple[PlacementRow, ...]
+    split: str
+    train_tokens: int
+    test_tokens: int
+    n_experts: int
+    top_k: int
+    layer_ids: np.ndarray
+    placements: dict[tuple[int, str, int], Placement]
+    params: PlaceParams
+    model: str | None = None
+
+    def row(self, n_devices: int, method: str, replicas: int = 0) -> PlacementRow:
+        for r in self.rows:
+            if (r.n_devices, r.method, r.replicas) == (n_devices, method, replicas):
+                return r
+        raise UsageError(f"no result for D={n_devices}, method {method!r}, replicas {replicas}")
+
+    def to_dict(self, layers: bool = False) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "split": self.split,
+            "train_tokens": self.train_tokens,
+            "scored_tokens": self.test_tokens,
+            "n_experts": self.n_experts,
+            "top_k": self.top_k,
+            "layer_ids": self.layer_ids.tolist(),
+            "params": dataclasses.asdict(self.params),
+            "rows": [r.to_dict(layers) for r in self.rows],
+        }
+
+
+def parse_methods(names: Sequence[str] | None) -> list[str]:
+    """Validate method names against `METHODS` (None: every method whose dependencies are installed),
+    frequency always first."""
+    chosen = available_methods() if names is None else list(dict.fromkeys(names))
+    unknown = [n for n in chosen if n not in METHODS]
+    if unknown:
+        raise UsageError(f"--method {', '.join(unknown)}: unknown; choose from {', '.join(METHODS)}")
+    return [BASELINE] + [n for n in chosen if n != BASELINE]
+
+
+def compare_placements(
+    trace: RoutingTrace,
+    devices: Sequence[int],
+    methods: Sequence[str] | None = None,
+    *,
+    replicas: int = 0,
+    split: str = "test",
+    seed: int = 0,
+    params: PlaceParams | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> PlacementReport:
+    """Fit every method for every device count on train tokens and score it on held-out tokens.
+
+    Parameters
+    ----------
+    trace : the routing; its sequences are split in halves (train = first halves).
+    devices : device counts D, each in 1..E.
+    methods : names in `METHODS` (default: all whose dependencies are installed; ``frequency`` is always
+        added first).
+    replicas : R extra copies per layer; rows with and without them when R > 0.
+    split : ``"test"`` (fit on first halves, score on second halves) or ``"all"`` (in-sample).
+    seed : seed of the random parts (random placement, local-search kicks, Mt-KaHyPar).
+    params : method knobs. progress : called with (fits done, fits total).
+    """
+    if split not in SPLITS:
+        raise UsageError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
+    names = parse_methods(methods)
+    devs = list(dict.fromkeys(int(d) for d in devices))
+    if not devs:
+        raise UsageError("no device counts given; pass e.g. --devices 2,4,8")
+    for d in devs:
+        check_devices(d, trace.n_experts, replicas)
+    params = params or PlaceParams()
+    train, test = split_halves(trace) if split == "test" else (trace, trace)
+    if test.n_tokens == 0:
+        raise UsageError("no held-out tokens: the trace has no sequence with 2+ tokens; use --split all")
+    data = TrainData(train)
+    rows: list[PlacementRow] = []
+    placements: dict[tuple[int, str, int], Placement] = {}
+    total, done = len(devs) * len(names), 0
+    for d in devs:
+        baseline: PlacementScore | None = None
+        for name in names:
+            method = METHODS[name](params)
+            t0 = time.perf_counter()
+            assign = method.fit(data, d, seed)
+            fit_s = time.perf_counter() - t0
+            variants = [(0, Placement.from_assign(assign, d, trace.layer_ids, name, trace.n_experts))]
+            if replicas:
+                table = add_replicas(assign, data, d, replicas)
+                variants.append((replicas, Placement(table, trace.n_experts, trace.layer_ids, name, replicas)))
+            for r, placement in variants:
+                score = score_placement(placement, test)
+                baseline = baseline or score
+                rows.append(PlacementRow(d, name, r, score, baseline, fit_s))
+                placements[(d, name, r)] = placement
+            done += 1
+            if progress is not None:
+                progress(done, total)
+    return PlacementReport(
+        rows=tuple(rows),
+        split=split,
+        train_tokens=train.n_tokens,
+        test_tokens=test.n_tokens,
+        n_experts=trace.n_experts,
+        top_k=trace.top_k,
+        layer_ids=trace.layer_ids,
+        placements=placements,
+        params=params,
+        model=trace.meta.model,
+    )

@@ -1,0 +1,356 @@
+"""Placement methods, one small class each behind one interface, registered by name in `METHODS`.
+
+A method is built with `PlaceParams` and fitted on train routing only: ``fit(data, n_devices, seed)``
+returns ``assign [layers, E] int64``, the device of each expert, at most ``slots = ceil(E / D)`` experts
+per device. Replicas are added afterwards, whatever the method (`moescope.place.replicas`). The CLI's
+``--method`` choices are the keys of `METHODS`; the contract tests run over the same registry.
+
+- ``random``: a seeded random balanced assignment (``ceil`` / ``floor(E / D)`` experts per device).
+- ``frequency``: standard load balancing, LPT: experts by descending train load, each to the least-loaded
+  device with a free slot.
+- ``coact-greedy``: agglomerative clustering on co-activation counts ``C[i, j]`` (train tokens choosing
+  both): repeatedly merge the two groups with the largest summed ``C`` whose sizes fit one device, down to
+  D groups; unconstrained in load. Groups are then packed whole, largest first, onto the least-loaded
+  device with room; a group that fits nowhere is split expert by expert onto the device with room that
+  shares the most co-activation with it.
+- ``coact-capped``: the same, a merge's score lowered by ``coact_lambda`` times the train load by which the
+  merged group would exceed its share of the mean device load (``size / slots`` of it: a full group may
+  carry the mean, a half-full one half of it; penalising only loads above the whole mean lets early
+  groups swallow the hot experts, which leaves the last forced merges unbalanced).
+- ``hypergraph``: Mt-KaHyPar connectivity partitioning of the train token sets (optional extra), repaired
+  to the slot capacity (`moescope.place.hypergraph`).
+- ``coact-refined``: local search on the exact train objective (`moescope.place.refine`) from the
+  coact-greedy, coact-capped and frequency placements, per layer the best: swaps that cut train devices
+  per token while the layer's train load CV stays within frequency's plus ``balance_margin`` and its drift
+  CV (`moescope.place.data`) within frequency's times ``1 + drift_margin``; train tokens in the second half
+  of their sequence weigh ``late_weight`` times more. ``hypergraph-refined``: the same with the hypergraph
+  placement as a fourth start.
+
+Why two balance caps: held-out loads drift from train loads, and experts chosen together tend to drift
+together; grouping them (the point of every co-activation method) makes held-out devices less balanced
+than their train loads say. On ESFT/DeepSeek-V2-Lite, a placement with exactly frequency's train CV still
+showed +0.03..+0.05 held-out CV over frequency, and a train CV margin of 0.02 added about +0.015 more;
+the drift cap keeps co-drifting experts apart.
+
+No I/O.
+
+    >>> assign = METHODS["coact-capped"](PlaceParams()).fit(TrainData(train), n_devices=8, seed=0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import numpy as np
+
+from moescope._jit import njit, njit_parallel, prange
+from moescope.errors import UsageError
+from moescope.place.data import TrainData, device_loads, drift_cv
+from moescope.place.layout import slot_capacity
+from moescope.place.metrics import load_cv
+from moescope.place.refine import refine_all, refine_layer, token_sets
+
+REFINE_TOKENS = 1 << 14  # train tokens per layer the local search evaluates, at most (evenly strided)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlaceParams:
+    """Knobs of the methods (each used only by the methods named).
+
+    balance_margin : refined methods: train load CV allowed above frequency's train CV, per layer.
+    drift_margin : refined methods: drift CV allowed above frequency's, as a ratio (None: no drift cap).
+    coact_lambda : coact-capped: merge penalty per selection of load above the mean device load.
+    epsilon : hypergraph: Mt-KaHyPar's block-weight imbalance.
+    kicks : refined methods: iterated-local-search rounds per layer (random swaps, then descend again).
+    late_weight : refined methods: objective weight of train tokens in the second half of their sequence.
+    max_tokens : refined methods: train tokens per layer the local search evaluates, at most.
+    threads : hypergraph: Mt-KaHyPar threads (default: usable CPUs).
+    """
+
+    balance_margin: float = 0.0
+    drift_margin: float | None = 0.25
+    coact_lambda: float = 5.0
+    epsilon: float = 0.03
+    kicks: int = 32
+    late_weight: int = 3
+    max_tokens: int = REFINE_TOKENS
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.balance_margin < 10:
+            raise UsageError(f"--balance-margin {self.balance_margin!r}: expected a CV margin in [0, 10), e.g. 0.02")
+        if self.drift_margin is not None and not 0 <= self.drift_margin < 1e6:
+            raise UsageError(f"--drift-margin {self.drift_margin!r}: expected a ratio >= 0, e.g. 0.25 (or none)")
+        if not 1 <= self.late_weight <= 1000:
+            raise UsageError(f"late_weight {self.late_weight!r}: expected an integer in 1..1000")
+        if not 0 <= self.coact_lambda < 1e6:
+            raise UsageError(f"coact_lambda {self.coact_lambda!r}: expected a penalty >= 0")
+        if not 0 < self.epsilon < 10:
+            raise UsageError(f"epsilon {self.epsilon!r}: expected an imbalance in (0, 10), e.g. 0.03")
+        if self.kicks < 0 or self.max_tokens < 1:
+            raise UsageError(f"kicks {self.kicks!r} / max_tokens {self.max_tokens!r}: expected >= 0 / >= 1")
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+
+
+@njit
+def _lpt(load, n_dev, slots):
+    """LPT with slots: ``load [E]`` -> ``[E]`` device (descending load, stable; least-loaded device with room)."""
+    n_exp = load.shape[0]
+    order = np.argsort(-load, kind="mergesort")
+    dload = np.zeros(n_dev)
+    dcount = np.zeros(n_dev, dtype=np.int64)
+    out = np.empty(n_exp, dtype=np.int64)
+    for i in range(n_exp):
+        e = order[i]
+        best = -1
+        for d in range(n_dev):
+            if dcount[d] < slots and (best < 0 or dload[d] < dload[best]):
+                best = d
+        out[e] = best
+        dload[best] += load[e]
+        dcount[best] += 1
+    return out
+
+
+@njit
+def _agglomerate(coact, load, n_dev, slots, lam):
+    """Merge experts into <= D groups by co-activation, then pack (see the module); returns ``[E]`` device.
+
+    coact : [E, E] int64 co-activation counts; load : [E] float64 train selections; lam : load penalty.
+    """
+    n_exp = load.shape[0]
+    gain = coact.astype(np.float64)
+    for i in range(n_exp):
+        gain[i, i] = 0.0
+    mean_load = load.sum() / n_dev
+    group = np.arange(n_exp)
+    size = np.ones(n_exp, dtype=np.int64)
+    gload = load.copy()
+    alive = np.ones(n_exp, dtype=np.bool_)
+    n_groups = n_exp
+    while n_groups > n_dev:
+        best, ba, bb = -np.inf, -1, -1
+        for a in range(n_exp):
+            if not alive[a]:
+                continue
+            for b in range(a + 1, n_exp):
+                if not alive[b] or size[a] + size[b] > slots:
+                    continue
+                fair = mean_load * (size[a] + size[b]) / slots
+                score = gain[a, b] - lam * max(0.0, gload[a] + gload[b] - fair)
+                if score > best:
+                    best, ba, bb = score, a, b
+        if ba < 0:
+            break
+        for c in range(n_exp):
+            gain[ba, c] += gain[bb, c]
+            gain[c, ba] += gain[c, bb]
+        gain[ba, ba] = 0.0
+        alive[bb] = False
+        size[ba] += size[bb]
+        gload[ba] += gload[bb]
+        for e in range(n_exp):
+            if group[e] == bb:
+                group[e] = ba
+        n_groups -= 1
+    # whole groups, largest first (then heaviest), onto the least-loaded device with room
+    order = np.argsort(-(size * (n_exp + 1.0) + gload / (load.sum() + 1.0)), kind="mergesort")
+    out = np.full(n_exp, -1, dtype=np.int64)
+    dload = np.zeros(n_dev)
+    dcount = np.zeros(n_dev, dtype=np.int64)
+    for i in range(n_exp):
+        g = order[i]
+        if not alive[g]:
+            continue
+        best = -1
+        for d in range(n_dev):
+            if dcount[d] + size[g] <= slots and (best < 0 or dload[d] < dload[best]):
+                best = d
+        if best < 0:
+            continue
+        for e in range(n_exp):
+            if group[e] == g:
+                out[e] = best
+        dload[best] += gload[g]
+        dcount[best] += size[g]
+    # split what did not fit: each expert (hottest first) to the device with room sharing most co-activation
+    order = np.argsort(-load, kind="mergesort")
+    for i in range(n_exp):
+        e = order[i]
+        if out[e] >= 0:
+            continue
+        best, best_aff = -1, -1.0
+        for d in range(n_dev):
+            if dcount[d] >= slots:
+                continue
+            aff = 0.0
+            for f in range(n_exp):
+                if out[f] == d:
+                    aff += coact[e, f]
+            if aff > best_aff or (aff == best_aff and dload[d] < dload[best]):
+                best, best_aff = d, aff
+        out[e] = best
+        dload[best] += load[e]
+        dcount[best] += 1
+    return out
+
+
+@njit_parallel
+def _agglomerate_all(coact, load, n_dev, slots, lam, out):
+    for layer in prange(coact.shape[0]):
+        out[layer] = _agglomerate(coact[layer], load[layer], n_dev, slots, lam)
+
+
+# ----------------------------------------------------------------------------------------------
+# the registry
+
+
+class PlacementMethod:
+    """Base class: `fit` maps train routing to ``assign [layers, E]`` (device per expert, <= ceil(E/D) each)."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    requires: ClassVar[str | None] = None  # optional Python package the method imports lazily
+
+    def __init__(self, params: PlaceParams | None = None) -> None:
+        self.params = params or PlaceParams()
+
+    def fit(self, data: TrainData, n_devices: int, seed: int = 0) -> np.ndarray:
+        raise NotImplementedError
+
+
+METHODS: dict[str, type[PlacementMethod]] = {}
+
+
+def register(cls: type[PlacementMethod]) -> type[PlacementMethod]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    """Registered methods whose optional dependency (if any) is installed, in registry order."""
+    import importlib.util
+
+    return [n for n, cls in METHODS.items() if cls.requires is None or importlib.util.find_spec(cls.requires)]
+
+
+@register
+class RandomPlacement(PlacementMethod):
+    name = "random"
+    summary = "seeded random balanced assignment (the floor to beat)"
+
+    def fit(self, data: TrainData, n_devices: int, seed: int = 0) -> np.ndarray:
+        out = np.empty((data.n_layers, data.n_experts), dtype=np.int64)
+        for layer in range(data.n_layers):
+            perm = np.random.default_rng([seed, layer]).permutation(data.n_experts)
+            out[layer, perm] = np.arange(data.n_experts) % n_devices
+        return out
+
+
+@register
+class FrequencyPlacement(PlacementMethod):
+    name = "frequency"
+    summary = "standard load balancing: LPT on train load, E/D experts per device (the baseline)"
+
+    def fit(self, data: TrainData, n_devices: int, seed: int = 0) -> np.ndarray:
+        slots = slot_capacity(data.n_experts, n_devices)
+        return np.stack([_lpt(data.load[i].astype(np.float64), n_devices, slots) for i in range(data.n_layers)])
+
+
+@register
+class CoactGreedy(PlacementMethod):
+    name = "coact-greedy"
+    summary = "agglomerate experts by co-activation count; load unconstrained"
+    capped: ClassVar[bool] = False
+
+    def fit(self, data: TrainData, n_devices: int, seed: int = 0) -> np.ndarray:
+        out = np.empty((data.n_layers, data.n_experts), dtype=np.int64)
+        lam = self.params.coact_lambda if self.capped else 0.0
+        slots = slot_capacity(data.n_experts, n_devices)
+        _agglomerate_all(data.coact, data.load.astype(np.float64), n_devices, slots, lam, out)
+        return out
+
+
+@register
+class CoactCapped(CoactGreedy):
+    name = "coact-capped"
+    summary = "co-activation agglomeration penalised by load above the mean device load"
+    capped = True
+
+
+@register
+class HypergraphPlacement(PlacementMethod):
+    name = "hypergraph"
+    summary = "Mt-KaHyPar connectivity partition of train token sets, repaired to E/D slots"
+    requires = "mtkahypar"
+
+    def fit(self, data: TrainData, n_devices: int, seed: int = 0) -> np.ndarray:
+        from moescope.place.hypergraph import partition_layer
+
+        slots = slot_capacity(data.n_experts, n_devices)
+        out = np.empty((data.n_layers, data.n_experts), dtype=np.int64)
+        none = np.zeros((0, 0))
+        for layer in range(data.n_layers):
+            sets, w = token_sets(data.experts, layer, np.zeros(0, dtype=np.int64))
+            vw = data.load[layer] + 1
+            assign = partition_layer(sets, w, vw, n_devices, self.params.epsilon, seed, self.params.threads)
+            load = data.load[layer].astype(np.float64)
+            # phase 0 only: the cheapest moves out of over-full devices
+            refine_layer(sets, w, assign, load, n_devices, slots, -1.0, 0, 0, seed, none, -1.0)
+            out[layer] = assign
+        return out
+
+
+def refine(data: TrainData, starts: list[np.ndarray], n_devices: int, params: PlaceParams, seed: int) -> np.ndarray:
+    """Local search (`moescope.place.refine`) from each of ``starts`` (``[layers, E]`` each); per layer the
+    result with the lowest train objective. Returns a new ``[layers, E]`` assignment.
+
+    Each layer's train load CV is capped at frequency's train CV + ``params.balance_margin`` and, unless
+    ``params.drift_margin`` is None, its drift CV (`moescope.place.data`) at frequency's times
+    ``1 + drift_margin``. The objective weighs train tokens in the second half of their sequence
+    ``params.late_weight`` times (held-out tokens come later in the same sequences).
+    """
+    freq = FrequencyPlacement().fit(data, n_devices)
+    cap = load_cv(device_loads(freq, data.load, n_devices)) + params.balance_margin
+    if params.drift_margin is not None:
+        cov = data.drift_cov
+        dcap = drift_cv(freq, cov, data.load, n_devices) * (1.0 + params.drift_margin)
+    else:
+        cov, dcap = np.zeros((data.n_layers, 0, 0)), np.full(data.n_layers, -1.0)
+    stack = np.ascontiguousarray(np.stack(starts), dtype=np.int64)
+    out = np.empty_like(stack[0])
+    stats = np.zeros((data.n_layers, stack.shape[0] + 1, 3), dtype=np.int64)
+    slots = slot_capacity(data.n_experts, n_devices)
+    experts, tw = data.sample(params.max_tokens, params.late_weight)
+    load = data.load.astype(np.float64)
+    refine_all(experts, tw, stack, load, n_devices, slots, cap, 1 << 30, params.kicks, seed, cov, dcap, out, stats)
+    return out
+
+
+class RefinedPlacement(PlacementMethod):
+    """Local search from the placements of the `starts` methods; per layer the best train objective."""
+
+    starts: ClassVar[tuple[type[PlacementMethod], ...]]
+
+    def fit(self, data: TrainData, n_devices: int, seed: int = 0) -> np.ndarray:
+        starts = [m(self.params).fit(data, n_devices, seed) for m in self.starts]
+        return refine(data, starts, n_devices, self.params, seed)
+
+
+@register
+class CoactRefined(RefinedPlacement):
+    name = "coact-refined"
+    summary = "swaps cutting train devices/token within frequency's balance, from coact and frequency starts"
+    starts = (CoactGreedy, CoactCapped, FrequencyPlacement)
+
+
+@register
+class HypergraphRefined(RefinedPlacement):
+    name = "hypergraph-refined"
+    summary = "coact-refined with the hypergraph partition as a fourth start"
+    requires = "mtkahypar"
+    starts = (CoactGreedy, CoactCapped, FrequencyPlacement, HypergraphPlacement)

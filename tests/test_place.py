@@ -1,0 +1,478 @@
+"""Static expert placement: kernels vs naive references, method contracts from the registry, planted teams,
+the train/test split, replicas, exports, the CLI, and the goal on real data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import typer
+from typer.testing import CliRunner
+
+import reference_place as ref
+from conftest import random_trace
+from moescope.cli.place_cmd import place
+from moescope.errors import FormatError, MissingDependencyError, OutputExistsError, UsageError
+from moescope.imports import read_input, write_output
+from moescope.place import (
+    METHODS,
+    Placement,
+    PlaceParams,
+    TrainData,
+    add_replicas,
+    compare_placements,
+    read_placement,
+    route,
+    score_placement,
+    slot_capacity,
+    write_eplb_map,
+    write_placement,
+)
+from moescope.place import refine as R
+from moescope.place.data import device_loads, drift_cv
+from moescope.place.methods import _lpt
+from moescope.slicing import split_halves
+from moescope.synth import SynthSpec, synth_trace
+from moescope.trace import RoutingTrace
+
+# counter-based hashes multiply uint64s; with NUMBA_DISABLE_JIT=1 numpy warns on their (intended) wrap-around
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+
+
+def _fit(name: str, data: TrainData, n_devices: int, params: PlaceParams | None = None, seed: int = 0) -> np.ndarray:
+    cls = METHODS[name]
+    if cls.requires:
+        pytest.importorskip(cls.requires)
+    return cls(params or PlaceParams(kicks=4)).fit(data, n_devices, seed)
+
+
+def _random_table(rng, n_layers: int, n_experts: int, n_devices: int, replicas: int) -> np.ndarray:
+    """A valid random placement table with `replicas` extra copies per layer."""
+    slots = slot_capacity(n_experts, n_devices, replicas)
+    table = np.full((n_layers, n_devices, slots), -1, dtype=np.int32)
+    for layer in range(n_layers):
+        held = [[] for _ in range(n_devices)]
+        for i, e in enumerate(rng.permutation(n_experts)):
+            held[i % n_devices].append(int(e))
+        for _ in range(replicas):
+            while True:
+                e, d = int(rng.integers(n_experts)), int(rng.integers(n_devices))
+                if e not in held[d] and len(held[d]) < slots:
+                    held[d].append(e)
+                    break
+        for d in range(n_devices):
+            table[layer, d, : len(held[d])] = held[d]
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels vs references
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize(("n_devices", "replicas", "k"), [(2, 0, 2), (3, 0, 3), (4, 2, 2), (3, 4, 3), (5, 6, 4)])
+def test_route_matches_reference(n_devices, replicas, k):
+    rng = np.random.default_rng(n_devices * 10 + replicas)
+    tr = random_trace(n_tokens=120, n_layers=2, n_experts=10, k=k, seed=replicas)
+    table = _random_table(rng, 2, 10, n_devices, replicas)
+    hist, load = route(table, tr.experts, 10)
+    want_hist, want_load = ref.route(table, tr.experts)
+    np.testing.assert_array_equal(hist, want_hist)
+    np.testing.assert_array_equal(load, want_load)
+    assert (hist.sum(axis=1) == 120).all() and (load.sum(axis=1) == 120 * k).all()
+
+
+@pytest.mark.kernels
+def test_route_greedy_fallback_keeps_invariants():
+    """Past `max_enum` combinations the greedy cover still serves every selection from a holding device."""
+    tr = random_trace(n_tokens=60, n_layers=1, n_experts=6, k=3, seed=3)
+    table = np.array([[[0, 1, 2, 3], [4, 5, 0, 1], [2, 3, 4, 5]]], dtype=np.int32)  # every expert twice
+    hist, load = route(table, tr.experts, 6, max_enum=1)
+    exact_hist, _ = route(table, tr.experts, 6)
+    assert hist.sum() == 60 and load.sum() == 180
+    assert (hist * np.arange(hist.shape[1])).sum() >= (exact_hist * np.arange(hist.shape[1])).sum()
+
+
+@pytest.mark.kernels
+def test_token_sets_and_objective_match_reference():
+    tr = random_trace(n_tokens=300, n_layers=2, n_experts=5, k=3, seed=1)  # few distinct sets: real dedup
+    tw = np.random.default_rng(0).integers(1, 4, size=300).astype(np.int64)
+    for layer in range(2):
+        for weights in (np.zeros(0, dtype=np.int64), tw):
+            sets, w = R.token_sets(tr.experts, layer, weights)
+            got = {tuple(int(e) for e in s): int(c) for s, c in zip(sets, w, strict=True)}
+            assert got == dict(ref.token_sets(tr.experts, layer, weights))
+            assert (np.diff(sets, axis=1) > 0).all()
+        assign = np.random.default_rng(layer).integers(0, 3, size=5)
+        assert R.objective(sets, w, assign) == ref.objective(sets, w, assign)
+
+
+@pytest.mark.kernels
+def test_train_tables_match_reference():
+    tr = random_trace(n_tokens=80, n_layers=3, n_experts=7, k=3, n_seq=6, seed=4)
+    data = TrainData(tr)
+    np.testing.assert_array_equal(data.load, ref.loads(tr.experts, 7))
+    np.testing.assert_array_equal(data.coact, ref.coact(tr.experts, 7))
+    np.testing.assert_allclose(data.drift_cov, ref.drift_cov(tr.experts, tr.seq_starts, 7))
+
+
+@pytest.mark.kernels
+def test_lpt_matches_reference():
+    rng = np.random.default_rng(5)
+    for n_exp, n_dev in ((8, 2), (10, 4), (13, 3)):
+        load = rng.integers(0, 50, size=n_exp).astype(np.float64)
+        slots = slot_capacity(n_exp, n_dev)
+        assert _lpt(load, n_dev, slots).tolist() == ref.lpt(load.tolist(), n_dev, slots)
+
+
+@pytest.mark.kernels
+def test_incremental_gains_match_rebuilt_objective():
+    """Every swap or move gain equals the objective change recomputed from scratch, and after a step the
+    incrementally updated tables equal freshly built ones."""
+    tr = random_trace(n_tokens=200, n_layers=1, n_experts=9, k=3, seed=6)
+    sets, w = R.token_sets(tr.experts, 0, np.zeros(0, dtype=np.int64))
+    n_exp, n_dev, n_set = 9, 4, sets.shape[0]
+    rng = np.random.default_rng(7)
+    assign = rng.integers(0, n_dev, size=n_exp).astype(np.int64)
+    eload = rng.random(n_exp)
+
+    def tables(a):
+        cnt = np.zeros((n_set, n_dev), dtype=np.int32)
+        rem, pen = np.zeros(n_exp, dtype=np.int64), np.zeros((n_exp, n_dev), dtype=np.int64)
+        xcor = np.zeros((n_exp, n_exp), dtype=np.int64)
+        dload, dcount = np.zeros(n_dev), np.zeros(n_dev, dtype=np.int64)
+        obj = R._build(sets, w, a, eload, cnt, rem, pen, xcor, dload, dcount)
+        return obj, [cnt, rem, pen, xcor, dload, dcount]
+
+    ptr = np.concatenate([[0], np.cumsum(np.bincount(sets.ravel(), minlength=n_exp))])
+    idx = np.concatenate([np.flatnonzero((sets == e).any(axis=1)) for e in range(n_exp)])
+    stamp = np.zeros(n_set, dtype=np.int64)
+    for step in range(30):
+        obj, tab = tables(assign)
+        assert obj == ref.objective(sets, w, assign)
+        e, f = (int(x) for x in rng.choice(n_exp, size=2, replace=False))
+        move = step % 3 == 0
+        b = int((assign[e] + 1) % n_dev) if move else int(assign[f])
+        g = -1 if move else f
+        if not move and assign[e] == assign[f]:
+            continue
+        after = assign.copy()
+        after[e] = b
+        if g >= 0:
+            after[g] = assign[e]
+        gain = R._gain(e, g, b, assign, tab[1], tab[2], tab[3])
+        assert gain == ref.objective(sets, w, after) - obj
+        R._step(
+            e, g, b, sets, w, ptr, idx, assign, eload, tab[0], tab[1], tab[2], tab[3], tab[4], tab[5], stamp, step + 1
+        )
+        np.testing.assert_array_equal(assign, after)
+        _, fresh = tables(assign.copy())
+        for have, want in zip(tab, fresh, strict=True):
+            np.testing.assert_allclose(have, want)
+
+
+@pytest.mark.kernels
+def test_refine_layer_reports_its_objective_and_keeps_constraints():
+    tr = random_trace(n_tokens=400, n_layers=1, n_experts=12, k=3, n_seq=8, seed=8)
+    data = TrainData(tr)
+    sets, w = R.token_sets(tr.experts, 0, np.zeros(0, dtype=np.int64))
+    n_dev, slots = 4, 3
+    freq = _lpt(data.load[0].astype(np.float64), n_dev, slots)
+    cap = ref.load_cv(device_loads(freq[None], data.load[:1], n_dev)[0].tolist()) + 0.05
+    cov = data.drift_cov[0]
+    dcap = drift_cv(freq[None], data.drift_cov[:1], data.load[:1], n_dev)[0] * 1.5
+    start = np.repeat(np.arange(n_dev), slots)[np.random.default_rng(1).permutation(12)]
+    for kicks in (0, 5, 40):
+        a = start.copy()
+        before, after, _ = R.refine_layer(
+            sets, w, a, data.load[0].astype(np.float64), n_dev, slots, cap, 1 << 30, kicks, 3, cov, dcap
+        )
+        assert before == ref.objective(sets, w, start) and after == ref.objective(sets, w, a) <= before
+        assert np.bincount(a, minlength=n_dev).max() <= slots
+        dl = device_loads(a[None], data.load[:1], n_dev)[0]
+        assert ref.load_cv(dl.tolist()) <= max(cap, ref.load_cv(device_loads(start[None], data.load[:1], n_dev)[0]))
+    # an over-full start is repaired to the slot capacity (phase 0) even without improvement steps
+    a = np.zeros(12, dtype=np.int64)
+    R.refine_layer(sets, w, a, data.load[0].astype(np.float64), n_dev, slots, -1.0, 0, 0, 0, np.zeros((0, 0)), -1.0)
+    assert np.bincount(a, minlength=n_dev).tolist() == [slots] * n_dev
+
+
+# ----------------------------------------------------------------------------------------------
+# methods: the contract, from the registry
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize(("n_experts", "n_devices"), [(16, 4), (10, 4), (9, 1)])
+def test_every_method_returns_a_valid_assignment(name, n_experts, n_devices):
+    tr = random_trace(n_tokens=160, n_layers=2, n_experts=n_experts, k=3, n_seq=5, seed=n_experts)
+    assign = _fit(name, TrainData(tr), n_devices)
+    assert assign.shape == (2, n_experts) and assign.dtype == np.int64
+    slots = slot_capacity(n_experts, n_devices)
+    for layer in range(2):
+        assert assign[layer].min() >= 0 and assign[layer].max() < n_devices
+        assert np.bincount(assign[layer], minlength=n_devices).max() <= slots
+    placement = Placement.from_assign(assign, n_devices, tr.layer_ids, name)  # validates: each expert once
+    assert sorted(placement.table[placement.table >= 0].tolist()) == sorted(list(range(n_experts)) * 2)
+    again = _fit(name, TrainData(tr), n_devices)
+    np.testing.assert_array_equal(assign, again)  # deterministic for a seed
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if n not in ("random", "frequency")])
+def test_planted_teams_are_recovered(name):
+    """Teams of E/D experts chosen together 90% of the time land on one device each: ~1 device per token."""
+    spec = SynthSpec(
+        n_tokens=4000,
+        n_layers=2,
+        n_experts=16,
+        top_k=2,
+        n_teams=4,
+        team_size=4,
+        team_strength=0.9,
+        zipf=0.0,
+        seed=0,
+        weights_dtype=None,
+    )
+    tr = synth_trace(spec)
+    train, test = split_halves(tr)
+    # the refined methods hold frequency's balance by default; teams of equal popularity are nearly balanced
+    params = PlaceParams(kicks=8, balance_margin=0.1, drift_margin=None)
+    assign = _fit(name, TrainData(train), 4, params)
+    teams = tr.meta.extra["synth"]["truth"]["teams"]
+    for layer in range(2):
+        for team in teams[layer]:
+            assert len({int(assign[layer, e]) for e in team}) == 1, (name, layer, team)
+    score = score_placement(Placement.from_assign(assign, 4, tr.layer_ids, name), test)
+    freq = score_placement(Placement.from_assign(_fit("frequency", TrainData(train), 4), 4, tr.layer_ids, "f"), test)
+    assert score.mean_devices < 1.25 < 1.7 < freq.mean_devices
+
+
+def _halves_disagree() -> RoutingTrace:
+    """8 experts, top-2: first halves pair (0,1),(2,3),(4,5),(6,7); second halves pair (0,2),(1,3),(4,6),(5,7)."""
+    rng = np.random.default_rng(0)
+    first = np.array([[0, 1], [2, 3], [4, 5], [6, 7]])
+    second = np.array([[0, 2], [1, 3], [4, 6], [5, 7]])
+    rows, starts = [], []
+    for _ in range(20):
+        starts.append(len(rows))
+        rows += [first[i] for i in rng.integers(0, 4, size=50)] + [second[i] for i in rng.integers(0, 4, size=50)]
+    return RoutingTrace(np.array(rows)[:, None, :], 8, seq_starts=starts)
+
+
+def test_fits_see_only_the_train_split():
+    tr = _halves_disagree()
+    relaxed = PlaceParams(kicks=2, balance_margin=1.0, drift_margin=None)  # free to pair what train pairs
+    report = compare_placements(tr, [4], ["coact-greedy", "coact-refined"], params=relaxed)
+    for name in ("coact-greedy", "coact-refined"):
+        # fitted on first halves: first-half pairs share a device, so every held-out token spans 2 devices
+        assert report.row(4, name).score.mean_devices == 2.0
+        assign = report.placements[(4, name, 0)].assign()[0]
+        assert all(assign[a] == assign[b] for a, b in ((0, 1), (2, 3), (4, 5), (6, 7)))
+    assert report.train_tokens == report.test_tokens == 1000
+    in_sample = compare_placements(tr, [4], ["coact-greedy"], split="all")
+    assert in_sample.row(4, "coact-greedy").score.mean_devices < 2.0
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_fit_ignores_held_out_tokens(name):
+    """Rewriting every second half leaves each method's placement unchanged (only the scores move)."""
+    if METHODS[name].requires:
+        pytest.importorskip(METHODS[name].requires)
+    tr = random_trace(n_tokens=240, n_layers=2, n_experts=8, k=2, n_seq=6, seed=13)
+    experts = tr.experts.copy()
+    rng = np.random.default_rng(1)
+    for a, b in zip(tr.seq_starts, tr.seq_ends, strict=True):
+        mid = a + (b - a) // 2
+        experts[mid:b] = np.argsort(rng.random((b - mid, 2, 8)), axis=2)[..., :2]
+    other = tr.replace(experts=experts)
+    params = PlaceParams(kicks=4)
+    one = compare_placements(tr, [4], [name], params=params)
+    two = compare_placements(other, [4], [name], params=params)
+    np.testing.assert_array_equal(one.placements[(4, name, 0)].table, two.placements[(4, name, 0)].table)
+    assert one.row(4, name).score.hist.tolist() != two.row(4, name).score.hist.tolist()
+
+
+def test_compare_rows_baseline_and_replicas():
+    tr = random_trace(n_tokens=400, n_layers=2, n_experts=12, k=3, n_seq=8, seed=9)
+    report = compare_placements(tr, [2, 4], ["random", "coact-capped"], replicas=3)
+    assert [(r.n_devices, r.method, r.replicas) for r in report.rows] == [
+        (d, m, r) for d in (2, 4) for m in ("frequency", "random", "coact-capped") for r in (0, 3)
+    ]
+    for r in report.rows:
+        base = report.row(r.n_devices, "frequency")
+        assert r.vs_frequency == pytest.approx(r.score.mean_devices / base.score.mean_devices - 1)
+        assert r.score.experts_per_device.max() <= slot_capacity(12, r.n_devices, r.replicas)
+        assert r.score.experts_per_device.sum() == 2 * (12 + r.replicas)
+    d = report.to_dict()
+    assert d["rows"][0]["vs_frequency"] == 0.0 and "layers" not in d["rows"][0]
+    assert len(report.to_dict(layers=True)["rows"][0]["layers"]) == 2
+
+
+def test_replicas_follow_the_rules():
+    tr = random_trace(n_tokens=300, n_layers=2, n_experts=8, k=2, seed=10)
+    data = TrainData(tr)
+    assign = _fit("frequency", data, 4)
+    table = add_replicas(assign, data, 4, 5)
+    placement = Placement(table, 8, tr.layer_ids, "frequency", 5)  # validates: R copies, none twice per device
+    cnt = placement.logcnt()
+    for layer in range(2):
+        hottest = int(np.argmax(data.load[layer]))
+        assert cnt[layer, hottest] >= 2  # the first copy goes to the largest load per copy
+        assert cnt[layer].sum() == 13
+    hist, load = route(table, tr.experts, 8)
+    assert (load.sum(axis=1) == 600).all() and (hist.sum(axis=1) == 300).all()
+    with pytest.raises(UsageError, match="replicas"):
+        add_replicas(assign, data, 4, 8 * 3 + 1)
+
+
+def test_usage_errors():
+    tr = random_trace(n_tokens=40, n_experts=8)
+    with pytest.raises(UsageError, match="devices"):
+        compare_placements(tr, [9])
+    with pytest.raises(UsageError, match="unknown"):
+        compare_placements(tr, [2], ["frequency", "nope"])
+    with pytest.raises(UsageError, match="split"):
+        compare_placements(tr, [2], split="train")
+    with pytest.raises(UsageError, match="balance-margin"):
+        PlaceParams(balance_margin=-1)
+    with pytest.raises(UsageError, match=r"slot capacity|more than"):
+        Placement.from_assign(np.zeros((1, 8), dtype=np.int64), 2, [0], "bad")
+
+
+def test_hypergraph_without_mtkahypar_says_how_to_install(monkeypatch):
+    import importlib
+    import importlib.util
+
+    from moescope.place import hypergraph
+
+    real = importlib.import_module
+
+    def without_mtkahypar(name, *args, **kwargs):
+        if name == "mtkahypar":
+            raise ImportError("No module named 'mtkahypar'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(hypergraph, "_PROCESS", {})
+    monkeypatch.setattr(importlib, "import_module", without_mtkahypar)
+    with pytest.raises(MissingDependencyError, match=r"moescope\[place\]"):
+        METHODS["hypergraph"]().fit(TrainData(random_trace(n_tokens=40, n_experts=8)), 2)
+    # by default, methods needing a missing package are left out rather than failing the comparison
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "mtkahypar" else real_find(n, *a))
+    report = compare_placements(random_trace(n_tokens=60, n_experts=8), [2], params=PlaceParams(kicks=1))
+    assert {r.method for r in report.rows} == {n for n, cls in METHODS.items() if cls.requires is None}
+
+
+# ----------------------------------------------------------------------------------------------
+# exports
+
+
+def test_export_roundtrip_and_eplb_arrays(tmp_path):
+    tr = random_trace(n_tokens=200, n_layers=3, n_experts=8, k=2, seed=11)
+    data = TrainData(tr)
+    placement = Placement(add_replicas(_fit("frequency", data, 4), data, 4, 4), 8, tr.layer_ids, "frequency", 4)
+    path = write_placement(placement, tmp_path / "p.json", model="m")
+    back = read_placement(path)
+    np.testing.assert_array_equal(back.table, placement.table)
+    assert back.replicas == 4 and back.method == "frequency" and back.layer_ids.tolist() == [1, 2, 3]
+    d = json.loads(path.read_text())
+    p2l, l2p, cnt = (np.array(d[k]) for k in ("phy2log", "log2phy", "logcnt"))
+    assert p2l.shape == (3, 4 * 3) and l2p.shape[:2] == (3, 8)
+    for layer in range(3):
+        for p, e in enumerate(p2l[layer]):
+            assert p in l2p[layer, e]
+        assert ((l2p[layer] >= 0).sum(axis=1) == cnt[layer]).all()
+        assert d["layers"][str(layer + 1)]["0"] == [int(e) for e in placement.table[layer, 0] if e >= 0]
+    with pytest.raises(OutputExistsError):
+        write_placement(placement, path)
+    eplb = write_eplb_map(placement, tmp_path / "eplb.json")
+    assert json.loads(eplb.read_text()) == {"physical_to_logical_map": p2l.tolist()}
+    d["layers"]["1"]["0"] = [0, 0]
+    (tmp_path / "bad.json").write_text(json.dumps(d))
+    with pytest.raises(FormatError):
+        read_placement(tmp_path / "bad.json")
+
+
+def test_eplb_map_refuses_empty_slots(tmp_path):
+    tr = random_trace(n_tokens=100, n_experts=10, k=2)
+    placement = Placement.from_assign(_fit("frequency", TrainData(tr), 4), 4, tr.layer_ids, "frequency")
+    with pytest.raises(UsageError, match="empty"):
+        write_eplb_map(placement, tmp_path / "x.json")
+    assert not (tmp_path / "x.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# the CLI
+
+
+def _cli(*args) -> tuple[int, str, BaseException | None]:
+    app = typer.Typer()
+    app.command()(place)
+    result = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+    return result.exit_code, result.stdout, result.exception
+
+
+def test_registry_equals_cli_choices():
+    code, out, _ = _cli("--help")
+    assert code == 0 and "Example" in out
+    listed = [line.split("`")[1] for line in out.splitlines() if line.strip().startswith("- `")]
+    assert listed == list(METHODS)
+    from moescope.cli.place_cmd import _METHOD_HELP
+
+    assert _METHOD_HELP.rstrip(".").split("installed): ")[1].split(", ") == list(METHODS)
+
+
+def test_cli_table_json_and_export(tmp_path):
+    src = tmp_path / "t.npz"
+    write_output(random_trace(n_tokens=300, n_layers=2, n_experts=8, k=2, n_seq=6, seed=12), src)
+    code, out, exc = _cli(src, "--devices", "2,4", "--method", "coact-greedy,coact-refined")
+    assert code == 0, exc
+    assert "devices/token" in out and "coact-refined" in out and "Read:" in out
+    code, out, exc = _cli(
+        src,
+        "-d",
+        "4",
+        "-m",
+        "coact-refined",
+        "--replicas",
+        "4",
+        "--json",
+        "--per-layer",
+        "--export",
+        tmp_path / "p.json",
+        "--export-eplb",
+        tmp_path / "e.json",
+    )
+    assert code == 0, exc
+    d = json.loads(out)
+    assert [(r["method"], r["replicas"]) for r in d["rows"]] == [
+        ("frequency", 0),
+        ("frequency", 4),
+        ("coact-refined", 0),
+        ("coact-refined", 4),
+    ]
+    assert len(d["rows"][0]["layers"]) == 2 and d["split"] == "test"
+    exported = read_placement(tmp_path / "p.json")
+    assert exported.method == "coact-refined" and exported.replicas == 4 and exported.n_devices == 4
+    code, _, exc = _cli(src, "-d", "4", "-m", "frequency", "--export", tmp_path / "p.json")
+    assert isinstance(exc, OutputExistsError)
+    code, _, exc = _cli(src, "-d", "4", "--export", tmp_path / "q.json", "--devices-for-export", "8")
+    assert isinstance(exc, UsageError) and not (tmp_path / "q.json").exists()
+    code, _, exc = _cli(src, "-d", "4", "-m", "frequency,nope")
+    assert isinstance(exc, UsageError)
+
+
+# ----------------------------------------------------------------------------------------------
+# the goal, on real routing
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_esft_refined_beats_frequency_at_matched_balance(realdata):
+    trace = read_input(realdata / "esft-dsv2lite" / "trace.npz")
+    report = compare_placements(trace, [4, 8], ["coact-refined"])
+    for d in (4, 8):
+        row = report.row(d, "coact-refined")
+        assert row.vs_frequency <= -0.20
+        assert row.cv_excess <= 0.05
+        assert row.score.experts_per_device.max() <= 64 // d
