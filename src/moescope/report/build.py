@@ -464,25 +464,24 @@ def _placement(trace: RoutingTrace, cards: list[Card], figures: list[Figure], su
             (
                 f"D={n_dev}",
                 best.method,
-                f"{base.mean_devices:.2f}",
-                f"{best.score.mean_devices:.2f}",
-                f"{best.vs_frequency:+.1%}",
-                f"{base.mean_cv:.3f} / {best.score.mean_cv:.3f}",
+                f"{base.mean_devices:.2f} → {best.score.mean_devices:.2f} ({best.vs_frequency:+.0%})",
+                f"{base.mean_cv:.2f}/{best.score.mean_cv:.2f}",
             )
         )
     verdict = "; ".join(f"D={r.n_devices}: {r.method} {r.vs_frequency:+.0%} devices/token" for r in picks)
     d["verdict"] = verdict
     summary["placement"] = d
+    top = min(picks, key=lambda r: (r.vs_frequency, r.n_devices))
     cards.append(
         Card(
             "Which static placement across devices?",
-            f"{picks[-1].method}: {picks[-1].vs_frequency:+.0%} devices per token at D={picks[-1].n_devices}",
+            f"{top.method}: {top.vs_frequency:+.0%} devices per token at D={top.n_devices}",
             (
                 "Fitted on first halves, scored on second halves, against frequency load balancing; a method counts "
                 "only if its load CV stays within 0.05 of frequency's (fewer devices per token = less all-to-all).",
             ),
-            "good" if picks[-1].vs_frequency < -0.05 else "info",
-            (("D", "best method", "frequency dev/tok", "best dev/tok", "change", "load CV freq / best"), *rows),
+            "good" if top.vs_frequency < -0.05 else "info",
+            (("D", "method", "devices/token (vs frequency)", "CV"), *rows),
         )
     )
     fig = go.Figure()
