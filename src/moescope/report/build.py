@@ -481,7 +481,8 @@ def _placement(trace: RoutingTrace, cards: list[Card], figures: list[Figure], su
                 "only if its load CV stays within 0.05 of frequency's (fewer devices per token = less all-to-all).",
             ),
             "good" if top.vs_frequency < -0.05 else "info",
-            (("D", "method", "devices/token (vs frequency)", "CV"), *rows),
+            (("D", "method", "devices/token (vs frequency)", "load CV frequency/best"), *rows),
+            wide=True,
         )
     )
     fig = go.Figure()

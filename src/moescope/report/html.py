@@ -23,7 +23,7 @@ h2 { font-size: 19px; margin: 28px 0 10px; border-bottom: 2px solid #d9dde5; pad
 .card { background: #fff; border-radius: 8px; padding: 14px 16px; box-shadow: 0 1px 3px rgba(0,0,0,.08);
         border-left: 6px solid #8a94a6; }
 .card.good { border-left-color: #2e9e5b; } .card.warn { border-left-color: #d08a11; }
-.card.info { border-left-color: #3a6fd8; }
+.card.info { border-left-color: #3a6fd8; } .card.wide { grid-column: span 2; }
 .card h3 { margin: 0 0 6px; font-size: 15px; } .card .big { font-size: 22px; font-weight: 600; margin: 2px 0 6px; }
 .card p { margin: 4px 0; font-size: 13.5px; line-height: 1.4; }
 table { border-collapse: collapse; font-size: 13px; margin: 6px 0; }
@@ -63,6 +63,7 @@ class Card:
     lines: tuple[str, ...] = ()
     tone: str = "info"
     table: tuple[tuple[str, ...], ...] = ()
+    wide: bool = False  # spans two grid columns (for a wider table)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,9 +82,10 @@ def _card(c: Card) -> str:
         rows = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
         rows += "".join("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in r) + "</tr>" for r in body) + "</table>"
     lines = "".join(f"<p>{line}</p>" for line in c.lines)  # lines may hold <code>: built by us, escaped there
+    wide = " wide" if c.wide else ""
     return (
-        f'<div class="card {c.tone}"><h3>{html.escape(c.title)}</h3><div class="big">{html.escape(c.headline)}</div>'
-        f"{lines}{rows}</div>"
+        f'<div class="card {c.tone}{wide}"><h3>{html.escape(c.title)}</h3>'
+        f'<div class="big">{html.escape(c.headline)}</div>{lines}{rows}</div>'
     )
 
 
