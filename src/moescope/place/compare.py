@@ -33,7 +33,7 @@ SPLITS = ("test", "all")
 BASELINE = "frequency"
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class PlacementRow:
     """One method at one device count (and replica count), scored on the held-out split."""
 
@@ -69,7 +69,7 @@ class PlacementRow:
         }
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class PlacementReport:
     """Rows in (D, method, replicas) order, the split used, and the fitted placements by (D, method, R)."""
 

@@ -8,7 +8,8 @@
   differ from the train loads by such drifts; experts that drift together on one device make that device
   a straggler on held-out tokens even when train loads are balanced. ``1_d^T drift_cov 1_d`` summed over
   devices is the placement's *drift variance*;
-- `sample`: at most ``max_tokens`` evenly strided train tokens, to bound the local search's cost.
+- `sample`: at most ``max_tokens`` evenly strided train tokens (bounding the search's cost), with a weight
+  per token: ``late_weight`` in the second half of its sequence, else 1.
 
 Kernels are parallel across layers. No I/O.
 

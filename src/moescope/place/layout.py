@@ -78,7 +78,7 @@ def placement_errors(table: np.ndarray, n_experts: int, replicas: int) -> list[s
     return errs
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Placement:
     """Experts on devices for every MoE layer (see the module docstring for the table's layout).
 

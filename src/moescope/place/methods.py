@@ -17,8 +17,9 @@ per device. Replicas are added afterwards, whatever the method (`moescope.place.
   merged group would exceed its share of the mean device load (``size / slots`` of it: a full group may
   carry the mean, a half-full one half of it; penalising only loads above the whole mean lets early
   groups swallow the hot experts, which leaves the last forced merges unbalanced).
-- ``hypergraph``: Mt-KaHyPar connectivity partitioning of the train token sets (optional extra), repaired
-  to the slot capacity (`moescope.place.hypergraph`).
+- ``hypergraph``: Mt-KaHyPar connectivity partitioning of the train token sets (optional extra; at most
+  ``max_tokens`` evenly strided train tokens per layer), repaired to the slot capacity
+  (`moescope.place.hypergraph`).
 - ``coact-refined``: local search on the exact train objective (`moescope.place.refine`) from the
   coact-greedy, coact-capped and frequency placements, per layer the best: swaps that cut train devices
   per token while the layer's train load CV stays within frequency's plus ``balance_margin`` and its drift
@@ -64,7 +65,7 @@ class PlaceParams:
     epsilon : hypergraph: Mt-KaHyPar's block-weight imbalance.
     kicks : refined methods: iterated-local-search rounds per layer (random swaps, then descend again).
     late_weight : refined methods: objective weight of train tokens in the second half of their sequence.
-    max_tokens : refined methods: train tokens per layer the local search evaluates, at most.
+    max_tokens : refined methods and hypergraph: train tokens per layer the search / partitioner sees, at most.
     threads : hypergraph: Mt-KaHyPar threads (default: usable CPUs).
     """
 
@@ -294,8 +295,9 @@ class HypergraphPlacement(PlacementMethod):
         slots = slot_capacity(data.n_experts, n_devices)
         out = np.empty((data.n_layers, data.n_experts), dtype=np.int64)
         none = np.zeros((0, 0))
+        experts, _ = data.sample(self.params.max_tokens)  # Mt-KaHyPar needs minutes for 500k hyperedges
         for layer in range(data.n_layers):
-            sets, w = token_sets(data.experts, layer, np.zeros(0, dtype=np.int64))
+            sets, w = token_sets(experts, layer, np.zeros(0, dtype=np.int64))
             vw = data.load[layer] + 1
             assign = partition_layer(sets, w, vw, n_devices, self.params.epsilon, seed, self.params.threads)
             load = data.load[layer].astype(np.float64)

@@ -291,7 +291,7 @@ def max_mean(load: np.ndarray) -> np.ndarray:
     return np.divide(load.max(axis=-1), mean, out=np.ones_like(mean), where=mean > 0)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class PlacementScore:
     """A placement scored on one token set (see the module docstring for each figure).
 
