@@ -278,30 +278,25 @@ def cut_at_resets(stream: Stream, pieces: int) -> list[Stream]:
 
 
 def _simulate_dask(scheduler, names, params, train, test, capacities, per_sequence, stats, progress) -> None:
-    from moescope.scale.mapreduce import _client
+    from distributed import as_completed
 
-    client, cluster = _client(scheduler)
-    try:
+    from moescope.scale.mapreduce import dask_client
+
+    with dask_client(scheduler) as client:
         n_workers = max(1, len(client.scheduler_info().get("workers", {})))
-        futures, where = [], []
+        futures, where = [], {}
         for pi, name in enumerate(names):
             for s in range(len(test)):
                 parts = cut_at_resets(test[s], 2 * n_workers) if per_sequence else [test[s]]
                 for part in parts:
-                    futures.append(client.submit(replay, name, params, train[s], part, capacities, pure=False))
-                    where.append((pi, s))
-        from distributed import as_completed
-
-        index = {f.key: i for i, f in enumerate(futures)}
+                    fut = client.submit(replay, name, params, train[s], part, capacities, pure=False)
+                    futures.append(fut)
+                    where[fut.key] = (pi, s)
         for done, fut in enumerate(as_completed(futures), 1):
-            pi, s = where[index[fut.key]]
+            pi, s = where[fut.key]
             stats[pi, :, s] += fut.result()
             if progress:
                 progress(done, len(futures))
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
 
 
 def _run_jobs(work: Callable[[Any], None], jobs: Sequence[Any], progress: Callable[[int, int], None] | None) -> None:

@@ -14,9 +14,10 @@ within a sequence (next-token reuse, reuse distances, working sets) need no stat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -169,30 +170,37 @@ def _strip(total: Partial, name: str) -> Partial:
     return {k[len(prefix) :]: v for k, v in total.items() if k.startswith(prefix)}
 
 
-def _client(scheduler: str) -> tuple[Any, Any]:
+@contextlib.contextmanager
+def dask_client(scheduler: str) -> Iterator[Any]:
+    """A `distributed.Client` for ``"local:N"`` (a LocalCluster of N single-threaded worker processes,
+    closed on exit) or a scheduler address."""
     try:
         from distributed import Client, LocalCluster
     except ImportError:
         raise MissingDependencyError(
             "--scheduler needs Dask: pip install 'moescope[dask]' (dask[distributed])"
         ) from None
+    cluster = None
     if scheduler.startswith("local:"):
         try:
             n = int(scheduler.split(":", 1)[1])
         except ValueError:
             raise UsageError(f"--scheduler {scheduler!r}: expected local:N with N workers, e.g. local:2") from None
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
-        return Client(cluster), cluster
-    return Client(scheduler), None
+    client = Client(cluster if cluster is not None else scheduler)
+    try:
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
 
 
 def _run_dask(scheduler, path, ranges, names, layers, ctx, learned, progress) -> Partial:
-    client, cluster = _client(scheduler)
-    try:
+    with dask_client(scheduler) as client:
         futures = [
             client.submit(_map_chunk, path, lo, hi, names, layers, ctx, learned, pure=False) for lo, hi in ranges
         ]
-        done = 0
         level = futures
         while len(level) > 1:  # a tree of pairwise sums on the workers
             nxt = [client.submit(add_partials, level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
@@ -202,14 +210,9 @@ def _run_dask(scheduler, path, ranges, names, layers, ctx, learned, progress) ->
         if progress:
             from distributed import as_completed
 
-            for _ in as_completed(futures):
-                done += 1
+            for done, _ in enumerate(as_completed(futures), 1):
                 progress(done, len(futures))
         return level[0].result() if level else {}
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
 
 
 # -- the analyses ----------------------------------------------------------------------------------------
