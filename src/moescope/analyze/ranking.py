@@ -185,3 +185,31 @@ def group_mass(trace: RoutingTrace, groups: Mapping[int, Sequence[int]]) -> Grou
         mass.append(float(inside.mean()) if inside.size else 0.0)
         full.append(float(inside.all(axis=1).mean()) if inside.size else 0.0)
     return GroupMass(tuple(int(x) for x in trace.layer_ids), tuple(sizes), tuple(mass), tuple(full))
+
+
+def read_groups_file(path: str | Path) -> list[dict[int, list[int]]]:
+    """Expert subsets per layer from ``{"groups": [{"<layer>": [expert ids], ...}, ...]}`` (one object per
+    group; layers are model layer ids, the GGUF block numbers): what `group_mass` scores and `moescope split
+    --mode custom` writes. Checking the ids against a model or trace is the caller's."""
+    import json
+
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--groups-file {str(p)!r} is not readable JSON ({exc})") from None
+    raw = doc.get("groups") if isinstance(doc, dict) else None
+    if not isinstance(raw, list) or not raw or not all(isinstance(g, dict) for g in raw):
+        raise UsageError(
+            f'--groups-file {str(p)!r}: expected {{"groups": [{{"<layer>": [expert ids], ...}}, ...]}} with '
+            f"one object per group"
+        )
+    groups = []
+    for gi, g in enumerate(raw):
+        try:
+            groups.append({int(b): [int(x) for x in v] for b, v in g.items()})
+        except (TypeError, ValueError):
+            raise UsageError(
+                f"--groups-file {str(p)!r} group {gi}: keys must be layer numbers and values lists of expert ids"
+            ) from None
+    return groups

@@ -158,21 +158,11 @@ def rank(
 
 def _groups(ranking, group_top: int | None, groups_file: Path | None) -> list[dict[int, list[int]]]:
     """Expert subsets per layer from --group-top or --groups-file (split's custom JSON)."""
-    import json
-
+    from moescope.analyze.ranking import read_groups_file
     from moescope.errors import UsageError
 
     if group_top is not None and groups_file is not None:
         raise UsageError("give --group-top or --groups-file, not both")
     if group_top is not None:
         return [{int(lid): ranking.top(int(lid), group_top) for lid in ranking.layer_ids}]
-    if groups_file is None:
-        return []
-    try:
-        doc = json.loads(groups_file.read_text(encoding="utf-8"))
-        return [{int(k): [int(x) for x in v] for k, v in g.items()} for g in doc["groups"]]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise UsageError(
-            f'--groups-file {str(groups_file)!r}: expected {{"groups": [{{"<layer>": [expert ids]}}, ...]}} '
-            f"({type(exc).__name__}: {exc})"
-        ) from None
+    return [] if groups_file is None else read_groups_file(groups_file)

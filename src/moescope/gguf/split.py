@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from moescope import _atomic
+from moescope.analyze.ranking import read_groups_file
 from moescope.errors import OutputExistsError, UsageError
 from moescope.gguf.inspect import GGUFModel, field, inspect_gguf, open_gguf
 from moescope.gguf.writer import TensorOut, encode_kv, write_gguf
@@ -89,7 +90,7 @@ def plan_groups(
     if mode == "custom":
         if custom is None:
             raise UsageError("--mode custom needs --groups-file FILE.json (see `moescope split --help`)")
-        groups = _read_custom(Path(custom), model)
+        groups = read_groups_file(custom)
     else:
         if not isinstance(n_groups, int) or n_groups < 1:
             raise UsageError(f"--groups {n_groups!r}: expected a whole number >= 1")
@@ -167,28 +168,6 @@ def _share(experts: list[int], g: int, mode: str, load: np.ndarray | None) -> li
         out[gi].append(x)
         mass[gi] += load[x]
     return out
-
-
-def _read_custom(path: Path, model: GGUFModel) -> Groups:
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"--groups-file {str(path)!r} is not readable JSON ({exc})") from None
-    raw = doc.get("groups") if isinstance(doc, dict) else None
-    if not isinstance(raw, list) or not raw or not all(isinstance(g, dict) for g in raw):
-        raise UsageError(
-            f'--groups-file {str(path)!r}: expected {{"groups": [{{"<block>": [expert ids], ...}}, ...]}} with '
-            f"one object per group"
-        )
-    groups = []
-    for gi, g in enumerate(raw):
-        try:
-            groups.append({int(b): [int(x) for x in v] for b, v in g.items()})
-        except (TypeError, ValueError):
-            raise UsageError(
-                f"--groups-file {str(path)!r} group {gi}: keys must be block numbers and values lists of expert ids"
-            ) from None
-    return groups
 
 
 def _check_groups(groups: Groups, model: GGUFModel) -> None:
