@@ -327,6 +327,13 @@ class MissCurves:
         """[layers, capacities] demand misses of one policy."""
         return self.misses[self.policies.index(policy)]
 
+    def per_token(self, policy: str, capacities: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """([layers] accesses per token, [layers] demand misses per token) of `policy` with layer i at
+        ``capacities[i]`` (e.g. an `Allocation`'s), the inputs of `moescope.cache.project_decode`."""
+        pos = np.searchsorted(self.capacities, np.asarray(capacities))
+        misses = self.curve(policy)[np.arange(len(self.layer_ids)), pos]
+        return self.accesses / self.tokens, misses / self.tokens
+
     def to_dict(self) -> dict[str, Any]:
         rate = self.misses.sum(axis=1) / max(int(self.accesses.sum()), 1)
         return {

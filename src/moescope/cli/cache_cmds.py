@@ -166,10 +166,7 @@ def cache(
         alloc = allocate(curves, budget, budget_policy)
         out["allocation"] = alloc.to_dict()
         if eb is not None:
-            m = curves.curve(budget_policy)
-            pos = np.searchsorted(curves.capacities, alloc.capacities)
-            miss = m[np.arange(m.shape[0]), pos] / curves.tokens
-            acc = curves.accesses / curves.tokens
+            acc, miss = curves.per_token(budget_policy, alloc.capacities)
             proj = project_decode(
                 expert_bytes=eb,
                 top_k=trace.top_k,

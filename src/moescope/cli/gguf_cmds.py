@@ -344,9 +344,7 @@ def _cache_same_vram(tr: Any, m: Any, p: Any, hw: Any) -> dict[str, Any]:
         return {"slots": 0, "reason": f"{slots} expert slots < top-k x layers = {tr.top_k * tr.n_layers}"}
     curves = miss_curves(tr, ["lru"])
     alloc = allocate(curves, slots, "lru")
-    miss = curves.curve("lru")[np.arange(tr.n_layers), np.searchsorted(curves.capacities, alloc.capacities)]
-    miss = miss / curves.tokens
-    acc = curves.accesses / curves.tokens
+    acc, miss = curves.per_token("lru", alloc.capacities)
     proj = project_decode(
         expert_bytes=eb,
         top_k=tr.top_k,
