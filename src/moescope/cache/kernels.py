@@ -341,6 +341,39 @@ def arc(req, reset, n_items, capacity):
 
 # -- the co-activation prefetcher on top of LRU ----------------------------------------------------
 @njit
+def _load(x, slot_item, slot_of, need, g, recent, ids, pending, free):
+    """Put item x in a free slot, or in place of the least recently used item group g does not need.
+    Returns (free slots left, 1 if the evicted item was a prefetch never used else 0)."""
+    capacity = slot_item.shape[0]
+    lost = 0
+    if free > 0:
+        s = capacity - free
+        free -= 1
+    else:
+        s = _victim(slot_item, need, g, recent, ids, False)
+        v = slot_item[s]
+        if pending[v]:
+            lost = 1
+            pending[v] = False
+        slot_of[v] = -1
+    slot_item[s] = x
+    slot_of[x] = s
+    return free, lost
+
+
+@njit
+def _unused_prefetches(slot_item, pending):
+    """Cached prefetches never used (counted as wasted when the cache empties or the replay ends); clears them."""
+    n = 0
+    for s in range(slot_item.shape[0]):
+        x = slot_item[s]
+        if x >= 0 and pending[x]:
+            n += 1
+            pending[x] = False
+    return n
+
+
+@njit
 def coact_prefetch(req, reset, n_items, capacity, coact, n_experts, budget):
     """LRU plus prefetch: after each group, load the `budget` experts (of the same layer) most co-activated
     with the group's experts (``coact: [layers, E, E]`` counts learned on the train split; item x is expert
@@ -362,10 +395,7 @@ def coact_prefetch(req, reset, n_items, capacity, coact, n_experts, budget):
     b = min(budget, capacity - k)
     for g in range(g_n):
         if reset[g]:
-            for s in range(capacity):
-                if slot_item[s] >= 0 and pending[slot_item[s]]:
-                    wasted += 1
-                    pending[slot_item[s]] = False
+            wasted += _unused_prefetches(slot_item, pending)
             slot_item[:] = -1
             slot_of[:] = -1
             free = capacity
@@ -380,18 +410,8 @@ def coact_prefetch(req, reset, n_items, capacity, coact, n_experts, budget):
             if slot_of[x] >= 0:
                 continue
             misses += 1
-            if free > 0:
-                s = capacity - free
-                free -= 1
-            else:
-                s = _victim(slot_item, need, g, recent, ids, False)
-                v = slot_item[s]
-                if pending[v]:
-                    wasted += 1
-                    pending[v] = False
-                slot_of[v] = -1
-            slot_item[s] = x
-            slot_of[x] = s
+            free, lost = _load(x, slot_item, slot_of, need, g, recent, ids, pending, free)
+            wasted += lost
         for j in range(k - 1, -1, -1):  # recency as in `lru`: slot 0 most recent
             clock += 1
             recent[req[g, j]] = clock
@@ -420,23 +440,11 @@ def coact_prefetch(req, reset, n_items, capacity, coact, n_experts, budget):
             if slot_of[y] >= 0:
                 continue
             loads += 1
-            if free > 0:
-                s = capacity - free
-                free -= 1
-            else:
-                s = _victim(slot_item, need, g, recent, ids, False)
-                v = slot_item[s]
-                if pending[v]:
-                    wasted += 1
-                    pending[v] = False
-                slot_of[v] = -1
-            slot_item[s] = y
-            slot_of[y] = s
+            free, lost = _load(y, slot_item, slot_of, need, g, recent, ids, pending, free)
+            wasted += lost
             recent[y] = -clock  # at the LRU end: an unused prefetch is the first to go, not a hot expert
             pending[y] = True
-    for s in range(capacity):
-        if slot_item[s] >= 0 and pending[slot_item[s]]:
-            wasted += 1
+    wasted += _unused_prefetches(slot_item, pending)
     return np.array([hits, misses, loads, wasted], dtype=np.int64)
 
 
