@@ -308,6 +308,59 @@ def test_compare_rows_baseline_and_replicas():
     assert len(report.to_dict(layers=True)["rows"][0]["layers"]) == 2
 
 
+def _report_view(report) -> dict:
+    """Everything a report says except timings (fit seconds differ run to run)."""
+    d = report.to_dict(layers=True)
+    for row in d["rows"]:
+        row.pop("fit_seconds")
+    return d
+
+
+def _planted(n_layers: int, seed: int) -> RoutingTrace:
+    spec = SynthSpec(
+        n_tokens=1200, n_layers=n_layers, n_experts=16, top_k=2, seq_len=100.0, n_teams=4, team_strength=0.6, seed=seed
+    )
+    return synth_trace(spec)
+
+
+def test_a_layer_subset_fits_to_those_layers_rows():
+    """Layers are fitted independently (random streams keyed by layer id): the unit of a Dask task."""
+    from moescope.slicing import select_layers
+
+    tr = _planted(n_layers=4, seed=21)
+    names = [n for n in METHODS if METHODS[n].requires is None or _importable(METHODS[n].requires)]
+    params = PlaceParams(kicks=4)
+    whole = compare_placements(tr, [4], names, replicas=2, params=params, seed=3)
+    ids = tr.layer_ids[[3, 1]].tolist()
+    part = compare_placements(select_layers(tr, ids), [4], names, replicas=2, params=params, seed=3)
+    for key, placement in part.placements.items():
+        np.testing.assert_array_equal(placement.table, whole.placements[key].table[[3, 1]])
+        got, full = part.row(*key).score, whole.row(*key).score
+        np.testing.assert_array_equal(got.hist, full.hist[[3, 1]])
+        np.testing.assert_array_equal(got.load, full.load[[3, 1]])
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+@pytest.mark.slow
+def test_dask_local_cluster_places_like_in_process():
+    pytest.importorskip("distributed")
+    tr = _planted(n_layers=5, seed=22)
+    kwargs = dict(replicas=2, params=PlaceParams(kicks=4), seed=1)
+    names = ["random", "coact-refined"]
+    here = compare_placements(tr, [2, 4], names, **kwargs)
+    steps: list[tuple[int, int]] = []
+    there = compare_placements(tr, [2, 4], names, scheduler="local:2", progress=lambda *a: steps.append(a), **kwargs)
+    assert _report_view(there) == _report_view(here)
+    for key, placement in here.placements.items():
+        np.testing.assert_array_equal(there.placements[key].table, placement.table)
+    assert steps and steps[-1][0] == steps[-1][1] == 4  # five layers in 2 x 2 workers' groups
+
+
 def test_replicas_follow_the_rules():
     tr = random_trace(n_tokens=300, n_layers=2, n_experts=8, k=2, seed=10)
     data = TrainData(tr)
@@ -333,6 +386,9 @@ def test_usage_errors():
         compare_placements(tr, [2], ["frequency", "nope"])
     with pytest.raises(UsageError, match="split"):
         compare_placements(tr, [2], split="train")
+    if _importable("distributed"):
+        with pytest.raises(UsageError, match="expected local:N"):
+            compare_placements(tr, [2], ["frequency"], scheduler="local:two")
     with pytest.raises(UsageError, match="balance-margin"):
         PlaceParams(balance_margin=-1)
     with pytest.raises(UsageError, match=r"slot capacity|more than"):

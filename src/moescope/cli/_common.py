@@ -66,6 +66,13 @@ PhaseOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON (for scripts).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the output if it exists.")]
+SchedulerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--scheduler",
+        help="Run on Dask (extra [dask]): 'local:N' (a LocalCluster of N workers) or a scheduler address.",
+    ),
+]
 
 
 def import_options(

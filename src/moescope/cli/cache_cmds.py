@@ -63,9 +63,7 @@ def cache(
     dense_bytes: Annotated[
         str | None, typer.Option("--dense-bytes", help="Non-expert bytes read per token (default: --gguf's, or 0).")
     ] = None,
-    scheduler: Annotated[
-        str | None, typer.Option("--scheduler", help="Replay on Dask: 'local:N' or a scheduler address.")
-    ] = None,
+    scheduler: c.SchedulerOpt = None,
     pcie_gbps: Annotated[float, typer.Option("--pcie-gbps", help="Host-to-GPU bandwidth, GB/s.")] = 25.0,
     gpu_gbps: Annotated[float, typer.Option("--gpu-gbps", help="GPU memory bandwidth, GB/s.")] = 900.0,
     cpu_gbps: Annotated[float, typer.Option("--cpu-gbps", help="CPU memory bandwidth, GB/s.")] = 60.0,

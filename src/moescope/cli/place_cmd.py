@@ -53,6 +53,7 @@ def place(
         typer.Option("--method-for-export", help="Method of the exported placement (default: coact-refined if run)."),
     ] = None,
     per_layer: Annotated[bool, typer.Option("--per-layer", help="Per-layer figures in --json output.")] = False,
+    scheduler: c.SchedulerOpt = None,
     overwrite: c.OverwriteOpt = False,
     fmt: c.FromOpt = None,
     n_experts: c.NExpertsOpt = None,
@@ -80,6 +81,9 @@ def place(
     Methods:
 
     {methods}
+
+    `--scheduler local:N` (or a Dask scheduler address) fits groups of layers as Dask tasks; every
+    method treats layers independently, so the results are the same.
 
     `--export` writes one placement (`--devices-for-export`, `--method-for-export`, with the replicas
     if asked) as JSON; `--export-eplb` writes its physical-to-logical map for SGLang.
@@ -113,7 +117,15 @@ def place(
         trace = select_layers(trace, parse_ranges(layers, "--layers"))
     with c.lazy_progress("placing") as bar:
         report = compare_placements(
-            trace, devs, names, replicas=replicas, split=split, seed=seed, params=params, progress=bar
+            trace,
+            devs,
+            names,
+            replicas=replicas,
+            split=split,
+            seed=seed,
+            params=params,
+            scheduler=scheduler,
+            progress=bar,
         )
     if (export or export_eplb) is not None:
         chosen = report.placements[(d_exp, m_exp, replicas)]

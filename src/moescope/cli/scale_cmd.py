@@ -18,10 +18,7 @@ _ONLY_HELP = "Analyses, comma-separated (default: all): " + ", ".join(f"{n} ({a.
 def analyze(
     store: Annotated[Path, typer.Argument(help="A trace store (zarr folder; `moescope trace convert` makes one).")],
     only: Annotated[str | None, typer.Option("--only", help=_ONLY_HELP)] = None,
-    scheduler: Annotated[
-        str | None,
-        typer.Option("--scheduler", help="Dask: 'local:N' (a LocalCluster of N workers) or a scheduler address."),
-    ] = None,
+    scheduler: c.SchedulerOpt = None,
     chunk_tokens: Annotated[int, typer.Option("--chunk-tokens", min=1, help="Target tokens per chunk.")] = 1 << 17,
     layers: Annotated[str | None, typer.Option("--layers", help="Model layer ids to keep, e.g. 1-4,12.")] = None,
     as_json: c.JsonOpt = False,

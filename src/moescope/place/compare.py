@@ -24,9 +24,9 @@ from moescope.errors import UsageError
 from moescope.place.data import TrainData
 from moescope.place.layout import Placement, check_devices
 from moescope.place.methods import METHODS, PlaceParams, available_methods
-from moescope.place.metrics import PlacementScore, score_placement
+from moescope.place.metrics import PlacementScore, route
 from moescope.place.replicas import add_replicas
-from moescope.slicing import split_halves
+from moescope.slicing import select_layers, split_halves
 from moescope.trace import RoutingTrace
 
 SPLITS = ("test", "all")
@@ -114,6 +114,54 @@ def parse_methods(names: Sequence[str] | None) -> list[str]:
     return [BASELINE] + [n for n in chosen if n != BASELINE]
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Fitted:
+    """One (D, method, R) fitted and replayed on some layers: the parts a `PlacementRow` is built from."""
+
+    key: tuple[int, str, int]
+    table: np.ndarray  # [layers, D, slots]
+    hist: np.ndarray  # [layers, min(k, D) + 1]
+    load: np.ndarray  # [layers, D]
+    fit_seconds: float
+
+
+def fit_layers(
+    train: RoutingTrace,
+    test: RoutingTrace,
+    devices: Sequence[int],
+    names: Sequence[str],
+    replicas: int,
+    seed: int,
+    params: PlaceParams,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[_Fitted]:
+    """Fit every method at every D on the layers of `train` and replay `test` through each placement.
+
+    Every method treats layers independently (random streams are keyed by model layer id), so fitting a
+    subset of layers gives exactly those layers' rows of fitting all of them: this is the unit of work of a
+    Dask task. Results in (D, method, R) order.
+    """
+    data = TrainData(train)
+    out: list[_Fitted] = []
+    total, done = len(devices) * len(names), 0
+    for d in devices:
+        for name in names:
+            method = METHODS[name](params)
+            t0 = time.perf_counter()
+            assign = method.fit(data, d, seed)
+            fit_s = time.perf_counter() - t0
+            tables = [(0, Placement.from_assign(assign, d, train.layer_ids, name, train.n_experts).table)]
+            if replicas:
+                tables.append((replicas, add_replicas(assign, data, d, replicas)))
+            for r, table in tables:
+                hist, load = route(table, test.experts, train.n_experts)
+                out.append(_Fitted((d, name, r), table, hist, load, fit_s))
+            done += 1
+            if progress is not None:
+                progress(done, total)
+    return out
+
+
 def compare_placements(
     trace: RoutingTrace,
     devices: Sequence[int],
@@ -123,6 +171,7 @@ def compare_placements(
     split: str = "test",
     seed: int = 0,
     params: PlaceParams | None = None,
+    scheduler: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> PlacementReport:
     """Fit every method for every device count on train tokens and score it on held-out tokens.
@@ -136,7 +185,10 @@ def compare_placements(
     replicas : R extra copies per layer; rows with and without them when R > 0.
     split : ``"test"`` (fit on first halves, score on second halves) or ``"all"`` (in-sample).
     seed : seed of the random parts (random placement, local-search kicks, Mt-KaHyPar).
-    params : method knobs. progress : called with (fits done, fits total).
+    params : method knobs.
+    scheduler : fit groups of layers as Dask tasks (``"local:N"`` or a scheduler address) instead of all
+        layers in this process; the report is identical (fit seconds are then summed over tasks).
+    progress : called with (steps done, steps total).
     """
     if split not in SPLITS:
         raise UsageError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
@@ -150,29 +202,21 @@ def compare_placements(
     train, test = split_halves(trace) if split == "test" else (trace, trace)
     if test.n_tokens == 0:
         raise UsageError("no held-out tokens: the trace has no sequence with 2+ tokens; use --split all")
-    data = TrainData(train)
+    TrainData(train)  # an empty train split fails here, before any work is sent out
+    if scheduler is None:
+        fitted = fit_layers(train, test, devs, names, replicas, seed, params, progress)
+    else:
+        fitted = _fit_dask(scheduler, train, test, devs, names, replicas, seed, params, progress)
     rows: list[PlacementRow] = []
     placements: dict[tuple[int, str, int], Placement] = {}
-    total, done = len(devs) * len(names), 0
-    for d in devs:
-        baseline: PlacementScore | None = None
-        for name in names:
-            method = METHODS[name](params)
-            t0 = time.perf_counter()
-            assign = method.fit(data, d, seed)
-            fit_s = time.perf_counter() - t0
-            variants = [(0, Placement.from_assign(assign, d, trace.layer_ids, name, trace.n_experts))]
-            if replicas:
-                table = add_replicas(assign, data, d, replicas)
-                variants.append((replicas, Placement(table, trace.n_experts, trace.layer_ids, name, replicas)))
-            for r, placement in variants:
-                score = score_placement(placement, test)
-                baseline = baseline or score
-                rows.append(PlacementRow(d, name, r, score, baseline, fit_s))
-                placements[(d, name, r)] = placement
-            done += 1
-            if progress is not None:
-                progress(done, total)
+    baselines: dict[int, PlacementScore] = {}
+    for f in fitted:
+        d, name, r = f.key
+        placement = Placement(f.table, trace.n_experts, trace.layer_ids, name, r)
+        score = PlacementScore(trace.layer_ids, test.n_tokens, f.hist, f.load, placement.experts_per_device())
+        baseline = baselines.setdefault(d, score)  # frequency, replica-free, comes first at each D
+        rows.append(PlacementRow(d, name, r, score, baseline, f.fit_seconds))
+        placements[f.key] = placement
     return PlacementReport(
         rows=tuple(rows),
         split=split,
@@ -185,3 +229,36 @@ def compare_placements(
         params=params,
         model=trace.meta.model,
     )
+
+
+def _fit_dask(scheduler, train, test, devs, names, replicas, seed, params, progress) -> list[_Fitted]:
+    """`fit_layers` on groups of layers as Dask tasks (about two per worker), stitched back in layer order."""
+    from distributed import as_completed
+
+    from moescope.scale.mapreduce import dask_client
+
+    with dask_client(scheduler) as client:
+        n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+        groups = [g for g in np.array_split(np.arange(train.n_layers), min(train.n_layers, 2 * n_workers)) if g.size]
+        futures = []
+        for g in groups:
+            ids = train.layer_ids[g].tolist()
+            part = (select_layers(train, ids), select_layers(test, ids))
+            futures.append(client.submit(fit_layers, *part, devs, names, replicas, seed, params, pure=False))
+        if progress:
+            for done, _ in enumerate(as_completed(futures), 1):
+                progress(done, len(futures))
+        parts = client.gather(futures)
+    out = []
+    for i, first in enumerate(parts[0]):
+        pieces = [p[i] for p in parts]
+        out.append(
+            _Fitted(
+                first.key,
+                np.concatenate([p.table for p in pieces]),
+                np.concatenate([p.hist for p in pieces]),
+                np.concatenate([p.load for p in pieces]),
+                sum(p.fit_seconds for p in pieces),
+            )
+        )
+    return out

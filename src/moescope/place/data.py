@@ -84,6 +84,11 @@ class TrainData:
         self.n_experts = trace.n_experts
 
     @property
+    def layer_ids(self) -> np.ndarray:
+        """[layers] int64 model layer ids (random streams are keyed by them, not by position)."""
+        return self.trace.layer_ids
+
+    @property
     def n_layers(self) -> int:
         return int(self.experts.shape[1])
 

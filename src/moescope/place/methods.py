@@ -246,8 +246,8 @@ class RandomPlacement(PlacementMethod):
 
     def fit(self, data: TrainData, n_devices: int, seed: int = 0) -> np.ndarray:
         out = np.empty((data.n_layers, data.n_experts), dtype=np.int64)
-        for layer in range(data.n_layers):
-            perm = np.random.default_rng([seed, layer]).permutation(data.n_experts)
+        for layer, lid in enumerate(data.layer_ids.tolist()):
+            perm = np.random.default_rng([seed, lid]).permutation(data.n_experts)
             out[layer, perm] = np.arange(data.n_experts) % n_devices
         return out
 
@@ -329,7 +329,10 @@ def refine(data: TrainData, starts: list[np.ndarray], n_devices: int, params: Pl
     slots = slot_capacity(data.n_experts, n_devices)
     experts, tw = data.sample(params.max_tokens, params.late_weight)
     load = data.load.astype(np.float64)
-    refine_all(experts, tw, stack, load, n_devices, slots, cap, 1 << 30, params.kicks, seed, cov, dcap, out, stats)
+    keys = np.ascontiguousarray(data.layer_ids, dtype=np.int64)
+    refine_all(
+        experts, tw, stack, load, n_devices, slots, cap, 1 << 30, params.kicks, seed, keys, cov, dcap, out, stats
+    )
     return out
 
 

@@ -480,15 +480,18 @@ def refine_layer(sets, w, assign, eload, n_dev, slots, cv_cap, max_steps, kicks,
 
 
 @njit_parallel
-def refine_all(experts, tw, starts, eload, n_dev, slots, cv_cap, max_steps, kicks, seed, cov, drift_cap, out, stats):
+def refine_all(
+    experts, tw, starts, eload, n_dev, slots, cv_cap, max_steps, kicks, seed, keys, cov, drift_cap, out, stats
+):
     """Per layer of ``experts [tokens, layers, k]`` (in parallel): descend from each start without kicks, keep
     the lowest objective (the first such start on ties), then run the kicks from it into ``out [layers, E]``.
 
     tw : [tokens] int64 token weights; starts : [S, layers, E] int64 assignments; eload : [layers, E] float64
     train load; cv_cap : [layers] float64 (< 0: unconstrained); cov : [layers, E, E] drift covariance
     (``[layers, 0, 0]``: none); drift_cap : [layers]; stats : [layers, S + 1, 3] int64 output (objective
-    before, after, steps) of each descent and of the kicks. The kicks of layer i use the random stream
-    ``seed * 1_000_003 + i``.
+    before, after, steps) of each descent and of the kicks. keys : [layers] int64 (the model layer ids): the
+    kicks of layer i use the random stream ``seed * 1_000_003 + keys[i]``, so a layer's result does not
+    depend on which other layers are refined beside it (a Dask task may take any subset).
     """
     n_starts = starts.shape[0]
     for layer in prange(experts.shape[1]):
@@ -512,7 +515,7 @@ def refine_all(experts, tw, starts, eload, n_dev, slots, cv_cap, max_steps, kick
             cv_cap[layer],
             max_steps,
             kicks,
-            seed * 1_000_003 + layer,
+            seed * 1_000_003 + keys[layer],
             cov[layer],
             drift_cap[layer],
         )
