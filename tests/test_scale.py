@@ -101,3 +101,134 @@ def test_cli_analyze(store, capsys):
     assert code == 0 and "cross-layer precision" in out and "cache helps" in out
     code, _, err = run(capsys, "analyze", path, "--only", "nope")
     assert code == 2 and "unknown" in err
+
+
+# -- a store that a capture is still writing -----------------------------------------------------------------
+def _writer(path, trace, chunk_tokens=512):
+    from moescope.store import TraceWriter
+
+    return TraceWriter(
+        path,
+        n_experts=trace.n_experts,
+        n_layers=trace.n_layers,
+        top_k=trace.top_k,
+        layer_ids=trace.layer_ids,
+        weights_dtype="float32",
+        meta=trace.meta,
+        chunk_tokens=chunk_tokens,
+        atomic=False,  # as captures write: visible from the start, growing commit by commit
+    )
+
+
+def _append(writer, trace, lo: int, hi: int) -> None:
+    """Append tokens lo:hi of `trace` (a block may start inside a sequence and end inside another)."""
+    inside = (trace.seq_starts >= lo) & (trace.seq_starts < hi)
+    writer.append(
+        trace.experts[lo:hi],
+        trace.weights[lo:hi],
+        seq_starts=trace.seq_starts[inside] - lo,
+        labels=trace.seq_labels[inside].tolist(),
+    )
+
+
+def test_a_growing_store_is_read_up_to_its_finished_sequences(tmp_path, store):
+    from moescope.scale import ChunkedRun, finished_tokens
+    from moescope.slicing import select_tokens
+    from moescope.store import TraceStore
+
+    _, trace = store
+    path = tmp_path / "capture.zarr"
+    writer = _writer(path, trace)
+    run = ChunkedRun(path, list(ANALYSES), chunk_tokens=300)  # follows the capture, update by update
+    with pytest.raises(UsageError, match="no finished sequence"):
+        run.results()
+    seen = []
+    for lo in range(0, trace.n_tokens, 1700):  # blocks that cut sequences and chunks anywhere
+        hi = min(lo + 1700, trace.n_tokens)
+        _append(writer, trace, lo, hi)
+        st = TraceStore(path)
+        assert not st.complete and st.n_tokens == hi // 512 * 512  # whole chunks committed, the rest buffered
+        done = finished_tokens(st)
+        assert done in trace.seq_starts and done <= st.n_tokens  # a sequence boundary, committed
+        res = run_chunked(path, list(ANALYSES), chunk_tokens=700)  # a one-off run sees the same prefix
+        _check_equal_to_whole(res, select_tokens(trace, 0, done))
+        cut = run_chunked(path, ["counts"], include_open=True)["counts"]  # the open sequence as committed so far
+        assert cut.tokens == st.n_tokens
+        assert np.array_equal(cut.values, select_tokens(trace, 0, st.n_tokens).counts().values)
+        run.update()
+        seen.append(run.tokens)
+        assert run.tokens == done and run.results(one_pass_only=True)["counts"].tokens == done
+    writer.close()
+    run.update()
+    assert run.complete and run.tokens == trace.n_tokens and len(set(seen)) > 2
+    _check_equal_to_whole(run.results(), trace)  # the sum of the updates == one run over the whole trace
+
+
+@pytest.mark.slow
+def test_a_dask_cluster_reads_while_the_capture_appends(tmp_path, store):
+    """The writer appends in another thread while a 2-worker cluster maps the committed sequences."""
+    pytest.importorskip("distributed")
+    import threading
+    import time
+
+    from moescope.scale import ChunkedRun
+
+    _, trace = store
+    path = tmp_path / "capture.zarr"
+    writer = _writer(path, trace, chunk_tokens=256)
+    _append(writer, trace, 0, 300)
+
+    def capture() -> None:
+        for lo in range(300, trace.n_tokens, 400):
+            time.sleep(0.15)
+            _append(writer, trace, lo, min(lo + 400, trace.n_tokens))
+        writer.close()
+
+    thread = threading.Thread(target=capture)
+    updates = []
+    with ChunkedRun(path, list(ANALYSES), chunk_tokens=500, scheduler="local:2") as run:
+        thread.start()
+        while not run.complete:
+            updates.append(run.update())
+            time.sleep(0.1)
+        thread.join()
+        assert sum(updates) == trace.n_tokens and sum(1 for u in updates if u) >= 2  # it read while writing
+        _check_equal_to_whole(run.results(), trace)
+
+
+def test_cli_follows_a_capture(tmp_path, store, capsys):
+    import json
+    import threading
+    import time
+
+    from moescope.slicing import select_tokens
+    from test_cli import run
+
+    _, trace = store
+    path = tmp_path / "capture.zarr"
+    writer = _writer(path, trace, chunk_tokens=256)
+    _append(writer, trace, 0, 1000)
+
+    def capture() -> None:
+        for lo in range(1000, trace.n_tokens, 1000):
+            time.sleep(0.3)
+            _append(writer, trace, lo, min(lo + 1000, trace.n_tokens))
+        writer.close()
+
+    thread = threading.Thread(target=capture)
+    thread.start()
+    args = ("--follow", "--interval", "0.1", "--only", "counts,prefetch", "--json")
+    code, out, err = run(capsys, "analyze", path, *args)
+    thread.join()
+    assert code == 0, err
+    lines = [json.loads(x) for x in out.splitlines()]
+    assert len(lines) >= 3
+    for d in lines[:-1]:  # while writing: finished sequences only, prefetch held back
+        n = d["store"]["tokens_analysed"]
+        assert not d["store"]["store_complete"] and "prefetch" not in d and n in trace.seq_starts
+        assert d["counts"]["values"] == select_tokens(trace, 0, n).counts().values.tolist()
+    last = lines[-1]
+    assert last["store"] == {"tokens_analysed": 6000, "tokens_committed": 6000, "store_complete": True}
+    assert "prefetch" in last and last["counts"]["tokens"] == trace.n_tokens
+    code, _, err = run(capsys, "analyze", path, "--follow", "--include-open")
+    assert code == 2 and "--include-open" in err

@@ -121,6 +121,12 @@ def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
+def print_json_line(obj: Any) -> None:
+    """One compact JSON object on one line (JSON Lines, for output that streams), flushed."""
+    sys.stdout.write(json.dumps(obj, default=_json_default) + "\n")
+    sys.stdout.flush()
+
+
 def progress() -> Progress:
     """A progress bar on stderr (hidden with --quiet or when stderr is not a terminal)."""
     return Progress(

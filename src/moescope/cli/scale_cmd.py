@@ -21,6 +21,20 @@ def analyze(
     scheduler: c.SchedulerOpt = None,
     chunk_tokens: Annotated[int, typer.Option("--chunk-tokens", min=1, help="Target tokens per chunk.")] = 1 << 17,
     layers: Annotated[str | None, typer.Option("--layers", help="Model layer ids to keep, e.g. 1-4,12.")] = None,
+    follow: Annotated[
+        bool,
+        typer.Option("--follow", help="Keep analysing a store that a capture is still writing, until it closes."),
+    ] = False,
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.1, help="--follow: seconds between looks for new commits.")
+    ] = 10.0,
+    include_open: Annotated[
+        bool,
+        typer.Option(
+            "--include-open",
+            help="Store still open: also take its last sequence as committed so far (it may go on).",
+        ),
+    ] = False,
     as_json: c.JsonOpt = False,
 ) -> None:
     """Every count-based analysis of a trace store, in bounded memory, in this process or on a Dask cluster.
@@ -31,19 +45,64 @@ def analyze(
     2-worker LocalCluster; `--scheduler tcp://host:8786` uses an existing cluster (its workers must see
     the store's path, e.g. shared storage).
 
+    A store that a capture is still writing can be analysed: only committed tokens are read, and of
+    those only finished sequences (all but the last committed one; `--include-open` takes that one too,
+    cut where the commit stands). `--follow` keeps the running sums and, every `--interval` seconds,
+    adds the sequences finished since, printing the results again (one JSON object per line with
+    `--json`); it stops when the capture closes the store (or on Ctrl-C) and prints the final results.
+    While following, `prefetch` (its second pass needs tables learned from every token) waits for the end.
+
     Example: `moescope analyze big.zarr --scheduler local:2 --json`
     """
-    from moescope.scale import run_chunked
+    import time
+
+    from moescope.errors import UsageError
+    from moescope.scale import ChunkedRun
     from moescope.slicing import parse_ranges
 
+    if follow and include_open:
+        raise UsageError("--follow reads finished sequences only; drop --include-open (it is for one-off runs)")
     names = list(ANALYSES) if only is None else [x.strip() for x in only.split(",") if x.strip()]
     lids = None if layers is None else parse_ranges(layers, "--layers")
-    with c.lazy_progress("chunks") as bar:
-        res = run_chunked(store, names, scheduler=scheduler, chunk_tokens=chunk_tokens, layers=lids, progress=bar)
+    opts = dict(scheduler=scheduler, chunk_tokens=chunk_tokens, layers=lids, include_open=include_open)
+    with ChunkedRun(store, names, **opts) as run:
+        if not follow:
+            with c.lazy_progress("chunks") as bar:
+                run.update(bar)
+                _emit(run, run.results(bar), store, as_json, lines=False)
+            return
+        shown = -1
+        try:
+            while True:
+                run.update()
+                if run.complete:
+                    break
+                if run.tokens > shown and run.tokens > 0:
+                    _emit(run, run.results(one_pass_only=True), store, as_json, lines=True)
+                    shown = run.tokens
+                time.sleep(interval)
+        except KeyboardInterrupt:
+            typer.echo(f"stopped following; final results over the {run.tokens:,} tokens analysed", err=True)
+        with c.lazy_progress("final pass") as bar:
+            _emit(run, run.results(bar), store, as_json, lines=True)
+
+
+def _emit(run: Any, res: dict[str, Any], store: Path, as_json: bool, lines: bool) -> None:
+    """Print one set of results: a table, or JSON (one line each when following)."""
+    state = {
+        "tokens_analysed": run.tokens,
+        "tokens_committed": run.committed,
+        "store_complete": run.complete,
+    }
     if as_json:
-        c.print_json({name: _jsonable(v) for name, v in res.items()})
+        obj = {"store": state, **{name: _jsonable(v) for name, v in res.items()}}
+        (c.print_json_line if lines else c.print_json)(obj)
         return
-    table = Table(title=f"{store.name}: chunked analyses", title_justify="left")
+    note = "" if run.complete else (
+        f" of {run.committed:,} committed; the capture is still writing"
+        + (" (last sequence as committed so far)" if run.include_open else " (finished sequences only)")
+    )  # fmt: skip
+    table = Table(title=f"{store.name}: chunked analyses of {run.tokens:,} tokens{note}", title_justify="left")
     table.add_column("analysis")
     table.add_column("result", overflow="fold")
     for name, v in res.items():
@@ -56,8 +115,8 @@ def _jsonable(v: Any) -> Any:
         return v.to_dict()
     if isinstance(v, tuple):
         return [_jsonable(x) for x in v]
-    if hasattr(v, "summary") and callable(v.summary):
-        return v.summary()
+    if hasattr(v, "summary") and callable(v.summary):  # ExpertCounts: the summary and the counts themselves
+        return {**v.summary(), "values": v.values}
     return v
 
 

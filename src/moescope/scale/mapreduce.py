@@ -110,10 +110,132 @@ def _context(store: TraceStore, layers: Sequence[int] | None, params: Mapping[st
         "n_experts": store.n_experts,
         "top_k": store.top_k,
         "layer_ids": ids,
-        "n_tokens": store.n_tokens,
         "model": store.meta.model,
         "has_weights": store.has_weights,
     }
+
+
+def finished_tokens(store: TraceStore) -> int:
+    """Tokens of the store's finished sequences: every committed token once the writer has closed the
+    store; while it is still open (a capture in progress), the tokens before the last committed sequence
+    start, since that sequence may go on in the next commit."""
+    if store.complete:
+        return store.n_tokens
+    return int(store.seq_starts[-1]) if store.n_sequences else 0
+
+
+class ChunkedRun:
+    """Running sums of chunked analyses over a trace store that may still be growing.
+
+    `update` maps the sequences finished since the last update (all committed ones if `include_open`) and
+    adds their partials to the running sums; `results` finishes the analyses on the sums. Because chunks
+    are whole sequences and partials add up exactly, any sequence of updates gives the same results as one
+    run over the same tokens. The Dask client (``scheduler``) is opened on first use and closed by `close`
+    (or the ``with`` block).
+
+        >>> with ChunkedRun("capture.zarr", ["counts", "coact"]) as run:
+        ...     while not run.complete:
+        ...         run.update(); print(run.tokens, run.results(one_pass_only=True)["counts"].tokens)
+        ...         time.sleep(10)
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        analyses: Sequence[str],
+        *,
+        scheduler: str | None = None,
+        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        layers: Sequence[int] | None = None,
+        params: Mapping[str, Any] | None = None,
+        include_open: bool = False,
+    ) -> None:
+        self.names = list(dict.fromkeys(analyses))
+        unknown = [n for n in self.names if n not in ANALYSES]
+        if unknown:
+            raise UsageError(f"analysis {', '.join(unknown)}: unknown; choose from {', '.join(ANALYSES)}")
+        if chunk_tokens < 1:
+            raise UsageError(f"chunk size {chunk_tokens}: expected >= 1 token")
+        store = TraceStore(path)
+        store._layer_index(layers)  # validates the layer ids
+        self.path = str(Path(path).resolve())
+        self.scheduler = scheduler
+        self.chunk_tokens = int(chunk_tokens)
+        self.layers = None if layers is None else [int(x) for x in layers]
+        self.ctx = _context(store, layers, params or {})
+        self.include_open = include_open
+        self.tokens = 0  # tokens mapped so far (always a sequence boundary unless include_open)
+        self.committed = store.n_tokens  # committed tokens at the last update
+        self.complete = False  # the writer had closed the store at the last update
+        self._total: Partial = {}
+        self._open_tail = False  # the last update mapped a sequence that may still go on
+        self._stack = contextlib.ExitStack()
+        self._client: Any = None
+
+    # -- executing ------------------------------------------------------------------------------------
+    def _map(self, ranges: Sequence[tuple[int, int]], names: Sequence[str], learned, progress) -> Partial:
+        args = (names, self.layers, self.ctx, learned)
+        if self.scheduler is None:
+            total: Partial = {}
+            for i, (lo, hi) in enumerate(ranges):
+                total = add_partials(total, _map_chunk(self.path, lo, hi, *args))
+                if progress:
+                    progress(i + 1, len(ranges))
+            return total
+        if self._client is None:
+            self._client = self._stack.enter_context(dask_client(self.scheduler))
+        return _run_dask(self._client, self.path, ranges, args, progress)
+
+    def update(self, progress: Callable[[int, int], None] | None = None) -> int:
+        """Map the sequences finished since the last update; returns the number of new tokens."""
+        if self._open_tail:
+            raise UsageError("this run already mapped an unfinished sequence (include_open); start a new run")
+        store = TraceStore(self.path)
+        self.complete, self.committed = store.complete, store.n_tokens
+        stop = store.n_tokens if self.include_open else finished_tokens(store)
+        if stop <= self.tokens:
+            return 0
+        lo = self.tokens
+        starts = store.seq_starts[(store.seq_starts >= lo) & (store.seq_starts < stop)] - lo
+        ranges = [(a + lo, b + lo) for a, b in sequence_chunks(starts, stop - lo, self.chunk_tokens)]
+        self._total = add_partials(self._total, self._map(ranges, self.names, None, progress))
+        self._open_tail = self.include_open and not store.complete
+        new, self.tokens = stop - self.tokens, stop
+        return new
+
+    def results(
+        self, progress: Callable[[int, int], None] | None = None, *, one_pass_only: bool = False
+    ) -> dict[str, Any]:
+        """Name -> result over the tokens mapped so far. Two-pass analyses (their second pass needs what
+        the first learned from all tokens) map every token again, unless `one_pass_only` leaves them out."""
+        if self.tokens == 0:
+            raise UsageError(
+                f"{self.path}: no finished sequence to analyse yet ({self.committed} tokens committed, the "
+                f"store {'is complete' if self.complete else 'is still being written'}); wait for a commit, or "
+                f"pass include_open / --include-open to analyse a sequence that may still go on"
+            )
+        names = [n for n in self.names if not (one_pass_only and ANALYSES[n].map2 is not None)]
+        total = dict(self._total)
+        two = [n for n in names if ANALYSES[n].map2 is not None]
+        if two:
+            learned = {n: ANALYSES[n].learn(_strip(total, n), self.ctx) for n in two}
+            store = TraceStore(self.path)
+            starts = store.seq_starts[store.seq_starts < self.tokens]
+            ranges = sequence_chunks(starts, self.tokens, self.chunk_tokens)
+            for k, v in self._map(ranges, two, learned, progress).items():
+                name, _, rest = k.partition("/")
+                total[f"{name}/pass2/{rest}"] = v
+        return {name: ANALYSES[name].finish(_strip(total, name), self.ctx) for name in names}
+
+    def close(self) -> None:
+        self._stack.close()
+        self._client = None
+
+    def __enter__(self) -> ChunkedRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def run_chunked(
@@ -124,6 +246,7 @@ def run_chunked(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     layers: Sequence[int] | None = None,
     params: Mapping[str, Any] | None = None,
+    include_open: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Run `analyses` (names from `ANALYSES`) over the store at `path`; returns name -> result.
@@ -134,35 +257,20 @@ def run_chunked(
     chunk_tokens : target tokens per chunk (whole sequences).
     layers : model layer ids to keep (default all).
     params : analysis options (e.g. ``coverage`` for the concentration gate).
+    include_open : a store still being written is analysed on its finished sequences (`finished_tokens`);
+        True takes every committed token, the last sequence cut where the commit stands.
     """
-    names = list(dict.fromkeys(analyses))
-    unknown = [n for n in names if n not in ANALYSES]
-    if unknown:
-        raise UsageError(f"analysis {', '.join(unknown)}: unknown; choose from {', '.join(ANALYSES)}")
-    store = TraceStore(path)
-    store._layer_index(layers)  # validates the layer ids
-    ranges = sequence_chunks(store.seq_starts, store.n_tokens, chunk_tokens)
-    ctx = _context(store, layers, params or {})
-    path_s = str(Path(path).resolve())
-
-    def run_pass(which: Sequence[str], learned: Mapping[str, Any] | None) -> Partial:
-        if scheduler is None:
-            total: Partial = {}
-            for i, (lo, hi) in enumerate(ranges):
-                total = add_partials(total, _map_chunk(path_s, lo, hi, which, layers, ctx, learned))
-                if progress:
-                    progress(i + 1, len(ranges))
-            return total
-        return _run_dask(scheduler, path_s, ranges, which, layers, ctx, learned, progress)
-
-    total = run_pass(names, None)
-    two = [n for n in names if ANALYSES[n].map2 is not None]
-    if two:
-        learned = {n: ANALYSES[n].learn(_strip(total, n), ctx) for n in two}
-        for k, v in run_pass(two, learned).items():
-            name, _, rest = k.partition("/")
-            total[f"{name}/pass2/{rest}"] = v
-    return {name: ANALYSES[name].finish(_strip(total, name), ctx) for name in names}
+    with ChunkedRun(
+        path,
+        analyses,
+        scheduler=scheduler,
+        chunk_tokens=chunk_tokens,
+        layers=layers,
+        params=params,
+        include_open=include_open,
+    ) as run:
+        run.update(progress)
+        return run.results(progress)
 
 
 def _strip(total: Partial, name: str) -> Partial:
@@ -196,23 +304,21 @@ def dask_client(scheduler: str) -> Iterator[Any]:
             cluster.close()
 
 
-def _run_dask(scheduler, path, ranges, names, layers, ctx, learned, progress) -> Partial:
-    with dask_client(scheduler) as client:
-        futures = [
-            client.submit(_map_chunk, path, lo, hi, names, layers, ctx, learned, pure=False) for lo, hi in ranges
-        ]
-        level = futures
-        while len(level) > 1:  # a tree of pairwise sums on the workers
-            nxt = [client.submit(add_partials, level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
-            if len(level) % 2:
-                nxt.append(level[-1])
-            level = nxt
-        if progress:
-            from distributed import as_completed
+def _run_dask(client, path, ranges, args, progress) -> Partial:
+    """Map `ranges` as tasks on `client`'s cluster and sum the partials in a tree of pairwise sums there."""
+    futures = [client.submit(_map_chunk, path, lo, hi, *args, pure=False) for lo, hi in ranges]
+    level = futures
+    while len(level) > 1:
+        nxt = [client.submit(add_partials, level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    if progress:
+        from distributed import as_completed
 
-            for done, _ in enumerate(as_completed(futures), 1):
-                progress(done, len(futures))
-        return level[0].result() if level else {}
+        for done, _ in enumerate(as_completed(futures), 1):
+            progress(done, len(futures))
+    return level[0].result() if level else {}
 
 
 # -- the analyses ----------------------------------------------------------------------------------------
