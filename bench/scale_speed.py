@@ -4,6 +4,10 @@ LocalCluster; both results are compared and the speed-up reported (`bench/run.py
 
 Each step runs in its own process so its peak RSS is its own. The store is written by `save_synth`
 (streamed). Analyses: counts, concentration, ranking, coact, temporal, prefetch (every chunked analysis).
+
+Placement (parallel across layers as Dask tasks): ``frequency`` and ``coact-refined`` at D = 8 fitted on the
+first 1M tokens of the same store (whole sequences; placement needs its train tokens in memory), in
+process and on the 2-worker LocalCluster; reports identical and the speed-up.
 """
 
 from __future__ import annotations
@@ -49,6 +53,29 @@ print(json.dumps({"seconds": round(dt, 2), "peak_rss_mib": round(rss, 1), "diges
 """
 
 
+_PLACE = """
+import json, resource, sys, time
+import numpy as np
+from moescope.place import compare_placements
+from moescope.store import TraceStore
+st = TraceStore(sys.argv[1])
+stop = int(st.seq_starts[np.searchsorted(st.seq_starts, 1_000_000)])
+trace = st.read(0, stop).trace
+t = time.perf_counter()
+rep = compare_placements(trace, [8], ["coact-refined"], scheduler=None if sys.argv[2] == "none" else sys.argv[2])
+dt = time.perf_counter() - t
+d = rep.to_dict(layers=True)
+for row in d["rows"]:
+    row.pop("fit_seconds")
+digest = {"rows": d["rows"], "tables": [p.table.tolist() for p in rep.placements.values()]}
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+out = {"seconds": round(dt, 2), "peak_rss_mib": round(rss, 1), "tokens": trace.n_tokens,
+       "coact_refined_vs_frequency": round(rep.row(8, "coact-refined").vs_frequency, 4),
+       "digest": __import__("hashlib").sha256(json.dumps(digest).encode()).hexdigest()}
+print(json.dumps(out))
+"""
+
+
 def _run(code: str, *args: str) -> dict:
     out = subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -72,6 +99,8 @@ def measure() -> dict:
         write_s = time.perf_counter() - t
         inproc = _run(_STEP, str(store), "none")
         dask = _run(_STEP, str(store), "local:2")
+        place_here = _run(_PLACE, str(store), "none")
+        place_dask = _run(_PLACE, str(store), "local:2")
         return {
             "shape": [SPEC["n_tokens"], SPEC["n_layers"], SPEC["top_k"]],
             "decisions": SPEC["n_tokens"] * SPEC["n_layers"] * SPEC["top_k"],
@@ -80,6 +109,12 @@ def measure() -> dict:
             "dask_local_2": {k: v for k, v in dask.items() if k != "digest"},
             "speedup_dask_vs_in_process": round(inproc["seconds"] / dask["seconds"], 3),
             "results_identical": inproc["digest"] == dask["digest"],
+            "place": {
+                "in_process": {k: v for k, v in place_here.items() if k != "digest"},
+                "dask_local_2": {k: v for k, v in place_dask.items() if k != "digest"},
+                "speedup_dask_vs_in_process": round(place_here["seconds"] / place_dask["seconds"], 3),
+                "results_identical": place_here["digest"] == place_dask["digest"],
+            },
             "goal": "in-process peak RSS < 4096 MiB; Dask results identical",
         }
     finally:

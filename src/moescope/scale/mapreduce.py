@@ -280,8 +280,8 @@ def _strip(total: Partial, name: str) -> Partial:
 
 @contextlib.contextmanager
 def dask_client(scheduler: str) -> Iterator[Any]:
-    """A `distributed.Client` for ``"local:N"`` (a LocalCluster of N single-threaded worker processes,
-    closed on exit) or a scheduler address."""
+    """A `distributed.Client` for ``"local:N"`` (a LocalCluster of N single-threaded worker processes, each
+    giving numba its share of the cores, closed on exit) or a scheduler address."""
     try:
         from distributed import Client, LocalCluster
     except ImportError:
@@ -294,7 +294,17 @@ def dask_client(scheduler: str) -> Iterator[Any]:
             n = int(scheduler.split(":", 1)[1])
         except ValueError:
             raise UsageError(f"--scheduler {scheduler!r}: expected local:N with N workers, e.g. local:2") from None
-        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
+        if n < 1:
+            raise UsageError(f"--scheduler {scheduler!r}: expected local:N with N >= 1 workers, e.g. local:2")
+        # numba kernels run parallel loops inside each worker: share the cores instead of oversubscribing
+        threads = str(max(1, (os.cpu_count() or 1) // n))
+        cluster = LocalCluster(
+            n_workers=n,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            env={"NUMBA_NUM_THREADS": threads},
+        )
     client = Client(cluster if cluster is not None else scheduler)
     try:
         yield client
