@@ -45,6 +45,9 @@ def test_sequence_chunks_cover_whole_sequences():
 
 def _check_equal_to_whole(res, trace):
     assert np.array_equal(res["counts"].values, trace.counts().values)
+    # gate mass is a float sum: equal up to the order of additions (executors agree bit for bit, see below)
+    np.testing.assert_allclose(res["gate"].values, trace.counts("gate").values, rtol=1e-12)
+    assert res["gate"].mass == "gate" and res["gate"].tokens == trace.n_tokens
     assert res["concentration"] == concentration(trace.counts())
     assert np.array_equal(res["ranking"].order, rank_experts(trace).order)
     assert res["coact"].to_dict() == coactivation(trace).to_dict()
@@ -72,8 +75,34 @@ def test_chunked_equals_whole(store):
 def test_dask_local_cluster_equals_in_process(store):
     pytest.importorskip("distributed")
     path, trace = store
-    res = run_chunked(path, list(ANALYSES), chunk_tokens=1500, scheduler="local:2")
+    res = run_chunked(path, list(ANALYSES), chunk_tokens=500, scheduler="local:2")
     _check_equal_to_whole(res, trace)
+    here = run_chunked(path, ["gate"], chunk_tokens=500)  # 12 chunks: an uneven tree of float additions
+    assert np.array_equal(here["gate"].values, res["gate"].values)  # the same additions in the same order
+
+
+def test_tree_sum_in_process_mirrors_the_dask_tree():
+    from moescope.scale.mapreduce import TreeSum, tree_sum
+
+    def bracket(a: str, b: str) -> str:  # records the bracketing: the same tree, not just the same sum
+        return f"({a}+{b})"
+
+    for n in range(1, 70):
+        leaves = [f"p{i}" for i in range(n)]
+        acc = TreeSum(bracket)
+        for leaf in leaves:
+            acc.push(leaf)
+        assert acc.total() == tree_sum(leaves, bracket), n
+    assert TreeSum().total() == {} and tree_sum([], None) is None
+
+
+def test_stores_without_gate_weights(tmp_path):
+    trace = synth_trace(SynthSpec(n_tokens=400, n_layers=2, n_experts=8, top_k=2, weights_dtype=None))
+    path = tmp_path / "nogate.zarr"
+    save_trace(trace, path)
+    assert "gate" not in run_chunked(path) and "counts" in run_chunked(path)  # default: what applies
+    with pytest.raises(UsageError, match="'gate' needs gate weights"):
+        run_chunked(path, ["gate"])
 
 
 def test_bad_requests(store):

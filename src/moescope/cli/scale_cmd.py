@@ -12,7 +12,9 @@ from rich.table import Table
 from moescope.cli import _common as c
 from moescope.scale import ANALYSES
 
-_ONLY_HELP = "Analyses, comma-separated (default: all): " + ", ".join(f"{n} ({a.summary})" for n, a in ANALYSES.items())
+_ONLY_HELP = "Analyses, comma-separated (default: every one the store allows): " + ", ".join(
+    f"{n} ({a.summary})" for n, a in ANALYSES.items()
+)
 
 
 def analyze(
@@ -62,7 +64,7 @@ def analyze(
 
     if follow and include_open:
         raise UsageError("--follow reads finished sequences only; drop --include-open (it is for one-off runs)")
-    names = list(ANALYSES) if only is None else [x.strip() for x in only.split(",") if x.strip()]
+    names = None if only is None else [x.strip() for x in only.split(",") if x.strip()]
     lids = None if layers is None else parse_ranges(layers, "--layers")
     opts = dict(scheduler=scheduler, chunk_tokens=chunk_tokens, layers=lids, include_open=include_open)
     with ChunkedRun(store, names, **opts) as run:
@@ -123,6 +125,10 @@ def _jsonable(v: Any) -> Any:
 def _line(name: str, v: Any) -> str:
     if name == "counts":
         return f"{v.tokens:,} tokens x {v.n_layers} layers, {int(v.values.sum()):,} selections"
+    if name == "gate":
+        share = np.sort(v.values, axis=1)[:, ::-1] / np.maximum(v.values.sum(axis=1, keepdims=True), 1e-300)
+        top = max(1, v.n_experts // 8)
+        return f"gate mass {float(v.values.sum()):,.1f}; top 1/8 of experts hold {np.median(share[:, :top].sum(1)):.1%}"
     if name == "concentration":
         return (
             f"median hot fraction {v.median_hot_frac:.1%} for {v.coverage:.0%} coverage: cache helps = {v.cache_helps}"

@@ -54,6 +54,45 @@ def add_partials(a: Partial, b: Partial) -> Partial:
     return out
 
 
+class TreeSum:
+    """Sum of partials pushed one by one, added in the same pairwise tree as `tree_sum` builds on Dask, with
+    O(log n) partials held. Floating-point sums (gate mass) then come out bit-identical in this process
+    and on a cluster: the same additions in the same order."""
+
+    def __init__(self, add: Callable[[Partial, Partial], Partial] = add_partials) -> None:
+        self._add = add
+        self._stack: list[tuple[int, Partial]] = []  # (subtree size, partial); sizes are powers of two
+
+    def push(self, part: Partial) -> None:
+        size = 1
+        while self._stack and self._stack[-1][0] == size:
+            _, left = self._stack.pop()
+            part, size = self._add(left, part), 2 * size
+        self._stack.append((size, part))
+
+    def total(self) -> Partial:
+        """The sum (``{}`` for none): leftover subtrees joined right to left, as the levels of `tree_sum` do."""
+        if not self._stack:
+            return {}
+        parts = [p for _, p in self._stack]
+        acc = parts[-1]
+        for left in reversed(parts[:-1]):
+            acc = self._add(left, acc)
+        return acc
+
+
+def tree_sum(items: Sequence[Any], add: Callable[[Any, Any], Any]) -> Any:
+    """Level by level pairwise sums of `items` (an odd one out moves up a level): the tree `TreeSum` mirrors.
+    `add` may return a future (Dask) or a value."""
+    level = list(items)
+    while len(level) > 1:
+        nxt = [add(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    return level[0] if level else None
+
+
 @dataclasses.dataclass(frozen=True)
 class Analysis:
     """A chunked analysis: `map` turns a chunk (whole sequences) into a partial; `finish` turns the sum of
@@ -142,7 +181,7 @@ class ChunkedRun:
     def __init__(
         self,
         path: str | os.PathLike,
-        analyses: Sequence[str],
+        analyses: Sequence[str] | None = None,
         *,
         scheduler: str | None = None,
         chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
@@ -150,13 +189,20 @@ class ChunkedRun:
         params: Mapping[str, Any] | None = None,
         include_open: bool = False,
     ) -> None:
+        store = TraceStore(path)
+        if analyses is None:
+            analyses = [n for n in ANALYSES if n != "gate" or store.has_weights]
         self.names = list(dict.fromkeys(analyses))
         unknown = [n for n in self.names if n not in ANALYSES]
         if unknown:
             raise UsageError(f"analysis {', '.join(unknown)}: unknown; choose from {', '.join(ANALYSES)}")
+        if "gate" in self.names and not store.has_weights:
+            raise UsageError(
+                f"analysis 'gate' needs gate weights, which {str(path)!r} lacks (captured without them); "
+                f"leave 'gate' out, or recapture with weights"
+            )
         if chunk_tokens < 1:
             raise UsageError(f"chunk size {chunk_tokens}: expected >= 1 token")
-        store = TraceStore(path)
         store._layer_index(layers)  # validates the layer ids
         self.path = str(Path(path).resolve())
         self.scheduler = scheduler
@@ -176,12 +222,12 @@ class ChunkedRun:
     def _map(self, ranges: Sequence[tuple[int, int]], names: Sequence[str], learned, progress) -> Partial:
         args = (names, self.layers, self.ctx, learned)
         if self.scheduler is None:
-            total: Partial = {}
+            acc = TreeSum()
             for i, (lo, hi) in enumerate(ranges):
-                total = add_partials(total, _map_chunk(self.path, lo, hi, *args))
+                acc.push(_map_chunk(self.path, lo, hi, *args))
                 if progress:
                     progress(i + 1, len(ranges))
-            return total
+            return acc.total()
         if self._client is None:
             self._client = self._stack.enter_context(dask_client(self.scheduler))
         return _run_dask(self._client, self.path, ranges, args, progress)
@@ -240,7 +286,7 @@ class ChunkedRun:
 
 def run_chunked(
     path: str | os.PathLike,
-    analyses: Sequence[str],
+    analyses: Sequence[str] | None = None,
     *,
     scheduler: str | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
@@ -249,7 +295,8 @@ def run_chunked(
     include_open: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Run `analyses` (names from `ANALYSES`) over the store at `path`; returns name -> result.
+    """Run `analyses` (names from `ANALYSES`; None: every one that applies to the store) over the store at
+    `path`; returns name -> result.
 
     Parameters
     ----------
@@ -317,18 +364,13 @@ def dask_client(scheduler: str) -> Iterator[Any]:
 def _run_dask(client, path, ranges, args, progress) -> Partial:
     """Map `ranges` as tasks on `client`'s cluster and sum the partials in a tree of pairwise sums there."""
     futures = [client.submit(_map_chunk, path, lo, hi, *args, pure=False) for lo, hi in ranges]
-    level = futures
-    while len(level) > 1:
-        nxt = [client.submit(add_partials, level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
-        if len(level) % 2:
-            nxt.append(level[-1])
-        level = nxt
+    total = tree_sum(futures, lambda a, b: client.submit(add_partials, a, b))
     if progress:
         from distributed import as_completed
 
         for done, _ in enumerate(as_completed(futures), 1):
             progress(done, len(futures))
-    return level[0].result() if level else {}
+    return total.result() if total is not None else {}
 
 
 # -- the analyses ----------------------------------------------------------------------------------------
@@ -353,7 +395,21 @@ def _counts(part: Partial, ctx: Mapping[str, Any]):
     )
 
 
+def _gate(part: Partial, ctx: Mapping[str, Any]):
+    from moescope.trace import ExpertCounts
+
+    return ExpertCounts(
+        part["gate"],
+        layer_ids=ctx["layer_ids"],
+        tokens=int(part["tokens"][0]),
+        top_k=ctx["top_k"],
+        mass="gate",
+        meta={"model": ctx["model"], "source": "moescope.scale"},
+    )
+
+
 register(Analysis("counts", "selections per layer and expert", _counts_map, _counts))
+register(Analysis("gate", "summed gate weight per layer and expert (stores with weights)", _counts_map, _gate))
 register(
     Analysis(
         "concentration",
