@@ -75,7 +75,8 @@ def test_chunked_equals_whole(store):
 def test_dask_local_cluster_equals_in_process(store):
     pytest.importorskip("distributed")
     path, trace = store
-    res = run_chunked(path, list(ANALYSES), chunk_tokens=500, scheduler="local:2")
+    # the workers open the store themselves, here through fsspec (as from shared or object storage)
+    res = run_chunked(path.resolve().as_uri(), list(ANALYSES), chunk_tokens=500, scheduler="local:2")
     _check_equal_to_whole(res, trace)
     here = run_chunked(path, ["gate"], chunk_tokens=500)  # 12 chunks: an uneven tree of float additions
     assert np.array_equal(here["gate"].values, res["gate"].values)  # the same additions in the same order
@@ -261,3 +262,27 @@ def test_cli_follows_a_capture(tmp_path, store, capsys):
     assert "prefetch" in last and last["counts"]["tokens"] == trace.n_tokens
     code, _, err = run(capsys, "analyze", path, "--follow", "--include-open")
     assert code == 2 and "--include-open" in err
+
+
+def test_a_store_behind_an_fsspec_url(store, tmp_path):
+    """Shared or object storage: the same store read through fsspec (file:// here; s3:// etc. alike)."""
+    import importlib.util
+
+    from moescope.errors import FormatError, MissingDependencyError
+    from moescope.store import TraceStore
+
+    path, trace = store
+    url = path.resolve().as_uri()
+    assert url.startswith("file://")
+    res = run_chunked(url, ["counts", "coact"], chunk_tokens=700)
+    assert np.array_equal(res["counts"].values, trace.counts().values)
+    assert res["coact"].to_dict() == coactivation(trace).to_dict()
+    assert TraceStore(url).to_trace().equals(trace, check_meta=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FormatError, match="not a moescope trace store"):
+        TraceStore((tmp_path / "empty").as_uri())
+    with pytest.raises(UsageError, match="not a URL fsspec can open"):
+        TraceStore("nosuchprotocol://bucket/run.zarr")
+    if importlib.util.find_spec("s3fs") is None:
+        with pytest.raises(MissingDependencyError, match="pip install s3fs"):
+            TraceStore("s3://bucket/run.zarr")

@@ -41,7 +41,7 @@ import numpy as np
 import zarr
 
 from moescope import _atomic
-from moescope.errors import FormatError, TraceError, UsageError
+from moescope.errors import FormatError, MissingDependencyError, TraceError, UsageError
 from moescope.trace import (
     EXPERT_DTYPE,
     PHASES,
@@ -68,6 +68,34 @@ def default_chunk_tokens(n_layers: int, top_k: int) -> int:
     per_token = max(1, n_layers * top_k * EXPERT_DTYPE.itemsize)
     n = 1 << int(math.log2(max(1, TARGET_CHUNK_BYTES // per_token)))
     return int(min(MAX_CHUNK_TOKENS, max(MIN_CHUNK_TOKENS, n)))
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """True for an fsspec URL (``s3://bucket/run.zarr``, ``file:///data/run.zarr``), read through fsspec."""
+    return isinstance(path, str) and "://" in path
+
+
+def _open_url(url: str) -> zarr.Group:
+    """The trace store at an fsspec URL, read-only (the protocol's package, e.g. s3fs, must be installed)."""
+    try:
+        store = zarr.storage.FsspecStore.from_url(url, read_only=True)
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"{url!r}: reading this protocol needs its fsspec package ({exc}); e.g. pip install s3fs for s3://"
+        ) from None
+    except ValueError as exc:
+        raise UsageError(f"{url!r}: not a URL fsspec can open ({exc}); use e.g. s3://bucket/run.zarr") from None
+    try:
+        group = zarr.open_group(store, mode="r")
+        attrs = group.attrs.get(ATTR_KEY)
+    except (FileNotFoundError, KeyError, ValueError, zarr.errors.NodeNotFoundError):
+        attrs = None
+    if not isinstance(attrs, dict) or attrs.get("format") != FORMAT_NAME:
+        raise FormatError(
+            f"{url!r} is not a moescope trace store (no zarr.json with moescope attributes); write one with "
+            f"moescope trace convert and copy the folder there"
+        )
+    return group
 
 
 def is_store(path: str | os.PathLike) -> bool:
@@ -408,13 +436,17 @@ class TraceStore:
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        if not is_store(self.path):
-            raise FormatError(
-                f"{str(self.path)!r} is not a moescope trace store (no zarr.json with moescope attributes); "
-                f"convert the source first: moescope trace convert SOURCE {self.path.name or 'OUT'}.zarr"
-            )
-        self._group = zarr.open_group(zarr.storage.LocalStore(self.path, read_only=True), mode="r")
+        if is_url(path):  # shared or object storage through fsspec, e.g. s3://bucket/run.zarr
+            self.path: Path | str = str(path)
+            self._group = _open_url(self.path)
+        else:
+            self.path = Path(path)
+            if not is_store(self.path):
+                raise FormatError(
+                    f"{str(self.path)!r} is not a moescope trace store (no zarr.json with moescope attributes); "
+                    f"convert the source first: moescope trace convert SOURCE {self.path.name or 'OUT'}.zarr"
+                )
+            self._group = zarr.open_group(zarr.storage.LocalStore(self.path, read_only=True), mode="r")
         a = dict(self._group.attrs[ATTR_KEY])
         if a.get("version", 0) > FORMAT_VERSION:
             raise FormatError(

@@ -285,11 +285,13 @@ def _simulate_dask(scheduler, names, params, train, test, capacities, per_sequen
     with dask_client(scheduler) as client:
         n_workers = max(1, len(client.scheduler_info().get("workers", {})))
         futures, where = [], {}
-        for pi, name in enumerate(names):
-            for s in range(len(test)):
-                parts = cut_at_resets(test[s], 2 * n_workers) if per_sequence else [test[s]]
+        for s in range(len(test)):
+            # streams are scattered once (not embedded in each task) and shared by every policy's tasks
+            [fit_on] = client.scatter([train[s]])
+            parts = client.scatter(cut_at_resets(test[s], 2 * n_workers) if per_sequence else [test[s]])
+            for pi, name in enumerate(names):
                 for part in parts:
-                    fut = client.submit(replay, name, params, train[s], part, capacities, pure=False)
+                    fut = client.submit(replay, name, params, fit_on, part, capacities, pure=False)
                     futures.append(fut)
                     where[fut.key] = (pi, s)
         for done, fut in enumerate(as_completed(futures), 1):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
@@ -18,7 +17,13 @@ _ONLY_HELP = "Analyses, comma-separated (default: every one the store allows): "
 
 
 def analyze(
-    store: Annotated[Path, typer.Argument(help="A trace store (zarr folder; `moescope trace convert` makes one).")],
+    store: Annotated[
+        str,
+        typer.Argument(
+            help="A trace store: a zarr folder (`moescope trace convert` makes one) or an fsspec URL "
+            "(s3://bucket/run.zarr; the protocol's package installed)."
+        ),
+    ],
     only: Annotated[str | None, typer.Option("--only", help=_ONLY_HELP)] = None,
     scheduler: c.SchedulerOpt = None,
     chunk_tokens: Annotated[int, typer.Option("--chunk-tokens", min=1, help="Target tokens per chunk.")] = 1 << 17,
@@ -89,7 +94,7 @@ def analyze(
             _emit(run, run.results(bar), store, as_json, lines=True)
 
 
-def _emit(run: Any, res: dict[str, Any], store: Path, as_json: bool, lines: bool) -> None:
+def _emit(run: Any, res: dict[str, Any], store: str, as_json: bool, lines: bool) -> None:
     """Print one set of results: a table, or JSON (one line each when following)."""
     state = {
         "tokens_analysed": run.tokens,
@@ -104,7 +109,8 @@ def _emit(run: Any, res: dict[str, Any], store: Path, as_json: bool, lines: bool
         f" of {run.committed:,} committed; the capture is still writing"
         + (" (last sequence as committed so far)" if run.include_open else " (finished sequences only)")
     )  # fmt: skip
-    table = Table(title=f"{store.name}: chunked analyses of {run.tokens:,} tokens{note}", title_justify="left")
+    name = store.rstrip("/").rsplit("/", 1)[-1]
+    table = Table(title=f"{name}: chunked analyses of {run.tokens:,} tokens{note}", title_justify="left")
     table.add_column("analysis")
     table.add_column("result", overflow="fold")
     for name, v in res.items():

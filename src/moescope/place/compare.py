@@ -231,6 +231,10 @@ def compare_placements(
     )
 
 
+def _fit_part(part: tuple[RoutingTrace, RoutingTrace], *args: Any) -> list[_Fitted]:
+    return fit_layers(*part, *args)
+
+
 def _fit_dask(scheduler, train, test, devs, names, replicas, seed, params, progress) -> list[_Fitted]:
     """`fit_layers` on groups of layers as Dask tasks (about two per worker), stitched back in layer order."""
     from distributed import as_completed
@@ -243,8 +247,9 @@ def _fit_dask(scheduler, train, test, devs, names, replicas, seed, params, progr
         futures = []
         for g in groups:
             ids = train.layer_ids[g].tolist()
-            part = (select_layers(train, ids), select_layers(test, ids))
-            futures.append(client.submit(fit_layers, *part, devs, names, replicas, seed, params, pure=False))
+            # scattered, not embedded in the task graph: a group's tokens can be hundreds of MB
+            [part] = client.scatter([(select_layers(train, ids), select_layers(test, ids))])
+            futures.append(client.submit(_fit_part, part, devs, names, replicas, seed, params, pure=False))
         if progress:
             for done, _ in enumerate(as_completed(futures), 1):
                 progress(done, len(futures))

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from moescope.errors import MissingDependencyError, UsageError
-from moescope.store import TraceStore
+from moescope.store import TraceStore, is_url
 from moescope.trace import RoutingTrace
 
 Partial = dict[str, Any]  # values are numpy arrays or additive result objects (with __add__)
@@ -204,7 +204,7 @@ class ChunkedRun:
         if chunk_tokens < 1:
             raise UsageError(f"chunk size {chunk_tokens}: expected >= 1 token")
         store._layer_index(layers)  # validates the layer ids
-        self.path = str(Path(path).resolve())
+        self.path = str(path) if is_url(path) else str(Path(path).resolve())
         self.scheduler = scheduler
         self.chunk_tokens = int(chunk_tokens)
         self.layers = None if layers is None else [int(x) for x in layers]
