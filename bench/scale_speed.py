@@ -3,7 +3,8 @@ analysed chunk by chunk in one process (peak RSS must stay under 4 GB), then on 
 LocalCluster; both results are compared and the speed-up reported (`bench/run.py scale_analyses`).
 
 Each step runs in its own process so its peak RSS is its own. The store is written by `save_synth`
-(streamed). Analyses: counts, concentration, ranking, coact, temporal, prefetch (every chunked analysis).
+(streamed). Analyses: counts, concentration, ranking, coact, temporal, prefetch (every chunked analysis the store
+allows; `gate` needs gate weights, which this store is written without).
 
 Placement (parallel across layers as Dask tasks): ``frequency`` and ``coact-refined`` at D = 8 fitted on the
 first 1M tokens of the same store (whole sequences; placement needs its train tokens in memory), in
@@ -38,9 +39,9 @@ SPEC = dict(
 _STEP = """
 import json, resource, sys, time
 import numpy as np
-from moescope.scale import ANALYSES, run_chunked
+from moescope.scale import run_chunked
 t = time.perf_counter()
-res = run_chunked(sys.argv[1], list(ANALYSES), scheduler=None if sys.argv[2] == "none" else sys.argv[2])
+res = run_chunked(sys.argv[1], None, scheduler=None if sys.argv[2] == "none" else sys.argv[2])
 dt = time.perf_counter() - t
 digest = {
     "counts_sum": int(res["counts"].values.sum()),
@@ -59,7 +60,8 @@ import numpy as np
 from moescope.place import compare_placements
 from moescope.store import TraceStore
 st = TraceStore(sys.argv[1])
-stop = int(st.seq_starts[np.searchsorted(st.seq_starts, 1_000_000)])
+i = int(np.searchsorted(st.seq_starts, 1_000_000))  # the first sequence start at or after 1M tokens
+stop = int(st.seq_starts[i]) if i < st.n_sequences else st.n_tokens
 trace = st.read(0, stop).trace
 t = time.perf_counter()
 rep = compare_placements(trace, [8], ["coact-refined"], scheduler=None if sys.argv[2] == "none" else sys.argv[2])
