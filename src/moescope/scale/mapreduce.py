@@ -129,9 +129,13 @@ def _map_chunk(
     first pass with `learned` None, else the second pass of the analyses named in `learned`)."""
     chunk = TraceStore(path).read(lo, hi, layers=layers).trace
     out: Partial = {}
+    first_pass: dict[Any, Partial] = {}  # analyses sharing a map function (counts, ranking, ...) map once
     for name in names:
         a = ANALYSES[name]
-        part = a.map(chunk, params) if learned is None else a.map2(chunk, params, learned[name])
+        if learned is None:
+            part = first_pass[a.map] if a.map in first_pass else first_pass.setdefault(a.map, a.map(chunk, params))
+        else:
+            part = a.map2(chunk, params, learned[name])
         for k, v in part.items():
             out[f"{name}/{k}"] = v
     return out
@@ -254,11 +258,13 @@ class ChunkedRun:
     ) -> dict[str, Any]:
         """Name -> result over the tokens mapped so far. Two-pass analyses (their second pass needs what
         the first learned from all tokens) map every token again, unless `one_pass_only` leaves them out."""
+        if self.tokens == 0 and self.complete:
+            raise UsageError(f"{self.path}: the store holds no tokens; capture or convert a workload into it first")
         if self.tokens == 0:
             raise UsageError(
-                f"{self.path}: no finished sequence to analyse yet ({self.committed} tokens committed, the "
-                f"store {'is complete' if self.complete else 'is still being written'}); wait for a commit, or "
-                f"pass include_open / --include-open to analyse a sequence that may still go on"
+                f"{self.path}: no finished sequence to analyse yet ({self.committed} tokens committed while the "
+                f"store is still being written); wait for more commits, or pass include_open / --include-open "
+                f"to analyse the sequence that may still go on"
             )
         names = [n for n in self.names if not (one_pass_only and ANALYSES[n].map2 is not None)]
         total = dict(self._total)
