@@ -46,7 +46,7 @@ dt = time.perf_counter() - t
 digest = {
     "counts_sum": int(res["counts"].values.sum()),
     "coact_median_excess": res["coact"].median_excess,
-    "temporal_reuse": list(res["temporal"].reuse[:4]),
+    "temporal_first_layers": [r.to_dict() for r in res["temporal"].layers[:4]],
     "prefetch_first_layer": res["prefetch"][0][0].to_dict(),
 }
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -43,6 +45,22 @@ def test_sequence_chunks_cover_whole_sequences():
         sequence_chunks(starts, 40, 0)
 
 
+def _same(a, b) -> None:
+    """Equal structures; floats to 1e-12 relative (chunked float sums add in another order)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _same(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            _same(x, y)
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=1e-12, abs=1e-15)
+    else:
+        assert a == b
+
+
 def _check_equal_to_whole(res, trace):
     assert np.array_equal(res["counts"].values, trace.counts().values)
     # gate mass is a float sum: equal up to the order of additions (executors agree bit for bit, see below)
@@ -53,11 +71,15 @@ def _check_equal_to_whole(res, trace):
     assert res["coact"].to_dict() == coactivation(trace).to_dict()
     loc = locality(trace)
     t = res["temporal"]
-    for i, row in enumerate(loc.layers):
-        assert t.reuse[i] == pytest.approx(row.reuse, abs=1e-12)
-        assert t.reuse_shuffled_expected[i] == pytest.approx(row.reuse_shuffled_expected, abs=1e-12)
-        assert t.cold_share[i] == pytest.approx(row.cold_share, abs=1e-12)
-        assert t.working_set_mean[i] == pytest.approx(row.working_set_mean, abs=1e-12)
+    # every temporal figure of `moescope locality`, the seeded shuffle included; float sums to 1e-12
+    assert len(t.layers) == len(loc.layers) and t.gap_bins == loc.gap_bins and t.widths == loc.widths
+    for got, want in zip(t.layers, loc.layers, strict=True):
+        _same(got.to_dict(), want.to_dict())
+    _same([dataclasses.asdict(r) for r in t.working_set_by_length],
+          [dataclasses.asdict(r) for r in loc.working_set_by_length])  # fmt: skip
+    _same({k: dataclasses.asdict(v) for k, v in t.summary.items()},
+          {k: dataclasses.asdict(loc.summary[k]) for k in t.summary})  # fmt: skip
+    assert (t.tokens, t.sequences) == (trace.n_tokens, trace.n_sequences)
     pre, cross = res["prefetch"]
     assert [r.to_dict() for r in pre] == [r.to_dict() for r in loc.prefetch]
     assert [r.to_dict() for r in cross] == [r.to_dict() for r in loc.cross]

@@ -299,19 +299,33 @@ def _check_order(order: np.ndarray, trace: RoutingTrace) -> np.ndarray:
     return order
 
 
-def shuffle_within_sequences(seq_starts: np.ndarray, n_tokens: int, seed: int) -> np.ndarray:
+def shuffle_within_sequences(seq_starts: np.ndarray, n_tokens: int, seed: int, offset: int = 0) -> np.ndarray:
     """[tokens] int64: a seeded random order of the tokens that keeps every token in its sequence.
 
     Parameters
     ----------
     seq_starts : [sequences] int64 first token of each sequence.
     n_tokens : tokens in the trace.
-    seed : for `numpy.random.default_rng`.
+    seed : the shuffle's seed.
+    offset : absolute index of token 0 (a chunk of a larger trace).
+
+    Each token's sort key is a counter-based hash of (seed, absolute token index), so a sequence's order
+    does not depend on the other sequences: a chunk of whole sequences starting at token `offset` gets
+    exactly its part of the whole trace's order (chunked analyses equal whole-trace ones).
     """
     lengths = np.diff(np.append(np.asarray(seq_starts, dtype=np.int64), n_tokens))
     seq = np.repeat(np.arange(lengths.size), lengths)
-    keys = np.random.default_rng(seed).random(n_tokens)
-    return np.lexsort((keys, seq)).astype(np.int64)
+    return np.lexsort((token_keys(seed, offset, n_tokens), seq)).astype(np.int64)
+
+
+def token_keys(seed: int, offset: int, n: int) -> np.ndarray:
+    """[n] uint64 splitmix64 of (seed, token index) for token indices ``offset .. offset + n - 1``."""
+    with np.errstate(over="ignore"):
+        z = (np.arange(offset, offset + n, dtype=np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+        z += np.full(n, seed, dtype=np.uint64) * np.uint64(0xD1B54A32D192ED03)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -448,17 +462,23 @@ def _ratio(a: float, b: float) -> float | None:
     return a / b if b > 0 else None
 
 
-def _spread(values: Sequence[float | None]) -> Spread:
+def spread(values: Sequence[float | None]) -> Spread:
     v = np.array([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
     return Spread(float(v.mean()), float(np.median(v))) if v.size else Spread(None, None)
 
 
-def _layer_rows(trace: RoutingTrace, real: TemporalCounts, shuf: TemporalCounts, n_bins: int):
-    k, n_exp, n_tok = trace.top_k, trace.n_experts, trace.n_tokens
+def layer_rows(
+    layer_ids: Sequence[int], top_k: int, n_experts: int, real: TemporalCounts, shuf: TemporalCounts
+) -> tuple[tuple[LayerLocality, ...], tuple[str, ...]]:
+    """Per-layer temporal figures from the sums of the trace (`real`) and of one seeded shuffle (`shuf`),
+    and the labels of the gap bins used (up to the largest gap seen)."""
+    used = np.flatnonzero(_gap_bins(real.gap_exact, real.gap_over).sum(axis=0))
+    n_bins = int(used[-1]) + 1 if used.size else 1
+    k, n_exp, n_tok = top_k, n_experts, real.tokens
     bins = _gap_bins(real.gap_exact, real.gap_over)
     rows = []
     per_pair = max(real.pairs * k, 1)
-    for i, lid in enumerate(trace.layer_ids.tolist()):
+    for i, lid in enumerate([int(x) for x in layer_ids]):
         expected = float(real.shuffle_expected[i]) / per_pair
         reuse = float(real.overlap[i]) / per_pair
         ws = real.ws_hist[i]
@@ -487,10 +507,18 @@ def _layer_rows(trace: RoutingTrace, real: TemporalCounts, shuf: TemporalCounts,
                 ),
             )
         )
-    return tuple(rows)
+    return tuple(rows), tuple(_bin_label(j) for j in range(n_bins))
 
 
-def _length_rows(real: TemporalCounts, n_experts: int, n_tokens: int) -> tuple[LengthRow, ...]:
+TEMPORAL_SUMMARY = (
+    "reuse", "reuse_shuffled", "reuse_shuffled_expected", "reuse_independent", "reuse_uniform", "reuse_ratio",
+    "cold_share", "median_gap", "working_set_mean", "working_set_frac",
+)  # fmt: skip
+
+
+def length_rows(real: TemporalCounts, n_experts: int) -> tuple[LengthRow, ...]:
+    """Working sets by sequence length bin (mean over layers), from the trace's temporal sums."""
+    n_tokens = real.tokens
     out = []
     n_lay = real.ws_by_length.shape[0]
     for j in np.flatnonzero(real.seqs_by_length).tolist():
@@ -576,19 +604,11 @@ def locality(
         np.concatenate([h[2] for h in hits]), test_pairs, int(test_len.sum()), budgets, predictors,
     )  # fmt: skip
     pre, cross_rows = results_from_hits(raw, trace.layer_ids, k, n_exp)
-    used = np.flatnonzero(_gap_bins(real.gap_exact, real.gap_over).sum(axis=0))
-    n_bins = int(used[-1]) + 1 if used.size else 1
-    rows = _layer_rows(trace, real, shuf, n_bins)
-    summary = {
-        name: _spread([getattr(r, name) for r in rows])
-        for name in (
-            "reuse", "reuse_shuffled", "reuse_shuffled_expected", "reuse_independent", "reuse_uniform", "reuse_ratio",
-            "cold_share", "median_gap", "working_set_mean", "working_set_frac",
-        )
-    }  # fmt: skip
-    summary["cross_precision"] = _spread([c.precision for c in cross_rows])
-    summary["cross_frequency"] = _spread([c.frequency for c in cross_rows])
-    overall = {p: tuple(_spread([r.hit_rate[p][b] for r in pre]) for b in range(len(budgets))) for p in predictors}
+    rows, gap_bins = layer_rows(trace.layer_ids, k, n_exp, real, shuf)
+    summary = {name: spread([getattr(r, name) for r in rows]) for name in TEMPORAL_SUMMARY}
+    summary["cross_precision"] = spread([c.precision for c in cross_rows])
+    summary["cross_frequency"] = spread([c.frequency for c in cross_rows])
+    overall = {p: tuple(spread([r.hit_rate[p][b] for r in pre]) for b in range(len(budgets))) for p in predictors}
     return Locality(
         model=model or trace.meta.model,
         n_experts=n_exp,
@@ -597,11 +617,11 @@ def locality(
         sequences=trace.n_sequences,
         seed=int(seed),
         widths=widths,
-        gap_bins=tuple(_bin_label(j) for j in range(n_bins)),
+        gap_bins=gap_bins,
         budgets=budgets,
         predictors=predictors,
         layers=rows,
-        working_set_by_length=_length_rows(real, n_exp, n_tok),
+        working_set_by_length=length_rows(real, n_exp),
         cross=cross_rows,
         prefetch=pre,
         test_pairs=test_pairs,

@@ -128,6 +128,7 @@ def _map_chunk(
     """One task: read tokens lo:hi of the store and return every analysis' partial, keys prefixed (the
     first pass with `learned` None, else the second pass of the analyses named in `learned`)."""
     chunk = TraceStore(path).read(lo, hi, layers=layers).trace
+    params = {**params, "token_offset": lo}  # where the chunk sits in the store (a seeded shuffle keys on it)
     out: Partial = {}
     first_pass: dict[Any, Partial] = {}  # analyses sharing a map function (counts, ranking, ...) map once
     for name in names:
@@ -470,51 +471,65 @@ def _coact_finish(part: Partial, ctx: Mapping[str, Any]):
 register(Analysis("coact", "co-activation matrices, clustering gain vs the null", _coact_map, _coact_finish))
 
 
-# temporal locality: exact additive sums over whole sequences (the exact shuffle expectation, no seeded shuffle)
+# temporal locality: additive sums over whole sequences, of the trace and of one seeded within-sequence shuffle
+# (its keys hash the absolute token index, so each chunk shuffles exactly as the whole trace would)
 def _temporal_map(tr: RoutingTrace, ctx: Mapping[str, Any]) -> Partial:
-    from moescope.analyze.locality import temporal_counts
+    from moescope.analyze.locality import shuffle_within_sequences, temporal_counts
 
-    return {"temporal": temporal_counts(tr)}
+    order = shuffle_within_sequences(tr.seq_starts, tr.n_tokens, ctx.get("seed", 0), offset=ctx["token_offset"])
+    return {"real": temporal_counts(tr), "shuffled": temporal_counts(tr, order=order)}
 
 
 @dataclasses.dataclass(frozen=True)
-class TemporalSummary:
-    """Per layer, from chunked sums: next-token reuse, its exact within-sequence shuffle expectation, the
-    share of cold selections and the mean distinct experts per sequence (working set)."""
+class Temporal:
+    """The temporal part of `moescope.analyze.locality` from chunked sums: per-layer rows (reuse against the
+    exact shuffle expectation and one seeded shuffle, gaps, cold share, working sets, windowed working
+    sets), working sets by sequence length, and spreads over layers. Equal to ``locality(trace)``'s
+    ``layers``, ``working_set_by_length`` and temporal ``summary`` on the same tokens and seed."""
 
-    layer_ids: tuple[int, ...]
-    reuse: tuple[float, ...]
-    reuse_shuffled_expected: tuple[float, ...]
-    cold_share: tuple[float, ...]
-    working_set_mean: tuple[float, ...]
+    layers: tuple[Any, ...]  # LayerLocality
+    working_set_by_length: tuple[Any, ...]  # LengthRow
+    gap_bins: tuple[str, ...]
+    widths: tuple[int, ...]
+    summary: dict[str, Any]  # name -> Spread
     tokens: int
-    pairs: int
+    sequences: int
+    seed: int
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {
+            "tokens": self.tokens,
+            "sequences": self.sequences,
+            "seed": self.seed,
+            "widths": list(self.widths),
+            "gap_bins": list(self.gap_bins),
+            "summary": {k: dataclasses.asdict(v) for k, v in self.summary.items()},
+            "layers": [r.to_dict() for r in self.layers],
+            "working_set_by_length": [dataclasses.asdict(r) for r in self.working_set_by_length],
+        }
 
 
-def _temporal_finish(part: Partial, ctx: Mapping[str, Any]) -> TemporalSummary:
-    t = part["temporal"]
-    k = ctx["top_k"]
-    den = max(t.pairs * k, 1)
-    n_seq = t.ws_hist.sum(axis=1)
-    ws = (t.ws_hist * np.arange(t.ws_hist.shape[1])).sum(axis=1) / np.maximum(n_seq, 1)
-    return TemporalSummary(
-        tuple(int(x) for x in ctx["layer_ids"]),
-        tuple(float(x) for x in t.overlap / den),
-        tuple(float(x) for x in t.shuffle_expected / den),
-        tuple(float(x) for x in t.cold / max(t.tokens * k, 1)),
-        tuple(float(x) for x in ws),
-        int(t.tokens),
-        int(t.pairs),
+def _temporal_finish(part: Partial, ctx: Mapping[str, Any]) -> Temporal:
+    from moescope.analyze.locality import TEMPORAL_SUMMARY, layer_rows, length_rows, spread
+
+    real, shuf = part["real"], part["shuffled"]
+    rows, gap_bins = layer_rows(ctx["layer_ids"], ctx["top_k"], ctx["n_experts"], real, shuf)
+    return Temporal(
+        layers=rows,
+        working_set_by_length=length_rows(real, ctx["n_experts"]),
+        gap_bins=gap_bins,
+        widths=tuple(real.widths),
+        summary={name: spread([getattr(r, name) for r in rows]) for name in TEMPORAL_SUMMARY},
+        tokens=int(real.tokens),
+        sequences=int(real.seqs_by_length.sum()),
+        seed=int(ctx.get("seed", 0)),
     )
 
 
 register(
     Analysis(
         "temporal",
-        "next-token reuse vs the shuffle expectation, cold share, working set",
+        "next-token reuse vs shuffles, reuse gaps, cold share, working sets (as `moescope locality`)",
         _temporal_map,
         _temporal_finish,
     )
