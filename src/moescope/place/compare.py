@@ -5,7 +5,9 @@ train tokens (first half of every sequence; ``split="all"``: every token, in-sam
 tokens (second halves; ``"all"``: every token) with `moescope.place.metrics`. ``frequency`` (standard load
 balancing) is always fitted: every row's devices per token is also given relative to it. With ``replicas
 R > 0`` each method is scored twice, without and with R copies of the hottest experts, so the trade of
-memory for balance and locality reads off adjacent rows. Pure: no I/O, no printing.
+memory for balance and locality reads off adjacent rows. Every method treats layers independently, so
+``scheduler="local:N"`` (or a Dask address) fits groups of layers as Dask tasks (`fit_layers` each) with the
+same result. Pure: no I/O, no printing.
 
     >>> report = compare_placements(trace, devices=[4, 8], methods=["frequency", "coact-refined"])
     >>> report.rows[1].vs_frequency
@@ -115,7 +117,7 @@ def parse_methods(names: Sequence[str] | None) -> list[str]:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class _Fitted:
+class LayerFit:
     """One (D, method, R) fitted and replayed on some layers: the parts a `PlacementRow` is built from."""
 
     key: tuple[int, str, int]
@@ -134,7 +136,7 @@ def fit_layers(
     seed: int,
     params: PlaceParams,
     progress: Callable[[int, int], None] | None = None,
-) -> list[_Fitted]:
+) -> list[LayerFit]:
     """Fit every method at every D on the layers of `train` and replay `test` through each placement.
 
     Every method treats layers independently (random streams are keyed by model layer id), so fitting a
@@ -142,7 +144,7 @@ def fit_layers(
     Dask task. Results in (D, method, R) order.
     """
     data = TrainData(train)
-    out: list[_Fitted] = []
+    out: list[LayerFit] = []
     total, done = len(devices) * len(names), 0
     for d in devices:
         for name in names:
@@ -155,7 +157,7 @@ def fit_layers(
                 tables.append((replicas, add_replicas(assign, data, d, replicas)))
             for r, table in tables:
                 hist, load = route(table, test.experts, train.n_experts)
-                out.append(_Fitted((d, name, r), table, hist, load, fit_s))
+                out.append(LayerFit((d, name, r), table, hist, load, fit_s))
             done += 1
             if progress is not None:
                 progress(done, total)
@@ -231,11 +233,11 @@ def compare_placements(
     )
 
 
-def _fit_part(part: tuple[RoutingTrace, RoutingTrace], *args: Any) -> list[_Fitted]:
+def _fit_part(part: tuple[RoutingTrace, RoutingTrace], *args: Any) -> list[LayerFit]:
     return fit_layers(*part, *args)
 
 
-def _fit_dask(scheduler, train, test, devs, names, replicas, seed, params, progress) -> list[_Fitted]:
+def _fit_dask(scheduler, train, test, devs, names, replicas, seed, params, progress) -> list[LayerFit]:
     """`fit_layers` on groups of layers as Dask tasks (about two per worker), stitched back in layer order."""
     from distributed import as_completed
 
@@ -258,7 +260,7 @@ def _fit_dask(scheduler, train, test, devs, names, replicas, seed, params, progr
     for i, first in enumerate(parts[0]):
         pieces = [p[i] for p in parts]
         out.append(
-            _Fitted(
+            LayerFit(
                 first.key,
                 np.concatenate([p.table for p in pieces]),
                 np.concatenate([p.hist for p in pieces]),
