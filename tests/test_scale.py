@@ -183,6 +183,24 @@ def _append(writer, trace, lo: int, hi: int) -> None:
     )
 
 
+def _capture_in_background(path, trace, first: int, block: int, pause: float):
+    """A capture stand-in: writes the first `first` tokens now; the returned (unstarted) thread appends the
+    rest `block` tokens at a time, `pause` seconds apart, then closes the store."""
+    import threading
+    import time
+
+    writer = _writer(path, trace, chunk_tokens=256)
+    _append(writer, trace, 0, first)
+
+    def capture() -> None:
+        for lo in range(first, trace.n_tokens, block):
+            time.sleep(pause)
+            _append(writer, trace, lo, min(lo + block, trace.n_tokens))
+        writer.close()
+
+    return threading.Thread(target=capture)
+
+
 def test_a_growing_store_is_read_up_to_its_finished_sequences(tmp_path, store):
     from moescope.scale import ChunkedRun, finished_tokens
     from moescope.slicing import select_tokens
@@ -220,23 +238,13 @@ def test_a_growing_store_is_read_up_to_its_finished_sequences(tmp_path, store):
 def test_a_dask_cluster_reads_while_the_capture_appends(tmp_path, store):
     """The writer appends in another thread while a 2-worker cluster maps the committed sequences."""
     pytest.importorskip("distributed")
-    import threading
     import time
 
     from moescope.scale import ChunkedRun
 
     _, trace = store
     path = tmp_path / "capture.zarr"
-    writer = _writer(path, trace, chunk_tokens=256)
-    _append(writer, trace, 0, 300)
-
-    def capture() -> None:
-        for lo in range(300, trace.n_tokens, 400):
-            time.sleep(0.15)
-            _append(writer, trace, lo, min(lo + 400, trace.n_tokens))
-        writer.close()
-
-    thread = threading.Thread(target=capture)
+    thread = _capture_in_background(path, trace, first=300, block=400, pause=0.15)
     updates = []
     with ChunkedRun(path, list(ANALYSES), chunk_tokens=500, scheduler="local:2") as run:
         thread.start()
@@ -250,24 +258,13 @@ def test_a_dask_cluster_reads_while_the_capture_appends(tmp_path, store):
 
 def test_cli_follows_a_capture(tmp_path, store, capsys):
     import json
-    import threading
-    import time
 
     from moescope.slicing import select_tokens
     from test_cli import run
 
     _, trace = store
     path = tmp_path / "capture.zarr"
-    writer = _writer(path, trace, chunk_tokens=256)
-    _append(writer, trace, 0, 1000)
-
-    def capture() -> None:
-        for lo in range(1000, trace.n_tokens, 1000):
-            time.sleep(0.3)
-            _append(writer, trace, lo, min(lo + 1000, trace.n_tokens))
-        writer.close()
-
-    thread = threading.Thread(target=capture)
+    thread = _capture_in_background(path, trace, first=1000, block=1000, pause=0.3)
     thread.start()
     args = ("--follow", "--interval", "0.1", "--only", "counts,prefetch", "--json")
     code, out, err = run(capsys, "analyze", path, *args)
