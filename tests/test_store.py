@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
 import pytest
 
 from conftest import random_trace
-from moescope.errors import FormatError, OutputExistsError, TraceError
+from moescope.errors import FormatError, OutputExistsError, TraceError, UsageError
 from moescope.store import TraceStore, TraceWriter, default_chunk_tokens, is_store, load_trace, save_trace
 from moescope.trace import expert_mass
 
@@ -91,6 +92,37 @@ def test_interrupted_capture_keeps_committed_chunks(tmp_path):
     after = TraceStore(path)
     assert after.n_tokens == 32 and not after.complete
     assert after.to_trace().n_sequences == 1
+
+
+def test_timed_commits_make_a_slow_capture_visible(tmp_path, monkeypatch):
+    """commit_seconds: buffered tokens are committed (a partial chunk) once that long has passed; the chunk
+    is rewritten whole as more tokens come, and the final store is the trace."""
+    import moescope.store as store_mod
+
+    clock = [100.0]
+    monkeypatch.setattr(store_mod.time, "monotonic", lambda: clock[0])
+    tr = random_trace(n_tokens=64, n_seq=4, weights="float16", labels=True)
+    path = tmp_path / "cap.zarr"
+    w = TraceWriter(path, n_experts=8, n_layers=2, top_k=2, layer_ids=tr.layer_ids, chunk_tokens=16,
+                    weights_dtype="float16", atomic=False, commit_seconds=30.0)  # fmt: skip
+    cuts = [0, 5, 9, 20, 23, 50, 64]
+    seen = []
+    for lo, hi in itertools.pairwise(cuts):
+        inside = (tr.seq_starts >= lo) & (tr.seq_starts < hi)
+        clock[0] += 31.0 if hi in (9, 23) else 1.0  # a slow moment before these blocks
+        w.append(tr.experts[lo:hi], tr.weights[lo:hi], seq_starts=tr.seq_starts[inside] - lo,
+                 labels=tr.seq_labels[inside].tolist())  # fmt: skip
+        seen.append(TraceStore(path).n_tokens)
+    # timed commits of everything buffered after the slow moments (9, 23: mid-chunk); otherwise a commit
+    # waits for a chunk's worth of buffered tokens and stops at a chunk boundary (48, 64)
+    assert seen == [0, 9, 9, 23, 48, 64]
+    mid = TraceStore(path)
+    assert not mid.complete
+    np.testing.assert_array_equal(mid.to_trace().weights, tr.weights)  # partial chunks rewritten whole
+    w.close()
+    assert load_trace(path).equals(tr, check_meta=False)
+    with pytest.raises(UsageError, match="commit_seconds"):
+        TraceWriter(tmp_path / "x.zarr", n_experts=8, n_layers=2, top_k=2, commit_seconds=-1)
 
 
 def test_failed_block_in_capture_commits_what_was_valid(tmp_path):

@@ -18,7 +18,9 @@ Two ways to write:
 - ``save_trace(trace, path)`` / ``TraceWriter(path, ..., atomic=True)``: built in a hidden temp folder
   beside ``path`` and renamed into place at the end (nothing is left behind on error);
 - ``TraceWriter(path, ..., atomic=False)``: for captures, the store is visible at ``path`` from the
-  start and grows commit by commit.
+  start and grows commit by commit (every full chunk, and with ``commit_seconds`` at least that often).
+  Chunk files are replaced atomically (zarr's LocalStore writes a temp file and renames it), so a reader
+  never sees a half-written chunk, even one rewritten after a partial commit.
 
 Reading: ``TraceStore(path)`` (metadata only), ``.read(start, stop, layers=...)`` for a token range,
 ``.iter_chunks()`` to stream with bounded memory, ``load_trace(path)`` for everything.
@@ -33,6 +35,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -61,6 +64,7 @@ TARGET_CHUNK_BYTES = 8 << 20  # uncompressed experts bytes per chunk
 MIN_CHUNK_TOKENS = 1024
 MAX_CHUNK_TOKENS = 1 << 20
 SEQ_CHUNK = 1 << 16
+CAPTURE_COMMIT_SECONDS = 30.0  # captures commit at least this often (see TraceWriter's commit_seconds)
 
 
 def default_chunk_tokens(n_layers: int, top_k: int) -> int:
@@ -124,6 +128,9 @@ class TraceWriter:
     chunk_tokens : tokens per chunk (default: ~8 MiB of ids per chunk).
     overwrite : replace an existing `path`.
     atomic : True builds in a temp folder and renames at `close()`; False (captures) writes in place.
+    commit_seconds : also commit what is buffered (a partial chunk, rewritten whole when more comes) once
+        this long has passed since the last commit; captures use `CAPTURE_COMMIT_SECONDS`, so readers of a
+        slow capture see its tokens within that time and a crash loses at most that much. None: full chunks.
 
     Use as a context manager: an exception inside the block removes an atomic store, and leaves a
     non-atomic one with what was committed (marked incomplete).
@@ -143,7 +150,12 @@ class TraceWriter:
         chunk_tokens: int | None = None,
         overwrite: bool = False,
         atomic: bool = True,
+        commit_seconds: float | None = None,
     ) -> None:
+        if commit_seconds is not None and not commit_seconds >= 0:
+            raise UsageError(f"commit_seconds {commit_seconds!r}: expected seconds >= 0, or None")
+        self.commit_seconds = commit_seconds
+        self._last_commit = time.monotonic()
         self.path = _atomic.check_output(path, overwrite)
         self.overwrite = overwrite
         self.atomic = atomic
@@ -264,6 +276,12 @@ class TraceWriter:
         self._buf_tokens += n
         if self._buf_tokens >= self.chunk_tokens:
             self._write_buffer(full_chunks_only=True)
+        if (
+            self.commit_seconds is not None
+            and self._buf_tokens
+            and time.monotonic() - self._last_commit >= self.commit_seconds
+        ):
+            self.flush()  # readers (analyze --follow) see a slow capture's tokens without waiting for a chunk
 
     def append_trace(self, trace: RoutingTrace) -> None:
         """Append every token and sequence of `trace` (its metadata is not merged)."""
@@ -318,6 +336,7 @@ class TraceWriter:
         self._buf_tokens = ex.shape[0] - n
         self._attrs["committed_tokens"] = hi
         self._group.attrs[ATTR_KEY] = self._attrs  # the commit point (one atomic file replace)
+        self._last_commit = time.monotonic()
 
     def _commit_sequences(self, n_starts: int) -> None:
         starts, self._pending_starts = self._pending_starts[:n_starts], self._pending_starts[n_starts:]

@@ -30,7 +30,7 @@ import numpy as np
 from moescope.capture.corpus import Document, Seq, check_capture, cut_sequences
 from moescope.capture.routers import CaptureError, RouterRecorder, _torch, find_routers
 from moescope.errors import TraceError, UsageError, require
-from moescope.store import TraceWriter
+from moescope.store import CAPTURE_COMMIT_SECONDS, TraceWriter
 from moescope.trace import TraceMeta, utc_now
 
 if TYPE_CHECKING:
@@ -234,6 +234,7 @@ def capture_hf(
             weights_dtype="float32",
             overwrite=overwrite,
             atomic=False,
+            commit_seconds=CAPTURE_COMMIT_SECONDS,
         ) as writer:
             steps = _prefill if mode == "prefill" else _decode
             for experts, weights, starts, labels in steps(

@@ -44,7 +44,7 @@ from moescope.capture.corpus import Document, Seq, check_capture, cut_sequences
 from moescope.capture.routers import CaptureError
 from moescope.errors import TraceError, UsageError, require
 from moescope.gguf import GGUFModel, inspect_gguf
-from moescope.store import TraceWriter
+from moescope.store import CAPTURE_COMMIT_SECONDS, TraceWriter
 from moescope.trace import TraceMeta, utc_now
 
 log = logging.getLogger(__name__)
@@ -531,6 +531,7 @@ def capture_llama(
             weights_dtype="float32",
             overwrite=overwrite,
             atomic=False,
+            commit_seconds=CAPTURE_COMMIT_SECONDS,
         ) as writer:
             labelled = plan[0].label is not None
             for seq in plan:

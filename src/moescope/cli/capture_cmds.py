@@ -69,7 +69,8 @@ def hf(
     top with their stem; a .jsonl "label" field wins.
 
     The model and corpus are checked before the output is created. The store is committed chunk by
-    chunk, so a capture that dies leaves what was committed readable (marked incomplete).
+    chunk and at least every 30 s, so a capture that dies leaves what was committed readable (marked
+    incomplete), and `moescope analyze OUT --follow` can analyse it while it runs.
 
     Example: `moescope capture hf ~/models/OLMoE-1B-7B corpus/ -o olmoe.zarr --max-tokens 200000`
     """
@@ -145,7 +146,8 @@ def llama(
     fresh KV cache. `Decode` (--generate N): the first --prompt-len tokens are the prompt, then N tokens
     are generated greedily, one per step; only their routing is recorded.
 
-    The GGUF and corpus are checked before the output is created; the store is committed chunk by chunk.
+    The GGUF and corpus are checked before the output is created; the store is committed chunk by chunk
+    and at least every 30 s (`moescope analyze OUT --follow` reads it while it grows).
 
     Example: `moescope capture llama qwen3-30b-a3b-q4_k_m.gguf corpus/ -o qwen.zarr --max-tokens 200000`
     """
