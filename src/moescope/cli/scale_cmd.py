@@ -76,7 +76,8 @@ def analyze(
         if not follow:
             with c.lazy_progress("chunks") as bar:
                 run.update(bar)
-                _emit(run, run.results(bar), store, as_json, lines=False)
+                res = run.results(bar)
+            _emit(run, res, store, as_json, lines=False)
             return
         shown = -1
         try:
@@ -91,7 +92,8 @@ def analyze(
         except KeyboardInterrupt:
             typer.echo(f"stopped following; final results over the {run.tokens:,} tokens analysed", err=True)
         with c.lazy_progress("final pass") as bar:
-            _emit(run, run.results(bar), store, as_json, lines=True)
+            res = run.results(bar)
+        _emit(run, res, store, as_json, lines=True)
 
 
 def _emit(run: Any, res: dict[str, Any], store: str, as_json: bool, lines: bool) -> None:
