@@ -75,6 +75,28 @@ SchedulerOpt = Annotated[
 ]
 
 
+def read_trace(
+    src: Path,
+    fmt: str | None,
+    purpose: str,
+    *,
+    n_experts: int | None = None,
+    top_k: int | None = None,
+    moe_layers: str | None = None,
+    phys_to_log: Path | None = None,
+    phase: str | None = None,
+    layers: str | None = None,
+) -> Any:
+    """The per-token trace a command analyses: `src` read with the import flags, refused with `purpose` in
+    the message when it holds only counts, then cut to ``--layers`` (model layer ids) when given."""
+    from moescope.imports import as_trace, read_input
+    from moescope.slicing import select_layers
+
+    opts = import_options(n_experts, top_k, moe_layers, phys_to_log, None, None, phase)
+    trace = as_trace(read_input(src, fmt, opts), purpose)
+    return trace if layers is None else select_layers(trace, parse_ranges(layers, "--layers"))
+
+
 def import_options(
     n_experts: int | None = None,
     top_k: int | None = None,

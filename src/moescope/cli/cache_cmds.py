@@ -104,8 +104,7 @@ def cache(
         simulate,
     )
     from moescope.errors import UsageError
-    from moescope.imports import as_trace, read_input
-    from moescope.slicing import parse_ranges, select_layers
+    from moescope.slicing import parse_ranges
 
     hw = Hardware(pcie_gbps, gpu_gbps, cpu_gbps)
     names = list(POLICIES) if policy is None else [p.strip() for p in policy.split(",") if p.strip()]
@@ -118,12 +117,17 @@ def cache(
         raise UsageError("give --expert-bytes or --gguf, not both")
     if slots is not None and vram is not None:
         raise UsageError("give --slots or --vram, not both")
-    trace = as_trace(
-        read_input(src, fmt, c.import_options(n_experts, top_k, moe_layers, phys_to_log, None, None, phase)),
+    trace = c.read_trace(
+        src,
+        fmt,
         "the cache simulator",
+        n_experts=n_experts,
+        top_k=top_k,
+        moe_layers=moe_layers,
+        phys_to_log=phys_to_log,
+        phase=phase,
+        layers=layers,
     )
-    if layers is not None:
-        trace = select_layers(trace, parse_ranges(layers, "--layers"))
     eb, dense = _bytes(trace, expert_bytes, gguf, dense_bytes, parse_bytes)
     caps = _auto_capacities(trace.top_k, trace.n_experts) if capacity is None else parse_ranges(capacity, "--capacity")
     params = PolicyParams(aging=aging, prefetch=prefetch)

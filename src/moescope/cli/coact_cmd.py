@@ -66,15 +66,22 @@ def coact(
     from moescope._atomic import check_output
     from moescope.analyze.coact import coactivation, write_coact_npz
     from moescope.errors import UsageError
-    from moescope.imports import as_trace, read_input
     from moescope.slicing import parse_ranges
 
     if null not in NULLS:
         raise UsageError(f"--null {null!r} is not one of {', '.join(NULLS)}")
     if matrix_out is not None:
         check_output(matrix_out, overwrite)
-    data = read_input(src, fmt, c.import_options(n_experts, top_k, moe_layers, phys_to_log, None, None, phase))
-    trace = as_trace(data, "moescope coact")
+    trace = c.read_trace(
+        src,
+        fmt,
+        "moescope coact",
+        n_experts=n_experts,
+        top_k=top_k,
+        moe_layers=moe_layers,
+        phys_to_log=phys_to_log,
+        phase=phase,
+    )
     keep = None if layers is None else parse_ranges(layers, "--layers")
     with c.lazy_progress("co-activation") as bar:
         result = coactivation(

@@ -68,17 +68,23 @@ def locality(
     """
     from moescope.analyze.locality import locality as run_locality
     from moescope.errors import UsageError
-    from moescope.imports import as_trace, read_input
-    from moescope.slicing import parse_ranges, select_layers
+    from moescope.slicing import parse_ranges
 
     budgets = None if budget is None else parse_ranges(budget, "--budget")
     predictors = [p.strip() for p in predictor.split(",") if p.strip()]
     if not predictors:
         raise UsageError(f"--predictor {predictor!r} names no predictor; pick from {', '.join(PREDICTORS)}")
-    opts = c.import_options(n_experts, top_k, moe_layers, phys_to_log, None, None, phase)
-    trace = as_trace(read_input(src, fmt, opts), "locality")
-    if layers is not None:
-        trace = select_layers(trace, parse_ranges(layers, "--layers"))
+    trace = c.read_trace(
+        src,
+        fmt,
+        "locality",
+        n_experts=n_experts,
+        top_k=top_k,
+        moe_layers=moe_layers,
+        phys_to_log=phys_to_log,
+        phase=phase,
+        layers=layers,
+    )
     with c.lazy_progress("locality (layers)") as progress:
         result = run_locality(
             trace, budgets=budgets, predictors=predictors, seed=seed, model=model_name, progress=progress

@@ -92,9 +92,8 @@ def place(
     """
     from moescope._atomic import check_output
     from moescope.errors import UsageError
-    from moescope.imports import as_trace, read_input
     from moescope.place import PlaceParams, compare_placements, write_eplb_map, write_placement
-    from moescope.slicing import parse_ranges, select_layers
+    from moescope.slicing import parse_ranges
 
     devs = parse_ranges(devices, "--devices")
     names = _methods(method)
@@ -109,12 +108,17 @@ def place(
         if d_exp not in devs:
             raise UsageError(f"--devices-for-export {d_exp} is not among --devices {devs}; add it there")
         m_exp = _export_method(method_for_export, names)
-    trace = as_trace(
-        read_input(src, fmt, c.import_options(n_experts, top_k, moe_layers, phys_to_log, None, None, phase)),
+    trace = c.read_trace(
+        src,
+        fmt,
         "the placement planner",
+        n_experts=n_experts,
+        top_k=top_k,
+        moe_layers=moe_layers,
+        phys_to_log=phys_to_log,
+        phase=phase,
+        layers=layers,
     )
-    if layers is not None:
-        trace = select_layers(trace, parse_ranges(layers, "--layers"))
     with c.lazy_progress("placing") as bar:
         report = compare_placements(
             trace,

@@ -41,14 +41,19 @@ def report(
     """
     from moescope import _atomic
     from moescope._units import parse_bytes
-    from moescope.imports import as_trace, read_input
     from moescope.report import build_report
     from moescope.slicing import parse_ranges
 
     _atomic.check_output(out, overwrite)
-    trace = as_trace(
-        read_input(src, fmt, c.import_options(n_experts, top_k, moe_layers, phys_to_log, None, None, phase)),
+    trace = c.read_trace(
+        src,
+        fmt,
         "the report",
+        n_experts=n_experts,
+        top_k=top_k,
+        moe_layers=moe_layers,
+        phys_to_log=phys_to_log,
+        phase=phase,
     )
     d = parse_ranges(devices, "--devices")
     v = None if vram is None else parse_bytes(vram, "--vram")
