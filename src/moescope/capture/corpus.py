@@ -196,6 +196,28 @@ def check_capture(
     return out
 
 
+def capture_writer(
+    out: Path, *, n_experts: int, top_k: int, layer_ids: Sequence[int], mode: str, meta: Any, overwrite: bool
+) -> Any:
+    """The store every capture engine writes: in place (readable while it grows), float32 gate weights,
+    committed every full chunk and at least every `CAPTURE_COMMIT_SECONDS` (a crash loses at most that)."""
+    from moescope.store import CAPTURE_COMMIT_SECONDS, TraceWriter
+
+    return TraceWriter(
+        out,
+        n_experts=n_experts,
+        n_layers=len(layer_ids),
+        top_k=top_k,
+        layer_ids=layer_ids,
+        phase=mode,
+        meta=meta,
+        weights_dtype="float32",
+        overwrite=overwrite,
+        atomic=False,
+        commit_seconds=CAPTURE_COMMIT_SECONDS,
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Seq:
     """One sequence to run: its token ids and the label of the document it came from."""

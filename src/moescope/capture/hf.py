@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from moescope.capture.corpus import Document, Seq, check_capture, cut_sequences
+from moescope.capture.corpus import Document, Seq, capture_writer, check_capture, cut_sequences
 from moescope.capture.routers import CaptureError, RouterRecorder, _torch, find_routers
 from moescope.errors import TraceError, UsageError, require
-from moescope.store import CAPTURE_COMMIT_SECONDS, TraceWriter
+from moescope.store import TraceWriter
 from moescope.trace import TraceMeta, utc_now
 
 if TYPE_CHECKING:
@@ -223,18 +223,14 @@ def capture_hf(
     )
     with recorder, torch.inference_mode():
         _probe(model, recorder, plan[0].ids[:4], dev)  # unreadable routers fail here, before the store exists
-        with TraceWriter(
+        with capture_writer(
             out,
             n_experts=recorder.n_experts,
-            n_layers=recorder.n_layers,
             top_k=recorder.top_k,
             layer_ids=recorder.layer_ids,
-            phase=mode,
+            mode=mode,
             meta=meta,
-            weights_dtype="float32",
             overwrite=overwrite,
-            atomic=False,
-            commit_seconds=CAPTURE_COMMIT_SECONDS,
         ) as writer:
             steps = _prefill if mode == "prefill" else _decode
             for experts, weights, starts, labels in steps(

@@ -40,11 +40,10 @@ from typing import Any
 
 import numpy as np
 
-from moescope.capture.corpus import Document, Seq, check_capture, cut_sequences
+from moescope.capture.corpus import Document, Seq, capture_writer, check_capture, cut_sequences
 from moescope.capture.routers import CaptureError
 from moescope.errors import TraceError, UsageError, require
 from moescope.gguf import GGUFModel, inspect_gguf
-from moescope.store import CAPTURE_COMMIT_SECONDS, TraceWriter
 from moescope.trace import TraceMeta, utc_now
 
 log = logging.getLogger(__name__)
@@ -520,18 +519,14 @@ def capture_llama(
                 }
             },
         )
-        with TraceWriter(
+        with capture_writer(
             out,
             n_experts=info.n_experts,
-            n_layers=len(info.layer_ids),
             top_k=session.top_k,
             layer_ids=info.layer_ids,
-            phase=mode,
+            mode=mode,
             meta=meta,
-            weights_dtype="float32",
             overwrite=overwrite,
-            atomic=False,
-            commit_seconds=CAPTURE_COMMIT_SECONDS,
         ) as writer:
             labelled = plan[0].label is not None
             for seq in plan:
