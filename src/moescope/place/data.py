@@ -24,34 +24,9 @@ import functools
 import numpy as np
 
 from moescope._jit import njit_parallel, prange
+from moescope.analyze.coact import coact_counts
 from moescope.errors import UsageError
-from moescope.trace import RoutingTrace
-
-
-@njit_parallel
-def _loads(experts, out):
-    """``out [layers, E]`` += selections of ``experts [tokens, layers, k]``."""
-    n_tok, n_lay, k = experts.shape
-    for layer in prange(n_lay):
-        for t in range(n_tok):
-            for j in range(k):
-                out[layer, experts[t, layer, j]] += 1
-
-
-@njit_parallel
-def _coact(experts, out):
-    """``out [layers, E, E]``: tokens choosing both i and j (symmetric), selections on the diagonal."""
-    n_tok, n_lay, k = experts.shape
-    for layer in prange(n_lay):
-        o = out[layer]
-        for t in range(n_tok):
-            for a in range(k):
-                i = experts[t, layer, a]
-                o[i, i] += 1
-                for b in range(a + 1, k):
-                    j = experts[t, layer, b]
-                    o[i, j] += 1
-                    o[j, i] += 1
+from moescope.trace import RoutingTrace, expert_mass
 
 
 @njit_parallel
@@ -95,16 +70,12 @@ class TrainData:
     @functools.cached_property
     def load(self) -> np.ndarray:
         """[layers, E] int64 train selections per expert."""
-        out = np.zeros((self.n_layers, self.n_experts), dtype=np.int64)
-        _loads(self.experts, out)
-        return out
+        return expert_mass(self.experts, self.n_experts)
 
     @functools.cached_property
     def coact(self) -> np.ndarray:
-        """[layers, E, E] int64 co-activation counts."""
-        out = np.zeros((self.n_layers, self.n_experts, self.n_experts), dtype=np.int64)
-        _coact(self.experts, out)
-        return out
+        """[layers, E, E] int64 co-activation counts (tokens choosing both; selections on the diagonal)."""
+        return coact_counts(self.experts, self.n_experts)
 
     @functools.cached_property
     def drift_cov(self) -> np.ndarray:
