@@ -20,13 +20,18 @@ from test_cli import run
 E, EMBD, FF = 8, 32, 4
 
 
-def tiny_gguf(path, *, n_experts=E, used=2, group_count=None, used_per_layer=False, experts=True):
-    """A 2-block MoE GGUF: block 0 float experts with a router bias, block 1 Q8_0 merged gate_up."""
+def tiny_gguf(
+    path, *, n_experts=E, used=2, group_count=None, group_used=1, used_per_layer=False, experts=True, nextn=0
+):
+    """A 2-block MoE GGUF: block 0 float experts with a router bias, block 1 Q8_0 merged gate_up; `nextn`
+    MTP blocks after them (``nextn_predict_layers``: router and float experts, as GLM-4.5's converter writes)."""
     import gguf
 
     rng = np.random.default_rng(0)
     w = gguf.GGUFWriter(str(path), "qwen3moe")
-    w.add_block_count(2)
+    w.add_block_count(2 + nextn)
+    if nextn:
+        w.add_nextn_predict_layers(nextn)
     w.add_embedding_length(EMBD)
     w.add_name("tiny test")
     if experts:
@@ -37,7 +42,7 @@ def tiny_gguf(path, *, n_experts=E, used=2, group_count=None, used_per_layer=Fal
             w.add_expert_used_count(used)
         if group_count:
             w.add_expert_group_count(group_count)
-            w.add_expert_group_used_count(1)
+            w.add_expert_group_used_count(group_used)
     w.add_tensor("token_embd.weight", rng.standard_normal((10, EMBD)).astype(np.float32))
     for b in range(2):
         w.add_tensor(f"blk.{b}.attn_norm.weight", np.ones(EMBD, dtype=np.float32))
@@ -57,6 +62,13 @@ def tiny_gguf(path, *, n_experts=E, used=2, group_count=None, used_per_layer=Fal
             qd = gguf.quants.quantize(down, gguf.GGMLQuantizationType.Q8_0)
             w.add_tensor("blk.1.ffn_down_exps.weight", qd, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
             w.add_tensor("blk.1.ffn_up_shexp.weight", rng.standard_normal((FF, EMBD)).astype(np.float32))
+    for b in range(2, 2 + nextn):
+        w.add_tensor(f"blk.{b}.nextn.eh_proj.weight", rng.standard_normal((EMBD, 2 * EMBD)).astype(np.float32))
+        w.add_tensor(f"blk.{b}.ffn_gate_inp.weight", rng.standard_normal((n_experts, EMBD)).astype(np.float32))
+        for name in ("gate", "up", "down"):
+            w.add_tensor(
+                f"blk.{b}.ffn_{name}_exps.weight", rng.standard_normal((n_experts, FF, EMBD)).astype(np.float32)
+            )
     w.add_tensor("output.weight", rng.standard_normal((10, EMBD)).astype(np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -85,6 +97,37 @@ def test_inspect(model):
     assert not shexp.per_expert and m.routed_expert_bytes + m.other_bytes == sum(t.n_bytes for t in m.tensors)
     assert m.dense_bytes_per_token == m.other_bytes - 10 * EMBD * 4
     assert m.to_dict()["leading_dense_blocks"] == 0
+
+
+def test_mtp_blocks_are_not_routed_layers(tmp_path, capsys):
+    """GLM-4.5's converter keeps its MTP block (nextn_predict_layers = 1): stored, never routed in normal
+    decoding; inspect lists it apart, the plan leaves it out of VRAM, split subsets it like the last layer."""
+    from moescope.gguf.plan import plan_offload
+
+    plain, mtp = tiny_gguf(tmp_path / "p.gguf"), tiny_gguf(tmp_path / "m.gguf", nextn=1)
+    a, b = inspect_gguf(plain), inspect_gguf(mtp)
+    assert b.layer_ids == (0, 1) and b.mtp_blocks == (2,) and (b.n_blocks, b.trunk_blocks) == (3, 2)
+    assert b.expert_bytes == a.expert_bytes and b.routed_expert_bytes == a.routed_expert_bytes
+    assert b.other_bytes == a.other_bytes and b.dense_bytes_per_token == a.dense_bytes_per_token
+    assert b.mtp_bytes == sum(t.n_bytes for t in b.tensors if t.name.startswith("blk.2."))
+    assert b.mtp_bytes + b.routed_expert_bytes + b.other_bytes == sum(t.n_bytes for t in b.tensors)
+    pa, pb = plan_offload(a, 2**30, ctx=64), plan_offload(b, 2**30, ctx=64)
+    assert (pb.weights, pb.kv_cache, pb.experts_in_vram) == (pa.weights, pa.kv_cache, pa.experts_in_vram)
+    assert pb.expert_layer_bytes == pa.expert_layer_bytes
+    out = tmp_path / "out"
+    out.mkdir()
+    res = split_gguf(mtp, out, plan_groups(b, 2, "contiguous"))
+    src = open_gguf(mtp)
+    for path, entry in zip(res.paths, json.loads(res.manifest.read_text())["groups"], strict=True):
+        part, dst = inspect_gguf(path), open_gguf(path)
+        assert part.mtp_blocks == (2,) and part.layer_ids == (0, 1)
+        keep = entry["experts"]["1"]
+        a_, c_ = _bytes(src, "blk.2.ffn_up_exps.weight"), _bytes(dst, "blk.2.ffn_up_exps.weight")
+        per = a_.size // E
+        assert np.array_equal(c_, np.concatenate([a_[i * per : (i + 1) * per] for i in keep]))
+        assert any("MTP" in n for n in entry["notes"])
+    code, out, _ = run(capsys, "gguf", "inspect", mtp)
+    assert code == 0 and "MTP / NextN block(s) [2]" in out
 
 
 @pytest.mark.parametrize("mode", ["contiguous", "balanced", "ranked"])
@@ -152,10 +195,47 @@ def test_metadata_adjustments(tmp_path):
         assert r.fields["qwen3moe.expert_group_used_count"].contents() == 1
     notes = json.loads(res.manifest.read_text())["groups"][2]["notes"]
     assert any("expert_used_count" in n for n in notes) and any("grouped routing" in n for n in notes)
-    keep = tiny_gguf(tmp_path / "k.gguf", group_count=2)
-    (tmp_path / "o2").mkdir()
-    r2 = split_gguf(keep, tmp_path / "o2", plan_groups(inspect_gguf(keep), 2, "contiguous"))
-    assert open_gguf(r2.paths[0]).fields["qwen3moe.expert_group_count"].contents() == 2  # 2 divides 4
+
+
+def _llama_group_checks(path):
+    """llama.cpp's load-time checks on grouped routing (llama-model.cpp, load_hparams), as (ok, values)."""
+    r = open_gguf(path)
+    n = r.fields["qwen3moe.expert_count"].contents()
+    g = r.fields["qwen3moe.expert_group_count"].contents()
+    u = r.fields["qwen3moe.expert_group_used_count"].contents()
+    ok = g < n and (g <= 1 or (n % g == 0 and 0 < u < g))
+    return ok, (n, g, u)
+
+
+@pytest.mark.parametrize(
+    ("n_experts", "n_group", "used", "parts", "mode", "want"),
+    [
+        # DeepSeek-V3-like in small: each part is one whole source group -> grouping off (was: kept 4 groups
+        # of 1 expert, which llama.cpp aborts on: n_expert_groups < n_expert)
+        (16, 4, 2, 4, "contiguous", (4, 1, 1)),
+        # two whole groups each, the source uses two: all of them, the same as no grouping -> off
+        (16, 4, 2, 2, "contiguous", (8, 1, 1)),
+        # four whole groups of 2 each, two used: the source's rule survives in the part
+        (16, 8, 2, 2, "contiguous", (8, 4, 2)),
+        # ranked parts scatter the groups -> off
+        (16, 8, 2, 2, "ranked", (8, 1, 1)),
+        # the old test's case: one whole group of 4 per part (was kept as 2 groups of 2, another rule)
+        (8, 2, 1, 2, "contiguous", (4, 1, 1)),
+    ],
+)
+def test_split_keeps_grouped_routing_loadable(tmp_path, n_experts, n_group, used, parts, mode, want):
+    model = tiny_gguf(tmp_path / "g.gguf", n_experts=n_experts, group_count=n_group, group_used=used)
+    m = inspect_gguf(model)
+    trace = RoutingTrace(np.tile(np.array([[[0, 1], [2, 3]]], dtype=np.int16), (3, 1, 1)), n_experts, layer_ids=[0, 1])
+    out = tmp_path / "out"
+    out.mkdir()
+    res = split_gguf(model, out, plan_groups(m, parts, mode, ranking=rank_experts(trace)))
+    manifest = json.loads(res.manifest.read_text())
+    for path, entry in zip(res.paths, manifest["groups"], strict=True):
+        ok, values = _llama_group_checks(path)
+        assert ok and values == want, (path.name, values)
+        if values[1:] != (n_group, used):
+            assert any("expert_group_count" in n for n in entry["notes"])
 
 
 def test_bad_input_leaves_nothing(tmp_path, model):

@@ -49,6 +49,11 @@ def inspect(model: ModelArg, as_json: c.JsonOpt = False) -> None:
         f"(first {m.layer_ids[0]}), {m.n_experts} experts, top-{m.top_k}, {m.shared_experts} shared; "
         f"routed experts {format_bytes(m.routed_expert_bytes)}, everything else {format_bytes(m.other_bytes)}"
     )
+    if m.mtp_blocks:
+        con.print(
+            f"MTP / NextN block(s) {list(m.mtp_blocks)}: {format_bytes(m.mtp_bytes)}, stored but not loaded by "
+            f"llama.cpp in normal decoding, so not routed layers here (and not counted in VRAM plans)"
+        )
     table = Table(title="per MoE block", title_justify="left")
     for col in ("block", "bytes / expert", "expert tensors", "router"):
         table.add_column(col, justify="right" if col != "expert tensors" else "left")

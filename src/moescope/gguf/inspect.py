@@ -2,9 +2,16 @@
 
 `inspect_gguf` returns the architecture, expert count and top-k, the MoE blocks (those with a router
 ``blk.N.ffn_gate_inp.weight``), every tensor with its type and bytes, the bytes of one routed expert per
-layer, and the bytes of everything else. Per-expert tensors are the ``blk.N.*_exps.*`` ones (``ffn_gate_exps``,
-``ffn_up_exps``, ``ffn_down_exps``, merged ``ffn_gate_up_exps``, and their biases / scales), whose outermost
-dimension (the last in GGUF's order) is the expert. It does not modify the file.
+layer, and the bytes of everything else. Per-expert tensors are the ``blk.N.*_exps.*`` ones
+(``ffn_gate_exps``, ``ffn_up_exps``, ``ffn_down_exps``, merged ``ffn_gate_up_exps``, and their biases /
+scales), whose outermost dimension (the last in GGUF's order) is the expert. It does not modify the file.
+
+Multi-token-prediction (MTP / NextN) blocks: a GGUF with ``{arch}.nextn_predict_layers = N`` (GLM-4.5,
+Qwen3-Next, DeepSeek-V3 conversions that keep them) stores N extra blocks after the model's own, the last N
+of ``block_count``. llama.cpp neither loads nor runs them in normal decoding (``load_mtp`` is off unless a
+speculative MTP context asks for them: ``src/llama-model.cpp``, ``TENSOR_SKIP``), so they are not routed
+layers here: they are listed in ``mtp_blocks`` with their bytes (``mtp_bytes``) and left out of
+``layer_ids``, the expert bytes and the bytes a decode step reads.
 
     >>> model = inspect_gguf("Qwen3-30B-A3B-Q4_K_M.gguf")
     >>> model.expert_bytes[model.layer_ids[0]]     # bytes of one routed expert in the first MoE layer
@@ -36,6 +43,7 @@ class TensorInfo:
     n_bytes: int
     block: int
     per_expert: bool
+    mtp: bool = False  # in an MTP / NextN block (not loaded by llama.cpp in normal decoding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +52,10 @@ class GGUFModel:
 
     architecture : ``general.architecture``; n_experts, top_k : ``{arch}.expert_count`` / ``expert_used_count``
     (top_k may be a per-layer array in some files: then its maximum); layer_ids : MoE blocks (with a router),
-    ascending; n_blocks : ``{arch}.block_count``; expert_bytes : MoE block -> bytes of one routed expert
-    (all its per-expert tensors); shared_experts : ``{arch}.expert_shared_count`` (0 if absent); tensors : all.
+    ascending, MTP blocks excluded; n_blocks : ``{arch}.block_count`` (MTP blocks included); expert_bytes :
+    MoE block -> bytes of one routed expert (all its per-expert tensors); shared_experts :
+    ``{arch}.expert_shared_count`` (0 if absent); tensors : all; mtp_blocks : the MTP / NextN blocks (the last
+    ``{arch}.nextn_predict_layers`` of ``block_count``; see the module docstring).
     """
 
     path: str
@@ -58,22 +68,36 @@ class GGUFModel:
     shared_experts: int
     expert_bytes: dict[int, int]
     tensors: tuple[TensorInfo, ...]
+    mtp_blocks: tuple[int, ...] = ()
+
+    @property
+    def trunk_blocks(self) -> int:
+        """Blocks llama.cpp runs in normal decoding: ``n_blocks`` less the MTP blocks."""
+        return self.n_blocks - len(self.mtp_blocks)
 
     @property
     def routed_expert_bytes(self) -> int:
-        """Bytes of all routed experts (every per-expert tensor)."""
-        return sum(t.n_bytes for t in self.tensors if t.per_expert)
+        """Bytes of all routed experts of the MoE blocks (every per-expert tensor outside MTP blocks)."""
+        return sum(t.n_bytes for t in self.tensors if t.per_expert and not t.mtp)
 
     @property
     def other_bytes(self) -> int:
-        """Bytes of everything else (attention, shared experts, routers, norms, embeddings, output head)."""
-        return sum(t.n_bytes for t in self.tensors if not t.per_expert)
+        """Bytes of everything else llama.cpp loads (attention, shared experts, routers, norms, embeddings,
+        output head); MTP blocks are counted apart, in `mtp_bytes`."""
+        return sum(t.n_bytes for t in self.tensors if not t.per_expert and not t.mtp)
+
+    @property
+    def mtp_bytes(self) -> int:
+        """Bytes of the MTP / NextN blocks (stored in the file, not loaded in normal decoding)."""
+        return sum(t.n_bytes for t in self.tensors if t.mtp)
 
     @property
     def dense_bytes_per_token(self) -> int:
-        """Bytes a decode step reads besides the routed experts: all non-expert tensors except the token
-        embedding table (a token reads one row of it)."""
-        return sum(t.n_bytes for t in self.tensors if not t.per_expert and not t.name.startswith("token_embd."))
+        """Bytes a decode step reads besides the routed experts: all loaded non-expert tensors except the
+        token embedding table (a token reads one row of it)."""
+        return sum(
+            t.n_bytes for t in self.tensors if not t.per_expert and not t.mtp and not t.name.startswith("token_embd.")
+        )
 
     @property
     def leading_dense_blocks(self) -> int:
@@ -85,6 +109,8 @@ class GGUFModel:
         d.update(
             routed_expert_bytes=self.routed_expert_bytes,
             other_bytes=self.other_bytes,
+            mtp_bytes=self.mtp_bytes,
+            trunk_blocks=self.trunk_blocks,
             dense_bytes_per_token=self.dense_bytes_per_token,
             leading_dense_blocks=self.leading_dense_blocks,
         )
@@ -137,20 +163,31 @@ def inspect_gguf(path: str | os.PathLike) -> GGUFModel:
             f"{p!r} ({arch}) has {arch}.expert_count={n_experts} and {arch}.expert_used_count={top_k}; "
             f"it is not a Mixture-of-Experts model, so there is no routing to study"
         )
+    routers_all = sorted(int(m.group(1)) for t in reader.tensors if (m := _ROUTER.match(t.name)))
+    n_blocks = _int_field(reader, f"{arch}.block_count", p) or (max(routers_all) + 1 if routers_all else 0)
+    n_mtp = _int_field(reader, f"{arch}.nextn_predict_layers", p) or 0
+    if not 0 <= n_mtp < max(n_blocks, 1):
+        raise FormatError(
+            f"{p!r} ({arch}) declares {arch}.nextn_predict_layers={n_mtp} for {n_blocks} blocks; expected "
+            f"0 <= N < block_count: the file's metadata is corrupt, re-convert it"
+        )
+    mtp_blocks = tuple(range(n_blocks - n_mtp, n_blocks))
     tensors = []
     for t in reader.tensors:
         m = _BLOCK.match(t.name)
+        block = int(m.group(1)) if m else -1
         tensors.append(
             TensorInfo(
                 t.name,
                 t.tensor_type.name,
                 tuple(int(x) for x in t.shape),
                 int(t.n_bytes),
-                int(m.group(1)) if m else -1,
+                block,
                 bool(_EXPERT_TENSOR.match(t.name)) and int(t.shape[-1]) == int(n_experts),
+                block in mtp_blocks,
             )
         )
-    routers = sorted(int(m.group(1)) for t in tensors if (m := _ROUTER.match(t.name)))
+    routers = [b for b in routers_all if b not in mtp_blocks]
     if not routers:
         raise FormatError(
             f"{p!r} ({arch}) declares {n_experts} experts but has no blk.N.ffn_gate_inp.weight router "
@@ -168,8 +205,19 @@ def inspect_gguf(path: str | os.PathLike) -> GGUFModel:
         n_experts=int(n_experts),
         top_k=int(top_k),
         layer_ids=tuple(routers),
-        n_blocks=int(field(reader, f"{arch}.block_count") or (max(routers) + 1)),
+        n_blocks=n_blocks,
         shared_experts=int(field(reader, f"{arch}.expert_shared_count") or 0),
         expert_bytes=expert_bytes,
         tensors=tuple(tensors),
+        mtp_blocks=mtp_blocks,
     )
+
+
+def _int_field(reader: Any, key: str, path: str) -> int | None:
+    """An integer metadata value (None when absent); FormatError when it is not one."""
+    value = field(reader, key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FormatError(f"{path!r}: metadata {key} is {value!r}, expected an integer; re-convert the model")
+    return int(value)

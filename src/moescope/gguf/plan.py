@@ -3,10 +3,12 @@
 VRAM accounting (stated with every plan):
 
 - weights: every non-expert tensor except the token embedding table (llama.cpp keeps the input layer in
-  host memory), i.e. attention, norms, routers, shared experts, dense FFN blocks, output head;
+  host memory), i.e. attention, norms, routers, shared experts, dense FFN blocks, output head; MTP / NextN
+  blocks are not loaded in normal decoding and count nowhere (their bytes are listed by ``gguf inspect``);
 - KV cache: ``ctx x layers x (heads_kv x key_length + heads_kv x value_length)`` elements of the KV type
   (MLA models, with ``attention.kv_lora_rank``: ``ctx x layers x (kv_lora_rank + rope dims)``);
-  sliding-window layers are counted at full context (an upper bound);
+  sliding-window layers are counted at full context (an upper bound); MTP blocks have no KV cache in the
+  main context;
 - compute buffer: an allowance (default 512 MiB + ubatch x vocab x 4 bytes of logits);
 - experts: whole MoE layers, ``E x bytes per expert`` each, as many as the rest of the VRAM holds.
 
@@ -32,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from moescope._units import format_bytes
-from moescope.errors import UsageError
+from moescope.errors import FormatError, UsageError
 from moescope.gguf.inspect import GGUFModel, field, open_gguf
 
 # bytes per element of the KV cache types llama.cpp accepts (block types: block bytes / 32 values)
@@ -122,9 +124,11 @@ def kv_cache_bytes(model: GGUFModel, reader: Any, ctx: int, kv_type: str) -> int
     n_embd = int(field(reader, f"{arch}.embedding_length") or 0)
     heads = field(reader, f"{arch}.attention.head_count") or 1
     heads_kv = field(reader, f"{arch}.attention.head_count_kv") or heads
-    n_layers = model.n_blocks
-    heads_l = np.broadcast_to(np.asarray(heads, dtype=np.int64), (n_layers,))
-    heads_kv_l = np.broadcast_to(np.asarray(heads_kv, dtype=np.int64), (n_layers,))
+    n_layers = model.trunk_blocks  # llama.cpp's main context keeps no KV cache for MTP blocks
+    heads_l, heads_kv_l = (
+        _per_block(v, n_layers, f"{arch}.attention.{k}")
+        for v, k in ((heads, "head_count"), (heads_kv, "head_count_kv"))
+    )
     lora = field(reader, f"{arch}.attention.kv_lora_rank")
     if lora:
         rope = int(field(reader, f"{arch}.rope.dimension_count") or 64)
@@ -137,6 +141,17 @@ def kv_cache_bytes(model: GGUFModel, reader: Any, ctx: int, kv_type: str) -> int
         v = np.full(n_layers, v_len) if v_len else head_dim
         per_token = int((heads_kv_l * (k + v)).sum())
     return int(ctx * per_token * KV_BYTES[kv_type])
+
+
+def _per_block(value: Any, n_layers: int, key: str) -> np.ndarray:
+    """[n_layers] int64 of a scalar or per-block metadata value (a per-block array may also cover MTP blocks,
+    which come last)."""
+    a = np.asarray(value, dtype=np.int64)
+    if a.ndim == 0:
+        return np.broadcast_to(a, (n_layers,))
+    if a.ndim != 1 or a.size < n_layers:
+        raise FormatError(f"metadata {key} has {a.size} values for {n_layers} blocks; re-convert the model")
+    return a[:n_layers]
 
 
 def plan_offload(
@@ -153,7 +168,7 @@ def plan_offload(
         raise UsageError(f"--ctx {ctx}: expected a positive context length")
     reader = open_gguf(model.path)
     names = [t.name for t in model.tensors]
-    weights = sum(t.n_bytes for t in model.tensors if not t.per_expert and not t.name.startswith("token_embd."))
+    weights = model.dense_bytes_per_token
     kv = kv_cache_bytes(model, reader, ctx, kv_type)
     vocab = next((t.shape[-1] for t in model.tensors if t.name == "token_embd.weight"), 0)
     if compute is None:

@@ -14,9 +14,11 @@ per layer; rankings are per layer, never pooled by id across layers):
 Writing (`split_gguf`) slices every per-expert tensor along the expert dimension (``*_exps`` weights, merged
 ``ffn_gate_up_exps``, per-expert biases and scales), gathers the router rows (``ffn_gate_inp`` and its bias,
 ``exp_probs_b``), sets ``expert_count`` to the group's size, lowers ``expert_used_count`` to at most that,
-resets ``expert_group_count`` / ``expert_group_used_count`` to 1 when the group size breaks grouped routing,
-and copies everything else untouched. A ``split.json`` manifest maps each group's new expert ids back to
-the model's. Every layer of one output must keep the same number of experts (``expert_count`` is one value).
+rewrites ``expert_group_count`` / ``expert_group_used_count`` so the part routes sanely and loads in
+llama.cpp (`part_groups`: the source's groups where the part keeps whole groups, else grouping off), gives
+MTP / NextN blocks the experts of the last MoE block (`mtp_note`), and copies everything else untouched. A
+``split.json`` manifest maps each group's new expert ids back to the model's and says, per part, what had
+to change. Every layer of one output must keep the same number of experts (``expert_count`` is one value).
 """
 
 from __future__ import annotations
@@ -199,6 +201,7 @@ def _check_groups(groups: Groups, model: GGUFModel) -> None:
 def subset_tensors(model: GGUFModel, reader: Any, keep: Mapping[int, Sequence[int]]) -> list[TensorOut]:
     """The output tensor list for one group: per-expert tensors and router rows gathered, the rest copied."""
     by_name = {t.name: t for t in reader.tensors}
+    keep = {**keep, **{b: keep[model.layer_ids[-1]] for b in model.mtp_blocks}}  # see `mtp_note`
     out = []
     for info in model.tensors:
         t = by_name[info.name]
@@ -214,9 +217,22 @@ def subset_tensors(model: GGUFModel, reader: Any, keep: Mapping[int, Sequence[in
     return out
 
 
-def _kv_changes(model: GGUFModel, reader: Any, size: int) -> tuple[dict[str, bytes], list[str]]:
-    """New metadata for a group of `size` experts per layer, and notes on what had to change."""
+def mtp_note(model: GGUFModel) -> list[str]:
+    """What happens to MTP / NextN blocks (not routed in normal decoding, so not in the groups): they keep the
+    experts the group keeps in the last MoE block, so every expert tensor matches the part's expert_count and
+    the part loads with or without llama.cpp's MTP head."""
+    if not model.mtp_blocks:
+        return []
+    return [
+        f"MTP block(s) {list(model.mtp_blocks)} keep the experts of block {model.layer_ids[-1]} (no routing is "
+        f"recorded for them); the part's MTP head is a stand-in, not a draft model to rely on"
+    ]
+
+
+def _kv_changes(model: GGUFModel, reader: Any, keep: Mapping[int, Sequence[int]]) -> tuple[dict[str, bytes], list[str]]:
+    """New metadata for a group keeping ``keep[block]`` experts per MoE block, and notes on what changed."""
     arch = model.architecture
+    size = len(next(iter(keep.values())))
     notes: list[str] = []
 
     def encoded(key: str, value: Any) -> bytes:
@@ -233,16 +249,64 @@ def _kv_changes(model: GGUFModel, reader: Any, size: int) -> tuple[dict[str, byt
         if new != used:
             notes.append(f"expert_used_count lowered to at most {size} per layer")
         changes[f"{arch}.expert_used_count"] = encoded(f"{arch}.expert_used_count", new)
-    elif used is not None and int(used) > size:
-        notes.append(f"expert_used_count lowered from {used} to {size}")
-        changes[f"{arch}.expert_used_count"] = encoded(f"{arch}.expert_used_count", size)
-    n_group = field(reader, f"{arch}.expert_group_count")
-    if n_group is not None and int(n_group) > 1 and size % int(n_group):
-        notes.append(f"expert_group_count {n_group} does not divide {size}: grouped routing turned off (1 group)")
-        changes[f"{arch}.expert_group_count"] = encoded(f"{arch}.expert_group_count", 1)
+        top_k = max(new, default=0)
+    else:
+        top_k = min(int(used or 0), size)
+        if used is not None and int(used) > size:
+            notes.append(f"expert_used_count lowered from {used} to {size}")
+            changes[f"{arch}.expert_used_count"] = encoded(f"{arch}.expert_used_count", size)
+    n_group, n_used = field(reader, f"{arch}.expert_group_count"), field(reader, f"{arch}.expert_group_used_count")
+    if n_group is not None and int(n_group) > 1:
+        groups, used_groups, why = part_groups(model.n_experts, int(n_group), int(n_used or 0), keep, top_k)
+        if (groups, used_groups) != (int(n_group), int(n_used or 0)):
+            notes.append(
+                f"expert_group_count {n_group} -> {groups}, expert_group_used_count {n_used} -> {used_groups}: {why}"
+            )
+        changes[f"{arch}.expert_group_count"] = encoded(f"{arch}.expert_group_count", groups)
         if f"{arch}.expert_group_used_count" in reader.fields:
-            changes[f"{arch}.expert_group_used_count"] = encoded(f"{arch}.expert_group_used_count", 1)
-    return changes, notes
+            changes[f"{arch}.expert_group_used_count"] = encoded(f"{arch}.expert_group_used_count", used_groups)
+    return changes, notes + mtp_note(model)
+
+
+def part_groups(
+    n_experts: int, n_group: int, n_used: int, keep: Mapping[int, Sequence[int]], top_k: int
+) -> tuple[int, int, str]:
+    """Grouped routing (DeepSeek-V3, GLM-4.5: pick `n_used` of `n_group` expert groups, then top-k inside
+    them) for a part keeping ``keep[block]`` experts: ``(group count, used group count, why)``.
+
+    The part keeps the source's rule where it can: when, in every MoE block, the kept experts are whole
+    source groups (all ``E / n_group`` members of each group present, in order), the part has those groups
+    and the same number of used groups. Otherwise grouped routing is turned off (one group): the source's
+    groups do not exist in the part. Also off when the part would use all its groups (the same as no
+    grouping; llama.cpp requires fewer used groups than groups) or when the used groups could hold fewer
+    than top-k experts. Every result meets llama.cpp's load-time checks (``llama-model.cpp``): group count
+    below the expert count and dividing it, and 0 < used groups < groups when there is more than one group.
+    """
+    size = len(next(iter(keep.values())))
+    per = n_experts // n_group if n_experts % n_group == 0 else 0
+    counts = set()
+    for ids in keep.values():
+        ids = list(ids)
+        whole = per > 0 and len(ids) % per == 0 and sorted(ids) == ids
+        whole = whole and all(
+            ids[i : i + per] == list(range(ids[i], ids[i] + per)) and ids[i] % per == 0 for i in range(0, len(ids), per)
+        )
+        counts.add(len(ids) // per if whole else 0)
+    groups = counts.pop() if len(counts) == 1 else 0
+    if groups == 0:
+        return 1, 1, "the part's experts are not whole source groups in every layer, so grouped routing is off"
+    if groups <= 1 or n_used >= groups:
+        return (
+            1,
+            1,
+            (
+                f"the part keeps {groups} whole group(s) and the source uses {n_used}: all of them, the same "
+                f"as no grouping, so grouped routing is off"
+            ),
+        )
+    if n_used * (size // groups) < top_k:
+        return 1, 1, f"{n_used} used group(s) of {size // groups} experts hold fewer than top-k {top_k}: grouping off"
+    return groups, n_used, f"the part keeps {groups} whole source groups of {size // groups} experts"
 
 
 def output_paths(model_path: Path, out_dir: Path, n_groups: int) -> list[Path]:
@@ -276,9 +340,7 @@ def split_gguf(
             raise OutputExistsError(f"output {str(p)!r} is the input model; pick another folder")
     reader = open_gguf(src)
     temps = [_atomic.temp_sibling(p) for p in paths]
-    plans = [
-        (subset_tensors(model, reader, g), *_kv_changes(model, reader, len(next(iter(g.values()))))) for g in groups
-    ]
+    plans = [(subset_tensors(model, reader, g), *_kv_changes(model, reader, g)) for g in groups]
     total = sum(t.n_bytes for tensors, _, _ in plans for t in tensors)
     written, done = 0, 0
     try:
