@@ -22,8 +22,9 @@ def random_trace(
     seed: int = 0,
     weights: str | None = "float32",
     labels: bool = True,
+    token_ids: bool = False,
 ) -> RoutingTrace:
-    """A small valid trace with distinct ids per token, random sequence cuts and labels."""
+    """A small valid trace with distinct ids per token, random sequence cuts, labels and (optional) token ids."""
     rng = np.random.default_rng(seed)
     experts = np.argsort(rng.random((n_tokens, n_layers, n_experts)), axis=2)[..., :k].astype(np.int16)
     w = None
@@ -41,6 +42,7 @@ def random_trace(
         seq_labels=seq_labels,
         layer_ids=np.arange(1, n_layers + 1),
         meta={"model": "tiny-test", "source": "conftest"},
+        token_ids=rng.integers(0, 50_000, n_tokens) if token_ids else None,
     )
 
 

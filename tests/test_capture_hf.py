@@ -234,6 +234,9 @@ def test_cli_prefill_reads_back(capsys, saved, corpus, tmp_path):
     assert summary["tokens"] == trace.n_tokens == sum(lengths) and summary["layers"] == 3
     assert trace.n_sequences == sum(-(-n // 16) for n in lengths) and trace.seq_lengths.max() == 16
     assert trace.labels() == ["code", "law"] and trace.phase == "prefill" and trace.layer_ids.tolist() == [0, 1, 2]
+    ids = [tok(p.read_text())["input_ids"] for p in sorted(corpus.rglob("*.txt"), key=lambda p: str(p))]
+    want = [i for doc in ids for lo in range(0, len(doc), 16) for i in doc[lo : lo + 16]]
+    assert sorted(trace.token_ids.tolist()) == sorted(want)  # every token's id, as run (batches of sequences)
     meta = trace.meta.to_dict()
     assert meta["model"] == str(saved.moe) and meta["source"].startswith("transformers ") and meta["corpus"]
     assert meta["capture"]["mode"] == "prefill" and meta["capture"]["dtype"] == "float32"
@@ -262,6 +265,8 @@ def test_decode_routing_equals_teacher_forced_routing(saved, tmp_path):
         model(full)
         experts, _ = rec.collect()
     np.testing.assert_array_equal(np.sort(decoded.experts, axis=2), np.sort(experts[-4:], axis=2))
+    # each step's token id is the generated token that step fed and routed
+    assert decoded.token_ids.tolist() == full[0, -4:].tolist()
 
 
 def test_sanity_violation_surfaces_and_store_stays_incomplete(saved, tmp_path):

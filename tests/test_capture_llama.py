@@ -91,6 +91,7 @@ def test_exact_settings_equal_transformers(tmp_path, hf_tokens, hf_routing):
     assert trace.n_tokens == experts.shape[0] == sum(map(len, hf_tokens))
     assert trace.seq_starts.tolist() == np.cumsum([0] + [len(s) for s in hf_tokens[:-1]]).tolist()
     assert trace.layer_ids.tolist() == [0, 1, 2, 3] and trace.phase == "prefill"
+    assert trace.token_ids.tolist() == [t for s in hf_tokens for t in s]
     same = _same_sets(trace.experts, experts)
     assert same.all(), f"{(~same).sum()} token-layers differ"
     # same order too (both sort by descending probability), and the same renormalised gate weights
@@ -124,6 +125,16 @@ def test_text_is_tokenised_like_transformers(tmp_path):
 def test_decode_mode(tmp_path, hf_tokens):
     trace = _llama(tmp_path, hf_tokens[:2], "dec.zarr", mode="decode", generate=5, prompt_len=16, ignore_eos=True)
     assert trace.phase == "decode" and trace.n_tokens == 10 and trace.seq_starts.tolist() == [0, 5]
+    prompt = hf_tokens[0][:16]
+    from moescope.capture.llama import LlamaSession
+
+    with LlamaSession(GGUF, read_gguf_moe(GGUF), n_ctx=32) as session:  # greedy by hand: the same 5 tokens
+        session.run(prompt)
+        want = []
+        for pos in range(16, 21):
+            want.append(session.argmax_last())
+            session.run([want[-1]], start_pos=pos)
+    assert trace.token_ids[:5].tolist() == want
 
 
 def test_cli(tmp_path, capsys):

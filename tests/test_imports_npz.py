@@ -13,8 +13,9 @@ from moescope.imports import ImportOptions, read_input, write_output
 from moescope.imports.npz import read_npz
 
 
-def test_roundtrip_npz_zarr_npz(tmp_path):
-    tr = random_trace(weights="float16")
+@pytest.mark.parametrize("token_ids", [False, True])
+def test_roundtrip_npz_zarr_npz(tmp_path, token_ids):
+    tr = random_trace(weights="float16", token_ids=token_ids)
     write_output(tr, tmp_path / "a.npz")
     a = read_input(tmp_path / "a.npz")
     write_output(a, tmp_path / "b.zarr")

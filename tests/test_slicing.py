@@ -21,11 +21,12 @@ from moescope.slicing import (
 
 @pytest.mark.parametrize("seed", range(4))
 def test_split_matches_reference(seed):
-    tr = random_trace(n_tokens=61, n_seq=9, seed=seed)
+    tr = random_trace(n_tokens=61, n_seq=9, seed=seed, token_ids=True)
     for part, got in zip(("train", "test"), split_halves(tr), strict=True):
         idx = reference.split_tokens(tr.seq_starts, tr.n_tokens, part)
         np.testing.assert_array_equal(got.experts, tr.experts[idx])
         np.testing.assert_array_equal(got.weights, tr.weights[idx])
+        np.testing.assert_array_equal(got.token_ids, tr.token_ids[idx])
         assert got.meta.extra["slices"] == [{"op": "split", "part": part}]
 
 

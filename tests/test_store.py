@@ -24,6 +24,35 @@ def test_roundtrip_exact(tmp_path, chunk_tokens, weights):
     assert [p.name for p in tmp_path.iterdir()] == ["t.zarr"]  # no temp folder left
 
 
+@pytest.mark.parametrize("chunk_tokens", [7, 1000])
+def test_token_ids_roundtrip_and_chunked_reads(tmp_path, chunk_tokens):
+    tr = random_trace(n_tokens=97, n_seq=9, token_ids=True)
+    save_trace(tr, tmp_path / "t.zarr", chunk_tokens=chunk_tokens)
+    store = TraceStore(tmp_path / "t.zarr")
+    assert store.has_token_ids and store.summary()["has_token_ids"]
+    assert load_trace(tmp_path / "t.zarr").equals(tr)
+    chunks = [c.trace.token_ids for c in store.iter_chunks(chunk_tokens=10)]
+    np.testing.assert_array_equal(np.concatenate(chunks), tr.token_ids)
+    plain = random_trace(n_tokens=20)
+    save_trace(plain, tmp_path / "p.zarr")
+    assert not TraceStore(tmp_path / "p.zarr").has_token_ids and load_trace(tmp_path / "p.zarr").token_ids is None
+
+
+def test_writer_token_ids_all_or_none(tmp_path):
+    tr = random_trace(n_tokens=20, n_seq=1, labels=False, weights=None, token_ids=True)
+    kw = {"n_experts": 8, "n_layers": 2, "top_k": 2}
+    with TraceWriter(tmp_path / "a.zarr", token_ids=True, **kw) as w:
+        with pytest.raises(TraceError, match="keeps token ids"):
+            w.append(tr.experts[:5])
+        with pytest.raises(TraceError, match="token_ids has 4 entries but the trace has 5"):
+            w.append(tr.experts[:5], token_ids=tr.token_ids[:4])
+        w.append(tr.experts[:5], token_ids=tr.token_ids[:5])
+        w.append(tr.experts[5:], token_ids=tr.token_ids[5:], seq_starts=[])
+    np.testing.assert_array_equal(load_trace(tmp_path / "a.zarr").token_ids, tr.token_ids)
+    with TraceWriter(tmp_path / "b.zarr", **kw) as w, pytest.raises(TraceError, match="has no token ids"):
+        w.append(tr.experts, token_ids=tr.token_ids)
+
+
 def test_chunks_cover_trace_and_carry_sequences(tmp_path):
     tr = random_trace(n_tokens=100, n_seq=7)
     save_trace(tr, tmp_path / "t.zarr", chunk_tokens=16)

@@ -63,6 +63,7 @@ def take_ranges(
         layer_ids=trace.layer_ids,
         phase=trace.phase,
         meta=meta,
+        token_ids=None if trace.token_ids is None else trace.token_ids[idx],
         validate=False,
     )
 

@@ -9,6 +9,9 @@ Layout of ``PATH/`` (a Zarr v3 group)::
     weights/                   [tokens, layers, k] float16|float32 (only when the trace has gate weights)
     seq_starts/                [sequences] int64
     seq_label_codes/           [sequences] int32 index into label_names (only when labelled)
+    token_ids/                 [tokens] int32 vocabulary ids, chunks of (chunk_tokens,) (only when the
+                               capture knew them; attribute "token_ids": true; stores without it read as
+                               before, and readers that predate it ignore the array)
 
 Commit protocol: data chunks are written first, then the group attributes (one atomic file replace)
 advance ``committed_tokens``. Readers never look past the commit record, so a writer that dies leaves
@@ -48,12 +51,14 @@ from moescope.errors import FormatError, MissingDependencyError, TraceError, Usa
 from moescope.trace import (
     EXPERT_DTYPE,
     PHASES,
+    TOKEN_DTYPE,
     WEIGHT_DTYPES,
     RoutingTrace,
     TraceMeta,
     _check_layer_ids,
     _check_n_experts,
     _check_weights,
+    check_token_ids,
     validate_experts,
 )
 
@@ -125,6 +130,7 @@ class TraceWriter:
     phase : "prefill" or "decode".
     meta : provenance, stored as given (captures set `created`).
     weights_dtype : "float16", "float32" or None (no gate weights).
+    token_ids : the store keeps each token's vocabulary id (then every `append` gives them).
     chunk_tokens : tokens per chunk (default: ~8 MiB of ids per chunk).
     overwrite : replace an existing `path`.
     atomic : True builds in a temp folder and renames at `close()`; False (captures) writes in place.
@@ -147,6 +153,7 @@ class TraceWriter:
         phase: str = "prefill",
         meta: TraceMeta | dict[str, Any] | None = None,
         weights_dtype: str | np.dtype | None = None,
+        token_ids: bool = False,
         chunk_tokens: int | None = None,
         overwrite: bool = False,
         atomic: bool = True,
@@ -187,6 +194,7 @@ class TraceWriter:
             "phase": phase,
             "meta": meta.to_dict(),
             "weights_dtype": None if self.weights_dtype is None else self.weights_dtype.name,
+            "token_ids": bool(token_ids),
             "chunk_tokens": self.chunk_tokens,
             "label_names": [],
             "labelled": None,
@@ -204,10 +212,16 @@ class TraceWriter:
             else self._group.create_array("weights", shape=shape3, chunks=chunks3, dtype=self.weights_dtype)
         )
         self._seq = self._group.create_array("seq_starts", shape=(0,), chunks=(SEQ_CHUNK,), dtype=np.int64)
+        self._tokens = (
+            self._group.create_array("token_ids", shape=(0,), chunks=(self.chunk_tokens,), dtype=TOKEN_DTYPE)
+            if token_ids
+            else None
+        )
         self._codes: zarr.Array | None = None
         self._group.attrs[ATTR_KEY] = self._attrs
         self._buf_e: list[np.ndarray] = []
         self._buf_w: list[np.ndarray] = []
+        self._buf_t: list[np.ndarray] = []
         self._buf_tokens = 0
         self._pending_starts: list[int] = []  # absolute token index of sequences not yet committed
         self._pending_labels: list[str | None] = []
@@ -227,6 +241,7 @@ class TraceWriter:
         *,
         seq_starts: Sequence[int] | np.ndarray = (0,),
         labels: Sequence[str] | None = None,
+        token_ids: Sequence[int] | np.ndarray | None = None,
     ) -> None:
         """Append a block of tokens.
 
@@ -237,6 +252,7 @@ class TraceWriter:
         seq_starts : [m] sequence starts inside this block, relative to it. Default ``(0,)``: the block is
             one new sequence. A block whose starts do not include 0 continues the previous sequence.
         labels : [m] label per new sequence (required iff the store is labelled).
+        token_ids : [n] vocabulary id of each token (required iff the store keeps token ids).
         """
         if self._closed:
             raise UsageError("this TraceWriter is closed; open a new one to write more")
@@ -268,7 +284,17 @@ class TraceWriter:
             if w.shape != ex.shape:
                 raise TraceError(f"block weights shape {w.shape} differs from experts shape {ex.shape}")
             _check_weights(w)
+        if (token_ids is None) != (self._tokens is None):
+            raise TraceError(
+                "this store "
+                + ("keeps" if self._tokens is not None else "has no")
+                + " token ids; give token_ids for every block or for none"
+            )
+        tokens = None if token_ids is None else check_token_ids(token_ids, n)
+        if weights is not None:
             self._buf_w.append(w.astype(self.weights_dtype, copy=False))
+        if tokens is not None:
+            self._buf_t.append(tokens)
         self._check_labels(labels, starts.size)
         self._buf_e.append(ex.astype(EXPERT_DTYPE, copy=False))
         self._pending_starts.extend((starts + self.n_tokens).tolist())
@@ -290,6 +316,7 @@ class TraceWriter:
             trace.weights,
             seq_starts=trace.seq_starts,
             labels=None if trace.seq_labels is None else trace.seq_labels.tolist(),
+            token_ids=trace.token_ids,
         )
 
     def _check_labels(self, labels: Sequence[str] | None, n_new: int) -> None:
@@ -315,6 +342,9 @@ class TraceWriter:
         w = None
         if self._weights is not None:
             w = np.concatenate(self._buf_w) if len(self._buf_w) != 1 else self._buf_w[0]
+        tok = None
+        if self._tokens is not None:
+            tok = np.concatenate(self._buf_t) if len(self._buf_t) != 1 else self._buf_t[0]
         n = ex.shape[0]
         if full_chunks_only:
             # stop at a chunk boundary of the on-disk array so every chunk is written once
@@ -328,11 +358,15 @@ class TraceWriter:
         if self._weights is not None:
             self._weights.resize((hi, self.n_layers, self.top_k))
             self._weights[lo:hi] = w[:n]
+        if self._tokens is not None:
+            self._tokens.resize((hi,))
+            self._tokens[lo:hi] = tok[:n]
         n_starts = sum(1 for s in self._pending_starts if s < hi)
         self._commit_sequences(n_starts)
         self._written = hi
         self._buf_e = [ex[n:]] if n < ex.shape[0] else []
         self._buf_w = [w[n:]] if w is not None and n < w.shape[0] else []
+        self._buf_t = [tok[n:]] if tok is not None and n < tok.shape[0] else []
         self._buf_tokens = ex.shape[0] - n
         self._attrs["committed_tokens"] = hi
         self._group.attrs[ATTR_KEY] = self._attrs  # the commit point (one atomic file replace)
@@ -410,6 +444,7 @@ def save_trace(
         phase=trace.phase,
         meta=trace.meta,
         weights_dtype=None if trace.weights is None else trace.weights.dtype,
+        token_ids=trace.token_ids is not None,
         chunk_tokens=chunk_tokens,
         overwrite=overwrite,
         atomic=True,
@@ -427,6 +462,7 @@ def save_trace(
                 None if trace.weights is None else trace.weights[lo:hi],
                 seq_starts=starts - lo,
                 labels=labels,
+                token_ids=None if trace.token_ids is None else trace.token_ids[lo:hi],
             )
     return Path(path)
 
@@ -451,7 +487,7 @@ class TraceStore:
     """A trace store opened for reading; only committed tokens are visible.
 
     Attributes: n_tokens, n_layers, top_k, n_experts, layer_ids, phase, meta, complete, chunk_tokens,
-    has_weights, seq_starts [sequences] int64, seq_labels [sequences] str or None.
+    has_weights, has_token_ids, seq_starts [sequences] int64, seq_labels [sequences] str or None.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -485,17 +521,20 @@ class TraceStore:
         self.has_weights = a["weights_dtype"] is not None
         self._experts = self._group["experts"]
         self._weights = self._group["weights"] if self.has_weights else None
+        self.has_token_ids = a.get("token_ids") is True
+        self._tokens = self._group["token_ids"] if self.has_token_ids else None
         n_seq = int(a["committed_sequences"])
         self.seq_starts = np.asarray(self._group["seq_starts"][:n_seq], dtype=np.int64)
         self.seq_labels: np.ndarray | None = None
         if a.get("labelled"):
             names = np.asarray(a["label_names"], dtype=str)
             self.seq_labels = names[np.asarray(self._group["seq_label_codes"][:n_seq])]
-        if self._experts.shape[0] < self.n_tokens:
-            raise FormatError(
-                f"{str(self.path)!r} is corrupt: {self.n_tokens} tokens committed but only "
-                f"{self._experts.shape[0]} stored; recapture or restore it"
-            )
+        for name, arr in (("experts", self._experts), ("token_ids", self._tokens)):
+            if arr is not None and arr.shape[0] < self.n_tokens:
+                raise FormatError(
+                    f"{str(self.path)!r} is corrupt: {self.n_tokens} tokens committed but only {arr.shape[0]} "
+                    f"stored in {name}; recapture or restore it"
+                )
 
     @property
     def n_sequences(self) -> int:
@@ -520,6 +559,7 @@ class TraceStore:
         li = self._layer_index(layers)
         ex = self._experts[start:stop]
         w = self._weights[start:stop] if self._weights is not None else None
+        tokens = self._tokens[start:stop] if self._tokens is not None else None
         if li is not None:
             ex = ex[:, li]
             w = None if w is None else w[:, li]
@@ -539,6 +579,7 @@ class TraceStore:
             layer_ids=self.layer_ids if li is None else self.layer_ids[li],
             phase=self.phase,
             meta=self.meta,
+            token_ids=tokens,
         )
         return Chunk(start, trace, max(first, 0), bool(continues))
 
@@ -566,6 +607,7 @@ class TraceStore:
             "phase": self.phase,
             "has_weights": self.has_weights,
             "weights_dtype": self._attrs["weights_dtype"],
+            "has_token_ids": self.has_token_ids,
             "labels": [] if self.seq_labels is None else list(dict.fromkeys(self.seq_labels.tolist())),
             "complete": self.complete,
             "chunk_tokens": self.chunk_tokens,

@@ -8,6 +8,8 @@ Shapes (the glossary is in the package docstring):
 - ``seq_starts: [sequences] int64`` -- token index where each sequence (request, document) begins;
   ``seq_starts[0] == 0``, strictly increasing. Inside a sequence, tokens are in processing order.
 - ``seq_labels: [sequences] str`` (optional) -- a workload / task / domain label per sequence.
+- ``token_ids: [tokens] int32`` (optional) -- the vocabulary id of each token, where the capture knew it
+  (so two traces of the same text can be checked to be aligned, token by token: `moescope compare`).
 - ``layer_ids: [layers] int64`` -- the model's layer index of each MoE layer (dense layers are absent).
 - ``ExpertCounts.values: [layers, experts]`` -- selections (or gate mass) per expert; shares when
   ``normalized``.
@@ -34,6 +36,7 @@ from moescope.errors import TraceError
 PHASES = ("prefill", "decode")
 MASS_KINDS = ("counts", "gate")
 EXPERT_DTYPE = np.dtype(np.int16)
+TOKEN_DTYPE = np.dtype(np.int32)
 WEIGHT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 MAX_EXPERTS = int(np.iinfo(np.int16).max) + 1
 _VALIDATE_BLOCK = 1 << 16  # tokens checked per block, to bound temporary memory
@@ -134,6 +137,20 @@ def validate_experts(experts: np.ndarray, n_experts: int, token_offset: int = 0)
         )
 
 
+def check_token_ids(token_ids: Any, n_tokens: int) -> np.ndarray:
+    """[tokens] int32 vocabulary ids, checked: one per token, integers in 0 .. 2^31 - 1."""
+    ids = _as_int_array(token_ids, "token_ids [tokens]", 1)
+    if ids.size != n_tokens:
+        raise TraceError(
+            f"token_ids has {ids.size} entries but the trace has {n_tokens} tokens; give one vocabulary id per "
+            f"token, or none"
+        )
+    if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(TOKEN_DTYPE).max):
+        bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+        raise TraceError(f"token_ids holds {bad}; vocabulary ids are 0 .. {np.iinfo(TOKEN_DTYPE).max}")
+    return np.ascontiguousarray(ids, dtype=TOKEN_DTYPE)
+
+
 def _check_seq_starts(seq_starts: Any, n_tokens: int) -> np.ndarray:
     if seq_starts is None:
         return np.zeros(1 if n_tokens else 0, dtype=np.int64)
@@ -200,13 +217,24 @@ class RoutingTrace:
     weights : [tokens, layers, k] gate weights, float16 or float32 (other floats are cast to float32).
     seq_starts : [sequences] token index where each sequence begins; default one sequence.
     seq_labels : [sequences] label per sequence (workload, task...), or None.
+    token_ids : [tokens] vocabulary id of each token (stored as int32), or None when unknown.
     layer_ids : [layers] model layer index of each MoE layer; default ``0..layers-1``.
     phase : ``"prefill"`` (teacher-forced / prompt processing) or ``"decode"`` (generated tokens).
     meta : provenance (`TraceMeta` or a dict with model/source/corpus/created/...).
     validate : check ids (range, distinctness); pass False only for data this package just validated.
     """
 
-    __slots__ = ("experts", "layer_ids", "meta", "n_experts", "phase", "seq_labels", "seq_starts", "weights")
+    __slots__ = (
+        "experts",
+        "layer_ids",
+        "meta",
+        "n_experts",
+        "phase",
+        "seq_labels",
+        "seq_starts",
+        "token_ids",
+        "weights",
+    )
 
     def __init__(
         self,
@@ -219,6 +247,7 @@ class RoutingTrace:
         layer_ids: Any = None,
         phase: str = "prefill",
         meta: TraceMeta | Mapping[str, Any] | None = None,
+        token_ids: Any = None,
         validate: bool = True,
     ) -> None:
         ex = _as_int_array(experts, "experts [tokens, layers, k]", 3)
@@ -255,6 +284,7 @@ class RoutingTrace:
                 )
             seq_labels = labels
         self.seq_labels = seq_labels
+        self.token_ids = None if token_ids is None else check_token_ids(token_ids, n_tok)
         self.layer_ids = _check_layer_ids(layer_ids, n_lay)
         if phase not in PHASES:
             raise TraceError(f"phase is {phase!r}, expected one of {', '.join(PHASES)}")
@@ -319,6 +349,7 @@ class RoutingTrace:
             "layer_ids": self.layer_ids,
             "phase": self.phase,
             "meta": self.meta,
+            "token_ids": self.token_ids,
         }
         validate = changes.pop("validate", True)
         unknown = set(changes) - set(fields)
@@ -340,6 +371,7 @@ class RoutingTrace:
             and np.array_equal(self.layer_ids, other.layer_ids)
             and _opt_equal(self.weights, other.weights)
             and _opt_equal(self.seq_labels, other.seq_labels)
+            and _opt_equal(self.token_ids, other.token_ids)
         )
         if same and self.weights is not None:
             same = self.weights.dtype == other.weights.dtype
@@ -357,6 +389,7 @@ class RoutingTrace:
             "phase": self.phase,
             "has_weights": self.weights is not None,
             "weights_dtype": None if self.weights is None else str(self.weights.dtype),
+            "has_token_ids": self.token_ids is not None,
             "labels": self.labels(),
             "meta": self.meta.to_dict(),
         }

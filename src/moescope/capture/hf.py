@@ -106,7 +106,7 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
 
 
 def plan_sequences(
-    documents: Sequence[Document],
+    documents: Sequence[Document] | Sequence[Sequence[int]],
     tokenizer: Any,
     *,
     mode: str,
@@ -115,17 +115,26 @@ def plan_sequences(
     max_tokens: int | None,
     vocab_size: int | None,
 ) -> list[Seq]:
-    """Tokenise documents into the sequences to run (see `cut_sequences`), checking ids fit the model."""
+    """Tokenise documents (or take token-id lists as given, unlabelled) into the sequences to run (see
+    `cut_sequences`), checking ids fit the model."""
+    kinds = {isinstance(d, Document) for d in documents}
+    if len(kinds) != 1:
+        raise UsageError("give either Documents or token-id lists, not a mix (labels would be partial)")
 
     def tokenised():
         for doc in documents:
-            ids = list(tokenizer(doc.text, add_special_tokens=True, verbose=False)["input_ids"])
-            if vocab_size is not None and ids and max(ids) >= vocab_size:
+            if isinstance(doc, Document):
+                source, label = doc.source, doc.label
+                ids = list(tokenizer(doc.text, add_special_tokens=True, verbose=False)["input_ids"])
+            else:
+                source, label, ids = "token ids", None, [int(t) for t in doc]
+            if ids and (min(ids) < 0 or (vocab_size is not None and max(ids) >= vocab_size)):
+                bad = min(ids) if min(ids) < 0 else max(ids)
                 raise CaptureError(
-                    f"{doc.source}: the tokenizer gave id {max(ids)} but the model has {vocab_size} embeddings; "
+                    f"{source}: token id {bad} is outside the model's {vocab_size} embeddings; "
                     f"use the model's own tokenizer"
                 )
-            yield ids, doc.label
+            yield ids, label
 
     return cut_sequences(tokenised(), mode=mode, seq_len=seq_len, prompt_len=prompt_len, max_tokens=max_tokens)
 
@@ -133,7 +142,7 @@ def plan_sequences(
 def capture_hf(
     model: Any,
     tokenizer: Any,
-    documents: Sequence[Document],
+    documents: Sequence[Document] | Sequence[Sequence[int]],
     out_path: str | os.PathLike,
     *,
     mode: str = "prefill",
@@ -157,6 +166,8 @@ def capture_hf(
         (run where it is; `device` and `dtype` are then unused).
     tokenizer : a tokenizer, or None to load the one saved with the model.
     documents : [documents] `Document`, e.g. from `read_corpus`; the label of each becomes its sequences'.
+        Or [sequences] token-id lists, run as given and unlabelled (to compare with another capture of the
+        same ids, e.g. llama.cpp's).
     out_path : the store to create (a Zarr folder, written in place and readable while it grows).
     mode : ``"prefill"``: each document cut into sequences of at most `seq_len` tokens, teacher-forced,
         `batch_size` sequences per forward; ``"decode"``: `generate` greedy steps per document after a
@@ -233,12 +244,12 @@ def capture_hf(
             overwrite=overwrite,
         ) as writer:
             steps = _prefill if mode == "prefill" else _decode
-            for experts, weights, starts, labels in steps(
+            for experts, weights, starts, labels, tokens in steps(
                 model, recorder, plan, dev, batch_size=batch_size, generate=generate, ignore_eos=ignore_eos
             ):
                 room = planned - writer.n_tokens
                 keep = int(np.searchsorted(starts, room)) if len(experts) > room else len(starts)
-                _append(writer, experts[:room], weights[:room], starts[:keep], labels[:keep], recorder)
+                _append(writer, experts[:room], weights[:room], starts[:keep], labels[:keep], tokens[:room], recorder)
                 if progress is not None:
                     progress(writer.n_tokens, planned)
                 if writer.n_tokens >= planned:
@@ -255,10 +266,19 @@ def _probe(model: Any, recorder: RouterRecorder, ids: list[int], dev: Any) -> No
 
 
 def _append(
-    writer: TraceWriter, experts: np.ndarray, weights: np.ndarray, starts: Any, labels: Any, recorder: RouterRecorder
+    writer: TraceWriter,
+    experts: np.ndarray,
+    weights: np.ndarray,
+    starts: Any,
+    labels: Any,
+    tokens: Any,
+    recorder: RouterRecorder,
 ) -> None:
+    labels = list(labels)
     try:
-        writer.append(experts, weights, seq_starts=starts, labels=list(labels))
+        writer.append(
+            experts, weights, seq_starts=starts, labels=None if labels[:1] == [None] else labels, token_ids=tokens
+        )
     except TraceError as exc:
         raise CaptureError(
             f"the routing captured from {type(recorder.model).__name__} ({', '.join(recorder.router_classes)}) "
@@ -267,7 +287,7 @@ def _append(
 
 
 def _prefill(model: Any, recorder: RouterRecorder, plan: list[Seq], dev: Any, *, batch_size: int, **_: Any):
-    """Yield (experts, weights, seq_starts, labels) per batch of padded, teacher-forced sequences."""
+    """Yield (experts, weights, seq_starts, labels, token ids) per batch of padded, teacher-forced sequences."""
     torch = _torch()
     for lo in range(0, len(plan), batch_size):
         batch = plan[lo : lo + batch_size]
@@ -280,24 +300,25 @@ def _prefill(model: Any, recorder: RouterRecorder, plan: list[Seq], dev: Any, *,
         model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False, logits_to_keep=1)
         experts, weights = recorder.collect(mask)
         starts = np.cumsum([0] + [len(s.ids) for s in batch[:-1]])
-        yield experts, weights, starts, [s.label for s in batch]
+        yield experts, weights, starts, [s.label for s in batch], np.concatenate([s.ids for s in batch])
 
 
 def _decode(
     model: Any, recorder: RouterRecorder, plan: list[Seq], dev: Any, *, generate: int, ignore_eos: bool, **_: Any
 ):
-    """Yield (experts, weights, [0], [label]) per document: the routing of each generated token."""
+    """Yield (experts, weights, [0], [label], token ids) per document: the routing of each generated token."""
     torch = _torch()
     eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
     stop = set() if ignore_eos or eos is None else {eos} if isinstance(eos, int) else set(eos)
     for seq in plan:
         out = model(input_ids=torch.tensor([seq.ids], device=dev), use_cache=True, logits_to_keep=1)
         recorder.reset()  # the prompt's routing is not part of a decode trace
-        rows_e, rows_w = [], []
+        rows_e, rows_w, tokens = [], [], []
         for _step in range(generate):
             token = int(out.logits[0, -1].argmax())
             if token in stop:
                 break
+            tokens.append(token)
             out = model(
                 input_ids=torch.tensor([[token]], device=dev),
                 past_key_values=out.past_key_values,
@@ -308,4 +329,4 @@ def _decode(
             rows_e.append(experts)
             rows_w.append(weights)
         if rows_e:
-            yield np.concatenate(rows_e), np.concatenate(rows_w), np.array([0]), [seq.label]
+            yield np.concatenate(rows_e), np.concatenate(rows_w), np.array([0]), [seq.label], np.asarray(tokens)

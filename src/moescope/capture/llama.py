@@ -99,6 +99,27 @@ def parse_override(spec: str) -> tuple[str, str, Any]:
     return key, kind, value
 
 
+def routing_caveats(info: GGUFModel) -> list[str]:
+    """Where llama.cpp's routing for this GGUF is known to differ from the reference model's (transformers),
+    in words; empty when it is the same rule. What llama.cpp did is still what is recorded.
+
+    - deepseek2 with expert groups and softmax gating (DeepSeek-V2 / V2.5, ``topk_method
+      group_limited_greedy``): llama.cpp's ``build_moe_ffn`` scores each group by the sum of its two best
+      experts (DeepSeek-V3's ``noaux_tc`` rule, ``ggml_argsort_top_k(..., 2)`` then ``ggml_sum_rows``), the
+      reference by its best expert, so the two pick different groups for some tokens.
+    """
+    out = []
+    if info.architecture == "deepseek2" and info.expert_groups > 1 and info.gating in (None, "softmax"):
+        out.append(
+            f"llama.cpp routes this deepseek2 GGUF ({info.expert_groups} expert groups, {info.expert_groups_used} "
+            f"used, softmax gating: DeepSeek-V2's group_limited_greedy) by scoring each group with the sum of its "
+            f"two best experts (DeepSeek-V3's rule); the reference model scores a group by its best expert, so "
+            f"llama.cpp picks other experts for some tokens. This trace records what llama.cpp did; compare it "
+            f"with a transformers capture (moescope compare) to see how far the two differ"
+        )
+    return out
+
+
 # -- the eval callback ---------------------------------------------------------------------------------
 class _GGMLTensor(ctypes.Structure):
     """The head of ``struct ggml_tensor`` (ggml.h, GGML_MAX_DIMS 4, GGML_MAX_SRC 10) up to its name."""
@@ -499,6 +520,9 @@ def capture_llama(
         planned = min(planned, max_tokens or planned)
         session.run(plan[0].ids[:4])  # unreadable routing fails here, before the store exists
         session.clear()
+        caveats = routing_caveats(info)
+        for caveat in caveats:
+            log.warning("%s", caveat)
         meta = TraceMeta(
             model=str(path),
             source=f"llama.cpp (llama-cpp-python {llama_cpp.__version__})",
@@ -516,6 +540,7 @@ def capture_llama(
                     "kv_type": kv_type,
                     "overrides": list(overrides),
                     "llama_cpp_python": llama_cpp.__version__,
+                    "routing_caveats": caveats,
                 }
             },
         )
@@ -531,13 +556,18 @@ def capture_llama(
             labelled = plan[0].label is not None
             for seq in plan:
                 session.clear()
-                experts, weights = (_decode if mode == "decode" else _prefill)(session, seq, generate, ignore_eos)
+                step = _decode if mode == "decode" else _prefill
+                experts, weights, tokens = step(session, seq, generate, ignore_eos)
                 room = planned - writer.n_tokens
                 if experts.shape[0] == 0:
                     continue
                 try:
                     writer.append(
-                        experts[:room], weights[:room], labels=[seq.label] if labelled else None, seq_starts=[0]
+                        experts[:room],
+                        weights[:room],
+                        labels=[seq.label] if labelled else None,
+                        seq_starts=[0],
+                        token_ids=tokens[:room],
                     )
                 except TraceError as exc:
                     raise CaptureError(
@@ -551,14 +581,17 @@ def capture_llama(
     return out
 
 
-def _prefill(session: LlamaSession, seq: Seq, _generate: int, _ignore_eos: bool) -> tuple[np.ndarray, np.ndarray]:
-    return session.run(seq.ids)
+Routed = tuple[np.ndarray, np.ndarray, list[int]]  # experts, weights [tokens, layers, k]; the token ids run
 
 
-def _decode(session: LlamaSession, seq: Seq, generate: int, ignore_eos: bool) -> tuple[np.ndarray, np.ndarray]:
+def _prefill(session: LlamaSession, seq: Seq, _generate: int, _ignore_eos: bool) -> Routed:
+    return (*session.run(seq.ids), list(seq.ids))
+
+
+def _decode(session: LlamaSession, seq: Seq, generate: int, ignore_eos: bool) -> Routed:
     """Greedy generation after the prompt; the routing of each generated token, in order."""
     session.run(seq.ids)  # the prompt's routing is not part of a decode trace
-    pos, rows_e, rows_w = len(seq.ids), [], []
+    pos, rows_e, rows_w, tokens = len(seq.ids), [], [], []
     for _step in range(generate):
         token = session.argmax_last()
         if not ignore_eos and session.is_eog(token):
@@ -566,8 +599,9 @@ def _decode(session: LlamaSession, seq: Seq, generate: int, ignore_eos: bool) ->
         e, w = session.run([token], start_pos=pos)
         rows_e.append(e)
         rows_w.append(w)
+        tokens.append(token)
         pos += 1
     if not rows_e:
-        k = session.top_k
-        return np.zeros((0, len(session.info.layer_ids), k), np.int64), np.zeros((0, len(session.info.layer_ids), k))
-    return np.concatenate(rows_e), np.concatenate(rows_w)
+        shape = (0, len(session.info.layer_ids), session.top_k)
+        return np.zeros(shape, np.int64), np.zeros(shape), []
+    return np.concatenate(rows_e), np.concatenate(rows_w), tokens

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from moescope.cli import _common as c
@@ -209,6 +210,7 @@ def _report(path: Path, documents: int, seconds: float, as_json: bool) -> None:
         "documents": documents,
         "seconds": round(seconds, 3),
         "tokens_per_s": round(store.n_tokens / seconds, 1) if seconds > 0 else None,
+        "routing_caveats": list(store.meta.extra.get("capture", {}).get("routing_caveats", [])),
     }
     if as_json:
         c.print_json(result)
@@ -221,4 +223,6 @@ def _report(path: Path, documents: int, seconds: float, as_json: bool) -> None:
     table.add_row("sequences", f"{result['sequences']:,} from {result['documents']:,} documents")
     table.add_row("layers", f"{result['layers']} MoE layers, top-{result['top_k']} of {result['n_experts']} experts")
     table.add_row("speed", f"{result['tokens_per_s'] or 0:,.1f} tokens/s ({result['seconds']:.1f} s)")
+    for caveat in result["routing_caveats"]:
+        table.add_row("caveat", escape(caveat))
     c.console().print(table)

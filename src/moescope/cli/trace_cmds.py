@@ -46,6 +46,7 @@ def _print_info(d: dict[str, Any]) -> None:
         )
         head.add_row("phase", d["phase"])
         head.add_row("gate weights", d["weights_dtype"] or "none")
+        head.add_row("token ids", "recorded" if d.get("has_token_ids") else "none")
         if d.get("labels"):
             head.add_row("labels", ", ".join(d["labels"]))
         if "complete" in d and not d["complete"]:

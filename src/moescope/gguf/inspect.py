@@ -31,6 +31,7 @@ GGUF_MAGIC = b"GGUF"
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 _EXPERT_TENSOR = re.compile(r"^blk\.(\d+)\.[a-z_]+_exps\.[a-z_]+$")
 _ROUTER = re.compile(r"^blk\.(\d+)\.ffn_gate_inp\.weight$")
+GATING_FUNCS = {1: "softmax", 2: "sigmoid", 4: "sqrtsoftplus"}  # gguf-py ExpertGatingFuncType
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +56,9 @@ class GGUFModel:
     ascending, MTP blocks excluded; n_blocks : ``{arch}.block_count`` (MTP blocks included); expert_bytes :
     MoE block -> bytes of one routed expert (all its per-expert tensors); shared_experts :
     ``{arch}.expert_shared_count`` (0 if absent); tensors : all; mtp_blocks : the MTP / NextN blocks (the last
-    ``{arch}.nextn_predict_layers`` of ``block_count``; see the module docstring).
+    ``{arch}.nextn_predict_layers`` of ``block_count``; see the module docstring); expert_groups,
+    expert_groups_used : grouped routing (``{arch}.expert_group_count`` / ``expert_group_used_count``, 0 when
+    absent); gating : ``{arch}.expert_gating_func`` as a name (softmax, sigmoid, sqrtsoftplus), None when absent.
     """
 
     path: str
@@ -69,6 +72,9 @@ class GGUFModel:
     expert_bytes: dict[int, int]
     tensors: tuple[TensorInfo, ...]
     mtp_blocks: tuple[int, ...] = ()
+    expert_groups: int = 0
+    expert_groups_used: int = 0
+    gating: str | None = None
 
     @property
     def trunk_blocks(self) -> int:
@@ -210,6 +216,9 @@ def inspect_gguf(path: str | os.PathLike) -> GGUFModel:
         expert_bytes=expert_bytes,
         tensors=tuple(tensors),
         mtp_blocks=mtp_blocks,
+        expert_groups=_int_field(reader, f"{arch}.expert_group_count", p) or 0,
+        expert_groups_used=_int_field(reader, f"{arch}.expert_group_used_count", p) or 0,
+        gating=GATING_FUNCS.get(_int_field(reader, f"{arch}.expert_gating_func", p) or 0),
     )
 
 

@@ -1,7 +1,8 @@
 """moescope's `.npz` trace format (also the format of ``shared/realdata/esft-dsv2lite/trace.npz``).
 
 Arrays: ``experts [tokens, layers, k] int``, optional ``weights [tokens, layers, k] float16|float32``,
-``seq_starts [sequences] int64``, optional ``seq_labels [sequences] str``, and ``meta``: a JSON string with
+``seq_starts [sequences] int64``, optional ``seq_labels [sequences] str``, optional ``token_ids [tokens] int``
+(vocabulary ids), and ``meta``: a JSON string with
 ``n_experts`` (required unless given as an option), ``layer_ids``, ``phase``, ``model``/``source``/... .
 A ``task_starts`` mapping in meta (label -> first token of that task's sequences) labels the sequences
 when ``seq_labels`` is absent. Read with ``allow_pickle=False``: nothing in the file is ever unpickled.
@@ -77,7 +78,7 @@ def read_npz(path: Path, options: ImportOptions) -> RoutingTrace:
         if n_experts is None:
             raise FormatError(f"{path}: meta has no 'n_experts'; pass --n-experts (routed experts per layer)")
         try:
-            arrays = {k: z[k] for k in ("experts", "weights", "seq_starts", "seq_labels") if k in z.files}
+            arrays = {k: z[k] for k in ("experts", "weights", "seq_starts", "seq_labels", "token_ids") if k in z.files}
         except ValueError as exc:  # object arrays need pickle
             raise FormatError(f"{path}: holds an array that needs unpickling ({exc}); refusing to load it") from None
     seq_starts = arrays.get("seq_starts")
@@ -104,6 +105,7 @@ def read_npz(path: Path, options: ImportOptions) -> RoutingTrace:
         layer_ids=meta.get("layer_ids"),
         phase=meta.get("phase", "prefill"),
         meta=tmeta,
+        token_ids=arrays.get("token_ids"),
     )
 
 
@@ -123,6 +125,8 @@ def write_npz(trace: RoutingTrace, path: Path, overwrite: bool = False) -> Path:
         arrays["weights"] = trace.weights
     if trace.seq_labels is not None:
         arrays["seq_labels"] = trace.seq_labels
+    if trace.token_ids is not None:
+        arrays["token_ids"] = trace.token_ids
     arrays["meta"] = np.asarray(json.dumps(meta))
     with _atomic.atomic_path(path, overwrite, suffix=".npz") as tmp:
         np.savez_compressed(tmp, **arrays)
