@@ -213,3 +213,23 @@ def test_tapless_session_records_nothing_and_matches_logits(hf_tokens):
         assert experts.shape == (32, 4, 2)
         assert not plain.tap.grabs  # no callback: nothing was asked for or copied
         assert tap.argmax_last() == plain.argmax_last()
+
+
+@pytest.mark.parametrize(
+    ("arch", "groups", "gating", "caveat"),
+    [
+        ("deepseek2", 8, "softmax", True),  # DeepSeek-V2 / V2.5: group_limited_greedy in the reference
+        ("deepseek2", 8, None, True),  # older V2 GGUFs carry no gating key: llama.cpp assumes softmax
+        ("deepseek2", 8, "sigmoid", False),  # DeepSeek-V3 / Kimi-K2: the V3 rule is the reference's
+        ("deepseek2", 1, "softmax", False),  # V2-Lite: no groups
+        ("glm4moe", 8, "sigmoid", False),
+    ],
+)
+def test_routing_caveats(arch, groups, gating, caveat):
+    import dataclasses
+
+    from moescope.capture.llama import routing_caveats
+
+    info = dataclasses.replace(read_gguf_moe(GGUF), architecture=arch, expert_groups=groups, gating=gating)
+    notes = routing_caveats(info)
+    assert bool(notes) == caveat and all("best expert" in n for n in notes)
