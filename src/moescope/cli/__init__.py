@@ -20,6 +20,7 @@ from moescope.cli.analyze_cmds import concentration, rank
 from moescope.cli.cache_cmds import cache
 from moescope.cli.capture_cmds import capture_app
 from moescope.cli.coact_cmd import coact
+from moescope.cli.compare_cmd import compare
 from moescope.cli.demo import demo
 from moescope.cli.gguf_cmds import gguf_app, plan_app, reduce, split
 from moescope.cli.locality_cmd import locality
@@ -51,6 +52,7 @@ app.command("import")(import_)
 app.command("concentration")(concentration)
 app.command("rank")(rank)
 app.command("coact")(coact)
+app.command("compare")(compare)
 app.command("locality")(locality)
 app.command("place")(place)
 app.command("cache")(cache)
