@@ -111,3 +111,28 @@ def test_cli_table_json_and_errors(capsys, tmp_path):
     write_output(random_trace(n_tokens=50), tmp_path / "c.npz")
     code, _, err = run(capsys, "compare", tmp_path / "a.zarr", tmp_path / "c.npz")
     assert code == 2 and "hold 120 and 50 tokens" in err
+
+
+def test_fixture_hf_and_llama_captures_agree_exactly(capsys, tmp_path):
+    """The issue's acceptance check: the fixture's transformers and llama.cpp captures of the same text,
+    llama.cpp in exact mode (f32 KV cache, flash attention off), have 100% identical expert sets; a third
+    capture replays the first's token ids (--tokens-from) and agrees too."""
+    pytest.importorskip("torch")
+    pytest.importorskip("llama_cpp")
+    from moescope import fixture
+
+    hf, ll, replay = tmp_path / "hf.zarr", tmp_path / "ll.zarr", tmp_path / "replay.zarr"
+    common = ("--seq-len", 128, "--max-tokens", 1500)
+    assert run(capsys, "-q", "capture", "hf", fixture.MODEL_DIR, fixture.HELDOUT_DIR, "-o", hf, *common)[0] == 0
+    exact = ("--flash-attn", "off", "--kv-type", "f32")
+    assert run(capsys, "-q", "capture", "llama", fixture.GGUF, fixture.HELDOUT_DIR, "-o", ll, *common, *exact)[0] == 0
+    args = ("capture", "llama", fixture.GGUF, "-o", replay, "--tokens-from", hf, "--seq-len", 128, *exact)
+    assert run(capsys, "-q", *args)[0] == 0
+    for other in (ll, replay):
+        code, out, err = run(capsys, "compare", hf, other, "--json")
+        assert code == 0, err
+        doc = json.loads(out)
+        assert doc["aligned_by"] == "token ids" and doc["tokens"] == 1500
+        assert doc["overall"]["identical"] == 1.0 and doc["overall"]["disagreements"] == 0
+    code, out, _ = run(capsys, "compare", hf, ll)
+    assert code == 0 and "identical sets 100%" in " ".join(out.split())

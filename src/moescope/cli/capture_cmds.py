@@ -21,7 +21,18 @@ capture_app = typer.Typer(
 
 # -- options shared by every capture engine ------------------------------------------------------------
 CorpusArg = Annotated[
-    Path, typer.Argument(help='A text file, a .jsonl file ("text", optional "label"), or a folder of them.')
+    Path | None,
+    typer.Argument(
+        help='A text file, a .jsonl file ("text", optional "label"), or a folder of them (or --tokens-from).'
+    ),
+]
+TokensFromOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--tokens-from",
+        help="Instead of a corpus, run the token ids a trace recorded, sequence by sequence (give the same "
+        "--seq-len), so two engines see the very same ids: then `moescope compare`.",
+    ),
 ]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output trace store (*.zarr), written as it grows.")]
 GenerateOpt = Annotated[
@@ -42,8 +53,9 @@ def hf(
     model_dir: Annotated[
         Path, typer.Argument(help="Local transformers model folder (config.json, weights, tokenizer).")
     ],
-    corpus: CorpusArg,
-    out: OutOpt,
+    corpus: CorpusArg = None,
+    out: OutOpt = ...,
+    tokens_from: TokensFromOpt = None,
     generate: GenerateOpt = 0,
     prompt_len: PromptLenOpt = None,
     seq_len: SeqLenOpt = 512,
@@ -76,13 +88,12 @@ def hf(
     Example: `moescope capture hf ~/models/OLMoE-1B-7B corpus/ -o olmoe.zarr --max-tokens 200000`
     """
     from moescope._atomic import check_output
-    from moescope.capture.corpus import read_corpus
     from moescope.capture.hf import capture_hf, check_device, torch_dtype
 
     check_output(out, overwrite)
     torch_dtype(dtype)
     check_device(device)
-    docs = read_corpus(corpus)
+    docs = _inputs(corpus, tokens_from)
     t0 = time.perf_counter()
     with c.lazy_progress("capturing") as progress:
         path = capture_hf(
@@ -99,7 +110,7 @@ def hf(
             dtype=dtype,
             batch_size=batch_size,
             ignore_eos=ignore_eos,
-            corpus=str(corpus),
+            corpus=str(corpus) if corpus is not None else f"token ids of {tokens_from}",
             overwrite=overwrite,
             progress=progress,
         )
@@ -110,8 +121,9 @@ def hf(
 @capture_app.command("llama")
 def llama(
     model: Annotated[Path, typer.Argument(help="Local GGUF file of a Mixture-of-Experts model.")],
-    corpus: CorpusArg,
-    out: OutOpt,
+    corpus: CorpusArg = None,
+    out: OutOpt = ...,
+    tokens_from: TokensFromOpt = None,
     generate: GenerateOpt = 0,
     prompt_len: PromptLenOpt = None,
     seq_len: SeqLenOpt = 512,
@@ -153,7 +165,6 @@ def llama(
     Example: `moescope capture llama qwen3-30b-a3b-q4_k_m.gguf corpus/ -o qwen.zarr --max-tokens 200000`
     """
     from moescope._atomic import check_output
-    from moescope.capture.corpus import read_corpus
     from moescope.capture.llama import KV_TYPES, capture_llama, parse_override, read_gguf_moe
     from moescope.errors import UsageError
 
@@ -167,7 +178,7 @@ def llama(
     for spec in overrides:
         parse_override(spec)
     read_gguf_moe(model)
-    docs = read_corpus(corpus)
+    docs = _inputs(corpus, tokens_from)
     t0 = time.perf_counter()
     with c.lazy_progress("capturing") as progress:
         path = capture_llama(
@@ -185,12 +196,29 @@ def llama(
             n_gpu_layers=n_gpu_layers,
             overrides=overrides,
             ignore_eos=ignore_eos,
-            corpus=str(corpus),
+            corpus=str(corpus) if corpus is not None else f"token ids of {tokens_from}",
             overwrite=overwrite,
             progress=progress,
         )
     seconds = time.perf_counter() - t0
     _report(path, len(docs), seconds, as_json)
+
+
+def _inputs(corpus: Path | None, tokens_from: Path | None) -> list:
+    """The documents of CORPUS, or the token-id lists of each sequence of --tokens-from (exactly one)."""
+    from moescope.capture.corpus import read_corpus
+    from moescope.errors import UsageError
+
+    if (corpus is None) == (tokens_from is None):
+        raise UsageError("give a CORPUS or --tokens-from TRACE (one of them): what to run the model over")
+    if corpus is not None:
+        return read_corpus(corpus)
+    trace = c.read_trace(tokens_from, None, "capture --tokens-from")
+    if trace.token_ids is None:
+        raise UsageError(
+            f"{str(tokens_from)!r} recorded no token ids; give a trace from moescope capture (hf or llama)"
+        )
+    return [trace.token_ids[s].tolist() for _, s in trace.iter_sequences()]
 
 
 def _report(path: Path, documents: int, seconds: float, as_json: bool) -> None:
