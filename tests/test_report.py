@@ -10,10 +10,12 @@ import subprocess
 
 import pytest
 
+from conftest import random_trace
 from moescope import fixture
-from moescope.imports import read_input
+from moescope.imports import read_input, write_output
 from moescope.report import build_report
 from test_cli import run
+from test_compare import perturbed
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
 
@@ -25,7 +27,8 @@ def _browser() -> str | None:
 @pytest.fixture(scope="module")
 def fixture_report(tmp_path_factory):
     trace = read_input(fixture.FIXTURE_DIR / fixture.TRACE)
-    rep = build_report(trace, gguf=fixture.FIXTURE_DIR / fixture.GGUF)
+    other = perturbed(trace, 0.05)  # a second capture of the same tokens whose routing differs at 5%
+    rep = build_report(trace, gguf=fixture.FIXTURE_DIR / fixture.GGUF, compare=other, compare_label="llama <q4>")
     path = tmp_path_factory.mktemp("report") / "report.html"
     path.write_text(rep.html, encoding="utf-8")
     return rep, path
@@ -36,10 +39,12 @@ def test_report_is_self_contained_with_verdicts(fixture_report):
     html = rep.html
     for title in ("Is a per-expert cache worth building?", "A cache of C experts per layer", "llama.cpp offload plan"):
         assert title in html
+    assert "Routing drift" in html and "llama &lt;q4&gt;" in html and "llama <q4>" not in html
+    assert 0.9 < rep.summary["drift"]["overall"]["identical"] < 0.99
     assert "--n-cpu-moe" in html and "Belady" in html
     assert not re.search(r"""<script[^>]+src=|<link[^>]+href=["']https?:""", html)  # nothing fetched to view it
     assert html.count("Plotly.newPlot") == html.count("class='figure'") >= 3
-    assert {"concentration", "cache", "curves", "offload"} <= set(rep.summary)
+    assert {"concentration", "cache", "curves", "offload", "drift"} <= set(rep.summary)
 
 
 def test_report_renders_in_a_browser(fixture_report, tmp_path):
@@ -71,3 +76,14 @@ def test_cli_report(capsys, tmp_path):
     assert json.loads(stdout)["report"] == str(out) and out.stat().st_size > 1_000_000
     code, _, err = run(capsys, "report", fixture.FIXTURE_DIR / fixture.TRACE, "-o", out)
     assert code == 2 and "already exists" in err
+    write_output(random_trace(n_tokens=50), tmp_path / "other.npz")
+    args = (
+        "report",
+        fixture.FIXTURE_DIR / fixture.TRACE,
+        "-o",
+        tmp_path / "d.html",
+        "--compare",
+        tmp_path / "other.npz",
+    )
+    code, _, err = run(capsys, *args)
+    assert code == 2 and "and 50 tokens" in err and not (tmp_path / "d.html").exists()

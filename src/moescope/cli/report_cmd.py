@@ -19,6 +19,14 @@ def report(
     vram: Annotated[str | None, typer.Option("--vram", help="VRAM for the offload plan, e.g. 10GiB.")] = None,
     devices: Annotated[str, typer.Option("--devices", help="Device counts for the placement section.")] = "2,4,8",
     title: Annotated[str | None, typer.Option("--title", help="Page title (default: from the model name).")] = None,
+    compare: Annotated[
+        Path | None,
+        typer.Option(
+            "--compare",
+            help="A trace of the same tokens (another engine, quantization, top-k, version): adds a routing "
+            "drift section (as moescope compare).",
+        ),
+    ] = None,
     fmt: c.FromOpt = None,
     n_experts: c.NExpertsOpt = None,
     top_k: c.TopKOpt = None,
@@ -55,12 +63,34 @@ def report(
         phys_to_log=phys_to_log,
         phase=phase,
     )
+    other = None
+    if compare is not None:
+        other = c.read_trace(
+            compare,
+            fmt,
+            "the report's --compare",
+            n_experts=n_experts,
+            top_k=top_k,
+            moe_layers=moe_layers,
+            phys_to_log=phys_to_log,
+            phase=phase,
+        )
+        from moescope.analyze.compare import check_aligned
+
+        check_aligned(trace, other)  # refused before the long analyses run
     d = parse_ranges(devices, "--devices")
     v = None if vram is None else parse_bytes(vram, "--vram")
     with c.progress() as bar:
         task = bar.add_task("report", total=None)
         result = build_report(
-            trace, gguf=gguf, vram=v, devices=d, title=title, progress=lambda msg: bar.update(task, description=msg)
+            trace,
+            gguf=gguf,
+            vram=v,
+            devices=d,
+            title=title,
+            compare=other,
+            compare_label=str(compare),
+            progress=lambda msg: bar.update(task, description=msg),
         )
     _atomic.write_text_atomic(out, result.html, overwrite)
     if as_json:

@@ -41,9 +41,12 @@ def build_report(
     vram: int | None = None,
     devices: Sequence[int] = (2, 4, 8),
     title: str | None = None,
+    compare: RoutingTrace | None = None,
+    compare_label: str = "the second trace",
     progress: Callable[[str], None] | None = None,
 ) -> Report:
-    """Analyse `trace` and render the report (see the module docstring)."""
+    """Analyse `trace` and render the report (see the module docstring); with `compare` (a trace of the same
+    tokens from another engine, quantization, top-k or version), a "routing drift" section too."""
     say = progress or (lambda _msg: None)
     cards: list[Card] = []
     figures: list[Figure] = []
@@ -60,6 +63,9 @@ def build_report(
     if gguf is not None:
         say("llama.cpp offload plan")
         _offload(trace, Path(gguf), vram, cards, summary)
+    if compare is not None:
+        say("routing drift")
+        _drift(trace, compare, compare_label, cards, figures, summary)
     subtitle = (
         f"{model}: {trace.n_tokens:,} tokens in {trace.n_sequences:,} sequences, {trace.n_layers} MoE layers x "
         f"{trace.n_experts} experts, top-{trace.top_k} ({trace.phase}); policies and placements fitted on the first "
@@ -243,6 +249,73 @@ def _offload(trace: RoutingTrace, gguf: Path, vram: int | None, cards: list[Card
                 f"(PCIe 25, GPU 900, CPU 60 GB/s); see <code>moescope plan offload --help</code>.",
             ),
             "info",
+        )
+    )
+
+
+# -- routing drift -------------------------------------------------------------------------------------
+def _drift(
+    trace: RoutingTrace,
+    other: RoutingTrace,
+    label: str,
+    cards: list[Card],
+    figures: list[Figure],
+    summary: dict[str, Any],
+) -> None:
+    import html
+
+    import plotly.graph_objects as go
+
+    from moescope.analyze.compare import compare_traces
+
+    cmp = compare_traces(trace, other, labels=("this trace", label))
+    summary["drift"] = cmp.to_dict()
+    o = cmp.overall
+    same = o.identical if o.identical is not None else o.overlap
+    what = "identical expert sets" if o.identical is not None else f"overlap (top-{cmp.top_k[0]} vs {cmp.top_k[1]})"
+    ties = (
+        f"{o.near_tie:.0%} of the {o.disagreements:,} disagreements are near-ties (contested gate scores within "
+        f"{cmp.near_tie_threshold:.0%}; median margin {o.median_margin:.2g})"
+        if o.near_tie is not None
+        else f"{o.disagreements:,} token-layers disagree"
+    )
+    cards.append(
+        Card(
+            "Routing drift",
+            f"{same:.2%} {what} with {label}",  # the card escapes its headline
+            (
+                f"Against {html.escape(label)}: {cmp.tokens:,} tokens x {len(cmp.layers)} layers, aligned by "
+                f"{html.escape(cmp.aligned_by)}; top-1 agreement "
+                f"{o.top1:.2%}" + ("" if o.weight_error is None else f", gate-weight error {o.weight_error:.1e}"),
+                ties
+                + ("." if o.first_divergence is None else f"; the first divergence is token {o.first_divergence:,}."),
+            ),
+            "good" if same >= 0.99 else "warn",
+        )
+    )
+    fig = go.Figure()
+    lids = [str(x.layer_id) for x in cmp.layers]
+    for key, name in (("identical", "identical sets"), ("overlap", "overlap"), ("top1", "top-1 agreement")):
+        ys = [getattr(x, key) for x in cmp.layers]
+        if all(y is not None for y in ys):
+            fig.add_trace(
+                go.Scatter(
+                    x=lids,
+                    y=ys,
+                    mode="lines+markers",
+                    name=name,
+                    hovertemplate=f"layer %{{x}}<br>{name}: %{{y:.2%}}<extra></extra>",
+                )
+            )
+    fig.update_layout(**_LAYOUT, xaxis_title="MoE layer", yaxis_title="agreement with " + label[:40])
+    fig.update_xaxes(type="category")
+    fig.update_yaxes(tickformat=".0%")
+    figures.append(
+        Figure(
+            "Routing drift",
+            "per layer, how often the two traces chose the same experts for the same token; dips show the layers "
+            "where numerics, quantization or a different routing rule change the choice.",
+            fig,
         )
     )
 
