@@ -112,3 +112,40 @@ def test_cli_plan_offload(capsys):
     assert code == 0 and "--n-cpu-moe" in out and "same tensors: yes" in out
     code, _, err = run(capsys, "plan", "offload", gguf_path, "--vram", "1MiB")
     assert code == 2 and "does not hold" in err
+
+
+def test_verify_in_llama_cpp(capsys):
+    """Both printed forms, applied through llama.cpp's own tensor-override hook, move exactly the planned
+    expert tensors; a rule that misses a block is caught, and an unknown buffer name is refused."""
+    import dataclasses
+
+    pytest.importorskip("llama_cpp")
+    from moescope.gguf.verify import llama_overrides, parse_override_value, verify_plan
+
+    m = inspect_gguf(fixture.GGUF)
+    p = plan_offload(m, 5 << 20, ctx=256, compute=2 << 20)
+    assert p.cpu_blocks and p.gpu_blocks
+    v = verify_plan(m, p)
+    assert v["ok"] and v["planned"] == 3 * len(p.cpu_blocks)
+    wrong = dataclasses.replace(p, ot=ot_rule(list(p.cpu_blocks[:-1])))
+    bad = verify_plan(m, wrong)["forms"]["override_tensor"]
+    assert not bad["ok"] and bad["missing"] and all(f"blk.{p.cpu_blocks[-1]}." in t for t in bad["missing"])
+    with pytest.raises(UsageError, match="CUDA0"):
+        llama_overrides(fixture.GGUF, parse_override_value(r"blk\.0\.=CUDA0"))
+    assert parse_override_value("a=CPU,b=CUDA0") == [("a", "CPU"), ("b", "CUDA0")]
+    code, out, err = run(
+        capsys,
+        "plan",
+        "offload",
+        fixture.GGUF,
+        "--vram",
+        "4MiB",
+        "--ctx",
+        "256",
+        "--compute-buffer",
+        "2MiB",
+        "--verify",
+        "--json",
+    )
+    assert code == 0, err
+    assert json.loads(out)["verified"]["ok"]

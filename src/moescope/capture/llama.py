@@ -29,12 +29,13 @@ other than greedy, batches of several sequences per decode, multimodal models, d
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import logging
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -380,6 +381,7 @@ class LlamaSession:
 
 _LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level WARN, ERROR; the rest is debug
 _log_callback: list[Any] = []  # llama.cpp keeps the pointer process-wide: the ctypes object must live as long
+_log_listeners: list[list[str]] = []  # `collect_llama_logs` blocks: every line llama.cpp logs, any level
 
 
 def _forward_log(level: int, text: bytes, _user: int) -> None:
@@ -387,6 +389,20 @@ def _forward_log(level: int, text: bytes, _user: int) -> None:
     msg = text.decode("utf-8", "replace").rstrip()
     if msg:
         log.log(_LOG_LEVELS.get(level, logging.DEBUG), "llama.cpp: %s", msg)
+        for lines in _log_listeners:
+            lines.append(msg)
+
+
+@contextlib.contextmanager
+def collect_llama_logs() -> Iterator[list[str]]:
+    """Every line llama.cpp logs inside the block (debug lines included), for checks that read its log."""
+    _route_logs(_llama_cpp())
+    lines: list[str] = []
+    _log_listeners.append(lines)
+    try:
+        yield lines
+    finally:
+        _log_listeners.remove(lines)
 
 
 def _route_logs(lib: Any) -> None:

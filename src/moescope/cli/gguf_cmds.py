@@ -271,6 +271,14 @@ def offload(
     pcie_gbps: Annotated[float, typer.Option("--pcie-gbps", help="Host-to-GPU bandwidth, GB/s.")] = 25.0,
     gpu_gbps: Annotated[float, typer.Option("--gpu-gbps", help="GPU memory bandwidth, GB/s.")] = 900.0,
     cpu_gbps: Annotated[float, typer.Option("--cpu-gbps", help="CPU memory bandwidth, GB/s.")] = 60.0,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Apply both forms through llama.cpp's own tensor-override hook (llama-cpp-python, metadata "
+            "only) and check each moves exactly the planned tensors; exit 1 if not.",
+        ),
+    ] = False,
     as_json: c.JsonOpt = False,
 ) -> None:
     """Which MoE layers' experts fit in VRAM, as llama.cpp flags, and what speed to expect.
@@ -309,8 +317,14 @@ def offload(
     out: dict[str, Any] = {"plan": p.to_dict(), "projection": proj}
     if tr is not None:
         out["cache"] = _cache_same_vram(tr, m, p, hw)
+    if verify:
+        from moescope.gguf.verify import verify_plan
+
+        out["verified"] = verify_plan(m, p)
     if as_json:
         c.print_json(out)
+        if verify and not out["verified"]["ok"]:
+            raise typer.Exit(1)
         return
     con = c.console()
     con.print(
@@ -322,6 +336,19 @@ def offload(
     for name, flag in p.flags().items():
         con.print(f"  {name}: {flag}", soft_wrap=True)
     con.print(f"  both forms move the same tensors: {'yes' if p.forms_agree else 'NO'}")
+    if verify:
+        v = out["verified"]
+        for form, r in v["forms"].items():
+            con.print(
+                f"  verified in llama.cpp, {form}: "
+                + (
+                    f"moves exactly the {v['planned']} planned expert tensors to CPU"
+                    if r["ok"]
+                    else f"NO: {r['moved']} moved; missing {r['missing']}, extra {r['extra']}, "
+                    f"not to CPU {r['elsewhere']}"
+                ),
+                soft_wrap=True,
+            )
     for note in p.notes:
         con.print(f"  note: {note}")
     pre = proj["prefill_pcie_bound_tokens_per_s"]
@@ -337,6 +364,8 @@ def offload(
             if cc.get("slots")
             else f"a per-expert cache does not fit: {cc['reason']}"
         )
+    if verify and not out["verified"]["ok"]:
+        raise typer.Exit(1)
 
 
 def _cache_same_vram(tr: Any, m: Any, p: Any, hw: Any) -> dict[str, Any]:
