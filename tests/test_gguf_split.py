@@ -4,6 +4,7 @@ router bias, exp_probs_b, grouped routing, per-layer top-k), byte-identical slic
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -311,6 +312,17 @@ def test_cli_split_fixture_and_errors(capsys, tmp_path):
     assert code == 2 and "more than the 16 experts" in err
     code, _, err = run(capsys, "split", tmp_path / "r.csv", "-o", tmp_path)
     assert code == 2 and "GGUF magic" in err
+    # a missing folder is created, whole: the parts and the manifest appear together
+    code, out, err = run(capsys, "split", gguf_path, "-o", tmp_path / "parts", "-g", "2", "--json")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == sorted(
+        [Path(f).name for f in json.loads(out)["files"]] + ["split.json"]
+    )
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
+    code, _, err = run(capsys, "split", gguf_path, "-o", tmp_path / "no" / "parts")
+    assert code == 2 and "does not exist" in err and not (tmp_path / "no").exists()
+    code, _, err = run(capsys, "split", gguf_path, "-o", tmp_path / "r.csv")
+    assert code == 2 and "is not a folder" in err
 
 
 @pytest.mark.slow

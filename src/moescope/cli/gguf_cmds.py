@@ -71,7 +71,10 @@ def inspect(model: ModelArg, as_json: c.JsonOpt = False) -> None:
 
 def split(
     model: ModelArg,
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Existing folder for the group GGUFs and split.json.")],
+    out_dir: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="Folder for the group GGUFs and split.json (created, whole, if missing)."),
+    ],
     groups: Annotated[int, typer.Option("--groups", "-g", min=1, help="Number of output GGUFs (G).")] = 2,
     mode: Annotated[
         str, typer.Option("--mode", help="contiguous | balanced | ranked | custom (see above).")

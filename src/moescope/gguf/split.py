@@ -325,21 +325,31 @@ def split_gguf(
     """Write one GGUF per group into `out_dir` (``<model>.group-<g>-of-<G>.gguf``) and ``split.json``.
 
     All outputs are written to temporary files first and renamed into place only when every one is done.
+    A missing `out_dir` (its parent must exist) is built as a hidden temporary folder and renamed into
+    place whole, so it appears complete or not at all.
     """
     src = Path(model_path)
     model = inspect_gguf(src)
     _check_groups(groups, model)
     out = Path(out_dir)
-    if not out.is_dir():
-        raise UsageError(f"output folder {str(out)!r} does not exist; create it first")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output {str(out)!r} exists and is not a folder; give a folder for the parts")
+    if not out.parent.is_dir():
+        raise UsageError(f"the folder holding {str(out)!r} does not exist; create {str(out.parent)!r} first")
+    new_dir = None if out.is_dir() else _atomic.temp_sibling(out)
     paths = output_paths(src, out, len(groups))
     manifest = out / "split.json"
     for p in [*paths, manifest]:
-        _atomic.check_output(p, overwrite)
+        if new_dir is None:
+            _atomic.check_output(p, overwrite)
         if p.resolve() == src.resolve():
             raise OutputExistsError(f"output {str(p)!r} is the input model; pick another folder")
     reader = open_gguf(src)
-    temps = [_atomic.temp_sibling(p) for p in paths]
+    if new_dir is not None:
+        new_dir.mkdir()
+        temps = [new_dir / p.name for p in paths]
+    else:
+        temps = [_atomic.temp_sibling(p) for p in paths]
     plans = [(subset_tensors(model, reader, g), *_kv_changes(model, reader, g)) for g in groups]
     total = sum(t.n_bytes for tensors, _, _ in plans for t in tensors)
     written, done = 0, 0
@@ -367,13 +377,16 @@ def split_gguf(
             ],
             "note": "experts[block][i] is the source expert id of the group's expert i",
         }
-        mtmp = _atomic.temp_sibling(manifest)
+        mtmp = new_dir / manifest.name if new_dir is not None else _atomic.temp_sibling(manifest)
         mtmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
         temps.append(mtmp)
     except BaseException:
-        for t in temps:
+        for t in [new_dir] if new_dir is not None else temps:
             _atomic.remove(t)
         raise
-    for tmp, p in zip(temps, [*paths, manifest], strict=True):
-        _atomic.replace_into(tmp, p, overwrite)
+    if new_dir is not None:
+        _atomic.replace_into(new_dir, out, overwrite=False)
+    else:
+        for tmp, p in zip(temps, [*paths, manifest], strict=True):
+            _atomic.replace_into(tmp, p, overwrite)
     return SplitResult(tuple(paths), groups, manifest, written)
