@@ -100,25 +100,47 @@ def parse_override(spec: str) -> tuple[str, str, Any]:
     return key, kind, value
 
 
+@dataclasses.dataclass(frozen=True)
+class RoutingCaveat:
+    """A GGUF architecture whose routing in llama.cpp is known to differ from the reference model's.
+
+    applies : tells from the GGUF's layout whether the caveat holds; text : what differs and where, for the
+    user (and the trace's provenance); source : the llama.cpp code that shows it.
+    """
+
+    applies: Callable[[GGUFModel], bool]
+    text: str
+    source: str
+
+
+ROUTING_CAVEATS = (
+    RoutingCaveat(
+        lambda m: m.architecture == "deepseek2" and m.expert_groups > 1 and m.gating in (None, "softmax"),
+        "llama.cpp routes this deepseek2 GGUF (expert groups with softmax gating: DeepSeek-V2's "
+        "group_limited_greedy) by scoring each group with the sum of its two best experts (DeepSeek-V3's rule); "
+        "the reference model scores a group by its best expert, so llama.cpp picks other experts for some tokens",
+        "src/llama-graph.cpp build_moe_ffn: ggml_argsort_top_k(selection_groups, 2) then ggml_sum_rows",
+    ),
+    RoutingCaveat(
+        lambda m: m.architecture == "phimoe",
+        "llama.cpp runs PhiMoE with RMSNorm (+ bias) where the reference uses LayerNorm, and weighs the top-2 "
+        "experts by a softmax over them where the reference uses sparsemixer; hidden states, and so the routing "
+        "of later layers, drift from the reference's",
+        "src/models/phi3.cpp: build_norm(..., LLM_NORM_RMS) and build_moe_ffn(..., GATING_FUNC_TYPE_SOFTMAX)",
+    ),
+)
+
+
 def routing_caveats(info: GGUFModel) -> list[str]:
     """Where llama.cpp's routing for this GGUF is known to differ from the reference model's (transformers),
-    in words; empty when it is the same rule. What llama.cpp did is still what is recorded.
-
-    - deepseek2 with expert groups and softmax gating (DeepSeek-V2 / V2.5, ``topk_method
-      group_limited_greedy``): llama.cpp's ``build_moe_ffn`` scores each group by the sum of its two best
-      experts (DeepSeek-V3's ``noaux_tc`` rule, ``ggml_argsort_top_k(..., 2)`` then ``ggml_sum_rows``), the
-      reference by its best expert, so the two pick different groups for some tokens.
-    """
-    out = []
-    if info.architecture == "deepseek2" and info.expert_groups > 1 and info.gating in (None, "softmax"):
-        out.append(
-            f"llama.cpp routes this deepseek2 GGUF ({info.expert_groups} expert groups, {info.expert_groups_used} "
-            f"used, softmax gating: DeepSeek-V2's group_limited_greedy) by scoring each group with the sum of its "
-            f"two best experts (DeepSeek-V3's rule); the reference model scores a group by its best expert, so "
-            f"llama.cpp picks other experts for some tokens. This trace records what llama.cpp did; compare it "
-            f"with a transformers capture (moescope compare) to see how far the two differ"
-        )
-    return out
+    in words (`ROUTING_CAVEATS`); empty when it is the same rule. What llama.cpp did is still what is
+    recorded; ``moescope compare`` with a transformers capture measures how far the two differ."""
+    return [
+        f"{c.text}. This trace records what llama.cpp did; compare it with a transformers capture "
+        f"(moescope compare) to see how far the two differ (llama.cpp: {c.source})"
+        for c in ROUTING_CAVEATS
+        if c.applies(info)
+    ]
 
 
 # -- the eval callback ---------------------------------------------------------------------------------

@@ -345,7 +345,7 @@ def offload(
             con.print(
                 f"  verified in llama.cpp, {form}: "
                 + (
-                    f"moves exactly the {v['planned']} planned expert tensors to CPU"
+                    f"moves exactly the {v['planned']} planned expert tensors to CPU ({', '.join(r['buffers'])})"
                     if r["ok"]
                     else f"NO: {r['moved']} moved; missing {r['missing']}, extra {r['extra']}, "
                     f"not to CPU {r['elsewhere']}"

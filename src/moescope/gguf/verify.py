@@ -28,6 +28,7 @@ from typing import Any
 from moescope.errors import UsageError
 from moescope.gguf.plan import block_regex
 
+_DEVICE_TYPE_CPU = 0  # enum ggml_backend_dev_type (ggml-backend.h)
 _OVERRIDDEN = re.compile(r"^tensor (\S+) \(.*\) buffer type overridden to (\S+)$")
 
 
@@ -53,22 +54,53 @@ def n_cpu_moe_rules(n: int) -> list[tuple[str, str]]:
     return [(block_regex(i), "CPU") for i in range(n)]
 
 
+def _ggml(lib: Any) -> ctypes.CDLL:
+    """ggml's device functions (not bound by llama-cpp-python), from a fresh handle on its libllama."""
+    ggml = ctypes.CDLL(lib.llama_cpp._lib._name)
+    for name, args, res in (
+        ("ggml_backend_dev_count", [], ctypes.c_size_t),
+        ("ggml_backend_dev_get", [ctypes.c_size_t], ctypes.c_void_p),
+        ("ggml_backend_dev_type", [ctypes.c_void_p], ctypes.c_int),
+        ("ggml_backend_dev_buffer_type", [ctypes.c_void_p], ctypes.c_void_p),
+        ("ggml_backend_dev_backend_reg", [ctypes.c_void_p], ctypes.c_void_p),
+        ("ggml_backend_reg_get_proc_address", [ctypes.c_void_p, ctypes.c_char_p], ctypes.c_void_p),
+        ("ggml_backend_buft_name", [ctypes.c_void_p], ctypes.c_char_p),
+    ):
+        fn = getattr(ggml, name)
+        fn.argtypes, fn.restype = args, res
+    return ggml
+
+
 def buffer_types(lib: Any) -> dict[str, int]:
     """Buffer type name -> handle, over this llama.cpp build's devices (as ``parse_tensor_buffer_overrides``)."""
-    ggml = ctypes.CDLL(lib.llama_cpp._lib._name)
-    ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
-    ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
-    ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
-    ggml.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
-    ggml.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
-    ggml.ggml_backend_buft_name.argtypes = [ctypes.c_void_p]
-    ggml.ggml_backend_buft_name.restype = ctypes.c_char_p
+    ggml = _ggml(lib)
     out = {}
     for i in range(ggml.ggml_backend_dev_count()):
         buft = ggml.ggml_backend_dev_buffer_type(ggml.ggml_backend_dev_get(i))
         if buft:
             out[ggml.ggml_backend_buft_name(buft).decode()] = buft
     return out
+
+
+def host_buffer_types(lib: Any) -> set[str]:
+    """Names of the CPU device's buffer types: its own and its extra ones (``CPU_REPACK`` ...), which
+    llama.cpp picks from for a tensor overridden to the CPU (``select_weight_buft`` over the CPU list)."""
+    ggml = _ggml(lib)
+    names = set()
+    for i in range(ggml.ggml_backend_dev_count()):
+        dev = ggml.ggml_backend_dev_get(i)
+        if ggml.ggml_backend_dev_type(dev) != _DEVICE_TYPE_CPU:
+            continue
+        names.add(ggml.ggml_backend_buft_name(ggml.ggml_backend_dev_buffer_type(dev)).decode())
+        reg = ggml.ggml_backend_dev_backend_reg(dev)
+        addr = ggml.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts") if reg else None
+        if addr:
+            extras = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(addr)(dev)
+            j = 0
+            while extras and extras[j]:
+                names.add(ggml.ggml_backend_buft_name(extras[j]).decode())
+                j += 1
+    return names
 
 
 def llama_overrides(path: str | os.PathLike, rules: Sequence[tuple[str, str]]) -> dict[str, str]:
@@ -116,10 +148,14 @@ def verify_plan(model: Any, plan: Any) -> dict[str, Any]:
     """Check an `OffloadPlan`'s two forms in llama.cpp: each must move exactly the planned tensors (every
     per-expert tensor of the plan's CPU blocks) to the CPU, and nothing else.
 
-    Returns ``{"planned": n, "forms": {form: {"ok", "moved", "missing", "extra", "elsewhere"}}, "ok"}``;
-    missing / extra / elsewhere list at most 8 names each (planned but not moved, moved but not planned,
-    moved to a buffer other than CPU).
+    Returns ``{"planned": n, "forms": {form: {"ok", "moved", "missing", "extra", "elsewhere", "buffers"}},
+    "ok"}``; missing / extra / elsewhere list at most 8 names each (planned but not moved, moved but not
+    planned, moved to a buffer that is not the CPU's); buffers: the CPU buffer types used (llama.cpp may
+    repack a quantized tensor, e.g. into ``CPU_REPACK``: still host memory).
     """
+    from moescope.capture.llama import _llama_cpp
+
+    host = host_buffer_types(_llama_cpp())
     planned = {t.name for t in model.tensors if t.per_expert and t.block in plan.cpu_blocks}
     forms = {
         "override_tensor": parse_override_value(plan.ot) if plan.ot else [],
@@ -129,13 +165,14 @@ def verify_plan(model: Any, plan: Any) -> dict[str, Any]:
     for name, rules in forms.items():
         moved = llama_overrides(model.path, rules)
         missing, extra = sorted(planned - set(moved)), sorted(set(moved) - planned)
-        elsewhere = sorted(t for t, b in moved.items() if b != "CPU")
+        elsewhere = sorted(t for t, b in moved.items() if b not in host)
         out["forms"][name] = {
             "ok": not (missing or extra or elsewhere),
             "moved": len(moved),
             "missing": missing[:8],
             "extra": extra[:8],
             "elsewhere": elsewhere[:8],
+            "buffers": sorted(set(moved.values())),
         }
     out["ok"] = all(f["ok"] for f in out["forms"].values())
     return out
