@@ -223,6 +223,7 @@ def test_tapless_session_records_nothing_and_matches_logits(hf_tokens):
         ("deepseek2", 8, "sigmoid", False),  # DeepSeek-V3 / Kimi-K2: the V3 rule is the reference's
         ("deepseek2", 1, "softmax", False),  # V2-Lite: no groups
         ("glm4moe", 8, "sigmoid", False),
+        ("phimoe", 0, None, True),  # RMSNorm and softmax weights where the reference has LayerNorm, sparsemixer
     ],
 )
 def test_routing_caveats(arch, groups, gating, caveat):
@@ -232,4 +233,5 @@ def test_routing_caveats(arch, groups, gating, caveat):
 
     info = dataclasses.replace(read_gguf_moe(GGUF), architecture=arch, expert_groups=groups, gating=gating)
     notes = routing_caveats(info)
-    assert bool(notes) == caveat and all("best expert" in n for n in notes)
+    assert len(notes) == int(caveat) and all(("best expert" in n) == (arch == "deepseek2") for n in notes)
+    assert all("moescope compare" in n for n in notes)
