@@ -61,3 +61,35 @@ def realdata() -> Path:
 # hypothesis keeps no example database in the working directory (tests never write to the cwd)
 settings.register_profile("moescope", database=None, deadline=None)
 settings.load_profile("moescope")
+
+
+def routing_with_logits(model, batches):
+    """The transformers capture of `batches` (token-id batches, each [rows, tokens]) by `RouterRecorder`,
+    with each router's logits (its output 0) recorded beside it.
+
+    Returns experts, weights: [tokens, layers, k]; logits: [tokens, layers, experts] float32; layer ids.
+    """
+    import torch
+
+    from moescope.capture import RouterRecorder
+
+    rec = RouterRecorder(model)
+    modules = dict(model.named_modules())
+    logits: list[list] = [[] for _ in rec.sites]
+    hooks = [
+        modules[s.name].register_forward_hook(lambda m, a, out, i=i: logits[i].append(out[0].detach()))
+        for i, s in enumerate(rec.sites)
+    ]
+    experts, weights = [], []
+    try:
+        with rec, torch.inference_mode():
+            for ids in batches:
+                model(input_ids=torch.tensor(ids), use_cache=False)
+                e, w = rec.collect()
+                experts.append(e)
+                weights.append(w)
+    finally:
+        for h in hooks:
+            h.remove()
+    stacked = torch.stack([torch.cat(x).reshape(-1, x[0].shape[-1]) for x in logits], dim=1).float().numpy()
+    return np.concatenate(experts), np.concatenate(weights), stacked, rec.layer_ids

@@ -15,6 +15,7 @@ import pytest
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
+from conftest import routing_with_logits  # noqa: E402
 from moescope import fixture  # noqa: E402
 from moescope.capture.llama import capture_llama, parse_override, read_gguf_moe  # noqa: E402
 from moescope.errors import MoescopeError  # noqa: E402
@@ -46,27 +47,10 @@ def hf_routing(hf_tokens):
     """
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from moescope.capture import RouterRecorder, load_hf_model
+    from moescope.capture import load_hf_model
 
-    model = load_hf_model(fixture.MODEL_DIR)
-    rec = RouterRecorder(model)
-    modules = dict(model.named_modules())
-    logits: list[list] = [[] for _ in rec.sites]
-    handles = [
-        modules[s.name].register_forward_hook(lambda m, a, out, i=i: logits[i].append(out[0].detach()))
-        for i, s in enumerate(rec.sites)
-    ]
-    experts, weights = [], []
-    with rec, torch.inference_mode():
-        for ids in hf_tokens:
-            model(input_ids=torch.tensor([ids]), use_cache=False)
-            e, w = rec.collect()
-            experts.append(e)
-            weights.append(w)
-    for h in handles:
-        h.remove()
-    probs = torch.stack([torch.cat(x).float().softmax(-1) for x in logits], dim=1).numpy()
-    return np.concatenate(experts), np.concatenate(weights), probs
+    experts, weights, logits, _ = routing_with_logits(load_hf_model(fixture.MODEL_DIR), [[ids] for ids in hf_tokens])
+    return experts, weights, torch.from_numpy(logits).softmax(-1).numpy()
 
 
 def _llama(tmp_path, ids, name, **kw):

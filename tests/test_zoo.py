@@ -21,8 +21,9 @@ pytest.importorskip("transformers")
 llama_cpp = pytest.importorskip("llama_cpp")
 tokenizers = pytest.importorskip("tokenizers")
 
+from conftest import routing_with_logits  # noqa: E402
 from moescope import fixture  # noqa: E402
-from moescope.capture import RouterRecorder, capture_llama, load_hf_model  # noqa: E402
+from moescope.capture import capture_llama, load_hf_model  # noqa: E402
 from moescope.gguf import inspect_gguf  # noqa: E402
 from moescope.gguf.inspect import field, open_gguf  # noqa: E402
 from moescope.store import load_trace  # noqa: E402
@@ -60,19 +61,8 @@ def hf_routing(hf_folder, ids, zero_bias: bool = False) -> Routing:
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buf.zero_()
-    rec = RouterRecorder(model)
-    modules = dict(model.named_modules())
-    logits: list[list] = [[] for _ in rec.sites]
-    hooks = [
-        modules[s.name].register_forward_hook(lambda m, a, out, i=i: logits[i].append(out[0].detach()))
-        for i, s in enumerate(rec.sites)
-    ]
-    with rec, torch.inference_mode():
-        model(input_ids=torch.tensor(ids), use_cache=False)
-        experts, _ = rec.collect()
-    for h in hooks:
-        h.remove()
-    return Routing(experts, rec.layer_ids, torch.stack([torch.cat(x) for x in logits], dim=1).float().numpy())
+    experts, _, logits, layer_ids = routing_with_logits(model, [ids])
+    return Routing(experts, layer_ids, logits)
 
 
 @pytest.fixture(scope="module")
