@@ -228,6 +228,11 @@ def test_not_a_store(tmp_path):
         TraceStore(tmp_path / "x")
     (tmp_path / "x" / "zarr.json").write_text("{not json")
     assert not is_store(tmp_path / "x")
+    (tmp_path / "y.zarr").mkdir()
+    with pytest.raises(FormatError, match=r"trace convert SOURCE y\.zarr$"):  # not y.zarr.zarr
+        TraceStore(tmp_path / "y.zarr")
+    with pytest.raises(UsageError, match=r"follow2\.zarr' does not exist"):
+        TraceStore(tmp_path / "follow2.zarr")
 
 
 def test_newer_version_refused(tmp_path):

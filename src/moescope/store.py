@@ -496,10 +496,16 @@ class TraceStore:
             self._group = _open_url(self.path)
         else:
             self.path = Path(path)
+            if not self.path.exists():
+                raise UsageError(
+                    f"trace store {str(self.path)!r} does not exist; give a store written by moescope capture or "
+                    f"moescope trace convert"
+                )
             if not is_store(self.path):
+                name = self.path.name if self.path.suffix == ".zarr" else f"{self.path.stem or 'OUT'}.zarr"
                 raise FormatError(
                     f"{str(self.path)!r} is not a moescope trace store (no zarr.json with moescope attributes); "
-                    f"convert the source first: moescope trace convert SOURCE {self.path.name or 'OUT'}.zarr"
+                    f"convert the source first: moescope trace convert SOURCE {name}"
                 )
             self._group = zarr.open_group(zarr.storage.LocalStore(self.path, read_only=True), mode="r")
         a = dict(self._group.attrs[ATTR_KEY])
