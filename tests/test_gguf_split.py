@@ -366,6 +366,15 @@ def test_reduce_and_split_evaluate_on_fixture(capsys, tmp_path):
     assert code == 0 and "recommended k = 1" in out
     code, _, err = run(capsys, "reduce", gguf_path, "--corpus", heldout, "--k", "0")
     assert code == 2 and "each k must be in 1..16" in err
+    # k above the model's own is said, and never recommended even when it scores within tolerance
+    args = ("reduce", gguf_path, "--corpus", heldout, "--max-tokens", "200", "--k", "4,2", "--tolerance", "10")
+    code, out, err = run(capsys, *args, "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    assert [s["k"] for s in d["scores"]] == [4, 2] and d["recommended_k"] == 2
+    assert d["notes"] and "above the model's own top-k 2" in d["notes"][0]
+    code, out, _ = run(capsys, *args)
+    assert code == 0 and "note: k = 4 is above" in out
     code, out, err = run(
         capsys,
         "split",

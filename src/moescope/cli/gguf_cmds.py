@@ -219,6 +219,15 @@ def reduce(
         )
     best = recommend_k(scores, k_list, m.top_k, tolerance)
     flag = f"--override-kv {key}=int:{best}"
+    above = [k for k in k_list if k > m.top_k]
+    notes = (
+        [
+            f"k = {', '.join(map(str, above))} is above the model's own top-k {m.top_k}: more experts per token than "
+            f"it was trained with, scored for comparison and never recommended"
+        ]
+        if above
+        else []
+    )
     if as_json:
         c.print_json(
             {
@@ -226,6 +235,7 @@ def reduce(
                 "tolerance": tolerance,
                 "recommended_k": best,
                 "llama_cpp_flag": flag,
+                "notes": notes,
                 "scores": [dict(k=k, **s.to_dict()) for k, s in zip(k_list, scores, strict=True)],
             }
         )
@@ -248,6 +258,8 @@ def reduce(
     con = c.console()
     con.print(table)
     con.print(f"recommended k = {best} (perplexity within {tolerance:.0%} of k = {m.top_k}): {flag}")
+    for note in notes:
+        con.print(f"note: {note}")
 
 
 plan_app = typer.Typer(

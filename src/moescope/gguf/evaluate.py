@@ -161,7 +161,8 @@ def evaluate(
 
 
 def recommend_k(scores: Sequence[VariantScore], ks: Sequence[int], native: int, tolerance: float) -> int:
-    """The smallest k whose perplexity is within `tolerance` (relative) of the native k's."""
+    """The smallest k (at most the native one) whose perplexity is within `tolerance` (relative) of the
+    native k's."""
     base = next(s.perplexity for s, k in zip(scores, ks, strict=True) if k == native)
-    ok = [k for s, k in zip(scores, ks, strict=True) if s.perplexity <= base * (1 + tolerance)]
+    ok = [k for s, k in zip(scores, ks, strict=True) if k <= native and s.perplexity <= base * (1 + tolerance)]
     return min(ok) if ok else native
