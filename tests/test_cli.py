@@ -214,3 +214,15 @@ def test_synth_bad_spec_exits_2(capsys, tmp_path, args, match):
     code, _, err = run(capsys, "trace", "synth", tmp_path / "s.zarr", "--tokens", "100", *args)
     assert code == 2 and match in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_global_flags_after_the_command(capsys, npz):
+    """`-q` / `-v` work anywhere before `--`, as the README says (click alone reads them only up front)."""
+    from moescope.cli import hoist_global_flags
+
+    assert hoist_global_flags(["cache", "x.zarr", "-q", "--", "-v"]) == ["-q", "cache", "x.zarr", "--", "-v"]
+    code, out, err = run(capsys, "concentration", npz, "-q", "--json")
+    assert code == 0, err
+    assert json.loads(out)["layers"]
+    code, _, err = run(capsys, "trace", "info", npz.with_name("missing.npz"), "--verbose")
+    assert code == 2 and "Traceback" in err

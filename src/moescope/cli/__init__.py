@@ -86,8 +86,21 @@ def _root(
     )
 
 
+GLOBAL_FLAGS = ("-q", "--quiet", "-v", "--verbose")  # the root callback's flags, taking no value
+
+
+def hoist_global_flags(argv: list[str]) -> list[str]:
+    """`argv` with the global flags moved before the command, so ``moescope cache run.zarr -q`` works as
+    ``moescope -q cache run.zarr`` (click reads a group's options only before its subcommand). Nothing after
+    a ``--`` is moved; no subcommand takes an option of these names."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    flags = [a for a in argv[:end] if a in GLOBAL_FLAGS]
+    return flags + [a for a in argv[:end] if a not in GLOBAL_FLAGS] + argv[end:]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `moescope` console script."""
+    argv = hoist_global_flags(list(sys.argv[1:] if argv is None else argv))
     try:
         app(args=argv, prog_name="moescope")
     except MoescopeError as exc:
