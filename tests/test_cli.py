@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -226,3 +227,12 @@ def test_global_flags_after_the_command(capsys, npz):
     assert json.loads(out)["layers"]
     code, _, err = run(capsys, "trace", "info", npz.with_name("missing.npz"), "--verbose")
     assert code == 2 and "Traceback" in err
+
+
+@pytest.mark.parametrize("command", [("concentration",), ("cache",), ("capture", "llama"), ("compare",)])
+def test_help_shows_flags_and_arguments_plainly(capsys, command):
+    """Flags show no value type and arguments their name in capitals (typer 0.25+ printed <bool>, {src})."""
+    code, out, _ = run(capsys, *command, "--help")
+    assert code == 0
+    assert "<bool>" not in out and not re.search(r"\{[a-z_]+\}", out.split("\n\n")[0] + out[:300])
+    assert re.search(r"Usage: moescope [a-z ]+ \[OPTIONS\] [A-Z]", out)
