@@ -236,3 +236,15 @@ def test_help_shows_flags_and_arguments_plainly(capsys, command):
     assert code == 0
     assert "<bool>" not in out and not re.search(r"\{[a-z_]+\}", out.split("\n\n")[0] + out[:300])
     assert re.search(r"Usage: moescope [a-z ]+ \[OPTIONS\] [A-Z]", out)
+
+
+def test_mass_counts_a_trace_too(capsys, npz, tmp_path):
+    """--mass is one definition: what counts files are read as, and what a trace is counted as."""
+    trace = read_input(npz)
+    code, _, err = run(capsys, "trace", "convert", npz, tmp_path / "g.json", "--mass", "gate")
+    assert code == 0, err
+    doc = json.loads((tmp_path / "g.json").read_text())
+    assert doc["mass"] == "gate"
+    np.testing.assert_allclose(doc["layers"], trace.counts("gate").values)
+    code, out, _ = run(capsys, "trace", "convert", "--help")
+    assert code == 0 and "For counts sources" not in out and "trace is counted as" in " ".join(out.split())

@@ -58,7 +58,11 @@ PhysToLogOpt = Annotated[
 ModelOpt = Annotated[str | None, typer.Option("--model", help="Model name to record in the metadata.")]
 MassOpt = Annotated[
     str | None,
-    typer.Option("--mass", help="For counts sources: 'counts' (selections) or 'gate' (gate weight)."),
+    typer.Option(
+        "--mass",
+        help="Routing mass: 'counts' (selections) or 'gate' (summed gate weights). What a counts file is read "
+        "as, and what a trace is counted as when it becomes counts (gate needs weights).",
+    ),
 ]
 PhaseOpt = Annotated[
     str | None,
@@ -95,6 +99,16 @@ def read_trace(
     opts = import_options(n_experts, top_k, moe_layers, phys_to_log, None, None, phase)
     trace = as_trace(read_input(src, fmt, opts), purpose)
     return trace if layers is None else select_layers(trace, parse_ranges(layers, "--layers"))
+
+
+def reader_mass(src: Path, fmt: str | None, mass: str | None) -> tuple[str, str | None]:
+    """``(format name, mass for the reader)``: `--mass` goes to counts readers (which file column to read);
+    a per-token source is read whole and counted with it afterwards (`imports.as_counts`)."""
+    from moescope.imports import detect_format
+
+    name = fmt or detect_format(src)
+    reader = READERS.get(name)
+    return name, mass if reader is not None and reader.produces == "counts" else None
 
 
 def import_options(

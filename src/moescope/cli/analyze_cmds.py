@@ -40,12 +40,9 @@ def concentration(
     Example: `moescope concentration run.zarr --coverage 0.9 --mass gate`
     """
     from moescope.analyze import concentration as gate
-    from moescope.imports import READERS, as_counts, detect_format, read_input
+    from moescope.imports import as_counts, read_input
 
-    name = fmt or detect_format(src)
-    reader = READERS.get(name)
-    # a counts source is read with the asked mass; a trace is read whole and counted with it
-    source_mass = mass if reader is not None and reader.produces == "counts" else None
+    name, source_mass = c.reader_mass(src, fmt, mass)
     data = read_input(src, name, c.import_options(n_experts, top_k, moe_layers, phys_to_log, None, source_mass, phase))
     result = gate(as_counts(data, mass or "counts"), coverage=coverage, threshold=threshold, model=model_name)
     if as_json:

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from moescope.cli import _common as c
 from moescope.errors import UsageError
-from moescope.imports import READERS, WRITERS, as_trace, read_input, write_output
+from moescope.imports import READERS, WRITERS, as_counts, as_trace, read_input, write_output, writer_for
 from moescope.info import describe_counts, describe_store, describe_trace
 from moescope.slicing import (
     SPLIT_PARTS,
@@ -136,11 +136,14 @@ def convert(
     Examples: `moescope trace convert trace.npz run.zarr` ·
     `moescope trace convert esft_logs/ run.zarr --top-k 6 --n-experts 64`
     """
-    opts = c.import_options(n_experts, top_k, moe_layers, phys_to_log, model, mass, phase)
     from moescope._atomic import check_output
 
+    fmt, source_mass = c.reader_mass(src, fmt, mass)
+    opts = c.import_options(n_experts, top_k, moe_layers, phys_to_log, model, source_mass, phase)
     check_output(out, overwrite)  # fail before reading a large input
     data = read_input(src, fmt, opts)
+    if isinstance(data, RoutingTrace) and "counts" in writer_for(out, to).accepts:
+        data = as_counts(data, mass or "counts")  # a trace becomes counts of the mass asked
     write_output(data, out, to, overwrite)
     typer.echo(f"wrote {out}", err=True)
 
