@@ -51,6 +51,22 @@ def test_model_option_overrides(tmp_path):
     assert read_input(tmp_path / "a.npz", options=ImportOptions(model="other")).meta.model == "other"
 
 
+def test_phase_of_an_npz_without_one(tmp_path, capsys):
+    """A decode trace from elsewhere (no phase in its meta) is labelled with --phase, not silently prefill."""
+    from test_cli import run
+
+    tr = random_trace(n_tokens=30, n_seq=2, labels=False)
+    np.savez(tmp_path / "d.npz", experts=tr.experts, meta=np.asarray(json.dumps({"n_experts": 8})))
+    assert read_input(tmp_path / "d.npz").phase == "prefill"
+    assert read_input(tmp_path / "d.npz", options=ImportOptions(phase="decode")).phase == "decode"
+    code, out, err = run(capsys, "trace", "info", tmp_path / "d.npz", "--phase", "decode", "--json")
+    assert code == 0, err
+    assert json.loads(out)["phase"] == "decode"
+    write_output(tr, tmp_path / "p.npz")  # records prefill
+    with pytest.raises(FormatError, match="meta says phase 'prefill'"):
+        read_input(tmp_path / "p.npz", options=ImportOptions(phase="decode"))
+
+
 @pytest.mark.parametrize(
     ("arrays", "match", "exc"),
     [

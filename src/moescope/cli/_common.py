@@ -66,7 +66,11 @@ MassOpt = Annotated[
 ]
 PhaseOpt = Annotated[
     str | None,
-    typer.Option("--phase", help="Which passes to import from mixed dumps: 'prefill' or 'decode'."),
+    typer.Option(
+        "--phase",
+        help="'prefill' or 'decode': which passes to import from mixed dumps; the phase of an .npz that "
+        "records none.",
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON (for scripts).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the output if it exists.")]

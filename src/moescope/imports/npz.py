@@ -55,10 +55,11 @@ def _labels_from_task_starts(task_starts: Any, seq_starts: np.ndarray, path: Pat
     "npz",
     description="moescope .npz trace (experts, weights, seq_starts, seq_labels, meta JSON)",
     detect=_has_experts_key,
-    options=("n_experts", "model"),
+    options=("n_experts", "model", "phase"),
 )
 def read_npz(path: Path, options: ImportOptions) -> RoutingTrace:
-    """Read a moescope `.npz` trace (see the module docstring for the arrays)."""
+    """Read a moescope `.npz` trace (see the module docstring for the arrays). The phase is the meta's, or
+    ``options.phase`` when the meta records none (a differing one is refused), else prefill."""
     try:
         z = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
@@ -103,10 +104,16 @@ def read_npz(path: Path, options: ImportOptions) -> RoutingTrace:
         seq_starts=seq_starts,
         seq_labels=labels,
         layer_ids=meta.get("layer_ids"),
-        phase=meta.get("phase", "prefill"),
+        phase=_phase(meta.get("phase"), options.phase, path),
         meta=tmeta,
         token_ids=arrays.get("token_ids"),
     )
+
+
+def _phase(recorded: Any, asked: str | None, path: Path) -> str:
+    if recorded is not None and asked is not None and recorded != asked:
+        raise FormatError(f"{path}: meta says phase {recorded!r} but --phase {asked} was given; drop --phase")
+    return str(recorded or asked or "prefill")
 
 
 @register_writer("npz", description="moescope .npz trace", suffixes=(".npz",), accepts=("trace",))
