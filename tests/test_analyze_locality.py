@@ -392,3 +392,22 @@ def test_esft_whole_trace(realdata):
     assert len(full.layers) == 26 and len(full.cross) == 25 and full.budgets == (6, 12, 24)
     for p in full.predictors:
         assert all(0 <= s.mean <= 1 for s in full.prefetch_overall[p])
+
+
+def test_locality_and_analyze_state_reuse_alike(capsys, tmp_path):
+    """One definition of the reuse ratio (median of the per-layer ratios) in `locality` and `analyze`."""
+    from conftest import random_trace
+    from moescope.analyze.locality import locality, reuse_sentence
+    from moescope.store import save_trace
+    from test_cli import run
+
+    trace = random_trace(n_tokens=400, n_layers=3, n_experts=16, k=2, n_seq=4, seed=5)
+    save_trace(trace, tmp_path / "t.zarr")
+    want = reuse_sentence(locality(trace).summary)
+    flat = lambda s: " ".join(s.replace("│", " ").split())  # noqa: E731 (the console wraps lines and cells)
+    code, out, err = run(capsys, "locality", tmp_path / "t.zarr")
+    assert code == 0, err
+    assert want in flat(out)
+    code, out, err = run(capsys, "analyze", tmp_path / "t.zarr", "--only", "temporal")
+    assert code == 0, err
+    assert want in flat(out)

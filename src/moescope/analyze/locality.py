@@ -458,6 +458,20 @@ def _bin_label(j: int) -> str:
     return "1" if j == 0 else ("2" if j == 1 else f"{2 ** (j - 1) + 1}-{2**j}")
 
 
+def reuse_sentence(summary: Mapping[str, Any]) -> str:
+    """The headline of next-token reuse, one definition for every command: medians over layers of the reuse,
+    of the within-sequence shuffle's expectation, and of the per-layer ratio between the two (the median of
+    ratios, not the ratio of the medians: each layer is compared with its own shuffle)."""
+    reuse, shuffled, ratio = (summary[k].median for k in ("reuse", "reuse_shuffled_expected", "reuse_ratio"))
+    if reuse is None or shuffled is None:
+        return "no consecutive tokens to compare"
+    times = "n/a" if ratio is None else f"{ratio:.2f}x"
+    return (
+        f"consecutive tokens share {reuse:.1%} of their experts vs {shuffled:.1%} with each sequence's tokens "
+        f"shuffled (medians over layers); per layer, reuse is {times} the shuffle's (median of the layer ratios)"
+    )
+
+
 def _ratio(a: float, b: float) -> float | None:
     return a / b if b > 0 else None
 

@@ -68,8 +68,7 @@ PhaseOpt = Annotated[
     str | None,
     typer.Option(
         "--phase",
-        help="'prefill' or 'decode': which passes to import from mixed dumps; the phase of an .npz that "
-        "records none.",
+        help="'prefill' or 'decode': which passes to import from mixed dumps; the phase of an .npz that records none.",
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON (for scripts).")]

@@ -67,6 +67,7 @@ def locality(
     Example: `moescope locality run.zarr --budget 8,16,32 --predictor lfu,coact --per-layer`
     """
     from moescope.analyze.locality import locality as run_locality
+    from moescope.analyze.locality import reuse_sentence
     from moescope.errors import UsageError
     from moescope.slicing import parse_ranges
 
@@ -109,12 +110,9 @@ def locality(
             f"{r.working_set_mean:.1f} ({r.working_set_frac:.0%})", _num(r.window[wi]), _num(r.window_shuffled[wi]),
         )  # fmt: skip
     con.print(t1)
-    ratio = s["reuse_ratio"].median
     con.print(
-        f"{result.tokens:,} tokens in {result.sequences:,} sequences, top-{k} of {n_exp}. Median over layers: "
-        f"consecutive tokens share {_pct(s['reuse'].median)} of their experts, "
-        f"{_num(ratio, '.2f')}x the {_pct(s['reuse_shuffled_expected'].median)} expected with each sequence's "
-        f"tokens shuffled (uniform {_pct(s['reuse_uniform'].median)}); a sequence touches "
+        f"{result.tokens:,} tokens in {result.sequences:,} sequences, top-{k} of {n_exp}: {reuse_sentence(s)} "
+        f"(uniform {_pct(s['reuse_uniform'].median)}); a sequence touches "
         f"{_num(s['working_set_mean'].median)} of {n_exp} experts per layer."
     )
 

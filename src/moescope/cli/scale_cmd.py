@@ -147,10 +147,11 @@ def _line(name: str, v: Any) -> str:
         return (f"{v.structured_layers}/{len(v.layers)} layers structured; median gain {v.median_gain:.2f} vs null "
                 f"{v.median_null_gain:.2f} (excess {v.median_excess:.2f})")  # fmt: skip
     if name == "temporal":
-        reuse, shuf = v.summary["reuse"].median, v.summary["reuse_shuffled_expected"].median
+        from moescope.analyze.locality import reuse_sentence
+
         gap = v.summary["median_gap"].median
         return (
-            f"median next-token reuse {reuse:.1%} vs {shuf:.1%} shuffled ({reuse / max(shuf, 1e-12):.2f}x); "
+            f"{reuse_sentence(v.summary)}; "
             f"median gap {gap if gap is not None else float('nan'):.0f} tokens; "
             f"working set {v.summary['working_set_frac'].median:.0%} of experts per sequence"
         )
