@@ -28,7 +28,15 @@ def _browser() -> str | None:
 def fixture_report(tmp_path_factory):
     trace = read_input(fixture.FIXTURE_DIR / fixture.TRACE)
     other = perturbed(trace, 0.05)  # a second capture of the same tokens whose routing differs at 5%
-    rep = build_report(trace, gguf=fixture.FIXTURE_DIR / fixture.GGUF, compare=other, compare_label="llama <q4>")
+    calls = []
+    rep = build_report(
+        trace,
+        gguf=fixture.FIXTURE_DIR / fixture.GGUF,
+        compare=other,
+        compare_label="llama <q4>",
+        progress=lambda *a: calls.append(a),
+    )
+    rep.summary["_progress"] = calls
     path = tmp_path_factory.mktemp("report") / "report.html"
     path.write_text(rep.html, encoding="utf-8")
     return rep, path
@@ -45,6 +53,10 @@ def test_report_is_self_contained_with_verdicts(fixture_report):
     assert not re.search(r"""<script[^>]+src=|<link[^>]+href=["']https?:""", html)  # nothing fetched to view it
     assert html.count("Plotly.newPlot") == html.count("class='figure'") >= 3
     assert {"concentration", "cache", "curves", "offload", "drift"} <= set(rep.summary)
+    # progress: every stage with its position out of a known total (was a bare "0/?"), placement included
+    calls = rep.summary["_progress"]
+    assert [c[1] for c in calls] == list(range(len(calls))) and {c[2] for c in calls} == {len(calls) - 1}
+    assert "placement" in [c[0] for c in calls] and calls[-1][0] == "rendering"
 
 
 def test_report_renders_in_a_browser(fixture_report, tmp_path):

@@ -98,6 +98,6 @@ def run_demo(
         for i, lid in enumerate(trace.layer_ids.tolist())
     ]
     write_ranking_csv(rank_experts(trace), outputs["ranking"], overwrite=True)
-    report = build_report(trace, gguf=fixture.GGUF, progress=say)
+    report = build_report(trace, gguf=fixture.GGUF, progress=lambda stage, i, n: say(f"report: {stage} ({i}/{n})"))
     _atomic.write_text_atomic(outputs["report"], report.html, overwrite=True)
     return DemoResult(out_dir, outputs, info, layers, concentration(counts), report.summary)

@@ -90,7 +90,7 @@ def report(
             title=title,
             compare=other,
             compare_label=str(compare),
-            progress=lambda msg: bar.update(task, description=msg),
+            progress=lambda stage, done, total: bar.update(task, description=stage, completed=done, total=total),
         )
     _atomic.write_text_atomic(out, result.html, overwrite)
     if as_json:

@@ -43,29 +43,32 @@ def build_report(
     title: str | None = None,
     compare: RoutingTrace | None = None,
     compare_label: str = "the second trace",
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> Report:
     """Analyse `trace` and render the report (see the module docstring); with `compare` (a trace of the same
-    tokens from another engine, quantization, top-k or version), a "routing drift" section too."""
-    say = progress or (lambda _msg: None)
+    tokens from another engine, quantization, top-k or version), a "routing drift" section too.
+
+    `progress(stage, done, total)` is called before each stage (sections in page order) and once at the end.
+    """
     cards: list[Card] = []
     figures: list[Figure] = []
     summary: dict[str, Any] = {}
     model = trace.meta.model or "model"
-
-    say("concentration")
-    _concentration(trace, cards, figures, summary)
-    say("expert caches")
-    _caches(trace, cards, figures, summary)
-    for name, section in _extra_sections():
-        say(name)
-        section(trace, cards, figures, summary, devices)
+    stages: list[tuple[str, Callable[[], None]]] = [
+        ("concentration", lambda: _concentration(trace, cards, figures, summary)),
+        ("expert caches", lambda: _caches(trace, cards, figures, summary)),
+    ]
+    stages += [(name, lambda f=f: f(trace, cards, figures, summary, devices)) for name, f in _extra_sections()]
     if gguf is not None:
-        say("llama.cpp offload plan")
-        _offload(trace, Path(gguf), vram, cards, summary)
+        stages.append(("llama.cpp offload plan", lambda: _offload(trace, Path(gguf), vram, cards, summary)))
     if compare is not None:
-        say("routing drift")
-        _drift(trace, compare, compare_label, cards, figures, summary)
+        stages.append(("routing drift", lambda: _drift(trace, compare, compare_label, cards, figures, summary)))
+    for done, (name, run) in enumerate(stages):
+        if progress is not None:
+            progress(name, done, len(stages))
+        run()
+    if progress is not None:
+        progress("rendering", len(stages), len(stages))
     subtitle = (
         f"{model}: {trace.n_tokens:,} tokens in {trace.n_sequences:,} sequences, {trace.n_layers} MoE layers x "
         f"{trace.n_experts} experts, top-{trace.top_k} ({trace.phase}); policies and placements fitted on the first "
