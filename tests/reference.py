@@ -345,8 +345,16 @@ def cache_belady(req, reset, capacity):
     )
 
 
-def cache_static(req, pinned: set[int]):
-    hits = sum(1 for row in req.tolist() for x in row if x in pinned)
+def cache_static(req, reset, pinned: set[int]):
+    """Pinned experts load at their first use after a reset (a cold miss), then always hit; others miss."""
+    hits, loaded = 0, set()
+    for row, r in zip(req.tolist(), reset.tolist(), strict=True):
+        if r:
+            loaded = set()
+        for x in row:
+            if x in pinned:
+                hits += x in loaded
+                loaded.add(x)
     return hits, req.size - hits, 0, 0
 
 

@@ -3,7 +3,8 @@
 Semantics (what every number here means):
 
 - **Caches.** One cache per MoE layer holding `capacity` experts (capacity >= top-k), or one pooled cache
-  over all layers (`pooled=True`, capacity x layers experts; items are (layer, expert) pairs).
+  over all layers (`pooled=True`, capacity x layers experts; items are (layer, expert) pairs). Without
+  capacities asked, `default_capacities` (about E/8, E/4, E/2, strictly between k and E) for CLI and report.
 - **Groups.** A token's k experts at a layer are needed together: hits are served, then each missing
   expert is loaded, and a policy may never evict an expert the current token needs.
 - **Sequences.** One long-lived cache serves all sequences in trace order (a server), or each sequence
@@ -14,10 +15,13 @@ Semantics (what every number here means):
   accesses = tokens x layers x k.
 - **Split.** Policies that learn (LFU-static, co-activation prefetch) fit on the first half of every
   sequence; all policies replay the second halves (`split="test"`), or everything in-sample (`"all"`).
+- **Cold misses** are counted alike for every policy: a cache starts empty (at the start, and at each
+  sequence with `reset_per_sequence`), and a static set loads each pinned expert at its first use.
 - **Belady/MIN** (evict the expert, not needed now, whose next use is furthest) is the offline optimum of
   demand loading and the floor every table shows; a prefetcher may go below it on demand misses only by
   paying prefetch loads, and a static set (LFU-static, which serves misses from slow memory without
-  loading them, "bypass") is not bound by it either, though in practice it is the worst.
+  loading them, "bypass") is not bound by it either, though in practice it is the worst. A row below the
+  floor says which of the two it is (`BELOW_FLOOR_WHY`); a demand-loading policy below it is a bug.
 
 Modules: `kernels` (numba replays), `policies` (the registry `POLICIES`), `simulate` (tables, curves,
 budget allocation), `cost` (projected decode speed).
@@ -34,6 +38,7 @@ from moescope.cache.simulate import (
     MissCurves,
     allocate,
     build_streams,
+    default_capacities,
     miss_curves,
     simulate,
 )
@@ -51,6 +56,7 @@ __all__ = [
     "Stream",
     "allocate",
     "build_streams",
+    "default_capacities",
     "make_policy",
     "miss_curves",
     "project_decode",

@@ -243,14 +243,22 @@ def scan_policy(req, reset, n_items, capacity, kind, aging):
 
 
 @njit
-def static_set(req, pinned):
-    """A fixed resident set (``pinned: [n_items] bool``, chosen beforehand): every other access is a miss."""
+def static_set(req, reset, pinned):
+    """A fixed resident set (``pinned: [n_items] bool``, chosen beforehand): every other access is a miss,
+    served without entering the cache (bypass). A pinned expert is loaded at its first use after a reset, a
+    cold miss counted as every other policy counts its own (a pre-filled cache would start warm for free)."""
     g_n, k = req.shape
+    loaded = np.zeros(pinned.shape[0], dtype=np.bool_)
     hits = 0
     for g in range(g_n):
+        if reset[g]:
+            loaded[:] = False
         for j in range(k):
-            if pinned[req[g, j]]:
-                hits += 1
+            x = req[g, j]
+            if pinned[x]:
+                if loaded[x]:
+                    hits += 1
+                loaded[x] = True
     return np.array([hits, g_n * k - hits, 0, 0], dtype=np.int64)
 
 

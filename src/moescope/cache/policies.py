@@ -120,7 +120,7 @@ class LFU(CachePolicy):
 @register
 class LFUStatic(CachePolicy):
     name = "lfu-static"
-    summary = "the capacity's most frequent experts of the train split, pinned; never changes"
+    summary = "the capacity's most frequent experts of the train split, pinned (loaded at first use); the rest bypass"
     learns = True
     bypass = True
 
@@ -130,7 +130,7 @@ class LFUStatic(CachePolicy):
     def run(self, stream: Stream, capacity: int) -> np.ndarray:
         pinned = np.zeros(stream.n_items, dtype=np.bool_)
         pinned[self._order[:capacity]] = True
-        return K.static_set(stream.req, pinned)
+        return K.static_set(stream.req, stream.reset, pinned)
 
 
 @register

@@ -95,6 +95,24 @@ def _pool(n_jobs: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=max(1, min(n_jobs, os.cpu_count() or 1)))
 
 
+def default_capacities(k: int, n_experts: int) -> list[int]:
+    """Capacities worth simulating when none are asked: about E/8, E/4 and E/2 experts per layer, each kept
+    strictly between top-k (a cache of k holds one token's experts: only exact repeats hit) and E (the whole
+    layer: only cold misses remain), distinct. Mixtral (E 8, k 2) gets 3 and 4; E 64, k 6: 8, 16, 32; E 128,
+    k 8: 16, 32, 64. When no capacity lies strictly between (E <= k + 1), the one capacity left: E."""
+    lo, hi = k + 1, n_experts - 1
+    if lo > hi:
+        return [n_experts]
+    return sorted({min(max(n_experts // d, lo), hi) for d in (8, 4, 2)})
+
+
+# why a policy may sit below the Belady floor of demand loading (see the package docstring)
+BELOW_FLOOR_WHY = {
+    "prefetches": "prefetches: its loads ahead of use are counted in transfers, not as demand misses",
+    "bypass": "bypass: misses are served from slow memory without loading, which the demand-loading floor assumes",
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class CacheResult:
     """stats: [policies, capacities, streams, 4] int64 (hits, demand misses, prefetch loads, wasted
@@ -142,7 +160,14 @@ class CacheResult:
                     "wasted_prefetches_per_token": wasted / tok,
                     "transfers_per_token": (misses + loads) / tok,
                     "gap_to_belady": None if floor is None else float(rate[pi, ci] - rate[floor, ci]),
+                    "below_floor_because": None,
                 }
+                if row["gap_to_belady"] is not None and row["gap_to_belady"] < -1e-12:
+                    cls = POLICIES[name]
+                    why = "prefetches" if cls.prefetches else "bypass" if cls.bypass else None
+                    if why is None:  # a demand-loading policy below MIN is a bug, not a finding
+                        raise AssertionError(f"{name} at capacity {cap} is below the Belady floor of demand loading")
+                    row["below_floor_because"] = BELOW_FLOOR_WHY[why]
                 if expert_bytes is not None:
                     row["bytes_per_token"] = (misses + loads) * expert_bytes / tok
                 out.append(row)

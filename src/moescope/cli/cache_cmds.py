@@ -15,17 +15,14 @@ from moescope.cli import _common as c
 _POLICY_HELP = "Policies, comma-separated (default: all): " + ", ".join(POLICIES) + "."
 
 
-def _auto_capacities(k: int, n_experts: int) -> list[int]:
-    """8, 16, 32 for top-k <= 8; otherwise the next power of two >= k and its doubles; capped at E."""
-    first = 1 << max(3, (k - 1).bit_length())
-    return sorted({min(first * m, n_experts) for m in (1, 2, 4)})
-
-
 def cache(
     src: Annotated[Path, typer.Argument(help="A per-token trace (zarr store, .npz, ESFT logs, engine dumps).")],
     capacity: Annotated[
         str | None,
-        typer.Option("--capacity", help="Experts per layer in fast memory, e.g. 8,16,32 (default: 8,16,32 or k..4k)."),
+        typer.Option(
+            "--capacity",
+            help="Experts per layer in fast memory, e.g. 8,16,32 (default: about E/8, E/4, E/2, between k and E).",
+        ),
     ] = None,
     policy: Annotated[str | None, typer.Option("--policy", help=_POLICY_HELP)] = None,
     pooled: Annotated[
@@ -99,6 +96,7 @@ def cache(
         Hardware,
         PolicyParams,
         allocate,
+        default_capacities,
         miss_curves,
         project_decode,
         simulate,
@@ -129,7 +127,9 @@ def cache(
         layers=layers,
     )
     eb, dense = _bytes(trace, expert_bytes, gguf, dense_bytes, parse_bytes)
-    caps = _auto_capacities(trace.top_k, trace.n_experts) if capacity is None else parse_ranges(capacity, "--capacity")
+    caps = (
+        default_capacities(trace.top_k, trace.n_experts) if capacity is None else parse_ranges(capacity, "--capacity")
+    )
     params = PolicyParams(aging=aging, prefetch=prefetch)
     budget = slots
     if vram is not None:
@@ -237,20 +237,27 @@ def _print(result, out: dict[str, Any], curves, mean_eb: float | None) -> None:
         min_width=60,
         title_justify="left",
     )
-    cols = ["capacity", "policy", "miss rate", "vs Belady", "prefetch/tok", "transfers/tok"]
+    cols = ["capacity", "policy", "miss rate", "vs Belady", "prefetch", "transfers"]  # loads per token
     if mean_eb is not None:
         cols.append("bytes/tok")
     for col in cols:
-        table.add_column(col, justify="left" if col == "policy" else "right")
+        if col == "policy":  # names whole, with a footnote mark
+            table.add_column(col, no_wrap=True, min_width=max(map(len, POLICIES)) + 2)
+        else:
+            table.add_column(col, justify="right")
     last_cap = None
+    notes: dict[str, int] = {}  # why a row sits below the Belady floor -> its footnote mark (*, **)
     for row in out["table"]["rows"]:
         if last_cap is not None and row["capacity"] != last_cap:
             table.add_section()
         last_cap = row["capacity"]
         gap = row["gap_to_belady"]
+        why = row["below_floor_because"]
+        if why is not None:
+            notes.setdefault(why, len(notes) + 1)
         cells = [
             str(row["capacity"]),
-            row["policy"],
+            row["policy"] + ("" if why is None else "*" * notes[why]),
             f"{row['demand_miss_rate']:.1%}",
             "" if gap is None else f"{gap * 100:+.1f} pt",
             f"{row['prefetch_loads_per_token']:.2f}",
@@ -260,9 +267,12 @@ def _print(result, out: dict[str, Any], curves, mean_eb: float | None) -> None:
             cells.append(format_bytes(row["bytes_per_token"]))
         table.add_row(*cells)
     con.print(table)
+    for why, mark in notes.items():
+        con.print(f"{'*' * mark} below the Belady floor because it {why}")
     con.print(
-        "Read: miss rate = demand misses (loads a token waits for) / accesses; Belady is the offline floor "
-        "for demand loading; a prefetcher trades transfers (loads per token, all layers) for misses."
+        "Read: miss rate = demand misses (loads a token waits for) / accesses; prefetch and transfers (demand "
+        "misses + prefetch loads) are loads per token over all layers; Belady is the offline floor for demand "
+        "loading; a prefetcher trades transfers for misses."
     )
     if curves is not None and "curves" in out:
         ct = Table(

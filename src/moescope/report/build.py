@@ -29,11 +29,6 @@ class Report:
     summary: dict[str, Any]
 
 
-def report_capacities(k: int, n_experts: int) -> list[int]:
-    """E/8, E/4, E/2 (at least top-k, at most E), distinct."""
-    return sorted({min(max(k, n_experts // d), n_experts) for d in (8, 4, 2)})
-
-
 def build_report(
     trace: RoutingTrace,
     *,
@@ -168,9 +163,9 @@ def _concentration(trace: RoutingTrace, cards: list[Card], figures: list[Figure]
 def _caches(trace: RoutingTrace, cards: list[Card], figures: list[Figure], summary: dict[str, Any]) -> None:
     import plotly.graph_objects as go
 
-    from moescope.cache import miss_curves, simulate
+    from moescope.cache import default_capacities, miss_curves, simulate
 
-    caps = report_capacities(trace.top_k, trace.n_experts)
+    caps = default_capacities(trace.top_k, trace.n_experts)
     res = simulate(trace, caps, CACHE_POLICIES)
     rate = res.miss_rate()
     t = res.totals()
