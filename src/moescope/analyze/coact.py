@@ -25,9 +25,19 @@ Per MoE layer (``E`` experts, ``N`` tokens, top-``k``, ``n_i`` selections of exp
   layer but not in a shuffled one. Independent synthetic top-k routing (Plackett-Luce, no teams) reads
   ``excess`` up to 1.35 against the shuffle null (k=2 of 16, Zipf 1.5-2), 1.07 at k=4, but within
   0.98-1.02 against the swap null at k = 2..8, E = 16..128, Zipf 0..2.
-- **Verdict**: ``excess = gain / mean null gain``; a layer has real pairwise structure when ``excess >=
-  min_excess`` (1.10 by default, five times the swap null's worst miss above) and, with ``n_null >= 2``,
-  ``gain >= null mean + 5 null std``; the model, when more than half its layers do.
+- **Pair test, without clustering** (the verdict; it needs no group count): rank the pairs whose expected
+  count ``X'`` (chance scaled so ``sum X' = sum C``, the fixed-k deficit removed) is at least
+  ``MIN_PAIR_COUNT`` by lift ``C / X'``; the *top-pair lift* is ``sum C / sum X'`` over the top ``E`` of them
+  (at most a quarter of them): how much more often the most-linked pairs fire together than chance. The
+  null layers get the same statistic (their own top pairs, so selection by noise is matched), and
+  ``pair_excess = top-pair lift / null mean``. Fewer than 16 eligible pairs (too few tokens): untested.
+- **Verdict**: a layer has real pairwise structure when ``pair_excess >= min_pair_excess`` and, with
+  ``n_null >= 2``, the lift clears the null mean by 5 null std; when the pair test is untested, when the
+  clustering does: ``excess = gain / mean null gain >= min_excess`` (1.10 by default, five times the swap
+  null's worst miss above) and ``gain >= null mean + 5 null std``. The model is structured when more than
+  half its layers are. The clustering at D groups always reports what D groups capture (``grouped``): a
+  structure can be real yet not fit D groups (teams of 4 among 128 experts, 8 groups of 16: the README's
+  ``trace synth --teams 8``, pair excess 1.2-1.7, clustering excess about 1).
 
 Not done here: placing experts on devices (capacities, traffic: the placement planner), and anything
 across layers or along time (reuse between tokens is locality). No I/O except `write_coact_npz` (atomic).
@@ -58,6 +68,11 @@ DEFAULT_N_NULL = 3
 DEFAULT_NULL = "swap"
 DEFAULT_RESTARTS = 4
 DEFAULT_MIN_EXCESS = 1.10
+# Chosen on synthetic independent routing (Plackett-Luce top-k, no teams: k 2/4/8, E 16/64/128, Zipf 0/1/2,
+# 5k and 50k tokens, 2 layers each, swap null x3; never on a real trace): pair_excess ranged 0.978-1.028;
+# five times the worst miss above 1 gives 1.14. Planted teams (8 of 4 among 128, strength 0.5) read 1.19-1.70.
+DEFAULT_MIN_PAIR_EXCESS = 1.14
+MIN_PAIRS_TESTED = 16  # eligible pairs below this: the pair test is untested (4 top pairs at least)
 NULL_Z = 5.0  # the real gain must also clear the null mean by this many null standard deviations
 MIN_PAIR_COUNT = 25  # top pair: only pairs seen this often (lift known to about +-20%)
 _KEY_NULL, _KEY_CLUSTER = 0, 1
@@ -383,6 +398,27 @@ def _top_pair(counts: np.ndarray, n_tokens: int) -> tuple[int, int, int, float]:
     return int(iu[p]), int(ju[p]), int(obs[p]), float(lift[p])
 
 
+def top_pair_lift(counts: np.ndarray, n_tokens: int) -> float | None:
+    """The pair test's statistic (module docstring): ``sum C / sum X'`` over the top pairs by lift among
+    pairs expected ``MIN_PAIR_COUNT`` times or more; None when fewer than `MIN_PAIRS_TESTED` are.
+
+    counts : [E, E] symmetric co-activation counts; n_tokens : N.
+    """
+    n = np.diag(counts).astype(np.float64)
+    iu, ju = np.triu_indices(counts.shape[0], 1)
+    obs = counts[iu, ju].astype(np.float64)
+    exp = n[iu] * n[ju] / n_tokens
+    if obs.sum() <= 0 or exp.sum() <= 0:
+        return None
+    exp *= obs.sum() / exp.sum()  # a fixed top-k makes pairs rarer than independent draws: compare shares
+    ok = exp >= MIN_PAIR_COUNT
+    if ok.sum() < MIN_PAIRS_TESTED:
+        return None
+    obs, exp = obs[ok], exp[ok]
+    top = np.argsort(-(obs / exp), kind="stable")[: min(counts.shape[0], int(ok.sum()) // 4)]
+    return float(obs[top].sum() / exp[top].sum())
+
+
 # ----------------------------------------------------------------------------------------------
 # the analysis
 
@@ -401,7 +437,11 @@ class LayerCoact:
     null_gain_mean: float
     null_gain_std: float | None  # sample std (ddof 1); None with one null layer
     excess: float  # gain / null_gain_mean
-    structured: bool
+    grouped: bool  # the clustering at D groups clears the null (what D groups capture)
+    pair_lift: float | None  # top-pair lift (module docstring); None when untested
+    null_pair_lifts: tuple[float, ...]
+    pair_excess: float | None  # pair_lift / mean null pair lift
+    structured: bool  # the verdict: the pair test, or the clustering where the pair test is untested
     top_pair: tuple[int, int]
     top_pair_count: int
     top_pair_lift: float
@@ -411,6 +451,7 @@ class LayerCoact:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "counts"}
         d["groups"] = [list(g) for g in self.groups]
         d["null_gains"] = list(self.null_gains)
+        d["null_pair_lifts"] = list(self.null_pair_lifts)
         d["top_pair"] = list(self.top_pair)
         if self.counts is not None:
             d["counts"] = self.counts.tolist()
@@ -432,11 +473,14 @@ class Coactivation:
     seed: int
     restarts: int
     min_excess: float
+    min_pair_excess: float
     null_z: float
     model: str | None
     median_gain: float
     median_null_gain: float
     median_excess: float
+    median_pair_excess: float | None
+    grouped_layers: int
     structured_layers: int
     structured: bool  # more than half of the layers have real pairwise structure
 
@@ -457,6 +501,7 @@ def coactivation(
     seed: int = 0,
     restarts: int = DEFAULT_RESTARTS,
     min_excess: float = DEFAULT_MIN_EXCESS,
+    min_pair_excess: float = DEFAULT_MIN_PAIR_EXCESS,
     keep_matrices: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> Coactivation:
@@ -472,8 +517,10 @@ def coactivation(
     seed : seeds the nulls and the clustering restarts; a layer's result depends only on the seed,
         its own routing and its model layer id (not on which other layers are analysed).
     restarts : partitions refined per matrix (greedy + ``restarts - 1`` random); best kept.
-    min_excess : a layer is structured when ``excess >= min_excess`` and the gain clears the null by
-        ``NULL_Z`` standard deviations.
+    min_excess : the clustering at D groups clears the null (``grouped``; the verdict where the pair test is
+        untested) when ``excess >= min_excess`` and the gain clears the null by ``NULL_Z`` standard deviations.
+    min_pair_excess : a layer is structured when its ``pair_excess >= min_pair_excess`` and the top-pair lift
+        clears the null by ``NULL_Z`` standard deviations (the pair test: no group count involved).
     keep_matrices : keep each layer's ``counts [E, E]`` in the result (for `write_coact_npz`, JSON).
     progress : called as ``progress(layers_done, layers_total)``.
 
@@ -482,7 +529,9 @@ def coactivation(
     `Coactivation`, one `LayerCoact` per analysed layer.
     """
     pos = _layer_positions(trace, layers)
-    opts = _options(trace.n_experts, trace.top_k, trace.n_tokens, groups, n_null, null, seed, restarts, min_excess)
+    opts = _options(
+        trace.n_experts, trace.top_k, trace.n_tokens, groups, n_null, null, seed, restarts, min_excess, min_pair_excess
+    )
     rows: list[LayerCoact] = []
     batch = max(1, numba.get_num_threads())
     for lo in range(0, pos.size, batch):
@@ -507,6 +556,7 @@ def coactivation_from_counts(
     seed: int = 0,
     restarts: int = DEFAULT_RESTARTS,
     min_excess: float = DEFAULT_MIN_EXCESS,
+    min_pair_excess: float = DEFAULT_MIN_PAIR_EXCESS,
     keep_matrices: bool = False,
     model: str | None = None,
 ) -> Coactivation:
@@ -516,7 +566,7 @@ def coactivation_from_counts(
     c = np.asarray(counts)
     if c.ndim != 3 or c.shape[0] != len(layer_ids):
         raise UsageError(f"counts has shape {c.shape}; expected [layers, E, E] with {len(layer_ids)} layers")
-    opts = _options(c.shape[1], top_k, n_tokens, groups, n_null, null, seed, restarts, min_excess)
+    opts = _options(c.shape[1], top_k, n_tokens, groups, n_null, null, seed, restarts, min_excess, min_pair_excess)
     lids = [int(x) for x in layer_ids]
     rows: list[LayerCoact] = []
     batch = max(1, numba.get_num_threads())  # the nulls hold N k ids per null layer: a few layers at a time
@@ -526,7 +576,7 @@ def coactivation_from_counts(
     return _result(rows, c.shape[1], top_k, n_tokens, opts, model)
 
 
-def _options(n_exp, k, n_tok, groups, n_null, null, seed, restarts, min_excess) -> dict[str, Any]:
+def _options(n_exp, k, n_tok, groups, n_null, null, seed, restarts, min_excess, min_pair_excess) -> dict[str, Any]:
     if k < 2:
         raise UsageError(f"top_k is {k}; co-activation needs at least 2 experts per token")
     if n_tok == 0:
@@ -537,10 +587,11 @@ def _options(n_exp, k, n_tok, groups, n_null, null, seed, restarts, min_excess) 
     _check_null(null)
     _check_int("seed", seed, 0)
     _check_int("restarts", restarts, 1)
-    if not min_excess >= 1.0:
-        raise UsageError(f"min_excess is {min_excess}; expected a ratio >= 1 (e.g. 1.1)")
+    for name, value in (("min_excess", min_excess), ("min_pair_excess", min_pair_excess)):
+        if not value >= 1.0:
+            raise UsageError(f"{name} is {value}; expected a ratio >= 1 (e.g. 1.1)")
     return dict(groups=int(groups), n_null=int(n_null), null=null, seed=int(seed), restarts=int(restarts),
-                min_excess=float(min_excess))  # fmt: skip
+                min_excess=float(min_excess), min_pair_excess=float(min_pair_excess))  # fmt: skip
 
 
 def _batch_rows(real, lids, n_tok, k, o, keep_matrices) -> list[LayerCoact]:
@@ -555,7 +606,9 @@ def _batch_rows(real, lids, n_tok, k, o, keep_matrices) -> list[LayerCoact]:
     )
     labels = _cluster(mats, o["groups"], restarts, ckeys).reshape(len(lids), n_null + 1, n_exp)
     return [
-        _layer_result(lid, real[q], null_mats[q], labels[q], n_tok, o["min_excess"], keep_matrices)
+        _layer_result(
+            lid, real[q], null_mats[q], labels[q], n_tok, o["min_excess"], o["min_pair_excess"], keep_matrices
+        )
         for q, lid in enumerate(lids)
     ]
 
@@ -564,6 +617,7 @@ def _result(rows, n_exp, k, n_tok, o, model) -> Coactivation:
     gains = np.array([r.gain for r in rows])
     nulls = np.array([r.null_gain_mean for r in rows])
     n_struct = sum(r.structured for r in rows)
+    pairs = [r.pair_excess for r in rows if r.pair_excess is not None]
     return Coactivation(
         layers=tuple(rows),
         n_experts=n_exp,
@@ -576,11 +630,14 @@ def _result(rows, n_exp, k, n_tok, o, model) -> Coactivation:
         seed=o["seed"],
         restarts=o["restarts"],
         min_excess=o["min_excess"],
+        min_pair_excess=o["min_pair_excess"],
         null_z=NULL_Z,
         model=model,
         median_gain=float(np.median(gains)),
         median_null_gain=float(np.median(nulls)),
         median_excess=float(np.median(gains / nulls)),
+        median_pair_excess=float(np.median(pairs)) if pairs else None,
+        grouped_layers=int(sum(r.grouped for r in rows)),
         structured_layers=int(n_struct),
         structured=2 * n_struct > len(rows),
     )
@@ -593,6 +650,7 @@ def _layer_result(
     labels: np.ndarray,
     n_tok: int,
     min_excess: float,
+    min_pair_excess: float,
     keep: bool,
 ) -> LayerCoact:
     """Package one layer: ``real [E, E]``, ``null [n_null, E, E]``, ``labels [1 + n_null, E]``."""
@@ -602,6 +660,15 @@ def _layer_result(
     std = float(np.std(null_gains, ddof=1)) if len(null_gains) > 1 else None
     excess = parts.gain / mean
     clears = std is None or parts.gain >= mean + NULL_Z * std
+    grouped = bool(excess >= min_excess and clears)
+    pair_lift = top_pair_lift(real, n_tok)
+    null_lifts = tuple(x for x in (top_pair_lift(null[r], n_tok) for r in range(null.shape[0])) if x is not None)
+    pair_excess, pair_ok = None, None
+    if pair_lift is not None and len(null_lifts) == null.shape[0]:
+        pmean = float(np.mean(null_lifts))
+        pstd = float(np.std(null_lifts, ddof=1)) if len(null_lifts) > 1 else None
+        pair_excess = pair_lift / pmean
+        pair_ok = bool(pair_excess >= min_pair_excess and (pstd is None or pair_lift >= pmean + NULL_Z * pstd))
     i, j, count, lift = _top_pair(real, n_tok)
     members = tuple(tuple(int(e) for e in np.flatnonzero(labels[0] == g)) for g in range(int(labels[0].max()) + 1))
     return LayerCoact(
@@ -615,7 +682,11 @@ def _layer_result(
         null_gain_mean=mean,
         null_gain_std=std,
         excess=float(excess),
-        structured=bool(excess >= min_excess and clears),
+        grouped=grouped,
+        pair_lift=pair_lift,
+        null_pair_lifts=null_lifts,
+        pair_excess=None if pair_excess is None else float(pair_excess),
+        structured=grouped if pair_ok is None else pair_ok,
         top_pair=(i, j),
         top_pair_count=count,
         top_pair_lift=lift,

@@ -111,24 +111,28 @@ def coact(
         f"{result.n_tokens:,} tokens, {result.null} null x{result.n_null}",
         title_justify="left",
     )
-    for col in ("layer", "gain", "null", "± std", "excess", "in groups obs/exp", "top pair lift", "real"):
+    for col in ("layer", "pair excess", "gain", "null ± std", "excess", "in groups", "top pair", "real"):
         table.add_column(col, justify="right")
     for r in result.layers:
         table.add_row(
             str(r.layer),
+            "untested" if r.pair_excess is None else f"{r.pair_excess:.2f}",
             f"{r.gain:.3f}",
-            f"{r.null_gain_mean:.3f}",
-            "" if r.null_gain_std is None else f"{r.null_gain_std:.3f}",
-            f"{r.excess:.2f}",
-            f"{r.intra_share_observed:.1%}/{r.intra_share_expected:.1%}",
+            f"{r.null_gain_mean:.3f}" + ("" if r.null_gain_std is None else f"±{r.null_gain_std:.3f}"),
+            f"{r.excess:.2f}" + (" *" if r.grouped else ""),
+            f"{r.intra_share_observed:.0%}/{r.intra_share_expected:.0%}",
             f"{r.top_pair[0]}-{r.top_pair[1]} {r.top_pair_lift:.1f}x",
             "[green]yes[/]" if r.structured else "no",
         )
     con = c.console()
     con.print(table)
     verdict = "[green]real pairwise structure[/]" if result.structured else "[yellow]no real pairwise structure[/]"
+    pairs = "n/a" if result.median_pair_excess is None else f"{result.median_pair_excess:.2f}"
     con.print(
-        f"{result.structured_layers}/{len(result.layers)} layers with excess >= {result.min_excess:.2f} and "
-        f"gain >= null + {result.null_z:.0f} std: {verdict} (median gain {result.median_gain:.3f}, "
-        f"null {result.median_null_gain:.3f}, excess {result.median_excess:.3f})"
+        f"{result.structured_layers}/{len(result.layers)} layers structured: {verdict}. Pair test (no group count): "
+        f"the most-linked pairs fire together {pairs}x as often as in the null (median; a layer passes at >= "
+        f"{result.min_pair_excess:.2f} and null + {result.null_z:.0f} std). {result.n_groups} groups capture it in "
+        f"{result.grouped_layers} layers (* excess >= {result.min_excess:.2f}; median gain {result.median_gain:.3f} vs "
+        f"null {result.median_null_gain:.3f}, excess {result.median_excess:.3f}); in groups: share of co-selected "
+        f"pairs inside the groups, observed/chance."
     )

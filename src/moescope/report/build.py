@@ -421,9 +421,12 @@ def _coact(trace: RoutingTrace, cards: list[Card], figures: list[Figure], summar
     d = res.to_dict()
     for row in d["layers"]:
         row.pop("counts", None)
+    pairs = "n/a" if res.median_pair_excess is None else f"{res.median_pair_excess:.2f}x"
     verdict = (
-        f"{res.structured_layers}/{len(res.layers)} layers have real pairwise structure: clustered gain "
-        f"{res.median_gain:.2f} vs {res.median_null_gain:.2f} on the {res.null} null (excess {res.median_excess:.2f})"
+        f"{res.structured_layers}/{len(res.layers)} layers have real pairwise structure: the most-linked pairs fire "
+        f"together {pairs} as often as on the {res.null} null; {res.n_groups} groups capture it in "
+        f"{res.grouped_layers} (clustered gain {res.median_gain:.2f} vs {res.median_null_gain:.2f}, excess "
+        f"{res.median_excess:.2f})"
     )
     d["verdict"] = verdict
     summary["coact"] = d
@@ -432,10 +435,13 @@ def _coact(trace: RoutingTrace, cards: list[Card], figures: list[Figure], summar
             "Do experts fire in teams?",
             "yes: real co-activation structure" if res.structured else "no more than popularity explains",
             (
+                f"The most-linked pairs of experts fire together {pairs} as often as on routing with the pairing "
+                f"destroyed ({res.null} null, marginals kept), median over layers; {res.structured_layers} of "
+                f"{len(res.layers)} layers pass (no group count involved).",
                 f"Grouping each layer's experts into {res.n_groups} groups puts {res.median_gain:.2f}x the chance "
-                f"share of co-selected pairs inside groups; the same clustering on routing with the pairing destroyed "
-                f"({res.null} null, marginals kept) finds {res.median_null_gain:.2f}x. Excess {res.median_excess:.2f} "
-                f"(median over layers); {res.structured_layers} of {len(res.layers)} layers pass.",
+                f"share of co-selected pairs inside groups vs {res.median_null_gain:.2f}x on the null (excess "
+                f"{res.median_excess:.2f}): {res.n_groups} groups capture the structure in {res.grouped_layers} "
+                "layers.",
             ),
             "good" if res.structured else "warn",
         )

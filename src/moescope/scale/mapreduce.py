@@ -457,7 +457,8 @@ def _coact_map(tr: RoutingTrace, ctx: Mapping[str, Any]) -> Partial:
 def _coact_finish(part: Partial, ctx: Mapping[str, Any]):
     from moescope.analyze.coact import coactivation_from_counts
 
-    opts = {k: ctx[k] for k in ("groups", "n_null", "null", "seed", "restarts", "min_excess") if k in ctx}
+    keys = ("groups", "n_null", "null", "seed", "restarts", "min_excess", "min_pair_excess")
+    opts = {k: ctx[k] for k in keys if k in ctx}
     return coactivation_from_counts(
         part["counts"],
         int(part["tokens"][0]),
