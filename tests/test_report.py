@@ -48,6 +48,8 @@ def test_report_is_self_contained_with_verdicts(fixture_report):
     for title in ("Is a per-expert cache worth building?", "A cache of C experts per layer", "llama.cpp offload plan"):
         assert title in html
     assert "Routing drift" in html and "llama &lt;q4&gt;" in html and "llama <q4>" not in html
+    # the placement card states the largest D asked (not the best-looking one), with every D beside it
+    assert re.search(r"devices per token at D=8 \(every D asked: [-+]\d+%, [-+]\d+%, [-+]\d+%\)", html)
     assert 0.9 < rep.summary["drift"]["overall"]["identical"] < 0.99
     assert "--n-cpu-moe" in html and "Belady" in html
     assert not re.search(r"""<script[^>]+src=|<link[^>]+href=["']https?:""", html)  # nothing fetched to view it

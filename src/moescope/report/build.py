@@ -9,6 +9,7 @@ the library's analyses on this trace; nothing here computes a metric of its own.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,8 @@ def build_report(
         run()
     if progress is not None:
         progress("rendering", len(stages), len(stages))
-    subtitle = (
-        f"{model}: {trace.n_tokens:,} tokens in {trace.n_sequences:,} sequences, {trace.n_layers} MoE layers x "
+    subtitle = (  # the model is in the title
+        f"{trace.n_tokens:,} tokens in {trace.n_sequences:,} sequences, {trace.n_layers} MoE layers x "
         f"{trace.n_experts} experts, top-{trace.top_k} ({trace.phase}); policies and placements fitted on the first "
         f"half of every sequence and scored on the second"
     )
@@ -461,58 +462,72 @@ def _coact(trace: RoutingTrace, cards: list[Card], figures: list[Figure], summar
         horizontal_spacing=0.12,
         subplot_titles=(
             f"layer {best.layer}: lift, experts ordered by group",
-            "clustered gain: real vs null, per layer",
+            "most-linked pairs: lift, real vs null, per layer",
         ),
     )
+    zlog = np.log2(np.clip(z, 1 / 16, 16))
+    # the colour range follows this layer's lifts (98th percentile of |log2 lift|), so blocks are not faint
+    vmax = max(0.5, float(np.nanpercentile(np.abs(zlog), 98)))
     heat.add_trace(
         go.Heatmap(
-            z=np.log2(np.clip(z, 1 / 4, 4)),
+            z=zlog,
             x=[str(e) for e in order],
             y=[str(e) for e in order],
             customdata=z,
             colorscale="RdBu",
             reversescale=True,
-            zmid=0,
+            zmin=-vmax,
+            zmax=vmax,
             colorbar=dict(title="log2 lift", x=0.55),
             hovertemplate="experts %{y} + %{x}<br>lift %{customdata:.2f}x<extra></extra>",
         ),
         row=1,
         col=1,
     )
-    lids = [str(r.layer) for r in res.layers]
-    heat.add_trace(
-        go.Bar(
-            x=lids,
-            y=[r.gain for r in res.layers],
-            name="real",
-            marker_color="#3a6fd8",
-            hovertemplate="layer %{x}<br>gain %{y:.2f}<extra></extra>",
-        ),
-        row=1,
-        col=2,
+    starts = np.cumsum([0] + [len(g) for g in best.groups])
+    for a, b in itertools.pairwise(starts):  # outline each group's diagonal block
+        heat.add_shape(
+            type="rect", x0=a - 0.5, x1=b - 0.5, y0=a - 0.5, y1=b - 0.5, line=dict(color="#222", width=1),
+            row=1, col=1,
+        )  # fmt: skip
+    if trace.n_experts <= 32:
+        ticks = dict(showticklabels=True)
+    else:  # one tick per group: its first expert's position, named by group
+        ticks = dict(
+            tickmode="array",
+            tickvals=[str(order[a]) for a in starts[:-1]],
+            ticktext=[f"g{g}" for g in range(len(best.groups))],
+        )
+    tested = [r for r in res.layers if r.pair_lift is not None]  # the verdict's statistic, per layer
+    for name, values, color in (
+        ("real", [r.pair_lift for r in tested], "#3a6fd8"),
+        (f"{res.null} null", [float(np.mean(r.null_pair_lifts)) for r in tested], "#b9c0cc"),
+    ):
+        heat.add_trace(
+            go.Bar(
+                x=[str(r.layer) for r in tested],
+                y=values,
+                name=name,
+                marker_color=color,
+                hovertemplate=f"layer %{{x}}<br>{name}: top-pair lift %{{y:.2f}}<extra></extra>",
+            ),
+            row=1,
+            col=2,
+        )
+    heat.update_layout(
+        **{**_LAYOUT, "height": 500}, barmode="group", legend=dict(orientation="h", x=1, xanchor="right", y=-0.2)
     )
-    heat.add_trace(
-        go.Bar(
-            x=lids,
-            y=[r.null_gain_mean for r in res.layers],
-            name=f"{res.null} null",
-            marker_color="#b9c0cc",
-            hovertemplate="layer %{x}<br>null gain %{y:.2f}<extra></extra>",
-        ),
-        row=1,
-        col=2,
-    )
-    heat.update_layout(**{**_LAYOUT, "height": 480}, barmode="group", legend=dict(x=0.99, xanchor="right"))
-    heat.update_xaxes(type="category", row=1, col=1, showticklabels=trace.n_experts <= 32)
-    heat.update_yaxes(type="category", row=1, col=1, autorange="reversed", showticklabels=trace.n_experts <= 32)
+    heat.update_xaxes(type="category", row=1, col=1, title_text="expert (ordered by group)", **ticks)
+    heat.update_yaxes(type="category", row=1, col=1, autorange="reversed", **ticks)
     heat.update_xaxes(type="category", title_text="MoE layer", row=1, col=2)
-    heat.update_yaxes(title_text="gain (1 = chance)", row=1, col=2)
+    heat.update_yaxes(title_text="top-pair lift (1 = chance)", row=1, col=2)
     figures.append(
         Figure(
             "Co-activation",
             "red blocks on the diagonal are teams of experts chosen together more often than their popularity "
-            "predicts; on the right, real bars well above the null bars mean the teams are real, not something "
-            "clustering would find in any routing.",
+            "predicts (the groups outlined are the clustering's); on the right, the lift of each layer's most-linked "
+            "pairs: real bars well above the null bars (the same layer with its pairing destroyed) mean the teams "
+            "are real, whatever the group count.",
             heat,
         )
     )
@@ -548,11 +563,12 @@ def _placement(trace: RoutingTrace, cards: list[Card], figures: list[Figure], su
     verdict = "; ".join(f"D={r.n_devices}: {r.method} {r.vs_frequency:+.0%} devices/token" for r in picks)
     d["verdict"] = verdict
     summary["placement"] = d
-    top = min(picks, key=lambda r: (r.vs_frequency, r.n_devices))
+    top = max(picks, key=lambda r: r.n_devices)  # the largest D asked, not the best-looking one
     cards.append(
         Card(
             "Which static placement across devices?",
-            f"{top.method}: {top.vs_frequency:+.0%} devices per token at D={top.n_devices}",
+            f"{top.method}: {top.vs_frequency:+.0%} devices per token at D={top.n_devices}"
+            + (f" (every D asked: {', '.join(f'{r.vs_frequency:+.0%}' for r in picks)})" if len(picks) > 1 else ""),
             (
                 "Fitted on first halves, scored on second halves, against frequency load balancing; a method counts "
                 "only if its load CV stays within 0.05 of frequency's (fewer devices per token = less all-to-all).",
@@ -570,14 +586,19 @@ def _placement(trace: RoutingTrace, cards: list[Card], figures: list[Figure], su
             go.Scatter(
                 x=[r.score.mean_cv for r in mine],
                 y=[r.score.mean_devices for r in mine],
-                mode="markers+text",
-                text=[f"D={r.n_devices}" for r in mine],
-                textposition="top center",
+                mode="markers",
+                customdata=[f"D={r.n_devices}" for r in mine],
                 name=name,
-                marker=dict(size=12, symbol=symbols[mi % len(symbols)]),
-                hovertemplate=f"{name}<br>%{{text}}<br>load CV %{{x:.3f}}<br>devices/token %{{y:.2f}}<extra></extra>",
+                marker=dict(size=11, symbol=symbols[mi % len(symbols)], opacity=0.85),
+                hovertemplate=f"{name}<br>%{{customdata}}<br>load CV %{{x:.3f}}<br>devices/token %{{y:.2f}}"
+                "<extra></extra>",
             )
         )
+    for r in picks:  # one label per device count, beside frequency's point (labels on every point overlapped)
+        fig.add_annotation(
+            x=r.baseline.mean_cv, y=r.baseline.mean_devices, text=f"D={r.n_devices}", showarrow=False,
+            xanchor="right", xshift=-10, font=dict(size=12, color="#444"),
+        )  # fmt: skip
     fig.update_layout(
         **_LAYOUT, xaxis_title="load CV across devices (held-out)", yaxis_title="distinct devices per token"
     )
