@@ -16,17 +16,21 @@ $(BASE): pyproject.toml
 	$(PIP) -e .
 	touch $@
 
-# llama-cpp-python compiles llama.cpp (about 5 minutes on 2 cores), once per venv; pip caches the wheel
+# llama-cpp-python compiles llama.cpp: about 6 minutes on 2 cores, the longest step of a fresh `make test`.
+# pip keeps the built wheel in its cache, so later venvs on this machine install it in seconds.
 $(DEV): $(BASE)
+	@echo "installing the dev extras; llama-cpp-python compiles llama.cpp unless pip has its wheel cached (about 6 min on 2 cores)"
 	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) -e '.[dev,hf,llama,place,dask]' '$(TORCH)'
 	touch $@
 
 demo: $(BASE)
 	$(VENV)/bin/moescope demo --out demo-out
 
+# the first run also builds the model zoo (tests/zoo.py: 13 models converted with llama.cpp's converter, about
+# 2 minutes), cached in ~/.cache/moescope/zoo for later runs; --durations lists what took longest
 test: $(DEV)
 	$(VENV)/bin/ruff check src tests bench tools
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=8
 	NUMBA_DISABLE_JIT=1 $(PY) -m pytest -q -m kernels
 
 lint: $(DEV)

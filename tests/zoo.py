@@ -6,9 +6,8 @@ shared experts, leading dense layers, MLA, sigmoid / grouped routing, score-corr
 `build_hf` makes a seeded transformers model from it (every bias non-zero, the fixture's tokenizer,
 the MTP tensors transformers does not build), `convert` runs llama.cpp's own ``convert_hf_to_gguf.py``
 (from the llama-cpp-python sdist matching the installed version, fetched once with pip) and `quantize`
-runs llama.cpp's quantizer through llama-cpp-python. `zoo_model` caches both files under
-``$MOESCOPE_ZOO_CACHE`` (default ``.venv/zoo-cache/``). Nothing here downloads a model; this is a test
-helper, not a test module.
+runs llama.cpp's quantizer through llama-cpp-python. `zoo_model` caches both files (`cache_dir`).
+Nothing here downloads a model; this is a test helper, not a test module.
 
     >>> hf_folder, gguf_path = zoo_model("dsv3", "f32")
 """
@@ -198,8 +197,11 @@ QUANTIZED: dict[tuple[str, str], float] = {
 
 # -- llama.cpp's converter ------------------------------------------------------------------------------
 def cache_dir() -> Path:
-    """The zoo's cache folder (``$MOESCOPE_ZOO_CACHE`` or ``<repo>/.venv/zoo-cache``), created."""
-    path = Path(os.environ.get(CACHE_ENV) or REPO / ".venv" / "zoo-cache")
+    """The zoo's cache folder, created: ``$MOESCOPE_ZOO_CACHE``, else ``$XDG_CACHE_HOME/moescope/zoo`` (default
+    ``~/.cache/moescope/zoo``), outside the checkout so fresh clones and new venvs on one machine reuse it
+    (entries are keyed by spec, transformers and llama-cpp-python versions; stale ones are replaced)."""
+    xdg = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    path = Path(os.environ.get(CACHE_ENV) or xdg / "moescope" / "zoo")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
