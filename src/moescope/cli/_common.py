@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import inspect
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -82,63 +84,87 @@ SchedulerOpt = Annotated[
 ]
 
 
-def read_trace(
-    src: Path,
-    fmt: str | None,
-    purpose: str,
-    *,
-    n_experts: int | None = None,
-    top_k: int | None = None,
-    moe_layers: str | None = None,
-    phys_to_log: Path | None = None,
-    phase: str | None = None,
-    layers: str | None = None,
-) -> Any:
-    """The per-token trace a command analyses: `src` read with the import flags, refused with `purpose` in
-    the message when it holds only counts, then cut to ``--layers`` (model layer ids) when given."""
-    from moescope.imports import as_trace, read_input
-    from moescope.slicing import select_layers
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """The input options every command that reads routing data takes (`with_inputs` declares them on the
+    command), read the same way everywhere."""
 
-    opts = import_options(n_experts, top_k, moe_layers, phys_to_log, None, None, phase)
-    trace = as_trace(read_input(src, fmt, opts), purpose)
-    return trace if layers is None else select_layers(trace, parse_ranges(layers, "--layers"))
+    fmt: str | None = None
+    n_experts: int | None = None
+    top_k: int | None = None
+    moe_layers: str | None = None
+    phys_to_log: Path | None = None
+    phase: str | None = None
+
+    def options(self, *, model: str | None = None, mass: str | None = None) -> ImportOptions:
+        """`ImportOptions` from these flags (enumerations validated), with a command's own --model / --mass."""
+        from moescope.errors import UsageError
+
+        if mass is not None and mass not in ("counts", "gate"):
+            raise UsageError(f"--mass {mass!r} is not 'counts' or 'gate'")
+        if self.phase is not None and self.phase not in ("prefill", "decode"):
+            raise UsageError(f"--phase {self.phase!r} is not 'prefill' or 'decode'")
+        return ImportOptions(
+            n_experts=self.n_experts,
+            top_k=self.top_k,
+            moe_layers=None if self.moe_layers is None else tuple(parse_ranges(self.moe_layers, "--moe-layers")),
+            phys_to_log=self.phys_to_log,
+            model=model,
+            mass=mass,  # type: ignore[arg-type]
+            phase=self.phase,  # type: ignore[arg-type]
+        )
+
+    def read(self, src: Path, *, model: str | None = None, mass: str | None = None) -> Any:
+        """`src` read with these flags: a trace or counts. `--mass` goes to counts readers (which column of the
+        file); a per-token source is read whole and counted with it afterwards (`imports.as_counts`)."""
+        from moescope.imports import detect_format, read_input
+
+        self.options(mass=mass)  # the flags are checked whatever the source
+        name = self.fmt or detect_format(src)
+        reader = READERS.get(name)
+        counts_source = reader is not None and reader.produces == "counts"
+        return read_input(src, name, self.options(model=model, mass=mass if counts_source else None))
+
+    def read_trace(self, src: Path, purpose: str, layers: str | None = None) -> Any:
+        """The per-token trace a command analyses: refused with `purpose` in the message when `src` holds only
+        counts, then cut to ``--layers`` (model layer ids) when given."""
+        from moescope.imports import as_trace
+        from moescope.slicing import select_layers
+
+        trace = as_trace(self.read(src), purpose)
+        return trace if layers is None else select_layers(trace, parse_ranges(layers, "--layers"))
 
 
-def reader_mass(src: Path, fmt: str | None, mass: str | None) -> tuple[str, str | None]:
-    """``(format name, mass for the reader)``: `--mass` goes to counts readers (which file column to read);
-    a per-token source is read whole and counted with it afterwards (`imports.as_counts`)."""
-    from moescope.imports import detect_format
+_INPUT_PARAMS = (
+    ("fmt", FromOpt),
+    ("n_experts", NExpertsOpt),
+    ("top_k", TopKOpt),
+    ("moe_layers", MoeLayersOpt),
+    ("phys_to_log", PhysToLogOpt),
+    ("phase", PhaseOpt),
+)
+_LAST_PARAMS = ("overwrite", "as_json")  # the input options go before these in --help
 
-    name = fmt or detect_format(src)
-    reader = READERS.get(name)
-    return name, mass if reader is not None and reader.produces == "counts" else None
 
+def with_inputs(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Declare the input options (--from, --n-experts, --top-k, --moe-layers, --phys-to-log, --phase) on a
+    command whose keyword parameter ``inputs`` receives them as one `Inputs`: typer reads the wrapper's
+    signature, so each command lists them once, here."""
+    sig = inspect.signature(command, eval_str=True)
+    own = [q for q in sig.parameters.values() if q.name != "inputs"]
+    extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=a) for n, a in _INPUT_PARAMS]
+    cut = next((i for i, q in enumerate(own) if q.name in _LAST_PARAMS), len(own))
+    own = [q.replace(kind=inspect.Parameter.KEYWORD_ONLY) for q in own]  # typer passes every value by name
+    params = own[:cut] + extra + own[cut:]
 
-def import_options(
-    n_experts: int | None = None,
-    top_k: int | None = None,
-    moe_layers: str | None = None,
-    phys_to_log: Path | None = None,
-    model: str | None = None,
-    mass: str | None = None,
-    phase: str | None = None,
-) -> ImportOptions:
-    """Build `ImportOptions` from the CLI flags (validating the enumerations)."""
-    from moescope.errors import UsageError
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        inputs = Inputs(**{name: kwargs.pop(name, None) for name, _ in _INPUT_PARAMS})
+        return command(*args, inputs=inputs, **kwargs)
 
-    if mass is not None and mass not in ("counts", "gate"):
-        raise UsageError(f"--mass {mass!r} is not 'counts' or 'gate'")
-    if phase is not None and phase not in ("prefill", "decode"):
-        raise UsageError(f"--phase {phase!r} is not 'prefill' or 'decode'")
-    return ImportOptions(
-        n_experts=n_experts,
-        top_k=top_k,
-        moe_layers=None if moe_layers is None else tuple(parse_ranges(moe_layers, "--moe-layers")),
-        phys_to_log=phys_to_log,
-        model=model,
-        mass=mass,  # type: ignore[arg-type]
-        phase=phase,  # type: ignore[arg-type]
-    )
+    wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {q.name: q.annotation for q in params}
+    return wrapper
 
 
 # -- output ----------------------------------------------------------------------------------------

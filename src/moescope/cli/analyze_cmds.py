@@ -11,6 +11,7 @@ from rich.table import Table
 from moescope.cli import _common as c
 
 
+@c.with_inputs
 def concentration(
     src: Annotated[Path, typer.Argument(help="A trace (any format), counts JSON, or an imatrix GGUF.")],
     coverage: Annotated[
@@ -21,12 +22,7 @@ def concentration(
     ] = 0.25,
     mass: c.MassOpt = None,
     model_name: Annotated[str | None, typer.Option("--model-name", help="Model name for the report.")] = None,
-    fmt: c.FromOpt = None,
-    n_experts: c.NExpertsOpt = None,
-    top_k: c.TopKOpt = None,
-    moe_layers: c.MoeLayersOpt = None,
-    phys_to_log: c.PhysToLogOpt = None,
-    phase: c.PhaseOpt = None,
+    inputs: c.Inputs = c.Inputs(),
     as_json: c.JsonOpt = False,
 ) -> None:
     """Should you build a per-expert cache? The concentration gate, per layer and overall.
@@ -40,10 +36,9 @@ def concentration(
     Example: `moescope concentration run.zarr --coverage 0.9 --mass gate`
     """
     from moescope.analyze import concentration as gate
-    from moescope.imports import as_counts, read_input
+    from moescope.imports import as_counts
 
-    name, source_mass = c.reader_mass(src, fmt, mass)
-    data = read_input(src, name, c.import_options(n_experts, top_k, moe_layers, phys_to_log, None, source_mass, phase))
+    data = inputs.read(src, mass=mass)
     result = gate(as_counts(data, mass or "counts"), coverage=coverage, threshold=threshold, model=model_name)
     if as_json:
         c.print_json(result.to_dict())
@@ -74,6 +69,7 @@ def concentration(
     )
 
 
+@c.with_inputs
 def rank(
     src: Annotated[Path, typer.Argument(help="A trace (any format) or selection counts (counts JSON, imatrix GGUF).")],
     out: Annotated[
@@ -88,12 +84,7 @@ def rank(
         Path | None,
         typer.Option("--groups-file", help='Also: group mass of subsets {"groups": [{"<layer>": [ids]}, ...]}.'),
     ] = None,
-    fmt: c.FromOpt = None,
-    n_experts: c.NExpertsOpt = None,
-    top_k: c.TopKOpt = None,
-    moe_layers: c.MoeLayersOpt = None,
-    phys_to_log: c.PhysToLogOpt = None,
-    phase: c.PhaseOpt = None,
+    inputs: c.Inputs = c.Inputs(),
     overwrite: c.OverwriteOpt = False,
     as_json: c.JsonOpt = False,
 ) -> None:
@@ -110,11 +101,10 @@ def rank(
     """
     from moescope._atomic import check_output
     from moescope.analyze import rank_experts, write_ranking_csv
-    from moescope.imports import read_input
 
     if out is not None:
         check_output(out, overwrite)
-    data = read_input(src, fmt, c.import_options(n_experts, top_k, moe_layers, phys_to_log, None, None, phase))
+    data = inputs.read(src)
     ranking = rank_experts(data, by)
     groups = _groups(ranking, group_top, groups_file)
     masses = []

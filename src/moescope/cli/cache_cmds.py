@@ -15,6 +15,7 @@ from moescope.cli import _common as c
 _POLICY_HELP = "Policies, comma-separated (default: all): " + ", ".join(POLICIES) + "."
 
 
+@c.with_inputs
 def cache(
     src: Annotated[Path, typer.Argument(help="A per-token trace (zarr store, .npz, ESFT logs, engine dumps).")],
     capacity: Annotated[
@@ -64,12 +65,7 @@ def cache(
     pcie_gbps: Annotated[float, typer.Option("--pcie-gbps", help="Host-to-GPU bandwidth, GB/s.")] = 25.0,
     gpu_gbps: Annotated[float, typer.Option("--gpu-gbps", help="GPU memory bandwidth, GB/s.")] = 900.0,
     cpu_gbps: Annotated[float, typer.Option("--cpu-gbps", help="CPU memory bandwidth, GB/s.")] = 60.0,
-    fmt: c.FromOpt = None,
-    n_experts: c.NExpertsOpt = None,
-    top_k: c.TopKOpt = None,
-    moe_layers: c.MoeLayersOpt = None,
-    phys_to_log: c.PhysToLogOpt = None,
-    phase: c.PhaseOpt = None,
+    inputs: c.Inputs = c.Inputs(),
     as_json: c.JsonOpt = False,
 ) -> None:
     """If C experts per layer sit in fast memory, how often does a token wait for slow memory, under which
@@ -115,17 +111,7 @@ def cache(
         raise UsageError("give --expert-bytes or --gguf, not both")
     if slots is not None and vram is not None:
         raise UsageError("give --slots or --vram, not both")
-    trace = c.read_trace(
-        src,
-        fmt,
-        "the cache simulator",
-        n_experts=n_experts,
-        top_k=top_k,
-        moe_layers=moe_layers,
-        phys_to_log=phys_to_log,
-        phase=phase,
-        layers=layers,
-    )
+    trace = inputs.read_trace(src, "the cache simulator", layers)
     eb, dense = _bytes(trace, expert_bytes, gguf, dense_bytes, parse_bytes)
     caps = (
         default_capacities(trace.top_k, trace.n_experts) if capacity is None else parse_ranges(capacity, "--capacity")

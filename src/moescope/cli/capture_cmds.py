@@ -213,7 +213,7 @@ def _inputs(corpus: Path | None, tokens_from: Path | None) -> list:
         raise UsageError("give a CORPUS or --tokens-from TRACE (one of them): what to run the model over")
     if corpus is not None:
         return read_corpus(corpus)
-    trace = c.read_trace(tokens_from, None, "capture --tokens-from")
+    trace = c.Inputs().read_trace(tokens_from, "capture --tokens-from")
     if trace.token_ids is None:
         raise UsageError(
             f"{str(tokens_from)!r} recorded no token ids; give a trace from moescope capture (hf or llama)"

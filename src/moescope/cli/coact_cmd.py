@@ -12,6 +12,7 @@ from moescope.analyze.coact import DEFAULT_MIN_EXCESS, DEFAULT_N_NULL, DEFAULT_N
 from moescope.cli import _common as c
 
 
+@c.with_inputs
 def coact(
     src: Annotated[Path, typer.Argument(help="A per-token trace (zarr store, .npz, ESFT logs, engine dumps).")],
     groups: Annotated[
@@ -38,12 +39,7 @@ def coact(
         Path | None,
         typer.Option("--matrix-out", help="Write counts, expected, lift [L, E, E] and groups [L, E] to this .npz."),
     ] = None,
-    fmt: c.FromOpt = None,
-    n_experts: c.NExpertsOpt = None,
-    top_k: c.TopKOpt = None,
-    moe_layers: c.MoeLayersOpt = None,
-    phys_to_log: c.PhysToLogOpt = None,
-    phase: c.PhaseOpt = None,
+    inputs: c.Inputs = c.Inputs(),
     overwrite: c.OverwriteOpt = False,
     as_json: c.JsonOpt = False,
 ) -> None:
@@ -72,16 +68,7 @@ def coact(
         raise UsageError(f"--null {null!r} is not one of {', '.join(NULLS)}")
     if matrix_out is not None:
         check_output(matrix_out, overwrite)
-    trace = c.read_trace(
-        src,
-        fmt,
-        "moescope coact",
-        n_experts=n_experts,
-        top_k=top_k,
-        moe_layers=moe_layers,
-        phys_to_log=phys_to_log,
-        phase=phase,
-    )
+    trace = inputs.read_trace(src, "moescope coact")
     keep = None if layers is None else parse_ranges(layers, "--layers")
     with c.lazy_progress("co-activation") as bar:
         result = coactivation(

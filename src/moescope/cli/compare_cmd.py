@@ -19,6 +19,7 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else "100%" if x == 1 else f"{100 * x:.2f}%"
 
 
+@c.with_inputs
 def compare(
     a: TraceArg,
     b: TraceArg,
@@ -34,12 +35,7 @@ def compare(
     positions: Annotated[int, typer.Option("--positions", min=0, help="Divergent positions to list.")] = (
         DEFAULT_POSITIONS
     ),
-    fmt: c.FromOpt = None,
-    n_experts: c.NExpertsOpt = None,
-    top_k: c.TopKOpt = None,
-    moe_layers: c.MoeLayersOpt = None,
-    phys_to_log: c.PhysToLogOpt = None,
-    phase: c.PhaseOpt = None,
+    inputs: c.Inputs = c.Inputs(),
     as_json: c.JsonOpt = False,
 ) -> None:
     """Routing agreement between two traces of the same tokens: two engines (transformers vs llama.cpp),
@@ -57,20 +53,7 @@ def compare(
     """
     from moescope.analyze.compare import compare_traces
 
-    traces = [
-        c.read_trace(
-            src,
-            fmt,
-            "moescope compare",
-            n_experts=n_experts,
-            top_k=top_k,
-            moe_layers=moe_layers,
-            phys_to_log=phys_to_log,
-            phase=phase,
-            layers=layers,
-        )
-        for src in (a, b)
-    ]
+    traces = [inputs.read_trace(src, "moescope compare", layers) for src in (a, b)]
     result = compare_traces(*traces, near_tie=near_tie, positions=positions, labels=(str(a), str(b)))
     if as_json:
         c.print_json(result.to_dict())

@@ -23,6 +23,7 @@ def _num(x: float | None, fmt: str = ".1f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
+@c.with_inputs
 def locality(
     src: Annotated[
         Path, typer.Argument(help="A per-token trace: zarr store, .npz, ESFT logs, vLLM / SGLang per-token dumps.")
@@ -42,12 +43,7 @@ def locality(
         bool, typer.Option("--per-layer", help="Also print the prefetch hit rates of every layer.")
     ] = False,
     model_name: Annotated[str | None, typer.Option("--model-name", help="Model name for the report.")] = None,
-    fmt: c.FromOpt = None,
-    n_experts: c.NExpertsOpt = None,
-    top_k: c.TopKOpt = None,
-    moe_layers: c.MoeLayersOpt = None,
-    phys_to_log: c.PhysToLogOpt = None,
-    phase: c.PhaseOpt = None,
+    inputs: c.Inputs = c.Inputs(),
     as_json: c.JsonOpt = False,
 ) -> None:
     """Do consecutive tokens reuse experts, and how much of the next token's experts can be prefetched?
@@ -75,17 +71,7 @@ def locality(
     predictors = [p.strip() for p in predictor.split(",") if p.strip()]
     if not predictors:
         raise UsageError(f"--predictor {predictor!r} names no predictor; pick from {', '.join(PREDICTORS)}")
-    trace = c.read_trace(
-        src,
-        fmt,
-        "locality",
-        n_experts=n_experts,
-        top_k=top_k,
-        moe_layers=moe_layers,
-        phys_to_log=phys_to_log,
-        phase=phase,
-        layers=layers,
-    )
+    trace = inputs.read_trace(src, "locality", layers)
     with c.lazy_progress("locality (layers)") as progress:
         result = run_locality(
             trace, budgets=budgets, predictors=predictors, seed=seed, model=model_name, progress=progress

@@ -14,6 +14,7 @@ from moescope.place.methods import METHODS
 _METHOD_HELP = "Methods, comma-separated (default: all whose dependencies are installed): " + ", ".join(METHODS) + "."
 
 
+@c.with_inputs
 def place(
     src: Annotated[Path, typer.Argument(help="A per-token trace (zarr store, .npz, ESFT logs, engine dumps).")],
     devices: Annotated[str, typer.Option("--devices", "-d", help="Device counts to place on, e.g. 2,4,8.")] = "2,4,8",
@@ -55,12 +56,7 @@ def place(
     per_layer: Annotated[bool, typer.Option("--per-layer", help="Per-layer figures in --json output.")] = False,
     scheduler: c.SchedulerOpt = None,
     overwrite: c.OverwriteOpt = False,
-    fmt: c.FromOpt = None,
-    n_experts: c.NExpertsOpt = None,
-    top_k: c.TopKOpt = None,
-    moe_layers: c.MoeLayersOpt = None,
-    phys_to_log: c.PhysToLogOpt = None,
-    phase: c.PhaseOpt = None,
+    inputs: c.Inputs = c.Inputs(),
     as_json: c.JsonOpt = False,
 ) -> None:
     """Which device should hold which expert? Static expert-parallel placements compared on held-out tokens.
@@ -108,17 +104,7 @@ def place(
         if d_exp not in devs:
             raise UsageError(f"--devices-for-export {d_exp} is not among --devices {devs}; add it there")
         m_exp = _export_method(method_for_export, names)
-    trace = c.read_trace(
-        src,
-        fmt,
-        "the placement planner",
-        n_experts=n_experts,
-        top_k=top_k,
-        moe_layers=moe_layers,
-        phys_to_log=phys_to_log,
-        phase=phase,
-        layers=layers,
-    )
+    trace = inputs.read_trace(src, "the placement planner", layers)
     with c.lazy_progress("placing") as bar:
         report = compare_placements(
             trace,

@@ -10,6 +10,7 @@ import typer
 from moescope.cli import _common as c
 
 
+@c.with_inputs
 def report(
     src: Annotated[Path, typer.Argument(help="A per-token trace (zarr store, .npz, ESFT logs, engine dumps).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The HTML file to write.")] = Path("report.html"),
@@ -27,12 +28,7 @@ def report(
             "drift section (as moescope compare).",
         ),
     ] = None,
-    fmt: c.FromOpt = None,
-    n_experts: c.NExpertsOpt = None,
-    top_k: c.TopKOpt = None,
-    moe_layers: c.MoeLayersOpt = None,
-    phys_to_log: c.PhysToLogOpt = None,
-    phase: c.PhaseOpt = None,
+    inputs: c.Inputs = c.Inputs(),
     overwrite: c.OverwriteOpt = False,
     as_json: c.JsonOpt = False,
 ) -> None:
@@ -53,28 +49,10 @@ def report(
     from moescope.slicing import parse_ranges
 
     _atomic.check_output(out, overwrite)
-    trace = c.read_trace(
-        src,
-        fmt,
-        "the report",
-        n_experts=n_experts,
-        top_k=top_k,
-        moe_layers=moe_layers,
-        phys_to_log=phys_to_log,
-        phase=phase,
-    )
+    trace = inputs.read_trace(src, "the report")
     other = None
     if compare is not None:
-        other = c.read_trace(
-            compare,
-            fmt,
-            "the report's --compare",
-            n_experts=n_experts,
-            top_k=top_k,
-            moe_layers=moe_layers,
-            phys_to_log=phys_to_log,
-            phase=phase,
-        )
+        other = inputs.read_trace(compare, "the report's --compare")
         from moescope.analyze.compare import check_aligned
 
         check_aligned(trace, other)  # refused before the long analyses run

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from moescope.cli import _common as c
 from moescope.errors import UsageError
-from moescope.imports import READERS, WRITERS, as_counts, as_trace, read_input, write_output, writer_for
+from moescope.imports import READERS, WRITERS, as_counts, as_trace, write_output, writer_for
 from moescope.info import describe_counts, describe_store, describe_trace
 from moescope.slicing import (
     SPLIT_PARTS,
@@ -83,16 +83,12 @@ def _span(ids: list[int]) -> str:
 
 
 @trace_app.command("info")
+@c.with_inputs
 def info(
     path: Annotated[Path, typer.Argument(help="Trace store, .npz, ESFT folder, dump or counts JSON.")],
-    fmt: c.FromOpt = None,
-    n_experts: c.NExpertsOpt = None,
-    top_k: c.TopKOpt = None,
-    moe_layers: c.MoeLayersOpt = None,
-    phys_to_log: c.PhysToLogOpt = None,
     model: c.ModelOpt = None,
     mass: c.MassOpt = None,
-    phase: c.PhaseOpt = None,
+    inputs: c.Inputs = c.Inputs(),
     as_json: c.JsonOpt = False,
 ) -> None:
     """Shape, provenance and per-layer load of a trace or counts file.
@@ -101,11 +97,10 @@ def info(
 
     Example: `moescope trace info run.zarr`
     """
-    opts = c.import_options(n_experts, top_k, moe_layers, phys_to_log, model, mass, phase)
-    if (fmt in (None, "zarr")) and is_store(path) and not opts.given():
-        d = describe_store(TraceStore(path))
+    if inputs.fmt in (None, "zarr") and is_store(path) and inputs == c.Inputs(fmt=inputs.fmt) and not (model or mass):
+        d = describe_store(TraceStore(path))  # streams: works on stores larger than memory
     else:
-        data = read_input(path, fmt, opts)
+        data = inputs.read(path, model=model, mass=mass)
         d = describe_trace(data) if isinstance(data, RoutingTrace) else describe_counts(data)
     if as_json:
         c.print_json(d)
@@ -114,18 +109,14 @@ def info(
 
 
 @trace_app.command("convert")
+@c.with_inputs
 def convert(
     src: Annotated[Path, typer.Argument(help="Input: any readable format (see --from).")],
     out: Annotated[Path, typer.Argument(help="Output: *.zarr (store), *.npz, *.json (counts), or --to.")],
-    fmt: c.FromOpt = None,
     to: Annotated[str | None, typer.Option("--to", help="Output format: " + ", ".join(sorted(WRITERS)) + ".")] = None,
-    n_experts: c.NExpertsOpt = None,
-    top_k: c.TopKOpt = None,
-    moe_layers: c.MoeLayersOpt = None,
-    phys_to_log: c.PhysToLogOpt = None,
     model: c.ModelOpt = None,
     mass: c.MassOpt = None,
-    phase: c.PhaseOpt = None,
+    inputs: c.Inputs = c.Inputs(),
     overwrite: c.OverwriteOpt = False,
 ) -> None:
     """Convert between formats: zarr store, .npz, counts JSON, ESFT logs; import engine dumps.
@@ -138,10 +129,8 @@ def convert(
     """
     from moescope._atomic import check_output
 
-    fmt, source_mass = c.reader_mass(src, fmt, mass)
-    opts = c.import_options(n_experts, top_k, moe_layers, phys_to_log, model, source_mass, phase)
     check_output(out, overwrite)  # fail before reading a large input
-    data = read_input(src, fmt, opts)
+    data = inputs.read(src, model=model, mass=mass)
     if isinstance(data, RoutingTrace) and "counts" in writer_for(out, to).accepts:
         data = as_counts(data, mass or "counts")  # a trace becomes counts of the mass asked
     write_output(data, out, to, overwrite)
@@ -149,6 +138,7 @@ def convert(
 
 
 @trace_app.command("slice")
+@c.with_inputs
 def slice_(
     src: Annotated[Path, typer.Argument(help="Input trace (any per-token format).")],
     out: Annotated[Path, typer.Argument(help="Output: *.zarr, *.npz, *.json (counts), or --to.")],
@@ -164,14 +154,9 @@ def slice_(
         str | None,
         typer.Option("--split", help="'train' = first half of every sequence, 'test' = second half."),
     ] = None,
-    fmt: c.FromOpt = None,
     to: Annotated[str | None, typer.Option("--to", help="Output format (default: from the suffix).")] = None,
-    n_experts: c.NExpertsOpt = None,
-    top_k: c.TopKOpt = None,
-    moe_layers: c.MoeLayersOpt = None,
-    phys_to_log: c.PhysToLogOpt = None,
     model: c.ModelOpt = None,
-    phase: c.PhaseOpt = None,
+    inputs: c.Inputs = c.Inputs(),
     overwrite: c.OverwriteOpt = False,
 ) -> None:
     """Cut a trace: by sequences, token range, labels, layers, or the train/test split.
@@ -188,8 +173,7 @@ def slice_(
     from moescope._atomic import check_output
 
     check_output(out, overwrite)
-    opts = c.import_options(n_experts, top_k, moe_layers, phys_to_log, model, None, phase)
-    trace = as_trace(read_input(src, fmt, opts), "trace slice")
+    trace = as_trace(inputs.read(src, model=model), "trace slice")
     if sequences is not None:
         trace = select_sequences(trace, parse_ranges(sequences, "--sequences"))
     if tokens is not None:
@@ -353,7 +337,8 @@ def import_(
     """
     if fmt not in READERS:
         raise UsageError(f"unknown format {fmt!r}; expected one of: {', '.join(sorted(READERS))}")
+    inputs = c.Inputs(fmt, n_experts, top_k, moe_layers, phys_to_log, phase)
     if out is not None:
-        convert(src, out, fmt, None, n_experts, top_k, moe_layers, phys_to_log, model, mass, phase, overwrite)
+        convert.__wrapped__(src, out, to=None, model=model, mass=mass, inputs=inputs, overwrite=overwrite)
     else:
-        info(src, fmt, n_experts, top_k, moe_layers, phys_to_log, model, mass, phase, as_json)
+        info.__wrapped__(src, model=model, mass=mass, inputs=inputs, as_json=as_json)
