@@ -44,6 +44,11 @@ from typing import Any
 import numpy as np
 
 from moescope._jit import njit
+from moescope._rng import GAMMA as _GAMMA
+from moescope._rng import M1 as _M1
+from moescope._rng import M2 as _M2
+from moescope._rng import mix as _mix
+from moescope._rng import uniform as _uniform
 from moescope.errors import UsageError
 from moescope.trace import MAX_EXPERTS, PHASES, RoutingTrace, TraceMeta
 
@@ -279,26 +284,7 @@ def _plan(spec: SynthSpec) -> tuple[np.ndarray, np.ndarray, np.uint64]:
 
 
 # ----------------------------------------------------------------------------------------------
-# kernel: counter-based uniforms (splitmix64) and Plackett-Luce draws
-
-_GAMMA = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_S11, _S27, _S30, _S31 = np.uint64(11), np.uint64(27), np.uint64(30), np.uint64(31)
-
-
-@njit
-def _mix(z):
-    """splitmix64's finaliser: a bijection of uint64 that scrambles every bit."""
-    z = (z ^ (z >> _S30)) * _M1
-    z = (z ^ (z >> _S27)) * _M2
-    return z ^ (z >> _S31)
-
-
-@njit
-def _uniform(state, j):
-    """The j-th uniform in (0, 1) of the stream `state` (53 random bits, never 0 or 1)."""
-    return (np.float64(np.int64(_mix(state + np.uint64(j + 1) * _GAMMA) >> _S11)) + 0.5) * 2.0**-53
+# kernel: Plackett-Luce draws from counter-based uniforms (moescope._rng)
 
 
 @njit

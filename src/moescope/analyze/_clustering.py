@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from moescope._jit import njit, njit_parallel, prange
-from moescope.synth import _uniform  # the project's counter-based uniform (splitmix64)
+from moescope._rng import uniform as _uniform
 
 
 @njit

@@ -58,9 +58,9 @@ import numpy as np
 
 from moescope import _atomic
 from moescope._jit import njit, njit_parallel, prange
+from moescope._rng import uniform as _uniform
 from moescope.analyze._clustering import _cluster_many
 from moescope.errors import UsageError
-from moescope.synth import _uniform  # the project's counter-based uniform (splitmix64), shared with synth
 from moescope.trace import RoutingTrace
 
 DEFAULT_GROUPS = 8  # one node's expert-parallel degree; capped at E // 2 (groups of at least 2)

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from moescope._jit import njit, njit_parallel, prange
+from moescope._rng import token_keys
 from moescope.analyze.prefetch import (
     PREDICTORS,
     CrossLayer,
@@ -316,16 +317,6 @@ def shuffle_within_sequences(seq_starts: np.ndarray, n_tokens: int, seed: int, o
     lengths = np.diff(np.append(np.asarray(seq_starts, dtype=np.int64), n_tokens))
     seq = np.repeat(np.arange(lengths.size), lengths)
     return np.lexsort((token_keys(seed, offset, n_tokens), seq)).astype(np.int64)
-
-
-def token_keys(seed: int, offset: int, n: int) -> np.ndarray:
-    """[n] uint64 splitmix64 of (seed, token index) for token indices ``offset .. offset + n - 1``."""
-    with np.errstate(over="ignore"):
-        z = (np.arange(offset, offset + n, dtype=np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
-        z += np.full(n, seed, dtype=np.uint64) * np.uint64(0xD1B54A32D192ED03)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -39,21 +39,12 @@ from __future__ import annotations
 import numpy as np
 
 from moescope._jit import njit, njit_parallel, prange
+from moescope._rng import GAMMA as _GAMMA
+from moescope._rng import hash2 as _hash
 
-_MIX = np.uint64(0x9E3779B97F4A7C15)
-_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 KICK_SWAPS = 3  # random swaps per iterated-local-search round
 KICK_REACH = 16  # a kick swaps an expert with one at most this many places away in train-load order
 UNDO_STEPS = 256  # steps a rejected round may take and still be undone step by step (else: rebuild)
-
-
-@njit
-def _hash(seed, i):
-    """splitmix64 of (seed, i): a uint64 that depends only on its arguments."""
-    z = np.uint64(seed) * _MIX + np.uint64(i + 1) * _M2
-    z = (z ^ (z >> np.uint64(30))) * _M1
-    z = (z ^ (z >> np.uint64(27))) * _M2
-    return z ^ (z >> np.uint64(31))
 
 
 @njit
@@ -78,7 +69,7 @@ def token_sets(experts, layer, tw):
             rows[t, i] = v
         h = np.uint64(k)
         for j in range(k):
-            h = (h ^ np.uint64(rows[t, j] + 1)) * _MIX
+            h = (h ^ np.uint64(rows[t, j] + 1)) * _GAMMA
             h ^= h >> np.uint64(29)
         keys[t] = h
     order = np.argsort(keys, kind="mergesort")
