@@ -305,7 +305,7 @@ def cut_at_resets(stream: Stream, pieces: int) -> list[Stream]:
 def _simulate_dask(scheduler, names, params, train, test, capacities, per_sequence, stats, progress) -> None:
     from distributed import as_completed
 
-    from moescope.scale.mapreduce import dask_client
+    from moescope._dask import dask_client
 
     with dask_client(scheduler) as client:
         n_workers = max(1, len(client.scheduler_info().get("workers", {})))

@@ -241,7 +241,7 @@ def _fit_dask(scheduler, train, test, devs, names, replicas, seed, params, progr
     """`fit_layers` on groups of layers as Dask tasks (about two per worker), stitched back in layer order."""
     from distributed import as_completed
 
-    from moescope.scale.mapreduce import dask_client
+    from moescope._dask import dask_client
 
     with dask_client(scheduler) as client:
         n_workers = max(1, len(client.scheduler_info().get("workers", {})))
