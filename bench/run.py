@@ -190,9 +190,10 @@ def bench_capture_llama_overhead(tmp: Path) -> dict:
     return _child(
         "import statistics, time\n"
         "from moescope import fixture\n"
-        "from moescope.capture.corpus import read_corpus\n"
-        "from moescope.capture.llama import LlamaSession, read_gguf_moe\n"
-        "info = read_gguf_moe(fixture.GGUF)\n"
+        "from moescope.corpus import read_corpus\n"
+        "from moescope.gguf import inspect_gguf\n"
+        "from moescope.gguf.runtime import LlamaSession\n"
+        "info = inspect_gguf(fixture.GGUF)\n"
         "kw = dict(n_ctx=512, n_threads=2, flash_attn=False, kv_type='f16')\n"
         "tap = LlamaSession(fixture.GGUF, info, record=True, **kw)\n"
         "plain = LlamaSession(fixture.GGUF, info, record=False, **kw)\n"

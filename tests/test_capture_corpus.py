@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from moescope.capture.corpus import Document, read_corpus
+from moescope.corpus import Document, read_corpus
 from moescope.errors import FormatError, UsageError
 
 
@@ -80,7 +80,7 @@ def test_missing_path_and_empty_folder(tmp_path):
 
 
 def test_cut_sequences_prefill_decode_and_cap():
-    from moescope.capture.corpus import Seq, cut_sequences
+    from moescope.corpus import Seq, cut_sequences
 
     docs = [(list(range(10)), "a"), (list(range(5)), "b"), ([], "c")]
     got = cut_sequences(iter(docs), mode="prefill", seq_len=4, prompt_len=None, max_tokens=None)

@@ -17,8 +17,10 @@ llama_cpp = pytest.importorskip("llama_cpp")
 
 from conftest import routing_with_logits  # noqa: E402
 from moescope import fixture  # noqa: E402
-from moescope.capture.llama import capture_llama, parse_override, read_gguf_moe  # noqa: E402
+from moescope.capture.llama import capture_llama  # noqa: E402
 from moescope.errors import MoescopeError  # noqa: E402
+from moescope.gguf import inspect_gguf  # noqa: E402
+from moescope.gguf.runtime import parse_override  # noqa: E402
 from moescope.store import TraceStore, load_trace  # noqa: E402
 from test_cli import run  # noqa: E402
 
@@ -64,7 +66,7 @@ def _same_sets(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def test_gguf_is_the_fixture():
-    info = read_gguf_moe(GGUF)
+    info = inspect_gguf(GGUF)
     assert (info.architecture, info.n_experts, info.top_k, info.layer_ids) == ("qwen3moe", 16, 2, (0, 1, 2, 3))
     assert GGUF.stat().st_size < 10 << 20
 
@@ -97,11 +99,11 @@ def test_default_settings_agree_except_near_ties(tmp_path, hf_tokens, hf_routing
 def test_text_is_tokenised_like_transformers(tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
     from moescope.capture import read_corpus
-    from moescope.capture.llama import LlamaSession
+    from moescope.gguf.runtime import LlamaSession
 
     tok = tokenizers.Tokenizer.from_file(str(fixture.MODEL_DIR / "tokenizer.json"))
     docs = read_corpus(fixture.HELDOUT_DIR)
-    with LlamaSession(GGUF, read_gguf_moe(GGUF), n_ctx=64) as session:
+    with LlamaSession(GGUF, inspect_gguf(GGUF), n_ctx=64) as session:
         for doc in docs:
             assert session.tokenize(doc.text, add_special=False) == tok.encode(doc.text).ids
 
@@ -110,9 +112,9 @@ def test_decode_mode(tmp_path, hf_tokens):
     trace = _llama(tmp_path, hf_tokens[:2], "dec.zarr", mode="decode", generate=5, prompt_len=16, ignore_eos=True)
     assert trace.phase == "decode" and trace.n_tokens == 10 and trace.seq_starts.tolist() == [0, 5]
     prompt = hf_tokens[0][:16]
-    from moescope.capture.llama import LlamaSession
+    from moescope.gguf.runtime import LlamaSession
 
-    with LlamaSession(GGUF, read_gguf_moe(GGUF), n_ctx=32) as session:  # greedy by hand: the same 5 tokens
+    with LlamaSession(GGUF, inspect_gguf(GGUF), n_ctx=32) as session:  # greedy by hand: the same 5 tokens
         session.run(prompt)
         want = []
         for pos in range(16, 21):
@@ -184,13 +186,13 @@ def test_bad_model_leaves_nothing(tmp_path, kind):
 
 def test_tapless_session_records_nothing_and_matches_logits(hf_tokens):
     """The overhead benchmark's baseline: same decode, no callback; the tap does not change the logits."""
-    from moescope.capture.llama import LlamaSession
+    from moescope.gguf.runtime import LlamaSession
 
     ids = hf_tokens[0][:32]
     kw = {"n_ctx": 64, "flash_attn": False, "kv_type": "f32"}
     with (
-        LlamaSession(GGUF, read_gguf_moe(GGUF), record=True, **kw) as tap,
-        LlamaSession(GGUF, read_gguf_moe(GGUF), record=False, **kw) as plain,
+        LlamaSession(GGUF, inspect_gguf(GGUF), record=True, **kw) as tap,
+        LlamaSession(GGUF, inspect_gguf(GGUF), record=False, **kw) as plain,
     ):
         experts, _ = tap.run(ids)
         plain.decode(ids)
@@ -215,7 +217,7 @@ def test_routing_caveats(arch, groups, gating, caveat):
 
     from moescope.capture.llama import routing_caveats
 
-    info = dataclasses.replace(read_gguf_moe(GGUF), architecture=arch, expert_groups=groups, gating=gating)
+    info = dataclasses.replace(inspect_gguf(GGUF), architecture=arch, expert_groups=groups, gating=gating)
     notes = routing_caveats(info)
     assert len(notes) == int(caveat) and all(("best expert" in n) == (arch == "deepseek2") for n in notes)
     assert all("moescope compare" in n for n in notes)

@@ -328,7 +328,7 @@ def test_cli_split_fixture_and_errors(capsys, tmp_path):
 @pytest.mark.slow
 def test_split_outputs_load_and_generate_in_llama_cpp(tmp_path):
     pytest.importorskip("llama_cpp")
-    from moescope.capture.llama import LlamaSession, read_gguf_moe
+    from moescope.gguf.runtime import LlamaSession
 
     src = fixture.FIXTURE_DIR / fixture.GGUF
     m = inspect_gguf(src)
@@ -339,7 +339,7 @@ def test_split_outputs_load_and_generate_in_llama_cpp(tmp_path):
     halves = split_gguf(src, tmp_path / "two", plan_groups(m, 2, "contiguous")).paths
     logits = []
     for path in (src, full, *halves):
-        with LlamaSession(path, read_gguf_moe(path), n_ctx=128, record=False) as s:
+        with LlamaSession(path, inspect_gguf(path), n_ctx=128, record=False) as s:
             ids = s.tokenize("The quick brown fox jumps over the lazy dog. It was not a dog.")[:40]
             s.decode(ids)
             logits.append(s.logits(len(ids)))

@@ -99,10 +99,12 @@ def imatrix_chunks(session, llama_cpp) -> list[list[int]]:
 
 def test_counts_equal_llama_cpp_capture_of_the_same_chunks(tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
-    from moescope.capture.llama import LlamaSession, capture_llama, read_gguf_moe
+    from moescope.capture.llama import capture_llama
+    from moescope.gguf import inspect_gguf
+    from moescope.gguf.runtime import LlamaSession
     from moescope.store import load_trace
 
-    with LlamaSession(fixture.GGUF, read_gguf_moe(fixture.GGUF), n_ctx=CHUNK_SIZE) as session:
+    with LlamaSession(fixture.GGUF, inspect_gguf(fixture.GGUF), n_ctx=CHUNK_SIZE) as session:
         chunks = imatrix_chunks(session, llama_cpp)
     assert len(chunks) == N_CHUNKS and all(len(c) == CHUNK_SIZE for c in chunks)
     out = capture_llama(fixture.GGUF, chunks, tmp_path / "t.zarr", seq_len=CHUNK_SIZE, flash_attn=False, kv_type="f32")

@@ -22,9 +22,9 @@ pytest.importorskip("transformers")
 llama_cpp = pytest.importorskip("llama_cpp")
 
 from moescope import fixture  # noqa: E402
-from moescope.capture.llama import LlamaSession, read_gguf_moe  # noqa: E402
 from moescope.gguf import inspect_gguf  # noqa: E402
 from moescope.gguf.inspect import field, open_gguf  # noqa: E402
+from moescope.gguf.runtime import LlamaSession  # noqa: E402
 from moescope.store import load_trace  # noqa: E402
 from test_cli import run  # noqa: E402
 from zoo import QUANTIZED, ZOO, zoo_model  # noqa: E402
@@ -42,7 +42,7 @@ def cli_json(capsys, *args):
 
 def generate(gguf, ids, steps=4):
     """Greedy tokens from llama.cpp after `ids` (the part must load and run)."""
-    with LlamaSession(gguf, read_gguf_moe(gguf), n_ctx=len(ids) + steps) as session:
+    with LlamaSession(gguf, inspect_gguf(gguf), n_ctx=len(ids) + steps) as session:
         session.run(ids)
         out = []
         for pos in range(len(ids), len(ids) + steps):

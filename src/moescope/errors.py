@@ -30,6 +30,11 @@ class OutputExistsError(MoescopeError, FileExistsError):
     """The output path exists and overwriting was not asked for."""
 
 
+class CaptureError(MoescopeError, ValueError):
+    """A model moescope cannot capture from or run (no MoE router found, router output unreadable, a model
+    llama.cpp cannot load, bad folder)."""
+
+
 class MissingDependencyError(MoescopeError, ImportError):
     """An optional backend (torch, transformers, ...) is needed but not installed."""
 

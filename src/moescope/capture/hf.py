@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from moescope.capture.corpus import Document, Seq, capture_writer, check_capture, cut_sequences
+from moescope.capture.common import capture_writer, check_capture
 from moescope.capture.routers import CaptureError, RouterRecorder, _torch, find_routers
+from moescope.corpus import Document, Seq, cut_sequences
 from moescope.errors import TraceError, UsageError, require
 from moescope.store import TraceWriter
 from moescope.trace import TraceMeta, utc_now

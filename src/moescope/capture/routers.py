@@ -27,15 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from moescope.errors import MoescopeError, require
+from moescope.errors import CaptureError, require
 
 
 def _torch() -> Any:
     return require("torch", "hf", "capturing routing from transformers models")
-
-
-class CaptureError(MoescopeError, ValueError):
-    """A model moescope cannot capture from (no MoE router found, router output unreadable, bad folder)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -165,8 +165,10 @@ def llama(
     Example: `moescope capture llama qwen3-30b-a3b-q4_k_m.gguf corpus/ -o qwen.zarr --max-tokens 200000`
     """
     from moescope._atomic import check_output
-    from moescope.capture.llama import KV_TYPES, capture_llama, parse_override, read_gguf_moe
+    from moescope.capture.llama import capture_llama
     from moescope.errors import UsageError
+    from moescope.gguf import inspect_gguf
+    from moescope.gguf.runtime import KV_TYPES, parse_override
 
     check_output(out, overwrite)
     fa = {"auto": None, "on": True, "off": False}
@@ -177,7 +179,7 @@ def llama(
     overrides = list(override_kv or [])
     for spec in overrides:
         parse_override(spec)
-    read_gguf_moe(model)
+    inspect_gguf(model)
     docs = _inputs(corpus, tokens_from)
     t0 = time.perf_counter()
     with c.lazy_progress("capturing") as progress:
@@ -206,7 +208,7 @@ def llama(
 
 def _inputs(corpus: Path | None, tokens_from: Path | None) -> list:
     """The documents of CORPUS, or the token-id lists of each sequence of --tokens-from (exactly one)."""
-    from moescope.capture.corpus import read_corpus
+    from moescope.corpus import read_corpus
     from moescope.errors import UsageError
 
     if (corpus is None) == (tokens_from is None):

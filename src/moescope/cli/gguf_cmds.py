@@ -9,8 +9,8 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from moescope.capture.corpus import read_corpus
 from moescope.cli import _common as c
+from moescope.corpus import read_corpus
 from moescope.errors import UsageError
 from moescope.gguf import inspect_gguf
 

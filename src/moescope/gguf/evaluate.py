@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from moescope.capture.corpus import Document, cut_sequences
+from moescope.corpus import Document, cut_sequences
 from moescope.errors import UsageError
 
 
@@ -67,13 +67,14 @@ def evaluate(
     progress: Callable[[int, int], None] | None = None,
 ) -> list[VariantScore]:
     """Score each variant against `reference` on the same windows of `docs` (see the module docstring)."""
-    from moescope.capture.llama import LlamaSession, read_gguf_moe
+    from moescope.gguf.inspect import inspect_gguf
+    from moescope.gguf.runtime import LlamaSession
 
     if seq_len < 2:
         raise UsageError(f"--seq-len {seq_len}: need at least 2 tokens per window to score next-token predictions")
     ref = LlamaSession(
         reference.path,
-        read_gguf_moe(reference.path),
+        inspect_gguf(reference.path),
         n_ctx=seq_len,
         n_threads=n_threads,
         overrides=reference.overrides,
@@ -88,7 +89,7 @@ def evaluate(
                 if same
                 else LlamaSession(
                     v.path,
-                    read_gguf_moe(v.path),
+                    inspect_gguf(v.path),
                     n_ctx=seq_len,
                     n_threads=n_threads,
                     overrides=v.overrides,

@@ -116,9 +116,10 @@ def llama_overrides(path: str | os.PathLike, rules: Sequence[tuple[str, str]]) -
     UsageError : a buffer type this llama.cpp build does not have (the names it has are listed).
     CaptureError : llama.cpp cannot load the file.
     """
-    from moescope.capture.llama import CaptureError, _llama_cpp, collect_llama_logs
+    from moescope.errors import CaptureError
+    from moescope.gguf.runtime import collect_llama_logs, llama_cpp
 
-    lib = _llama_cpp()
+    lib = llama_cpp()
     with collect_llama_logs() as lines:
         lib.llama_backend_init()
         bufts = buffer_types(lib)
@@ -153,9 +154,9 @@ def verify_plan(model: Any, plan: Any) -> dict[str, Any]:
     planned, moved to a buffer that is not the CPU's); buffers: the CPU buffer types used (llama.cpp may
     repack a quantized tensor, e.g. into ``CPU_REPACK``: still host memory).
     """
-    from moescope.capture.llama import _llama_cpp
+    from moescope.gguf.runtime import llama_cpp
 
-    host = host_buffer_types(_llama_cpp())
+    host = host_buffer_types(llama_cpp())
     planned = {t.name for t in model.tensors if t.per_expert and t.block in plan.cpu_blocks}
     forms = {
         "override_tensor": parse_override_value(plan.ot) if plan.ot else [],
