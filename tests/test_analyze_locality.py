@@ -18,7 +18,7 @@ from moescope import fixture
 from moescope.analyze import prefetch as pf
 from moescope.errors import UsageError
 from moescope.imports import read_input
-from moescope.slicing import select_layers, select_sequences, split_part
+from moescope.slicing import select_layers, select_sequences, split_part, split_ranges
 from moescope.synth import SynthSpec, synth_trace
 from moescope.trace import RoutingTrace
 
@@ -183,7 +183,7 @@ def test_scorer_modes_match_a_direct_ranking(self_weight):
     base = np.random.default_rng(1).integers(0, 6, 9)
     for rows in (None, np.random.default_rng(2).integers(0, 4, (9, 9))):
         scorer = pf.Scorer(base, self_weight, rows)
-        starts, stops = pf.split_ranges(tr, "test")
+        starts, stops = split_ranges(tr, "test")
         got = pf._run_jobs(pf.layer_slab(tr.experts, 0, 1), [pf._Job(0, 0, 1, scorer)], starts, stops, 1)[0]
         want = np.zeros(9, dtype=np.int64)
         for a, b in zip(starts.tolist(), stops.tolist(), strict=True):

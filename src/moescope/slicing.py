@@ -19,9 +19,11 @@ from typing import Any, Literal
 import numpy as np
 
 from moescope.errors import UsageError
-from moescope.trace import RoutingTrace
+from moescope.trace import RoutingTrace, layer_positions
 
 SPLIT_PARTS = ("train", "test")
+# what a fitted policy or placement is scored on: the test halves, or everything in-sample (for comparison)
+EVAL_SPLITS = ("test", "all")
 
 
 def _with_note(trace: RoutingTrace, note: dict[str, Any]) -> dict[str, Any]:
@@ -106,13 +108,7 @@ def select_labels(trace: RoutingTrace, labels: Sequence[str]) -> RoutingTrace:
 
 def select_layers(trace: RoutingTrace, layer_ids: Sequence[int]) -> RoutingTrace:
     """Keep the MoE layers with these model layer ids (in the given order)."""
-    pos = {int(lid): i for i, lid in enumerate(trace.layer_ids.tolist())}
-    missing = [int(x) for x in layer_ids if int(x) not in pos]
-    if missing:
-        raise UsageError(f"layer(s) {missing} are not in this trace; its MoE layers are {trace.layer_ids.tolist()}")
-    if len(set(layer_ids)) != len(layer_ids) or not layer_ids:
-        raise UsageError(f"layer selection {list(layer_ids)} must be non-empty without repeats")
-    li = np.asarray([pos[int(x)] for x in layer_ids], dtype=np.int64)
+    li = layer_positions(trace.layer_ids, layer_ids)
     return trace.replace(
         experts=trace.experts[:, li],
         weights=None if trace.weights is None else trace.weights[:, li],
@@ -127,12 +123,18 @@ def split_bounds(trace: RoutingTrace) -> np.ndarray:
     return trace.seq_starts + trace.seq_lengths // 2
 
 
-def split_part(trace: RoutingTrace, part: Literal["train", "test"]) -> RoutingTrace:
-    """The first (``"train"``) or second (``"test"``) half of every sequence."""
+def split_ranges(trace: RoutingTrace, part: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(starts, stops)``: [sequences] int64 token ranges of the ``"train"`` (first half of every sequence)
+    or ``"test"`` (second half) split, without copying the trace (kernels that read ranges use them)."""
     if part not in SPLIT_PARTS:
         raise UsageError(f"split part {part!r} is not one of {', '.join(SPLIT_PARTS)}")
     mid = split_bounds(trace)
-    starts, ends = (trace.seq_starts, mid) if part == "train" else (mid, trace.seq_ends)
+    return (trace.seq_starts, mid) if part == "train" else (mid, trace.seq_ends)
+
+
+def split_part(trace: RoutingTrace, part: Literal["train", "test"]) -> RoutingTrace:
+    """The first (``"train"``) or second (``"test"``) half of every sequence."""
+    starts, ends = split_ranges(trace, part)
     return take_ranges(trace, starts, ends, np.arange(trace.n_sequences), {"op": "split", "part": part})
 
 

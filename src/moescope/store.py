@@ -59,6 +59,7 @@ from moescope.trace import (
     _check_n_experts,
     _check_weights,
     check_token_ids,
+    layer_positions,
     validate_experts,
 )
 
@@ -550,11 +551,7 @@ class TraceStore:
         """Positions along the layer axis for the given model layer ids (None = all)."""
         if layers is None:
             return None
-        pos = {int(lid): i for i, lid in enumerate(self.layer_ids.tolist())}
-        missing = [int(x) for x in layers if int(x) not in pos]
-        if missing:
-            raise UsageError(f"layer(s) {missing} are not in this trace; its MoE layers are {self.layer_ids.tolist()}")
-        return np.asarray([pos[int(x)] for x in layers], dtype=np.int64)
+        return layer_positions(self.layer_ids, layers)
 
     def read(self, start: int = 0, stop: int | None = None, *, layers: Sequence[int] | None = None) -> Chunk:
         """Tokens ``start:stop`` (model layers `layers`, default all) as a `Chunk`."""

@@ -151,6 +151,27 @@ def check_token_ids(token_ids: Any, n_tokens: int) -> np.ndarray:
     return np.ascontiguousarray(ids, dtype=TOKEN_DTYPE)
 
 
+def layer_positions(layer_ids: np.ndarray, layers: Sequence[int]) -> np.ndarray:
+    """[m] int64 positions along a trace's layer axis (its model ``layer_ids``) of the model layer ids
+    `layers`, in the given order.
+
+    Raises
+    ------
+    UsageError : a layer id that is not in `layer_ids`, an empty selection, or a repeat.
+    """
+    from moescope.errors import UsageError
+
+    pos = {int(lid): i for i, lid in enumerate(np.asarray(layer_ids).tolist())}
+    missing = [int(x) for x in layers if int(x) not in pos]
+    if missing:
+        raise UsageError(
+            f"layer(s) {missing} are not in this trace; its MoE layers are {np.asarray(layer_ids).tolist()}"
+        )
+    if not len(layers) or len(set(int(x) for x in layers)) != len(layers):
+        raise UsageError(f"layer selection {list(layers)} must be non-empty without repeats")
+    return np.asarray([pos[int(x)] for x in layers], dtype=np.int64)
+
+
 def _check_seq_starts(seq_starts: Any, n_tokens: int) -> np.ndarray:
     if seq_starts is None:
         return np.zeros(1 if n_tokens else 0, dtype=np.int64)

@@ -61,7 +61,7 @@ from moescope._jit import njit, njit_parallel, prange
 from moescope._rng import uniform as _uniform
 from moescope.analyze._clustering import _cluster_many
 from moescope.errors import UsageError
-from moescope.trace import RoutingTrace
+from moescope.trace import RoutingTrace, layer_positions
 
 DEFAULT_GROUPS = 8  # one node's expert-parallel degree; capped at E // 2 (groups of at least 2)
 DEFAULT_N_NULL = 3
@@ -762,10 +762,4 @@ def _layer_positions(trace: RoutingTrace, layers: Sequence[int] | None) -> np.nd
     """[m] int64 positions along the trace's layer axis of the model layer ids `layers` (default all)."""
     if layers is None:
         return np.arange(trace.n_layers, dtype=np.int64)
-    where = {int(lid): i for i, lid in enumerate(trace.layer_ids.tolist())}
-    missing = [int(x) for x in layers if int(x) not in where]
-    if missing:
-        raise UsageError(f"layer(s) {missing} are not in this trace; its MoE layers are {trace.layer_ids.tolist()}")
-    if not layers or len(set(layers)) != len(layers):
-        raise UsageError(f"layer selection {list(layers)} must be non-empty without repeats")
-    return np.asarray([where[int(x)] for x in layers], dtype=np.int64)
+    return layer_positions(trace.layer_ids, layers)

@@ -51,9 +51,9 @@ from moescope.analyze.prefetch import (
     check_predictors,
     layer_slab,
     results_from_hits,
-    split_ranges,
 )
 from moescope.errors import UsageError
+from moescope.slicing import split_ranges
 from moescope.trace import RoutingTrace
 
 WIDTHS = (1, 2, 4, 8, 16, 32, 64)

@@ -40,7 +40,7 @@ import numpy as np
 
 from moescope._jit import njit, njit_parallel, prange
 from moescope.errors import UsageError
-from moescope.slicing import SPLIT_PARTS, split_bounds
+from moescope.slicing import split_ranges
 from moescope.trace import RoutingTrace
 
 # ----------------------------------------------------------------------------------------------
@@ -166,16 +166,6 @@ def _learn_slab(slab: np.ndarray, n_own: int, n_experts: int, starts: np.ndarray
     _learn_block(slab, n_own, starts, stops, counts, coact, transition, cross)
     coact += coact.transpose(0, 2, 1)
     return counts, coact, transition, cross
-
-
-def split_ranges(trace: RoutingTrace, part: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(starts, stops)``: [sequences] int64 token ranges of the ``"train"`` (first half of every sequence)
-    or ``"test"`` (second half) split, the bounds `moescope.slicing.split_part` cuts at (without copying).
-    """
-    if part not in SPLIT_PARTS:
-        raise UsageError(f"split part {part!r} is not one of {', '.join(SPLIT_PARTS)}")
-    mid = split_bounds(trace)
-    return (trace.seq_starts, mid) if part == "train" else (mid, trace.seq_ends)
 
 
 def learn_tables(trace: RoutingTrace, ranges: tuple[np.ndarray, np.ndarray] | None = None) -> TrainTables:

@@ -27,10 +27,9 @@ import numpy as np
 from moescope.cache import kernels as K
 from moescope.cache.policies import POLICIES, PolicyParams, Stream, make_policy
 from moescope.errors import UsageError
-from moescope.slicing import split_part
+from moescope.slicing import EVAL_SPLITS, split_part
 from moescope.trace import RoutingTrace
 
-SPLITS = ("test", "all")
 STAT_NAMES = ("hits", "demand_misses", "prefetch_loads", "wasted_prefetches")
 
 
@@ -61,8 +60,8 @@ def split_streams(
     trace: RoutingTrace, split: str, *, pooled: bool, reset_per_sequence: bool
 ) -> tuple[list[Stream], list[Stream], int]:
     """(train streams, test streams, test tokens) for a split mode."""
-    if split not in SPLITS:
-        raise UsageError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
+    if split not in EVAL_SPLITS:
+        raise UsageError(f"split {split!r}: expected one of {', '.join(EVAL_SPLITS)}")
     if split == "all":
         streams = build_streams(trace, pooled=pooled, reset_per_sequence=reset_per_sequence)
         return streams, streams, trace.n_tokens

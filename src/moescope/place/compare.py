@@ -28,10 +28,9 @@ from moescope.place.layout import Placement, check_devices
 from moescope.place.methods import METHODS, PlaceParams, available_methods
 from moescope.place.metrics import PlacementScore, route
 from moescope.place.replicas import add_replicas
-from moescope.slicing import select_layers, split_halves
+from moescope.slicing import EVAL_SPLITS, select_layers, split_halves
 from moescope.trace import RoutingTrace
 
-SPLITS = ("test", "all")
 BASELINE = "frequency"
 
 
@@ -192,8 +191,8 @@ def compare_placements(
         layers in this process; the report is identical (fit seconds are then summed over tasks).
     progress : called with (steps done, steps total).
     """
-    if split not in SPLITS:
-        raise UsageError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
+    if split not in EVAL_SPLITS:
+        raise UsageError(f"--split {split!r}: expected one of {', '.join(EVAL_SPLITS)}")
     names = parse_methods(methods)
     devs = list(dict.fromkeys(int(d) for d in devices))
     if not devs:

@@ -510,7 +510,8 @@ def _tables_map(tr: RoutingTrace, ctx: Mapping[str, Any]) -> Partial:
 
 
 def _hits_map(tr: RoutingTrace, ctx: Mapping[str, Any], tables: Any) -> Partial:
-    from moescope.analyze.prefetch import hit_counts, split_ranges
+    from moescope.analyze.prefetch import hit_counts
+    from moescope.slicing import split_ranges
 
     return {"hits": hit_counts(tr, tables, ctx["budgets"], ctx["predictors"], ranges=split_ranges(tr, "test"))}
 
