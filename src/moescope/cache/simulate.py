@@ -485,3 +485,42 @@ def allocate(curves: MissCurves, budget_slots: int, policy: str = "lru") -> Allo
         int(curves.accesses.sum()),
         curves.tokens,
     )
+
+
+def budget_projection(
+    curves: MissCurves,
+    budget_slots: int,
+    policy: str,
+    *,
+    expert_bytes: np.ndarray,
+    dense_bytes: float,
+    top_k: int,
+    n_experts: int,
+    hw: Any = None,
+) -> tuple[Allocation, list[Any]]:
+    """A slot budget, end to end: the per-layer capacities that minimise `policy`'s demand misses on
+    `curves` (`allocate`), then every placement's projected decode speed with that cache
+    (`moescope.cache.project_decode`: all on CPU, whole layers static, the cache, the cache with misses
+    computed on the CPU). One pipeline for ``moescope cache --vram`` and ``moescope plan offload --trace``.
+
+    Parameters
+    ----------
+    expert_bytes : [layers] bytes of one routed expert per layer of the curves; dense_bytes : bytes read per
+    token besides the routed experts; hw : `moescope.cache.Hardware` (default bandwidths when None).
+    """
+    from moescope.cache.cost import project_decode
+
+    alloc = allocate(curves, budget_slots, policy)
+    accesses, misses = curves.per_token(policy, alloc.capacities)
+    projections = project_decode(
+        expert_bytes=expert_bytes,
+        top_k=top_k,
+        n_experts=n_experts,
+        dense_bytes=dense_bytes,
+        budget_slots=budget_slots,
+        cache_hits_per_token=accesses - misses,
+        cache_loads_per_token=misses,
+        cache_misses_per_token=misses,
+        hw=hw,
+    )
+    return alloc, projections

@@ -91,10 +91,9 @@ def cache(
         ASSUMPTIONS,
         Hardware,
         PolicyParams,
-        allocate,
+        budget_projection,
         default_capacities,
         miss_curves,
-        project_decode,
         simulate,
     )
     from moescope.errors import UsageError
@@ -151,21 +150,11 @@ def cache(
         if curve:
             out["curves"] = curves.to_dict()
     if budget is not None and curves is not None:
-        alloc = allocate(curves, budget, budget_policy)
+        shape = dict(top_k=trace.top_k, n_experts=trace.n_experts, hw=hw)
+        sizes = np.ones(trace.n_layers) if eb is None else eb  # without sizes: the allocation only
+        alloc, proj = budget_projection(curves, budget, budget_policy, expert_bytes=sizes, dense_bytes=dense, **shape)
         out["allocation"] = alloc.to_dict()
         if eb is not None:
-            acc, miss = curves.per_token(budget_policy, alloc.capacities)
-            proj = project_decode(
-                expert_bytes=eb,
-                top_k=trace.top_k,
-                n_experts=trace.n_experts,
-                dense_bytes=dense,
-                budget_slots=budget,
-                cache_hits_per_token=acc - miss,
-                cache_loads_per_token=miss,
-                cache_misses_per_token=miss,
-                hw=hw,
-            )
             out["projection"] = {
                 "hardware": {"pcie_gbps": pcie_gbps, "gpu_gbps": gpu_gbps, "cpu_gbps": cpu_gbps},
                 "expert_bytes": eb.tolist(),

@@ -385,23 +385,20 @@ def offload(
 
 def _cache_same_vram(tr: Any, m: Any, p: Any, hw: Any) -> dict[str, Any]:
     """Decode tokens/s of a per-expert cache holding as many experts as the plan's expert VRAM."""
-    from moescope.cache import allocate, miss_curves, project_decode
+    from moescope.cache import budget_projection, miss_curves
 
     eb = np.array([m.expert_bytes[int(lid)] for lid in tr.layer_ids], dtype=np.float64)
     slots = int(max(p.free_for_experts, 0) // eb.max())
     if slots < tr.top_k * tr.n_layers:
         return {"slots": 0, "reason": f"{slots} expert slots < top-k x layers = {tr.top_k * tr.n_layers}"}
-    curves = miss_curves(tr, ["lru"])
-    alloc = allocate(curves, slots, "lru")
-    acc, miss = curves.per_token("lru", alloc.capacities)
-    proj = project_decode(
+    alloc, proj = budget_projection(
+        miss_curves(tr, ["lru"]),
+        slots,
+        "lru",
         expert_bytes=eb,
+        dense_bytes=m.dense_bytes_per_token,
         top_k=tr.top_k,
         n_experts=tr.n_experts,
-        dense_bytes=m.dense_bytes_per_token,
-        budget_slots=slots,
-        cache_hits_per_token=acc - miss,
-        cache_loads_per_token=miss,
         hw=hw,
     )
     cache = next(x for x in proj if x.name == "expert-cache")
