@@ -167,6 +167,12 @@ def with_inputs(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def names(text: str | None) -> list[str] | None:
+    """A comma-separated list of names (``"lru, belady"`` -> ``["lru", "belady"]``, empty items dropped);
+    None stays None (the command's default)."""
+    return None if text is None else [x.strip() for x in text.split(",") if x.strip()]
+
+
 # -- output ----------------------------------------------------------------------------------------
 def console() -> Console:
     return Console(file=sys.stdout, soft_wrap=False)

@@ -100,7 +100,7 @@ def cache(
     from moescope.slicing import parse_ranges
 
     hw = Hardware(pcie_gbps, gpu_gbps, cpu_gbps)
-    names = list(POLICIES) if policy is None else [p.strip() for p in policy.split(",") if p.strip()]
+    names = list(POLICIES) if policy is None else c.names(policy)
     unknown = [p for p in names if p not in POLICIES]
     if unknown:
         raise UsageError(f"--policy {', '.join(unknown)}: unknown; choose from {', '.join(POLICIES)}")

@@ -68,7 +68,7 @@ def locality(
     from moescope.slicing import parse_ranges
 
     budgets = None if budget is None else parse_ranges(budget, "--budget")
-    predictors = [p.strip() for p in predictor.split(",") if p.strip()]
+    predictors = c.names(predictor)
     if not predictors:
         raise UsageError(f"--predictor {predictor!r} names no predictor; pick from {', '.join(PREDICTORS)}")
     trace = inputs.read_trace(src, "locality", layers)

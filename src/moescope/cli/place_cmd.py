@@ -149,9 +149,7 @@ def _methods(text: str | None) -> list[str]:
     """The asked methods (None: every method whose optional dependency is installed)."""
     from moescope.place.methods import available_methods
 
-    if text is None:
-        return available_methods()
-    return [m.strip() for m in text.split(",") if m.strip()]
+    return available_methods() if text is None else c.names(text)
 
 
 def _export_method(asked: str | None, run: list[str]) -> str:

@@ -69,7 +69,7 @@ def analyze(
 
     if follow and include_open:
         raise UsageError("--follow reads finished sequences only; drop --include-open (it is for one-off runs)")
-    names = None if only is None else [x.strip() for x in only.split(",") if x.strip()]
+    names = c.names(only)
     lids = None if layers is None else parse_ranges(layers, "--layers")
     opts = dict(scheduler=scheduler, chunk_tokens=chunk_tokens, layers=lids, include_open=include_open)
     with ChunkedRun(store, names, **opts) as run:

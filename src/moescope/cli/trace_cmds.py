@@ -185,7 +185,7 @@ def slice_(
             raise UsageError(f"--tokens {tokens!r} is not START:STOP with integers, e.g. 0:10000") from None
         trace = select_tokens(trace, lo, hi)
     if labels is not None:
-        trace = select_labels(trace, [s.strip() for s in labels.split(",") if s.strip()])
+        trace = select_labels(trace, c.names(labels))
     if layers is not None:
         trace = select_layers(trace, parse_ranges(layers, "--layers"))
     if split is not None:
@@ -225,7 +225,7 @@ def formats(as_json: c.JsonOpt = False) -> None:
 
 def _floats(text: str, what: str) -> float | tuple[float, ...]:
     try:
-        vals = tuple(float(x) for x in text.split(",") if x.strip())
+        vals = tuple(float(x) for x in c.names(text))
     except ValueError:
         raise UsageError(f"{what} {text!r} is not a number or a comma-separated list of numbers") from None
     if not vals:
@@ -294,7 +294,7 @@ def synth(
         team_size=team_size,
         team_strength=team_strength,
         stickiness=stickiness,
-        domains=tuple(s.strip() for s in (domains or "").split(",") if s.strip()),
+        domains=tuple(c.names(domains) or ()),
         domain_specificity=domain_specificity,
         n_generalists=generalists,
         generalist_share=generalist_share,
