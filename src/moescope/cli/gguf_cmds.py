@@ -198,6 +198,8 @@ def reduce(
 
     Example: `moescope reduce Qwen3-30B-A3B-Q4_K_M.gguf --corpus my-prompts.jsonl --k 8,6,4`
     """
+    from gguf import Keys
+
     from moescope.gguf.evaluate import Variant, evaluate, recommend_k
     from moescope.slicing import parse_ranges
 
@@ -211,7 +213,7 @@ def reduce(
         raise UsageError(f"--k {bad}: each k must be in 1..{m.n_experts} (the model's experts per layer)")
     if m.top_k not in k_list:
         k_list = [m.top_k, *k_list]
-    key = f"{m.architecture}.expert_used_count"
+    key = Keys.LLM.EXPERT_USED_COUNT.format(arch=m.architecture)
     variants = [Variant(f"k={k}", model, () if k == m.top_k else ((key, "int", k),)) for k in k_list]
     with c.lazy_progress("scoring") as bar:
         scores = evaluate(

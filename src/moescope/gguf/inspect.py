@@ -158,10 +158,16 @@ def inspect_gguf(path: str | os.PathLike) -> GGUFModel:
     UsageError : the file does not exist.
     FormatError : not a GGUF, unreadable, or a model without experts / routers.
     """
+    from gguf import Keys
+
     reader = open_gguf(path)
     p = str(Path(path))
     arch = field(reader, "general.architecture")
-    n_experts, top_k = field(reader, f"{arch}.expert_count"), field(reader, f"{arch}.expert_used_count")
+
+    def key(template: str) -> str:  # gguf-py's key templates, "{arch}.expert_count"
+        return template.format(arch=arch)
+
+    n_experts, top_k = field(reader, key(Keys.LLM.EXPERT_COUNT)), field(reader, key(Keys.LLM.EXPERT_USED_COUNT))
     if isinstance(top_k, list):
         top_k = max(top_k) if top_k else None
     if not n_experts or not top_k:
@@ -170,8 +176,8 @@ def inspect_gguf(path: str | os.PathLike) -> GGUFModel:
             f"it is not a Mixture-of-Experts model, so there is no routing to study"
         )
     routers_all = sorted(int(m.group(1)) for t in reader.tensors if (m := _ROUTER.match(t.name)))
-    n_blocks = _int_field(reader, f"{arch}.block_count", p) or (max(routers_all) + 1 if routers_all else 0)
-    n_mtp = _int_field(reader, f"{arch}.nextn_predict_layers", p) or 0
+    n_blocks = _int_field(reader, key(Keys.LLM.BLOCK_COUNT), p) or (max(routers_all) + 1 if routers_all else 0)
+    n_mtp = _int_field(reader, key(Keys.LLM.NEXTN_PREDICT_LAYERS), p) or 0
     if not 0 <= n_mtp < max(n_blocks, 1):
         raise FormatError(
             f"{p!r} ({arch}) declares {arch}.nextn_predict_layers={n_mtp} for {n_blocks} blocks; expected "
@@ -212,13 +218,13 @@ def inspect_gguf(path: str | os.PathLike) -> GGUFModel:
         top_k=int(top_k),
         layer_ids=tuple(routers),
         n_blocks=n_blocks,
-        shared_experts=int(field(reader, f"{arch}.expert_shared_count") or 0),
+        shared_experts=int(field(reader, key(Keys.LLM.EXPERT_SHARED_COUNT)) or 0),
         expert_bytes=expert_bytes,
         tensors=tuple(tensors),
         mtp_blocks=mtp_blocks,
-        expert_groups=_int_field(reader, f"{arch}.expert_group_count", p) or 0,
-        expert_groups_used=_int_field(reader, f"{arch}.expert_group_used_count", p) or 0,
-        gating=GATING_FUNCS.get(_int_field(reader, f"{arch}.expert_gating_func", p) or 0),
+        expert_groups=_int_field(reader, key(Keys.LLM.EXPERT_GROUP_COUNT), p) or 0,
+        expert_groups_used=_int_field(reader, key(Keys.LLM.EXPERT_GROUP_USED_COUNT), p) or 0,
+        gating=GATING_FUNCS.get(_int_field(reader, key(Keys.LLM.EXPERT_GATING_FUNC), p) or 0),
     )
 
 

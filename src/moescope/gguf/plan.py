@@ -118,24 +118,26 @@ class OffloadPlan:
 
 def kv_cache_bytes(model: GGUFModel, reader: Any, ctx: int, kv_type: str) -> int:
     """KV cache bytes for `ctx` tokens (see the module docstring for MLA and sliding windows)."""
+    from gguf import Keys
+
     if kv_type not in KV_BYTES:
         raise UsageError(f"--kv-type {kv_type!r}: expected one of {', '.join(KV_BYTES)}")
     arch = model.architecture
-    n_embd = int(field(reader, f"{arch}.embedding_length") or 0)
-    heads = field(reader, f"{arch}.attention.head_count") or 1
-    heads_kv = field(reader, f"{arch}.attention.head_count_kv") or heads
+    n_embd = int(field(reader, Keys.LLM.EMBEDDING_LENGTH.format(arch=arch)) or 0)
+    heads = field(reader, Keys.Attention.HEAD_COUNT.format(arch=arch)) or 1
+    heads_kv = field(reader, Keys.Attention.HEAD_COUNT_KV.format(arch=arch)) or heads
     n_layers = model.trunk_blocks  # llama.cpp's main context keeps no KV cache for MTP blocks
     heads_l, heads_kv_l = (
-        _per_block(v, n_layers, f"{arch}.attention.{k}")
-        for v, k in ((heads, "head_count"), (heads_kv, "head_count_kv"))
+        _per_block(v, n_layers, k.format(arch=arch))
+        for v, k in ((heads, Keys.Attention.HEAD_COUNT), (heads_kv, Keys.Attention.HEAD_COUNT_KV))
     )
-    lora = field(reader, f"{arch}.attention.kv_lora_rank")
+    lora = field(reader, Keys.Attention.KV_LORA_RANK.format(arch=arch))
     if lora:
-        rope = int(field(reader, f"{arch}.rope.dimension_count") or 64)
+        rope = int(field(reader, Keys.Rope.DIMENSION_COUNT.format(arch=arch)) or 64)
         per_token = n_layers * (int(lora) + rope)
     else:
-        k_len = field(reader, f"{arch}.attention.key_length")
-        v_len = field(reader, f"{arch}.attention.value_length")
+        k_len = field(reader, Keys.Attention.KEY_LENGTH.format(arch=arch))
+        v_len = field(reader, Keys.Attention.VALUE_LENGTH.format(arch=arch))
         head_dim = n_embd // np.maximum(heads_l, 1)
         k = np.full(n_layers, k_len) if k_len else head_dim
         v = np.full(n_layers, v_len) if v_len else head_dim

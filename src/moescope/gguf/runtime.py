@@ -218,11 +218,13 @@ class LlamaSession:
         overrides: Sequence[tuple[str, str, Any]] = (),
         record: bool = True,
     ) -> None:
+        from gguf import Keys
+
         lib = self._lib = llama_cpp()
         self.info, self.n_ctx = info, int(n_ctx)
         self.top_k = info.top_k
         for key, kind, value in overrides:
-            if key == f"{info.architecture}.expert_used_count" and kind == "int":
+            if key == Keys.LLM.EXPERT_USED_COUNT.format(arch=info.architecture) and kind == "int":
                 self.top_k = int(value)
         _route_logs(lib)
         lib.llama_backend_init()

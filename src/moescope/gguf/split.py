@@ -231,40 +231,45 @@ def mtp_note(model: GGUFModel) -> list[str]:
 
 def _kv_changes(model: GGUFModel, reader: Any, keep: Mapping[int, Sequence[int]]) -> tuple[dict[str, bytes], list[str]]:
     """New metadata for a group keeping ``keep[block]`` experts per MoE block, and notes on what changed."""
-    arch = model.architecture
+    from gguf import Keys
+
+    count_key, used_key, group_key, group_used_key = (
+        k.format(arch=model.architecture)
+        for k in (Keys.LLM.EXPERT_COUNT, Keys.LLM.EXPERT_USED_COUNT, Keys.LLM.EXPERT_GROUP_COUNT,
+                  Keys.LLM.EXPERT_GROUP_USED_COUNT)
+    )  # fmt: skip
     size = len(next(iter(keep.values())))
     notes: list[str] = []
+    changes: dict[str, bytes] = {}
 
-    def encoded(key: str, value: Any) -> bytes:
+    def change(key: str, value: Any) -> None:
         f = reader.fields[key]
         vtype = int(f.types[0])
-        if vtype == 9:
-            return encode_kv(key, 9, value, int(f.types[1]))
-        return encode_kv(key, vtype, value)
+        changes[key] = encode_kv(key, 9, value, int(f.types[1])) if vtype == 9 else encode_kv(key, vtype, value)
 
-    changes = {f"{arch}.expert_count": encoded(f"{arch}.expert_count", size)}
-    used = field(reader, f"{arch}.expert_used_count")
+    change(count_key, size)
+    used = field(reader, used_key)
     if isinstance(used, list):
         new = [min(int(u), size) for u in used]
         if new != used:
             notes.append(f"expert_used_count lowered to at most {size} per layer")
-        changes[f"{arch}.expert_used_count"] = encoded(f"{arch}.expert_used_count", new)
+        change(used_key, new)
         top_k = max(new, default=0)
     else:
         top_k = min(int(used or 0), size)
         if used is not None and int(used) > size:
             notes.append(f"expert_used_count lowered from {used} to {size}")
-            changes[f"{arch}.expert_used_count"] = encoded(f"{arch}.expert_used_count", size)
-    n_group, n_used = field(reader, f"{arch}.expert_group_count"), field(reader, f"{arch}.expert_group_used_count")
+            change(used_key, size)
+    n_group, n_used = field(reader, group_key), field(reader, group_used_key)
     if n_group is not None and int(n_group) > 1:
         groups, used_groups, why = part_groups(model.n_experts, int(n_group), int(n_used or 0), keep, top_k)
         if (groups, used_groups) != (int(n_group), int(n_used or 0)):
             notes.append(
                 f"expert_group_count {n_group} -> {groups}, expert_group_used_count {n_used} -> {used_groups}: {why}"
             )
-        changes[f"{arch}.expert_group_count"] = encoded(f"{arch}.expert_group_count", groups)
-        if f"{arch}.expert_group_used_count" in reader.fields:
-            changes[f"{arch}.expert_group_used_count"] = encoded(f"{arch}.expert_group_used_count", used_groups)
+        change(group_key, groups)
+        if group_used_key in reader.fields:
+            change(group_used_key, used_groups)
     return changes, notes + mtp_note(model)
 
 
