@@ -35,7 +35,7 @@ def _libcachesim(lcs, cls, path: str, capacity: int) -> float:
 def _ours(kernels, kind: str, req, reset, capacity: int) -> int:
     if kind == "lru":
         return int(kernels.lru(req, reset, 128, capacity)[1])
-    return int(kernels.scan_policy(req, reset, 128, capacity, 2, 0)[1])
+    return int(kernels.scan_policy(req, reset, 128, capacity, kernels.SCAN_BELADY, 0)[1])
 
 
 def measure() -> dict:
@@ -64,7 +64,7 @@ def measure() -> dict:
     out: dict = {"accesses": n, "n_experts": 128, "top_k": 8, "capacities": {}}
     try:
         K.lru(grouped[:1000], g_reset[:1000], 128, 32)  # JIT warm-up (and cache load)
-        K.scan_policy(grouped[:1000], g_reset[:1000], 128, 32, 2, 0)
+        K.scan_policy(grouped[:1000], g_reset[:1000], 128, 32, K.SCAN_BELADY, 0)
         for cap in (16, 32, 64):
             row: dict = {}
             for name, cls in (("lru", lcs.LRU), ("belady", lcs.Belady)):

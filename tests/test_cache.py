@@ -99,7 +99,7 @@ def test_policy_contract(name, seed):
         assert hits + misses == s.req.size and min(hits, misses, loads, wasted) >= 0
         assert wasted <= loads and (loads == 0 or policy.prefetches)
         if not policy.prefetches and not policy.bypass:
-            assert misses >= K.scan_policy(s.req, s.reset, s.n_items, capacity, 2, 0)[1]
+            assert misses >= K.scan_policy(s.req, s.reset, s.n_items, capacity, K.SCAN_BELADY, 0)[1]
         if capacity == s.n_items:  # nothing is ever evicted: each used item enters once per segment
             assert misses + loads - wasted == cold
 
@@ -189,7 +189,7 @@ def test_pooled_cache():
     assert r.stats.shape == (2, 2, 1, 4)
     # the pooled cache holds capacity x layers items: the kernel replay at 6 and 12 items
     assert r.stats[0, 0, 0].tolist() == K.lru(stream.req, stream.reset, 24, 6).tolist()
-    assert r.stats[1, 1, 0].tolist() == K.scan_policy(stream.req, stream.reset, 24, 12, 2, 0).tolist()
+    assert r.stats[1, 1, 0].tolist() == K.scan_policy(stream.req, stream.reset, 24, 12, K.SCAN_BELADY, 0).tolist()
     one = random_trace(n_tokens=200, n_layers=1, n_experts=8, k=2, seed=5)
     a = simulate(one, [3], ["arc"], pooled=True, split="all").stats
     b = simulate(one, [3], ["arc"], split="all").stats

@@ -179,9 +179,12 @@ def _victim(slot_item, need, g, key1, key2, largest):
     return best
 
 
+SCAN_FIFO, SCAN_LFU, SCAN_BELADY = 0, 1, 2  # the `kind` of `scan_policy`
+
+
 @njit
 def scan_policy(req, reset, n_items, capacity, kind, aging):
-    """FIFO (kind 0), LFU (kind 1) or Belady/MIN (kind 2).
+    """FIFO (kind `SCAN_FIFO`), LFU (`SCAN_LFU`) or Belady/MIN (`SCAN_BELADY`).
 
     - FIFO evicts the item loaded longest ago (hits do not refresh it).
     - LFU evicts the item with the fewest uses since the segment began (uses counted while evicted too,
@@ -191,7 +194,7 @@ def scan_policy(req, reset, n_items, capacity, kind, aging):
       demand loading with the whole group needed together.
     """
     g_n, k = req.shape
-    nu = next_use(req, reset, n_items) if kind == 2 else np.empty((1, 1), dtype=np.int64)
+    nu = next_use(req, reset, n_items) if kind == SCAN_BELADY else np.empty((1, 1), dtype=np.int64)
     slot_item = np.full(capacity, -1, dtype=np.int64)
     slot_of = np.full(n_items, -1, dtype=np.int64)
     need = np.full(n_items, -1, dtype=np.int64)
@@ -205,19 +208,19 @@ def scan_policy(req, reset, n_items, capacity, kind, aging):
             slot_item[:] = -1
             slot_of[:] = -1
             free = capacity
-            if kind == 1:
+            if kind == SCAN_LFU:
                 key1[:] = 0
-        if kind == 1 and aging > 0 and g > 0 and g % aging == 0:
+        if kind == SCAN_LFU and aging > 0 and g > 0 and g % aging == 0:
             key1 //= 2
         for j in range(k):
             x = req[g, j]
             need[x] = g
             if slot_of[x] >= 0:
                 hits += 1
-                if kind == 1:
+                if kind == SCAN_LFU:
                     key1[x] += 1
                     key2[x] = g * n_items + x
-                elif kind == 2:
+                elif kind == SCAN_BELADY:
                     key1[x] = -nu[g, j]
         for j in range(k):
             x = req[g, j]
@@ -232,9 +235,9 @@ def scan_policy(req, reset, n_items, capacity, kind, aging):
                 slot_of[slot_item[s]] = -1
             slot_item[s] = x
             slot_of[x] = s
-            if kind == 0:
+            if kind == SCAN_FIFO:
                 key1[x] = g
-            elif kind == 1:
+            elif kind == SCAN_LFU:
                 key1[x] += 1
                 key2[x] = g * n_items + x
             else:

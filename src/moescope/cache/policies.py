@@ -105,7 +105,7 @@ class FIFO(CachePolicy):
     summary = "first in, first out (hits do not refresh)"
 
     def run(self, stream: Stream, capacity: int) -> np.ndarray:
-        return K.scan_policy(stream.req, stream.reset, stream.n_items, capacity, 0, 0)
+        return K.scan_policy(stream.req, stream.reset, stream.n_items, capacity, K.SCAN_FIFO, 0)
 
 
 @register
@@ -114,7 +114,7 @@ class LFU(CachePolicy):
     summary = "least frequently used, counts since the cache started (halved every --aging tokens if set)"
 
     def run(self, stream: Stream, capacity: int) -> np.ndarray:
-        return K.scan_policy(stream.req, stream.reset, stream.n_items, capacity, 1, self.params.aging)
+        return K.scan_policy(stream.req, stream.reset, stream.n_items, capacity, K.SCAN_LFU, self.params.aging)
 
 
 @register
@@ -173,4 +173,4 @@ class Belady(CachePolicy):
     offline = True
 
     def run(self, stream: Stream, capacity: int) -> np.ndarray:
-        return K.scan_policy(stream.req, stream.reset, stream.n_items, capacity, 2, 0)
+        return K.scan_policy(stream.req, stream.reset, stream.n_items, capacity, K.SCAN_BELADY, 0)

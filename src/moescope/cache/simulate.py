@@ -30,8 +30,6 @@ from moescope.errors import UsageError
 from moescope.slicing import EVAL_SPLITS, split_part
 from moescope.trace import RoutingTrace
 
-STAT_NAMES = ("hits", "demand_misses", "prefetch_loads", "wasted_prefetches")
-
 
 def _reset_flags(trace: RoutingTrace, per_sequence: bool) -> np.ndarray:
     """[tokens] bool: where a cache starts empty."""
