@@ -46,6 +46,19 @@ def random_trace(
     )
 
 
+def run(capsys, *args) -> tuple[int, str, str]:
+    """Run the moescope command line in-process: ``(exit code, stdout, stderr)``."""
+    from moescope.cli import main
+
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.fixture
 def tiny_trace() -> RoutingTrace:
     return random_trace()

@@ -346,7 +346,7 @@ def test_command_table_json_and_matrix(tmp_path):
 def test_command_through_main(capsys, tmp_path):
     if "coact" not in [cmd.name for cmd in moescope.cli.app.registered_commands]:
         pytest.skip("`coact` is not registered in moescope.cli yet")
-    from test_cli import run
+    from conftest import run
 
     path = tmp_path / "t.npz"
     write_output(random_trace(n_tokens=80, n_experts=8, k=2), path)

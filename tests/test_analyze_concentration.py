@@ -82,7 +82,7 @@ def test_esft_trace_is_flat(realdata):
 
 
 def test_cli_on_fixture_trace_and_imatrix(capsys):
-    from test_cli import run
+    from conftest import run
 
     code, out, _ = run(capsys, "concentration", fixture.TRACE, "--json", "--mass", "gate")
     d = json.loads(out)

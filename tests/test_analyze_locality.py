@@ -396,10 +396,9 @@ def test_esft_whole_trace(realdata):
 
 def test_locality_and_analyze_state_reuse_alike(capsys, tmp_path):
     """One definition of the reuse ratio (median of the per-layer ratios) in `locality` and `analyze`."""
-    from conftest import random_trace
+    from conftest import random_trace, run
     from moescope.analyze.locality import locality, reuse_sentence
     from moescope.store import save_trace
-    from test_cli import run
 
     trace = random_trace(n_tokens=400, n_layers=3, n_experts=16, k=2, n_seq=4, seed=5)
     save_trace(trace, tmp_path / "t.zarr")

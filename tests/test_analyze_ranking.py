@@ -70,7 +70,7 @@ def test_group_mass_matches_reference(size):
 
 
 def test_cli_rank(capsys, tmp_path):
-    from test_cli import run
+    from conftest import run
 
     code, _, err = run(capsys, "rank", fixture.TRACE, "--by", "gate", "-o", tmp_path / "r.csv")
     assert code == 0 and (tmp_path / "r.csv").is_file()
@@ -83,7 +83,7 @@ def test_cli_rank(capsys, tmp_path):
 
 
 def test_cli_group_mass(capsys, tmp_path):
-    from test_cli import run
+    from conftest import run
 
     trace = fixture.FIXTURE_DIR / fixture.TRACE
     code, out, err = run(capsys, "rank", trace, "--group-top", "4", "--json")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import reference
-from conftest import random_trace
+from conftest import random_trace, run
 from moescope import fixture
 from moescope.cache import (
     POLICIES,
@@ -28,7 +28,6 @@ from moescope.cache import kernels as K
 from moescope.errors import UsageError
 from moescope.imports import read_input
 from moescope.trace import RoutingTrace
-from test_cli import run
 
 
 def _stream(seed: int, n_items: int | None = None, k: int | None = None, groups: int | None = None):
@@ -355,8 +354,8 @@ def test_default_capacities_lie_between_k_and_e(k, e, want):
 def test_cli_defaults_and_rows_below_the_floor_say_why(capsys, tmp_path):
     """Mixtral-sized (E 8, k 2): the CLI picks capacities between k and E, as the report does, and a row
     below Belady carries its reason (a prefetcher); a static set pays its cold misses like the others."""
+    from conftest import run
     from moescope.imports import write_output
-    from test_cli import run
 
     tr = random_trace(n_tokens=400, n_layers=2, n_experts=8, k=2, n_seq=4, seed=9)
     write_output(tr, tmp_path / "m.npz")

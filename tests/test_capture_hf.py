@@ -16,11 +16,11 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from conftest import run  # noqa: E402
 from moescope.capture import ROUTER_FORMATS, CaptureError, RouterRecorder, capture_hf  # noqa: E402
 from moescope.corpus import Document  # noqa: E402
 from moescope.imports import read_input  # noqa: E402
 from moescope.store import TraceStore  # noqa: E402
-from test_cli import run  # noqa: E402
 
 COMMON = dict(
     vocab_size=128,

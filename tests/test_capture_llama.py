@@ -15,14 +15,13 @@ import pytest
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from conftest import routing_with_logits  # noqa: E402
+from conftest import routing_with_logits, run  # noqa: E402
 from moescope import fixture  # noqa: E402
 from moescope.capture.llama import capture_llama  # noqa: E402
 from moescope.errors import MoescopeError  # noqa: E402
 from moescope.gguf import inspect_gguf  # noqa: E402
 from moescope.gguf.runtime import parse_override  # noqa: E402
 from moescope.store import TraceStore, load_trace  # noqa: E402
-from test_cli import run  # noqa: E402
 
 GGUF = fixture.GGUF  # committed; tools/convert_fixture_gguf.py rebuilds it
 SEQ_LEN = 128

@@ -8,19 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from conftest import random_trace
-from moescope.cli import main
+from conftest import random_trace, run
 from moescope.imports import read_input, write_output
-
-
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture

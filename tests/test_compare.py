@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 
 import reference_compare
-from conftest import random_trace
+from conftest import random_trace, run
 from moescope.analyze.compare import compare_traces, margins
 from moescope.errors import UsageError
 from moescope.imports import write_output
-from test_cli import run
 
 
 def perturbed(trace, share, seed=1, jitter=0.0):

@@ -35,7 +35,7 @@ def test_demo_on_fixture(tmp_path):
 
 
 def test_demo_cli_json(tmp_path, capsys):
-    from test_cli import run
+    from conftest import run
 
     code, out, _ = run(capsys, "demo", "--out", tmp_path / "d", "--json")
     d = json.loads(out)

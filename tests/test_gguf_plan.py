@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 
+from conftest import run
 from moescope import fixture
 from moescope.errors import UsageError
 from moescope.gguf import inspect_gguf
 from moescope.gguf.inspect import open_gguf
 from moescope.gguf.plan import block_regex, cpu_tensors, kv_cache_bytes, ot_rule, plan_offload
-from test_cli import run
 
 MiB = 2**20
 

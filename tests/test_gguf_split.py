@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import run
 from moescope import fixture
 from moescope.analyze import rank_experts, read_ranking_csv, write_ranking_csv
 from moescope.errors import FormatError, OutputExistsError, UsageError
@@ -16,7 +17,6 @@ from moescope.gguf import inspect_gguf, open_gguf
 from moescope.gguf.split import plan_groups, split_gguf
 from moescope.imports import read_input
 from moescope.trace import RoutingTrace
-from test_cli import run
 
 E, EMBD, FF = 8, 32, 4
 

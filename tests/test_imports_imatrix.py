@@ -188,7 +188,7 @@ def test_small_written_imatrix_round_trip(tmp_path):
 
 
 def test_cli_import_imatrix(capsys, tmp_path):
-    from test_cli import run
+    from conftest import run
 
     code, out, _ = run(capsys, "import", "imatrix", IMATRIX, "--json")
     assert code == 0 and json.loads(out)["kind"] == "counts"

@@ -53,7 +53,7 @@ def test_model_option_overrides(tmp_path):
 
 def test_phase_of_an_npz_without_one(tmp_path, capsys):
     """A decode trace from elsewhere (no phase in its meta) is labelled with --phase, not silently prefill."""
-    from test_cli import run
+    from conftest import run
 
     tr = random_trace(n_tokens=30, n_seq=2, labels=False)
     np.savez(tmp_path / "d.npz", experts=tr.experts, meta=np.asarray(json.dumps({"n_experts": 8})))

@@ -10,11 +10,10 @@ import subprocess
 
 import pytest
 
-from conftest import random_trace
+from conftest import random_trace, run
 from moescope import fixture
 from moescope.imports import read_input, write_output
 from moescope.report import build_report
-from test_cli import run
 from test_compare import perturbed
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")

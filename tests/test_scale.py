@@ -141,7 +141,7 @@ def test_bad_requests(store):
 def test_cli_analyze(store, capsys):
     import json
 
-    from test_cli import run
+    from conftest import run
 
     path, trace = store
     code, out, err = run(capsys, "analyze", path, "--only", "counts,coact,temporal", "--chunk-tokens", "900", "--json")
@@ -259,8 +259,8 @@ def test_a_dask_cluster_reads_while_the_capture_appends(tmp_path, store):
 def test_cli_follows_a_capture(tmp_path, store, capsys):
     import json
 
+    from conftest import run
     from moescope.slicing import select_tokens
-    from test_cli import run
 
     _, trace = store
     path = tmp_path / "capture.zarr"

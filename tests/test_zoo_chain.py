@@ -21,12 +21,12 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 llama_cpp = pytest.importorskip("llama_cpp")
 
+from conftest import run  # noqa: E402
 from moescope import fixture  # noqa: E402
 from moescope.gguf import inspect_gguf  # noqa: E402
 from moescope.gguf.inspect import field, open_gguf  # noqa: E402
 from moescope.gguf.runtime import LlamaSession  # noqa: E402
 from moescope.store import load_trace  # noqa: E402
-from test_cli import run  # noqa: E402
 from zoo import QUANTIZED, ZOO, zoo_model  # noqa: E402
 
 pytestmark = pytest.mark.slow
