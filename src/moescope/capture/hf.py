@@ -20,6 +20,7 @@ incomplete. Not done here: sampling, batched decode, multi-GPU sharding, remote 
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -311,6 +312,8 @@ def _decode(
     torch = _torch()
     eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
     stop = set() if ignore_eos or eos is None else {eos} if isinstance(eos, int) else set(eos)
+    # the KV cache's name: `cache` since transformers 5.24 (past_key_values is deprecated), before it the old one
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     for seq in plan:
         out = model(input_ids=torch.tensor([seq.ids], device=dev), use_cache=True, logits_to_keep=1)
         recorder.reset()  # the prompt's routing is not part of a decode trace
@@ -322,7 +325,7 @@ def _decode(
             tokens.append(token)
             out = model(
                 input_ids=torch.tensor([[token]], device=dev),
-                past_key_values=out.past_key_values,
+                **{cache_arg: out[cache_arg]},
                 use_cache=True,
                 logits_to_keep=1,
             )
