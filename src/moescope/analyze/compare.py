@@ -106,7 +106,7 @@ class Comparison:
         }
 
 
-def check_aligned(a: RoutingTrace, b: RoutingTrace) -> str:
+def check_aligned(a: RoutingTrace, b: RoutingTrace, labels: tuple[str, str] = ("A", "B")) -> str:
     """Refuse traces that are not of the same tokens; return how alignment was checked.
 
     Raises
@@ -136,7 +136,7 @@ def check_aligned(a: RoutingTrace, b: RoutingTrace) -> str:
             f"compare captures of the same model"
         )
     if a.token_ids is None or b.token_ids is None:
-        missing = " and ".join(n for n, t in (("A", a), ("B", b)) if t.token_ids is None)
+        missing = " and ".join(n for n, t in zip(labels, (a, b), strict=True) if t.token_ids is None)
         return f"token count and sequences ({missing} recorded no token ids)"
     diff = np.flatnonzero(a.token_ids != b.token_ids)
     if diff.size:
@@ -249,7 +249,7 @@ def compare_traces(
         raise UsageError(f"--near-tie {near_tie!r}: expected a positive log-ratio such as 0.01")
     if positions < 0:
         raise UsageError(f"--positions {positions}: expected >= 0")
-    aligned_by = check_aligned(a, b)
+    aligned_by = check_aligned(a, b, labels)
     common = [int(x) for x in a.layer_ids if int(x) in set(b.layer_ids.tolist())]
     ia = {int(x): i for i, x in enumerate(a.layer_ids.tolist())}
     ib = {int(x): i for i, x in enumerate(b.layer_ids.tolist())}
