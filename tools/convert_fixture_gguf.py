@@ -16,7 +16,7 @@ Not done here: quantisation (f32 only by default), other models, downloads.
 Reproduce (from the repository root; llama-cpp-python 0.3.36 vendors the converter used for the
 committed file)::
 
-    pip download --no-binary :all: --no-deps llama-cpp-python -d /tmp/lcp
+    pip download --no-binary llama-cpp-python --no-deps llama-cpp-python -d /tmp/lcp
     mkdir -p /tmp/lcp/src && tar xzf /tmp/lcp/llama_cpp_python-*.tar.gz -C /tmp/lcp/src
     .venv/bin/python tools/convert_fixture_gguf.py --llama-cpp /tmp/lcp/src --overwrite
 
@@ -60,7 +60,7 @@ def find_converter(path: Path) -> Path:
     if not hits:
         sys.exit(
             f"error: no convert_hf_to_gguf.py at or under {str(path)!r}; extract the llama-cpp-python sdist "
-            f"(pip download --no-binary :all: --no-deps llama-cpp-python) and pass its folder"
+            f"(pip download --no-binary llama-cpp-python --no-deps llama-cpp-python) and pass its folder"
         )
     return hits[0].parent
 
