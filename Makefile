@@ -16,10 +16,10 @@ $(BASE): pyproject.toml
 	$(PIP) -e .
 	touch $@
 
-# llama-cpp-python compiles llama.cpp: about 6 minutes on 2 cores, the longest step of a fresh `make test`.
+# llama-cpp-python compiles llama.cpp: about 5 minutes on 2 cores, the longest step of a fresh `make test`.
 # pip keeps the built wheel in its cache, so later venvs on this machine install it in seconds.
 $(DEV): $(BASE)
-	@echo "installing the dev extras; llama-cpp-python compiles llama.cpp unless pip has its wheel cached (about 6 min on 2 cores)"
+	@echo "installing the dev extras; llama-cpp-python compiles llama.cpp unless pip has its wheel cached (about 5 min on 2 cores)"
 	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) -e '.[dev,hf,llama,place,dask]' '$(TORCH)'
 	touch $@
 
