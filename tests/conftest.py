@@ -23,6 +23,8 @@ def random_trace(
     weights: str | None = "float32",
     labels: bool = True,
     token_ids: bool = False,
+    lookahead: int = 0,
+    candidates: int = 0,
 ) -> RoutingTrace:
     """A small valid trace with distinct ids per token, random sequence cuts, labels and (optional) token ids."""
     rng = np.random.default_rng(seed)
@@ -43,7 +45,25 @@ def random_trace(
         layer_ids=np.arange(1, n_layers + 1),
         meta={"model": "tiny-test", "source": "conftest"},
         token_ids=rng.integers(0, 50_000, n_tokens) if token_ids else None,
+        extras=_extras(rng, experts, n_experts, lookahead, candidates),
     )
+
+
+def _extras(rng, experts, n_experts: int, lookahead: int, candidates: int) -> dict:
+    """Random lookahead [tokens, layers, lookahead, k] (-1 past the last layer) and candidates [tokens, layers,
+    M] with probabilities, shaped as captures write them."""
+    n_tokens, n_layers, k = experts.shape
+    out = {}
+    if lookahead:
+        la = np.argsort(rng.random((n_tokens, n_layers, lookahead, n_experts)), axis=3)[..., :k].astype(np.int16)
+        for d in range(lookahead):
+            la[:, n_layers - 1 - d :, d] = -1  # no layer l + d + 1
+        out["lookahead"] = la
+    if candidates:
+        out["candidates"] = np.argsort(rng.random((n_tokens, n_layers, n_experts)), axis=2)[..., :candidates]
+        p = rng.random((n_tokens, n_layers, candidates))
+        out["candidate_probs"] = -np.sort(-p / p.sum(axis=2, keepdims=True), axis=2)
+    return out
 
 
 def run(capsys, *args) -> tuple[int, str, str]:

@@ -13,9 +13,9 @@ from moescope.imports import ImportOptions, read_input, write_output
 from moescope.imports.npz import read_npz
 
 
-@pytest.mark.parametrize("token_ids", [False, True])
-def test_roundtrip_npz_zarr_npz(tmp_path, token_ids):
-    tr = random_trace(weights="float16", token_ids=token_ids)
+@pytest.mark.parametrize("extras", [False, True])
+def test_roundtrip_npz_zarr_npz(tmp_path, extras):
+    tr = random_trace(weights="float16", token_ids=extras, lookahead=2 * extras, candidates=3 * extras)
     write_output(tr, tmp_path / "a.npz")
     a = read_input(tmp_path / "a.npz")
     write_output(a, tmp_path / "b.zarr")

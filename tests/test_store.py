@@ -42,14 +42,14 @@ def test_writer_token_ids_all_or_none(tmp_path):
     tr = random_trace(n_tokens=20, n_seq=1, labels=False, weights=None, token_ids=True)
     kw = {"n_experts": 8, "n_layers": 2, "top_k": 2}
     with TraceWriter(tmp_path / "a.zarr", token_ids=True, **kw) as w:
-        with pytest.raises(TraceError, match="keeps token ids"):
+        with pytest.raises(TraceError, match=r"keeps the extra arrays \['token_ids'\] but the block gives none"):
             w.append(tr.experts[:5])
-        with pytest.raises(TraceError, match="token_ids has 4 entries but the trace has 5"):
+        with pytest.raises(TraceError, match=r"token_ids has shape \(4,\), expected \[tokens\] with 5 tokens"):
             w.append(tr.experts[:5], token_ids=tr.token_ids[:4])
         w.append(tr.experts[:5], token_ids=tr.token_ids[:5])
         w.append(tr.experts[5:], token_ids=tr.token_ids[5:], seq_starts=[])
     np.testing.assert_array_equal(load_trace(tmp_path / "a.zarr").token_ids, tr.token_ids)
-    with TraceWriter(tmp_path / "b.zarr", **kw) as w, pytest.raises(TraceError, match="has no token ids"):
+    with TraceWriter(tmp_path / "b.zarr", **kw) as w, pytest.raises(TraceError, match=r"keeps the extra arrays none"):
         w.append(tr.experts, token_ids=tr.token_ids)
 
 
@@ -248,3 +248,33 @@ def test_default_chunking_targets_8mib():
     assert default_chunk_tokens(26, 6) == 16384
     assert default_chunk_tokens(48, 8) * 48 * 8 * 2 <= 8 << 20
     assert default_chunk_tokens(1, 1) == 1 << 20
+
+
+@pytest.mark.parametrize("chunk_tokens", [7, 1000])
+def test_extras_roundtrip_chunks_and_layers(tmp_path, chunk_tokens):
+    """Lookahead and candidates (layered extras) survive the store, chunked reads and a layer selection."""
+    tr = random_trace(n_tokens=60, n_layers=3, n_experts=8, k=2, n_seq=4, token_ids=True, lookahead=2, candidates=4)
+    save_trace(tr, tmp_path / "t.zarr", chunk_tokens=chunk_tokens)
+    store = TraceStore(tmp_path / "t.zarr")
+    assert set(store.extras) == {"token_ids", "lookahead", "candidates", "candidate_probs"}
+    assert store.summary()["extras"]["lookahead"] == [3, 2, 2]
+    assert load_trace(tmp_path / "t.zarr").equals(tr)
+    sub = load_trace(tmp_path / "t.zarr", layers=[3, 1])
+    np.testing.assert_array_equal(sub.extras["lookahead"], tr.extras["lookahead"][:, [2, 0]])
+    np.testing.assert_array_equal(sub.extras["candidates"], tr.extras["candidates"][:, [2, 0]])
+    np.testing.assert_array_equal(sub.token_ids, tr.token_ids)
+    parts = [c.trace.extras["candidate_probs"] for c in store.iter_chunks(chunk_tokens=11)]
+    np.testing.assert_array_equal(np.concatenate(parts), tr.extras["candidate_probs"])
+
+
+def test_first_token_id_stores_still_read(tmp_path):
+    """Stores written before the extras attribute (a bare "token_ids": true) keep their token ids."""
+    tr = random_trace(n_tokens=30, token_ids=True)
+    save_trace(tr, tmp_path / "t.zarr")
+    meta = tmp_path / "t.zarr" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    attrs = doc["attributes"]["moescope"]
+    del attrs["extras"]
+    attrs["token_ids"] = True
+    meta.write_text(json.dumps(doc))
+    np.testing.assert_array_equal(load_trace(tmp_path / "t.zarr").token_ids, tr.token_ids)

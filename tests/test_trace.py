@@ -168,3 +168,26 @@ def test_empty_trace_is_valid():
     tr = RoutingTrace(np.zeros((0, 2, 2), dtype=np.int16), 4)
     assert tr.n_tokens == 0 and tr.n_sequences == 0
     assert tr.counts().values.sum() == 0
+
+
+def test_extras_are_checked_and_sliced():
+    from moescope.slicing import select_layers, split_halves
+
+    tr = random_trace(n_tokens=40, n_layers=3, n_experts=8, k=2, n_seq=3, lookahead=2, candidates=3)
+    assert set(tr.extras) == {"lookahead", "candidates", "candidate_probs"} and tr.token_ids is None
+    assert tr.summary()["extras"]["lookahead"] == [3, 2, 2]
+    train, test = split_halves(tr)
+    assert train.extras["lookahead"].shape[0] == train.n_tokens and test.extras["candidates"].shape[0] == test.n_tokens
+    sub = select_layers(tr, [2])
+    np.testing.assert_array_equal(sub.extras["lookahead"], tr.extras["lookahead"][:, [1]])
+    bad = tr.extras["lookahead"].copy()
+    bad[0, 0, 0, 0] = 8
+    with pytest.raises(TraceError, match=r"lookahead holds 8; expected values in -1\.\.7"):
+        tr.replace(extras={**tr.extras, "lookahead": bad})
+    with pytest.raises(TraceError, match=r"candidates has shape \(40, 2, 3\)"):
+        tr.replace(extras={**tr.extras, "candidates": tr.extras["candidates"][:, :2]})
+    with pytest.raises(TraceError, match="candidates holds -1"):
+        tr.replace(extras={**tr.extras, "candidates": np.full((40, 3, 3), -1)})
+    with pytest.raises(TraceError, match=r"unknown extra array\(s\) \['logits'\]"):
+        tr.replace(extras={"logits": np.zeros((40, 3, 8))})
+    assert not tr.equals(tr.replace(extras={}))

@@ -9,9 +9,10 @@ Layout of ``PATH/`` (a Zarr v3 group)::
     weights/                   [tokens, layers, k] float16|float32 (only when the trace has gate weights)
     seq_starts/                [sequences] int64
     seq_label_codes/           [sequences] int32 index into label_names (only when labelled)
-    token_ids/                 [tokens] int32 vocabulary ids, chunks of (chunk_tokens,) (only when the
-                               capture knew them; attribute "token_ids": true; stores without it read as
-                               before, and readers that predate it ignore the array)
+    <extra>/                   [tokens, ...] each optional per-token array of `moescope.trace.EXTRAS`
+                               the trace carries (token_ids, lookahead, candidates, candidate_probs),
+                               chunks of (chunk_tokens, ...); attribute "extras": {name: trailing shape}.
+                               Stores without them read as before; readers that predate them ignore them
 
 Commit protocol: data chunks are written first, then the group attributes (one atomic file replace)
 advance ``committed_tokens``. Readers never look past the commit record, so a writer that dies leaves
@@ -39,7 +40,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,15 +51,15 @@ from moescope import _atomic
 from moescope.errors import FormatError, MissingDependencyError, TraceError, UsageError
 from moescope.trace import (
     EXPERT_DTYPE,
+    EXTRAS,
     PHASES,
-    TOKEN_DTYPE,
     WEIGHT_DTYPES,
     RoutingTrace,
     TraceMeta,
     _check_layer_ids,
     _check_n_experts,
     _check_weights,
-    check_token_ids,
+    check_extras,
     layer_positions,
     validate_experts,
 )
@@ -131,7 +132,9 @@ class TraceWriter:
     phase : "prefill" or "decode".
     meta : provenance, stored as given (captures set `created`).
     weights_dtype : "float16", "float32" or None (no gate weights).
-    token_ids : the store keeps each token's vocabulary id (then every `append` gives them).
+    extras : the optional per-token arrays the store keeps, ``{name: trailing shape}`` (`EXTRAS` names, e.g.
+        ``{"token_ids": (), "lookahead": (layers, 2, k)}``); then every `append` gives each of them.
+    token_ids : shorthand for ``extras={"token_ids": ()}``.
     chunk_tokens : tokens per chunk (default: ~8 MiB of ids per chunk).
     overwrite : replace an existing `path`.
     atomic : True builds in a temp folder and renames at `close()`; False (captures) writes in place.
@@ -154,6 +157,7 @@ class TraceWriter:
         phase: str = "prefill",
         meta: TraceMeta | dict[str, Any] | None = None,
         weights_dtype: str | np.dtype | None = None,
+        extras: Mapping[str, Sequence[int]] | None = None,
         token_ids: bool = False,
         chunk_tokens: int | None = None,
         overwrite: bool = False,
@@ -195,7 +199,7 @@ class TraceWriter:
             "phase": phase,
             "meta": meta.to_dict(),
             "weights_dtype": None if self.weights_dtype is None else self.weights_dtype.name,
-            "token_ids": bool(token_ids),
+            "extras": {},
             "chunk_tokens": self.chunk_tokens,
             "label_names": [],
             "labelled": None,
@@ -213,16 +217,24 @@ class TraceWriter:
             else self._group.create_array("weights", shape=shape3, chunks=chunks3, dtype=self.weights_dtype)
         )
         self._seq = self._group.create_array("seq_starts", shape=(0,), chunks=(SEQ_CHUNK,), dtype=np.int64)
-        self._tokens = (
-            self._group.create_array("token_ids", shape=(0,), chunks=(self.chunk_tokens,), dtype=TOKEN_DTYPE)
-            if token_ids
-            else None
-        )
+        shapes = {**({"token_ids": ()} if token_ids else {}), **(extras or {})}
+        unknown = sorted(set(shapes) - set(EXTRAS))
+        if unknown:
+            raise TraceError(f"unknown extra array(s) {unknown}; a store can keep {', '.join(EXTRAS)}")
+        self._extras: dict[str, zarr.Array] = {}
+        for name, tail in shapes.items():
+            tail = tuple(int(x) for x in tail)
+            if len(tail) != EXTRAS[name].ndim - 1:
+                raise TraceError(f"extra {name} needs {EXTRAS[name].ndim - 1} trailing dimensions, got {tail}")
+            self._extras[name] = self._group.create_array(
+                name, shape=(0, *tail), chunks=(self.chunk_tokens, *tail), dtype=EXTRAS[name].dtype
+            )
+            self._attrs["extras"][name] = list(tail)
         self._codes: zarr.Array | None = None
         self._group.attrs[ATTR_KEY] = self._attrs
         self._buf_e: list[np.ndarray] = []
         self._buf_w: list[np.ndarray] = []
-        self._buf_t: list[np.ndarray] = []
+        self._buf_x: dict[str, list[np.ndarray]] = {name: [] for name in self._extras}
         self._buf_tokens = 0
         self._pending_starts: list[int] = []  # absolute token index of sequences not yet committed
         self._pending_labels: list[str | None] = []
@@ -242,6 +254,7 @@ class TraceWriter:
         *,
         seq_starts: Sequence[int] | np.ndarray = (0,),
         labels: Sequence[str] | None = None,
+        extras: Mapping[str, Any] | None = None,
         token_ids: Sequence[int] | np.ndarray | None = None,
     ) -> None:
         """Append a block of tokens.
@@ -253,7 +266,8 @@ class TraceWriter:
         seq_starts : [m] sequence starts inside this block, relative to it. Default ``(0,)``: the block is
             one new sequence. A block whose starts do not include 0 continues the previous sequence.
         labels : [m] label per new sequence (required iff the store is labelled).
-        token_ids : [n] vocabulary id of each token (required iff the store keeps token ids).
+        extras : ``{name: [n, ...] array}``, each extra the store keeps (required iff it keeps them).
+        token_ids : shorthand for ``extras["token_ids"]``.
         """
         if self._closed:
             raise UsageError("this TraceWriter is closed; open a new one to write more")
@@ -285,17 +299,20 @@ class TraceWriter:
             if w.shape != ex.shape:
                 raise TraceError(f"block weights shape {w.shape} differs from experts shape {ex.shape}")
             _check_weights(w)
-        if (token_ids is None) != (self._tokens is None):
+        given = {**(extras or {}), **({} if token_ids is None else {"token_ids": token_ids})}
+        if set(given) != set(self._extras):
             raise TraceError(
-                "this store "
-                + ("keeps" if self._tokens is not None else "has no")
-                + " token ids; give token_ids for every block or for none"
+                f"this store keeps the extra arrays {sorted(self._extras) or 'none'} but the block gives "
+                f"{sorted(given) or 'none'}; give the same ones for every block"
             )
-        tokens = None if token_ids is None else check_token_ids(token_ids, n)
+        checked = check_extras(given, n, self.n_layers, self.n_experts)
+        for name, arr in checked.items():
+            if arr.shape[1:] != self._extras[name].shape[1:]:
+                raise TraceError(f"block {name} has shape {arr.shape}, the store keeps {self._extras[name].shape[1:]}")
         if weights is not None:
             self._buf_w.append(w.astype(self.weights_dtype, copy=False))
-        if tokens is not None:
-            self._buf_t.append(tokens)
+        for name, arr in checked.items():
+            self._buf_x[name].append(arr)
         self._check_labels(labels, starts.size)
         self._buf_e.append(ex.astype(EXPERT_DTYPE, copy=False))
         self._pending_starts.extend((starts + self.n_tokens).tolist())
@@ -317,7 +334,7 @@ class TraceWriter:
             trace.weights,
             seq_starts=trace.seq_starts,
             labels=None if trace.seq_labels is None else trace.seq_labels.tolist(),
-            token_ids=trace.token_ids,
+            extras=trace.extras,
         )
 
     def _check_labels(self, labels: Sequence[str] | None, n_new: int) -> None:
@@ -343,9 +360,7 @@ class TraceWriter:
         w = None
         if self._weights is not None:
             w = np.concatenate(self._buf_w) if len(self._buf_w) != 1 else self._buf_w[0]
-        tok = None
-        if self._tokens is not None:
-            tok = np.concatenate(self._buf_t) if len(self._buf_t) != 1 else self._buf_t[0]
+        xs = {name: np.concatenate(b) if len(b) != 1 else b[0] for name, b in self._buf_x.items()}
         n = ex.shape[0]
         if full_chunks_only:
             # stop at a chunk boundary of the on-disk array so every chunk is written once
@@ -359,15 +374,15 @@ class TraceWriter:
         if self._weights is not None:
             self._weights.resize((hi, self.n_layers, self.top_k))
             self._weights[lo:hi] = w[:n]
-        if self._tokens is not None:
-            self._tokens.resize((hi,))
-            self._tokens[lo:hi] = tok[:n]
+        for name, arr in self._extras.items():
+            arr.resize((hi, *arr.shape[1:]))
+            arr[lo:hi] = xs[name][:n]
         n_starts = sum(1 for s in self._pending_starts if s < hi)
         self._commit_sequences(n_starts)
         self._written = hi
         self._buf_e = [ex[n:]] if n < ex.shape[0] else []
         self._buf_w = [w[n:]] if w is not None and n < w.shape[0] else []
-        self._buf_t = [tok[n:]] if tok is not None and n < tok.shape[0] else []
+        self._buf_x = {name: [x[n:]] if n < x.shape[0] else [] for name, x in xs.items()}
         self._buf_tokens = ex.shape[0] - n
         self._attrs["committed_tokens"] = hi
         self._group.attrs[ATTR_KEY] = self._attrs  # the commit point (one atomic file replace)
@@ -445,7 +460,7 @@ def save_trace(
         phase=trace.phase,
         meta=trace.meta,
         weights_dtype=None if trace.weights is None else trace.weights.dtype,
-        token_ids=trace.token_ids is not None,
+        extras={name: a.shape[1:] for name, a in trace.extras.items()},
         chunk_tokens=chunk_tokens,
         overwrite=overwrite,
         atomic=True,
@@ -463,7 +478,7 @@ def save_trace(
                 None if trace.weights is None else trace.weights[lo:hi],
                 seq_starts=starts - lo,
                 labels=labels,
-                token_ids=None if trace.token_ids is None else trace.token_ids[lo:hi],
+                extras={name: a[lo:hi] for name, a in trace.extras.items()},
             )
     return Path(path)
 
@@ -488,7 +503,8 @@ class TraceStore:
     """A trace store opened for reading; only committed tokens are visible.
 
     Attributes: n_tokens, n_layers, top_k, n_experts, layer_ids, phase, meta, complete, chunk_tokens,
-    has_weights, has_token_ids, seq_starts [sequences] int64, seq_labels [sequences] str or None.
+    has_weights, has_token_ids, extras (names of the optional per-token arrays kept), seq_starts [sequences]
+    int64, seq_labels [sequences] str or None.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -528,16 +544,20 @@ class TraceStore:
         self.has_weights = a["weights_dtype"] is not None
         self._experts = self._group["experts"]
         self._weights = self._group["weights"] if self.has_weights else None
-        self.has_token_ids = a.get("token_ids") is True
-        self._tokens = self._group["token_ids"] if self.has_token_ids else None
+        names = list(a.get("extras") or {}) if isinstance(a.get("extras"), dict) else []
+        if a.get("token_ids") is True and "token_ids" not in names:  # stores of the first token-id version
+            names.append("token_ids")
+        self._extras = {name: self._group[name] for name in names if name in EXTRAS}
+        self.extras = tuple(self._extras)
+        self.has_token_ids = "token_ids" in self._extras
         n_seq = int(a["committed_sequences"])
         self.seq_starts = np.asarray(self._group["seq_starts"][:n_seq], dtype=np.int64)
         self.seq_labels: np.ndarray | None = None
         if a.get("labelled"):
             names = np.asarray(a["label_names"], dtype=str)
             self.seq_labels = names[np.asarray(self._group["seq_label_codes"][:n_seq])]
-        for name, arr in (("experts", self._experts), ("token_ids", self._tokens)):
-            if arr is not None and arr.shape[0] < self.n_tokens:
+        for name, arr in (("experts", self._experts), *self._extras.items()):
+            if arr.shape[0] < self.n_tokens:
                 raise FormatError(
                     f"{str(self.path)!r} is corrupt: {self.n_tokens} tokens committed but only {arr.shape[0]} "
                     f"stored in {name}; recapture or restore it"
@@ -562,10 +582,11 @@ class TraceStore:
         li = self._layer_index(layers)
         ex = self._experts[start:stop]
         w = self._weights[start:stop] if self._weights is not None else None
-        tokens = self._tokens[start:stop] if self._tokens is not None else None
+        extras = {name: arr[start:stop] for name, arr in self._extras.items()}
         if li is not None:
             ex = ex[:, li]
             w = None if w is None else w[:, li]
+            extras = {name: x[:, li] if EXTRAS[name].layered else x for name, x in extras.items()}
         first = int(np.searchsorted(self.seq_starts, start, side="right")) - 1
         last = int(np.searchsorted(self.seq_starts, stop, side="left"))
         rel = self.seq_starts[max(first, 0) : last] - start
@@ -582,7 +603,7 @@ class TraceStore:
             layer_ids=self.layer_ids if li is None else self.layer_ids[li],
             phase=self.phase,
             meta=self.meta,
-            token_ids=tokens,
+            extras=extras,
         )
         return Chunk(start, trace, max(first, 0), bool(continues))
 
@@ -611,6 +632,7 @@ class TraceStore:
             "has_weights": self.has_weights,
             "weights_dtype": self._attrs["weights_dtype"],
             "has_token_ids": self.has_token_ids,
+            "extras": {name: list(arr.shape[1:]) for name, arr in self._extras.items()},
             "labels": [] if self.seq_labels is None else list(dict.fromkeys(self.seq_labels.tolist())),
             "complete": self.complete,
             "chunk_tokens": self.chunk_tokens,

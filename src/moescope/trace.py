@@ -8,8 +8,13 @@ Shapes (the glossary is in the package docstring):
 - ``seq_starts: [sequences] int64`` -- token index where each sequence (request, document) begins;
   ``seq_starts[0] == 0``, strictly increasing. Inside a sequence, tokens are in processing order.
 - ``seq_labels: [sequences] str`` (optional) -- a workload / task / domain label per sequence.
-- ``token_ids: [tokens] int32`` (optional) -- the vocabulary id of each token, where the capture knew it
-  (so two traces of the same text can be checked to be aligned, token by token: `moescope compare`).
+- ``extras`` (optional per-token arrays, `EXTRAS`): ``token_ids [tokens] int32`` (the vocabulary id of each
+  token, so two traces of the same text can be checked to be aligned: `moescope compare`),
+  ``lookahead [tokens, layers, distance, k] int16`` (what the routers of the next MoE layers choose from the
+  hidden state entering this layer's router, -1 past the last layer), ``candidates [tokens, layers, M]
+  int16`` and ``candidate_probs [tokens, layers, M] float32`` (the router's top-M experts and their
+  probabilities: the near misses). Every extra has the token axis first; layered ones have the layer axis
+  second, so slices and layer selections carry them.
 - ``layer_ids: [layers] int64`` -- the model's layer index of each MoE layer (dense layers are absent).
 - ``ExpertCounts.values: [layers, experts]`` -- selections (or gate mass) per expert; shares when
   ``normalized``.
@@ -137,18 +142,74 @@ def validate_experts(experts: np.ndarray, n_experts: int, token_offset: int = 0)
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class Extra:
+    """An optional per-token array of a trace (the registry `EXTRAS`).
+
+    name : its key in ``RoutingTrace.extras`` (and its array's name in stores and .npz files).
+    dtype : how it is stored. ndim : dimensions, the token axis first. layered : axis 1 is the trace's
+    layer axis (slices and `select_layers` cut it). ids : it holds expert ids (checked against the expert
+    count; -1 allowed where `missing` says so). shape : the docstring's shape.
+    """
+
+    name: str
+    dtype: np.dtype
+    ndim: int
+    layered: bool
+    ids: bool
+    missing: bool
+    shape: str
+
+    def check(self, value: Any, n_tokens: int, n_layers: int, n_experts: int) -> np.ndarray:
+        """`value` as this extra's array, checked against the trace's shape; `TraceError` naming the problem."""
+        a = np.asarray(value)
+        if a.ndim != self.ndim or a.shape[0] != n_tokens or (self.layered and a.shape[1] != n_layers):
+            raise TraceError(
+                f"{self.name} has shape {a.shape}, expected {self.shape} with {n_tokens} tokens"
+                + (f" and {n_layers} layers" if self.layered else "")
+                + f"; give one row per token, or no {self.name}"
+            )
+        if np.issubdtype(self.dtype, np.integer):
+            a = _as_int_array(a, f"{self.name} {self.shape}", self.ndim)
+            lo = -1 if self.missing else 0
+            hi = n_experts - 1 if self.ids else int(np.iinfo(self.dtype).max)
+            if a.size and (a.min() < lo or a.max() > hi):
+                bad = int(a.min()) if a.min() < lo else int(a.max())
+                raise TraceError(f"{self.name} holds {bad}; expected values in {lo}..{hi}")
+        else:
+            if not np.issubdtype(a.dtype, np.number):
+                raise TraceError(f"{self.name} must hold numbers, got dtype {a.dtype}")
+            if a.size and not (np.all(np.isfinite(a)) and a.min() >= 0):
+                raise TraceError(f"{self.name} holds a value that is not a finite number >= 0")
+        return np.ascontiguousarray(a, dtype=self.dtype)
+
+
+EXTRAS: dict[str, Extra] = {
+    e.name: e
+    for e in (
+        Extra("token_ids", TOKEN_DTYPE, 1, False, False, False, "[tokens]"),
+        Extra("lookahead", EXPERT_DTYPE, 4, True, True, True, "[tokens, layers, distance, k]"),
+        Extra("candidates", EXPERT_DTYPE, 3, True, True, False, "[tokens, layers, M]"),
+        Extra("candidate_probs", np.dtype(np.float32), 3, True, False, False, "[tokens, layers, M]"),
+    )
+}
+
+
+def check_extras(extras: Mapping[str, Any], n_tokens: int, n_layers: int, n_experts: int) -> dict[str, np.ndarray]:
+    """Checked extras (`EXTRAS` names only; None values dropped); `TraceError` naming an unknown one."""
+    unknown = sorted(set(extras) - set(EXTRAS))
+    if unknown:
+        raise TraceError(f"unknown extra array(s) {unknown}; a trace can carry {', '.join(EXTRAS)}")
+    return {
+        name: EXTRAS[name].check(value, n_tokens, n_layers, n_experts)
+        for name, value in extras.items()
+        if value is not None
+    }
+
+
 def check_token_ids(token_ids: Any, n_tokens: int) -> np.ndarray:
     """[tokens] int32 vocabulary ids, checked: one per token, integers in 0 .. 2^31 - 1."""
-    ids = _as_int_array(token_ids, "token_ids [tokens]", 1)
-    if ids.size != n_tokens:
-        raise TraceError(
-            f"token_ids has {ids.size} entries but the trace has {n_tokens} tokens; give one vocabulary id per "
-            f"token, or none"
-        )
-    if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(TOKEN_DTYPE).max):
-        bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
-        raise TraceError(f"token_ids holds {bad}; vocabulary ids are 0 .. {np.iinfo(TOKEN_DTYPE).max}")
-    return np.ascontiguousarray(ids, dtype=TOKEN_DTYPE)
+    return EXTRAS["token_ids"].check(token_ids, n_tokens, 0, 0)
 
 
 def layer_positions(layer_ids: np.ndarray, layers: Sequence[int]) -> np.ndarray:
@@ -238,7 +299,8 @@ class RoutingTrace:
     weights : [tokens, layers, k] gate weights, float16 or float32 (other floats are cast to float32).
     seq_starts : [sequences] token index where each sequence begins; default one sequence.
     seq_labels : [sequences] label per sequence (workload, task...), or None.
-    token_ids : [tokens] vocabulary id of each token (stored as int32), or None when unknown.
+    extras : optional per-token arrays by name (`EXTRAS`: token_ids, lookahead, candidates, candidate_probs).
+    token_ids : shorthand for ``extras["token_ids"]``.
     layer_ids : [layers] model layer index of each MoE layer; default ``0..layers-1``.
     phase : ``"prefill"`` (teacher-forced / prompt processing) or ``"decode"`` (generated tokens).
     meta : provenance (`TraceMeta` or a dict with model/source/corpus/created/...).
@@ -247,13 +309,13 @@ class RoutingTrace:
 
     __slots__ = (
         "experts",
+        "extras",
         "layer_ids",
         "meta",
         "n_experts",
         "phase",
         "seq_labels",
         "seq_starts",
-        "token_ids",
         "weights",
     )
 
@@ -268,6 +330,7 @@ class RoutingTrace:
         layer_ids: Any = None,
         phase: str = "prefill",
         meta: TraceMeta | Mapping[str, Any] | None = None,
+        extras: Mapping[str, Any] | None = None,
         token_ids: Any = None,
         validate: bool = True,
     ) -> None:
@@ -305,12 +368,20 @@ class RoutingTrace:
                 )
             seq_labels = labels
         self.seq_labels = seq_labels
-        self.token_ids = None if token_ids is None else check_token_ids(token_ids, n_tok)
+        given = dict(extras or {})
+        if token_ids is not None:
+            given["token_ids"] = token_ids
+        self.extras = check_extras(given, n_tok, n_lay, self.n_experts)
         self.layer_ids = _check_layer_ids(layer_ids, n_lay)
         if phase not in PHASES:
             raise TraceError(f"phase is {phase!r}, expected one of {', '.join(PHASES)}")
         self.phase = phase
         self.meta = meta if isinstance(meta, TraceMeta) else TraceMeta.from_dict(meta)
+
+    @property
+    def token_ids(self) -> np.ndarray | None:
+        """[tokens] int32 vocabulary ids (``extras["token_ids"]``), or None when unknown."""
+        return self.extras.get("token_ids")
 
     # -- shape -----------------------------------------------------------------------------------
     @property
@@ -370,9 +441,11 @@ class RoutingTrace:
             "layer_ids": self.layer_ids,
             "phase": self.phase,
             "meta": self.meta,
-            "token_ids": self.token_ids,
+            "extras": self.extras,
         }
         validate = changes.pop("validate", True)
+        if "token_ids" in changes:  # shorthand for one extra
+            fields["extras"] = {**fields["extras"], "token_ids": changes.pop("token_ids")}
         unknown = set(changes) - set(fields)
         if unknown:
             raise TypeError(f"unknown trace field(s): {sorted(unknown)}")
@@ -392,7 +465,8 @@ class RoutingTrace:
             and np.array_equal(self.layer_ids, other.layer_ids)
             and _opt_equal(self.weights, other.weights)
             and _opt_equal(self.seq_labels, other.seq_labels)
-            and _opt_equal(self.token_ids, other.token_ids)
+            and self.extras.keys() == other.extras.keys()
+            and all(_opt_equal(v, other.extras[k]) for k, v in self.extras.items())
         )
         if same and self.weights is not None:
             same = self.weights.dtype == other.weights.dtype
@@ -411,6 +485,7 @@ class RoutingTrace:
             "has_weights": self.weights is not None,
             "weights_dtype": None if self.weights is None else str(self.weights.dtype),
             "has_token_ids": self.token_ids is not None,
+            "extras": {name: list(a.shape[1:]) for name, a in self.extras.items()},
             "labels": self.labels(),
             "meta": self.meta.to_dict(),
         }

@@ -46,7 +46,11 @@ def _print_info(d: dict[str, Any]) -> None:
         )
         head.add_row("phase", d["phase"])
         head.add_row("gate weights", d["weights_dtype"] or "none")
-        head.add_row("token ids", "recorded" if d.get("has_token_ids") else "none")
+        extras = d.get("extras") or {}
+        head.add_row("token ids", "recorded" if "token_ids" in extras else "none")
+        others = [f"{name} {tail}" for name, tail in extras.items() if name != "token_ids"]
+        if others:
+            head.add_row("also", ", ".join(others))
         if d.get("labels"):
             head.add_row("labels", ", ".join(d["labels"]))
         if "complete" in d and not d["complete"]:

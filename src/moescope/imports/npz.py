@@ -1,9 +1,10 @@
 """moescope's `.npz` trace format (also the format of ``shared/realdata/esft-dsv2lite/trace.npz``).
 
 Arrays: ``experts [tokens, layers, k] int``, optional ``weights [tokens, layers, k] float16|float32``,
-``seq_starts [sequences] int64``, optional ``seq_labels [sequences] str``, optional ``token_ids [tokens] int``
-(vocabulary ids), and ``meta``: a JSON string with
-``n_experts`` (required unless given as an option), ``layer_ids``, ``phase``, ``model``/``source``/... .
+``seq_starts [sequences] int64``, optional ``seq_labels [sequences] str``, the optional per-token arrays
+of `moescope.trace.EXTRAS` (``token_ids``, ``lookahead``, ``candidates``, ``candidate_probs``) under
+their names, and ``meta``: a JSON string with ``n_experts`` (required unless given as an option),
+``layer_ids``, ``phase``, ``model``/``source``/... .
 A ``task_starts`` mapping in meta (label -> first token of that task's sequences) labels the sequences
 when ``seq_labels`` is absent. Read with ``allow_pickle=False``: nothing in the file is ever unpickled.
 
@@ -22,7 +23,7 @@ import numpy as np
 from moescope import _atomic
 from moescope.errors import FormatError
 from moescope.imports.registry import ImportOptions, register_reader, register_writer
-from moescope.trace import RoutingTrace, TraceMeta
+from moescope.trace import EXTRAS, RoutingTrace, TraceMeta
 
 STRUCTURAL_KEYS = ("n_experts", "top_k", "n_layers", "layer_ids", "phase")
 
@@ -79,7 +80,8 @@ def read_npz(path: Path, options: ImportOptions) -> RoutingTrace:
         if n_experts is None:
             raise FormatError(f"{path}: meta has no 'n_experts'; pass --n-experts (routed experts per layer)")
         try:
-            arrays = {k: z[k] for k in ("experts", "weights", "seq_starts", "seq_labels", "token_ids") if k in z.files}
+            wanted = ("experts", "weights", "seq_starts", "seq_labels", *EXTRAS)
+            arrays = {k: z[k] for k in wanted if k in z.files}
         except ValueError as exc:  # object arrays need pickle
             raise FormatError(f"{path}: holds an array that needs unpickling ({exc}); refusing to load it") from None
     seq_starts = arrays.get("seq_starts")
@@ -106,7 +108,7 @@ def read_npz(path: Path, options: ImportOptions) -> RoutingTrace:
         layer_ids=meta.get("layer_ids"),
         phase=_phase(meta.get("phase"), options.phase, path),
         meta=tmeta,
-        token_ids=arrays.get("token_ids"),
+        extras={name: arrays[name] for name in EXTRAS if name in arrays},
     )
 
 
@@ -132,8 +134,7 @@ def write_npz(trace: RoutingTrace, path: Path, overwrite: bool = False) -> Path:
         arrays["weights"] = trace.weights
     if trace.seq_labels is not None:
         arrays["seq_labels"] = trace.seq_labels
-    if trace.token_ids is not None:
-        arrays["token_ids"] = trace.token_ids
+    arrays.update(trace.extras)
     arrays["meta"] = np.asarray(json.dumps(meta))
     with _atomic.atomic_path(path, overwrite, suffix=".npz") as tmp:
         np.savez_compressed(tmp, **arrays)
