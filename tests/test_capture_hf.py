@@ -306,3 +306,61 @@ def test_cli_bad_inputs_exit_2_and_leave_nothing(capsys, saved, corpus, tmp_path
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.zarr")]
     if case == "dense-model":
         assert "LlamaForCausalLM has no Mixture-of-Experts router" in err
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_lookahead_applies_the_next_routers_to_this_routers_input(arch):
+    """Lookahead at distance d from MoE layer i = what router i+d chooses from router i's input (its own
+    module: bias, groups, renormalisation exact); -1 past the last layer. Candidates: the top-M logits."""
+    model = tiny(arch, num_hidden_layers=4)
+    ids, mask = batch()
+    rec = RouterRecorder(model, lookahead=2, candidates=4)
+    mods = [dict(model.named_modules())[s.name] for s in rec.sites]
+    inputs = {}
+
+    def keep_input(i):
+        def hook(module, args):
+            if not rec._ahead:  # not the lookahead's own calls
+                inputs[i] = args[0].detach().clone()
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(keep_input(i)) for i, m in enumerate(mods)]
+    with rec, torch.inference_mode():
+        model(input_ids=ids, attention_mask=mask)
+        experts, _, extras = rec.collect_all(mask)
+    for h in hooks:
+        h.remove()
+    keep = mask.reshape(-1).bool()
+    la = extras["lookahead"]
+    assert la.shape == (*experts.shape[:2], 2, 2) and rec.extra_shapes()["lookahead"] == (rec.n_layers, 2, 2)
+    fmt = ROUTER_FORMATS[rec.router_classes[0]]
+    for i in range(rec.n_layers):
+        for d in (1, 2):
+            if i + d >= rec.n_layers:
+                assert (la[:, i, d - 1] == -1).all()
+                continue
+            with torch.inference_mode():
+                want = mods[i + d](inputs[i])[fmt.ids_at].reshape(-1, 2)[keep].numpy()
+            np.testing.assert_array_equal(np.sort(la[:, i, d - 1], axis=1), np.sort(want, axis=1))
+    cand, prob = extras["candidates"], extras["candidate_probs"]
+    assert cand.shape == prob.shape == (*experts.shape[:2], 4)
+    assert np.all(np.diff(prob, axis=2) <= 1e-7) and np.all(prob.sum(axis=2) <= 1 + 1e-5)
+    if arch in SOFTMAX_TOPK:  # the chosen experts are the top-k logits
+        np.testing.assert_array_equal(np.sort(cand[..., :2], axis=2), np.sort(experts, axis=2))
+
+
+def test_lookahead_and_candidates_reach_the_store(capsys, saved, corpus, tmp_path):
+    out = tmp_path / "la.zarr"
+    args = ("capture", "hf", saved.moe, corpus, "-o", out, "--seq-len", "16", "--lookahead", "2", "--candidates", "4")
+    code, _, err = run(capsys, "-q", *args)
+    assert code == 0, err
+    trace = read_input(out)
+    assert trace.extras["lookahead"].shape == (trace.n_tokens, 3, 2, 2)
+    assert trace.extras["candidates"].shape == (trace.n_tokens, 3, 4) and trace.token_ids is not None
+    assert (trace.extras["lookahead"][:, 2] == -1).all() and (trace.extras["lookahead"][:, 1, 1] == -1).all()
+    assert trace.meta.extra["capture"]["lookahead"] == 2
+    code, _, err = run(capsys, "capture", "hf", saved.moe, corpus, "-o", tmp_path / "x.zarr", "--candidates", "2")
+    assert code == 2 and "--candidates 2: expected more than top-k (2)" in err
+    code, _, err = run(capsys, "capture", "hf", saved.moe, corpus, "-o", tmp_path / "x.zarr", "--lookahead", "4")
+    assert code == 2 and not (tmp_path / "x.zarr").exists()

@@ -48,11 +48,19 @@ def check_capture(
 
 
 def capture_writer(
-    out: Path, *, n_experts: int, top_k: int, layer_ids: Sequence[int], mode: str, meta: Any, overwrite: bool
+    out: Path,
+    *,
+    n_experts: int,
+    top_k: int,
+    layer_ids: Sequence[int],
+    mode: str,
+    meta: Any,
+    overwrite: bool,
+    extras: dict[str, tuple[int, ...]] | None = None,
 ) -> Any:
     """The store every capture engine writes: in place (readable while it grows), float32 gate weights, the
-    token ids the model ran, committed every full chunk and at least every `CAPTURE_COMMIT_SECONDS` (a
-    crash loses at most that)."""
+    token ids the model ran (and the `extras` asked for: lookahead, candidates), committed every full chunk
+    and at least every `CAPTURE_COMMIT_SECONDS` (a crash loses at most that)."""
     from moescope.store import CAPTURE_COMMIT_SECONDS, TraceWriter
 
     return TraceWriter(
@@ -64,7 +72,7 @@ def capture_writer(
         phase=mode,
         meta=meta,
         weights_dtype="float32",
-        token_ids=True,
+        extras={"token_ids": (), **(extras or {})},
         overwrite=overwrite,
         atomic=False,
         commit_seconds=CAPTURE_COMMIT_SECONDS,

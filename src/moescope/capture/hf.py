@@ -156,6 +156,8 @@ def capture_hf(
     dtype: str = "float32",
     batch_size: int = DEFAULT_BATCH,
     ignore_eos: bool = False,
+    lookahead: int = 0,
+    candidates: int = 0,
     corpus: str | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
@@ -176,6 +178,9 @@ def capture_hf(
         prompt of its first `prompt_len` tokens (default `seq_len`); only the generated tokens' routing is
         recorded (step i feeds the token step i-1 chose), one sequence per document, stopping early at an
         end-of-sequence token unless `ignore_eos`.
+    lookahead : N, record what the routers of the next N MoE layers choose from each router's input (0-3;
+        `moescope.capture.routers`).
+    candidates : M, record each router's top-M experts and probabilities (0, or top-k < M <= experts).
     max_tokens : stop after this many recorded tokens.
     corpus : the corpus path, for the metadata.
     progress : called as ``progress(tokens_recorded, tokens_planned)`` after each forward.
@@ -202,7 +207,7 @@ def capture_hf(
         model = load_hf_model(model, device, dtype)
     if tokenizer is None:
         tokenizer = load_tokenizer(model.name_or_path)
-    recorder = RouterRecorder(model)
+    recorder = RouterRecorder(model, lookahead=lookahead, candidates=candidates)
     plan = plan_sequences(
         documents,
         tokenizer,
@@ -230,6 +235,8 @@ def capture_hf(
                 "prompt_len": prompt_len,
                 "architecture": type(model).__name__,
                 "routers": recorder.router_classes,
+                "lookahead": lookahead,
+                "candidates": candidates,
                 "transformers": tf.__version__,
             }
         },
@@ -244,14 +251,16 @@ def capture_hf(
             mode=mode,
             meta=meta,
             overwrite=overwrite,
+            extras=recorder.extra_shapes(),
         ) as writer:
             steps = _prefill if mode == "prefill" else _decode
-            for experts, weights, starts, labels, tokens in steps(
+            for experts, weights, starts, labels, extras in steps(
                 model, recorder, plan, dev, batch_size=batch_size, generate=generate, ignore_eos=ignore_eos
             ):
                 room = planned - writer.n_tokens
                 keep = int(np.searchsorted(starts, room)) if len(experts) > room else len(starts)
-                _append(writer, experts[:room], weights[:room], starts[:keep], labels[:keep], tokens[:room], recorder)
+                cut = {name: x[:room] for name, x in extras.items()}
+                _append(writer, experts[:room], weights[:room], starts[:keep], labels[:keep], cut, recorder)
                 if progress is not None:
                     progress(writer.n_tokens, planned)
                 if writer.n_tokens >= planned:
@@ -273,13 +282,13 @@ def _append(
     weights: np.ndarray,
     starts: Any,
     labels: Any,
-    tokens: Any,
+    extras: dict[str, np.ndarray],
     recorder: RouterRecorder,
 ) -> None:
     labels = list(labels)
     try:
         writer.append(
-            experts, weights, seq_starts=starts, labels=None if labels[:1] == [None] else labels, token_ids=tokens
+            experts, weights, seq_starts=starts, labels=None if labels[:1] == [None] else labels, extras=extras
         )
     except TraceError as exc:
         raise CaptureError(
@@ -289,7 +298,8 @@ def _append(
 
 
 def _prefill(model: Any, recorder: RouterRecorder, plan: list[Seq], dev: Any, *, batch_size: int, **_: Any):
-    """Yield (experts, weights, seq_starts, labels, token ids) per batch of padded, teacher-forced sequences."""
+    """Yield (experts, weights, seq_starts, labels, extras with the token ids) per batch of padded,
+    teacher-forced sequences."""
     torch = _torch()
     for lo in range(0, len(plan), batch_size):
         batch = plan[lo : lo + batch_size]
@@ -300,15 +310,17 @@ def _prefill(model: Any, recorder: RouterRecorder, plan: list[Seq], dev: Any, *,
             ids[row, : len(s.ids)] = torch.tensor(s.ids)
             mask[row, : len(s.ids)] = 1
         model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False, logits_to_keep=1)
-        experts, weights = recorder.collect(mask)
+        experts, weights, extras = recorder.collect_all(mask)
+        extras["token_ids"] = np.concatenate([s.ids for s in batch])
         starts = np.cumsum([0] + [len(s.ids) for s in batch[:-1]])
-        yield experts, weights, starts, [s.label for s in batch], np.concatenate([s.ids for s in batch])
+        yield experts, weights, starts, [s.label for s in batch], extras
 
 
 def _decode(
     model: Any, recorder: RouterRecorder, plan: list[Seq], dev: Any, *, generate: int, ignore_eos: bool, **_: Any
 ):
-    """Yield (experts, weights, [0], [label], token ids) per document: the routing of each generated token."""
+    """Yield (experts, weights, [0], [label], extras with the token ids) per document: the routing of each
+    generated token."""
     torch = _torch()
     eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
     stop = set() if ignore_eos or eos is None else {eos} if isinstance(eos, int) else set(eos)
@@ -317,7 +329,8 @@ def _decode(
     for seq in plan:
         out = model(input_ids=torch.tensor([seq.ids], device=dev), use_cache=True, logits_to_keep=1)
         recorder.reset()  # the prompt's routing is not part of a decode trace
-        rows_e, rows_w, tokens = [], [], []
+        rows: list[tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]] = []
+        tokens = []
         for _step in range(generate):
             token = int(out.logits[0, -1].argmax())
             if token in stop:
@@ -329,8 +342,9 @@ def _decode(
                 use_cache=True,
                 logits_to_keep=1,
             )
-            experts, weights = recorder.collect()
-            rows_e.append(experts)
-            rows_w.append(weights)
-        if rows_e:
-            yield np.concatenate(rows_e), np.concatenate(rows_w), np.array([0]), [seq.label], np.asarray(tokens)
+            rows.append(recorder.collect_all())
+        if rows:
+            extras = {name: np.concatenate([r[2][name] for r in rows]) for name in rows[0][2]}
+            extras["token_ids"] = np.asarray(tokens)
+            experts, weights = np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows])
+            yield experts, weights, np.array([0]), [seq.label], extras

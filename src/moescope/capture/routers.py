@@ -13,6 +13,16 @@ a router whose output cannot be read, raises `CaptureError` naming the class: no
 Shared experts (DeepSeek, Qwen2-MoE) are not routed and not recorded; dense layers have no router, so they
 are absent from ``layer_ids``. This module runs no model and writes nothing (see `moescope.capture.hf`).
 
+Two optional recordings, for prefetching studies:
+
+- **lookahead N**: at every MoE layer, the routers of the next N MoE layers (the model's own modules, so
+  bias, groups and renormalisation are exact) are applied to the input of this layer's router, and the
+  experts they choose are recorded: what a runtime that prefetches from an earlier hidden state would
+  predict (Mixtral-offloading, ProMoE, HOBBIT). Distance d counts MoE layers; -1 past the last one.
+- **candidates M**: the router's top-M experts by router logit and their probabilities (softmax of the
+  logits): the chosen ones and the near misses. For routers that choose with a bias added after the
+  gate (DeepSeek-V3's correction bias), the ranking is the logits', not the selection's.
+
     >>> with RouterRecorder(model) as rec:
     ...     model(input_ids, attention_mask=mask)
     ...     experts, weights = rec.collect(mask)         # [tokens, layers, k] each
@@ -27,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from moescope.errors import CaptureError, require
+from moescope.errors import CaptureError, UsageError, require
 
 
 def _torch() -> Any:
@@ -41,12 +51,14 @@ class RouterFormat:
     arch : the transformers ``model_type`` it belongs to.
     ids_at, weights_at : index in the output tuple of the ``[tokens, k]`` expert ids / gate weights.
     weights : what the gate weights are (for the docs).
+    logits_at : index of the ``[tokens, experts]`` router logits.
     """
 
     arch: str
     ids_at: int
     weights_at: int
     weights: str
+    logits_at: int = 0
 
 
 # Every entry verified against transformers 5.x: each router returns (router_logits, weights, ids).
@@ -161,34 +173,60 @@ class RouterRecorder:
 
     Use as a context manager (hooks are installed on enter and removed on exit)::
 
-        with RouterRecorder(model) as rec:
+        with RouterRecorder(model, lookahead=2, candidates=12) as rec:
             model(input_ids, attention_mask=mask)
-            experts, weights = rec.collect(mask)      # [tokens, layers, k] each
+            experts, weights, extras = rec.collect_all(mask)   # [tokens, layers, k] each; extras below
+
+    Parameters
+    ----------
+    model : a loaded transformers model.
+    lookahead : N, the next MoE layers whose routers are applied to each router's input (0-3; module docstring).
+    candidates : M, the router's top-M experts recorded with their probabilities (0, or k < M <= E).
 
     Attributes: sites (`RouterSite` per layer), layer_ids [layers], n_experts, top_k, router_classes.
     """
 
-    def __init__(self, model: Any) -> None:
+    MAX_LOOKAHEAD = 3
+
+    def __init__(self, model: Any, *, lookahead: int = 0, candidates: int = 0) -> None:
         self.model = model
         self.sites = find_routers(model)
         self.layer_ids = [s.layer_id for s in self.sites]
         self.n_experts, self.top_k = self.sites[0].n_experts, self.sites[0].top_k
+        if not 0 <= lookahead <= self.MAX_LOOKAHEAD:
+            raise UsageError(f"--lookahead {lookahead}: expected 0..{self.MAX_LOOKAHEAD} MoE layers ahead")
+        if candidates and not self.top_k < candidates <= self.n_experts:
+            raise UsageError(
+                f"--candidates {candidates}: expected more than top-k ({self.top_k}) and at most the "
+                f"{self.n_experts} experts, or 0"
+            )
+        self.lookahead, self.candidates = int(lookahead), int(candidates)
         modules = dict(model.named_modules())
         self._modules = [modules[s.name] for s in self.sites]
         self.router_classes = sorted({type(m).__name__ for m in self._modules})
-        self._out: list[list[tuple[Any, Any]]] = [[] for _ in self.sites]
-        self._at: list[tuple[int, int] | None] = [
-            None if s.fmt is None else (s.fmt.ids_at, s.fmt.weights_at) for s in self.sites
+        self._out: list[list[dict[str, Any]]] = [[] for _ in self.sites]
+        self._at: list[tuple[int, int, int | None] | None] = [
+            None if s.fmt is None else (s.fmt.ids_at, s.fmt.weights_at, s.fmt.logits_at) for s in self.sites
         ]
         self._handles: list[Any] = []
+        self._ahead = False  # True while a later layer's router runs for a lookahead: its hook records nothing
 
     @property
     def n_layers(self) -> int:
         return len(self.sites)
 
+    def extra_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The trailing shapes of the extras `collect_all` returns (for `moescope.store.TraceWriter`)."""
+        out: dict[str, tuple[int, ...]] = {}
+        if self.lookahead:
+            out["lookahead"] = (self.n_layers, self.lookahead, self.top_k)
+        if self.candidates:
+            out["candidates"] = out["candidate_probs"] = (self.n_layers, self.candidates)
+        return out
+
     def __enter__(self) -> RouterRecorder:
         for i, module in enumerate(self._modules):
-            self._handles.append(module.register_forward_hook(self._hook(i)))
+            self._handles.append(module.register_forward_hook(self._hook(i), with_kwargs=True))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -202,16 +240,55 @@ class RouterRecorder:
         self._out = [[] for _ in self.sites]
 
     def _hook(self, i: int) -> Callable[..., None]:
-        def hook(module: Any, args: Any, output: Any) -> None:
+        def hook(module: Any, args: Any, kwargs: Any, output: Any) -> None:
+            if self._ahead:
+                return
             at = self._at[i] or self._detect(i, module, output)
             self._at[i] = at
-            ids, weights = output[at[0]], output[at[1]]
-            self._out[i].append((ids.detach().reshape(-1, ids.shape[-1]), weights.detach().reshape(ids.shape)))
+            ids = output[at[0]].detach()
+            tokens = ids.reshape(-1, ids.shape[-1])
+            rec = {"ids": tokens, "weights": output[at[1]].detach().reshape(tokens.shape)}
+            if self.candidates:
+                rec["candidates"] = self._candidates(i, output[at[2]] if at[2] is not None else None)
+            if self.lookahead:
+                rec["lookahead"] = self._look_ahead(i, args, kwargs, tokens.shape[0])
+            self._out[i].append(rec)
 
         return hook
 
-    def _detect(self, i: int, module: Any, output: Any) -> tuple[int, int]:
-        """Find ids and weights in an unknown router's output: int and float tensors of shape [tokens, k]."""
+    def _candidates(self, i: int, logits: Any) -> tuple[Any, Any]:
+        """([tokens, M] ids, [tokens, M] probabilities) of the router's top-M logits."""
+        torch = _torch()
+        if logits is None:
+            raise CaptureError(
+                f"router {self.sites[i].name} gives no [tokens, experts] logits; --candidates needs them"
+            )
+        flat = logits.detach().reshape(-1, logits.shape[-1]).float()
+        top = torch.topk(flat, self.candidates, dim=-1)
+        return top.indices, torch.softmax(flat, dim=-1).gather(-1, top.indices)
+
+    def _look_ahead(self, i: int, args: Any, kwargs: Any, n_tokens: int) -> Any:
+        """[tokens, N, k] experts the routers of MoE layers i+1..i+N choose from router i's input (-1 past
+        the last layer)."""
+        torch = _torch()
+        out = torch.full((n_tokens, self.lookahead, self.top_k), -1, dtype=torch.long)
+        self._ahead = True
+        try:
+            for d in range(1, self.lookahead + 1):
+                j = i + d
+                if j >= self.n_layers:
+                    break
+                result = self._modules[j](*args, **kwargs)
+                at = self._at[j] or self._detect(j, self._modules[j], result)
+                self._at[j] = at
+                out[:, d - 1] = result[at[0]].detach().reshape(n_tokens, -1).to(out.device)
+        finally:
+            self._ahead = False
+        return out
+
+    def _detect(self, i: int, module: Any, output: Any) -> tuple[int, int, int | None]:
+        """Find ids, weights (int and float tensors of shape [tokens, k]) and logits (a float [tokens, E]
+        tensor, None when absent) in an unknown router's output."""
         site = self.sites[i]
         torch = _torch()
         parts = list(output) if isinstance(output, (tuple, list)) else [output]
@@ -225,10 +302,18 @@ class RouterRecorder:
             and p.ndim >= 2
             and p.shape[-1] == site.top_k
         ]
+        logits = next(
+            (
+                j
+                for j, p in enumerate(parts)
+                if torch.is_tensor(p) and p.is_floating_point() and p.shape[-1] == site.n_experts
+            ),
+            None,
+        )
         for j in reversed(ints):
             w = [m for m, p in enumerate(parts) if m != j and shapes[m] == shapes[j] and p.is_floating_point()]
             if w:
-                return j, w[0]
+                return j, w[0], logits
         raise CaptureError(
             f"{type(self.model).__name__}: router {site.name} ({type(module).__name__}) returned shapes {shapes}, "
             f"without an integer [tokens, {site.top_k}] expert-id tensor and matching gate weights; moescope "
@@ -236,6 +321,11 @@ class RouterRecorder:
         )
 
     def collect(self, attention_mask: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """`collect_all` without the extras: ``(experts, weights)``."""
+        experts, weights, _ = self.collect_all(attention_mask)
+        return experts, weights
+
+    def collect_all(self, attention_mask: Any = None) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """What the routers did since the last `collect` / `reset`, then reset.
 
         Parameters
@@ -247,16 +337,28 @@ class RouterRecorder:
         -------
         experts : [tokens, layers, k] int64, tokens in batch row-major order (row 0's tokens first).
         weights : [tokens, layers, k] float32 gate weights.
+        extras : with lookahead, ``lookahead [tokens, layers, N, k]`` int64 (-1 past the last layer); with
+            candidates, ``candidates [tokens, layers, M]`` int64 and ``candidate_probs`` float32.
         """
         torch = _torch()
         missing = [s.name for s, out in zip(self.sites, self._out, strict=True) if not out]
         if missing and len(missing) < self.n_layers:
             raise CaptureError(f"routers {missing[:4]} did not run in this forward; was the model run in full?")
         if missing:
-            empty = np.zeros((0, self.n_layers, self.top_k))
-            return empty.astype(np.int64), empty.astype(np.float32)
-        ids = torch.stack([torch.cat([o[0] for o in out]) for out in self._out], dim=1)
-        w = torch.stack([torch.cat([o[1] for o in out]).float() for out in self._out], dim=1)
+            empty = {name: np.zeros((0, *tail)) for name, tail in self.extra_shapes().items()}
+            zeros = np.zeros((0, self.n_layers, self.top_k))
+            return zeros.astype(np.int64), zeros.astype(np.float32), empty
+
+        def stacked(key: str, part: int | None = None) -> Any:
+            pieces = [[o[key] if part is None else o[key][part] for o in out] for out in self._out]
+            return torch.stack([torch.cat(p) for p in pieces], dim=1)
+
+        ids, w = stacked("ids"), stacked("weights").float()
+        extras = {}
+        if self.lookahead:
+            extras["lookahead"] = stacked("lookahead")
+        if self.candidates:
+            extras["candidates"], extras["candidate_probs"] = stacked("candidates", 0), stacked("candidates", 1)
         self.reset()
         if attention_mask is not None:
             keep = attention_mask.reshape(-1).to(ids.device).bool()
@@ -266,4 +368,6 @@ class RouterRecorder:
                     f"the mask of the forward that was recorded"
                 )
             ids, w = ids[keep], w[keep]
-        return ids.cpu().numpy().astype(np.int64), w.cpu().numpy()
+            extras = {name: x[keep.to(x.device)] for name, x in extras.items()}
+        arrays = {name: x.cpu().numpy() for name, x in extras.items()}
+        return ids.cpu().numpy().astype(np.int64), w.cpu().numpy(), arrays

@@ -66,6 +66,22 @@ def hf(
     ignore_eos: Annotated[
         bool, typer.Option("--ignore-eos", help="Decode mode: keep generating past an end-of-sequence token.")
     ] = False,
+    lookahead: Annotated[
+        int,
+        typer.Option(
+            "--lookahead",
+            min=0,
+            max=3,
+            help="Also record what the routers of the next N MoE layers choose from each router's input "
+            "(what a prefetcher could predict); 0-3.",
+        ),
+    ] = 0,
+    candidates: Annotated[
+        int,
+        typer.Option(
+            "--candidates", min=0, help="Also record each router's top-M experts and probabilities (M > top-k)."
+        ),
+    ] = 0,
     overwrite: c.OverwriteOpt = False,
     as_json: c.JsonOpt = False,
 ) -> None:
@@ -79,7 +95,10 @@ def hf(
     tokens. `Decode` (--generate N): each document's first --prompt-len tokens are the prompt,
     then N tokens are generated greedily with a KV cache, one per step; only their routing is recorded.
     In a corpus folder, files in a sub-folder are labelled with its name (law/a.txt -> law), files at the
-    top with their stem; a .jsonl "label" field wins.
+    top with their stem; a .jsonl "label" field wins. `--lookahead N` also records, at every MoE layer, the
+    experts the routers of the next N MoE layers choose from this layer's router input (the signal a
+    prefetching cache would use; scored by `moescope locality`); `--candidates M` records each router's
+    top-M experts and probabilities.
 
     The model and corpus are checked before the output is created. The store is committed chunk by
     chunk and at least every 30 s, so a capture that dies leaves what was committed readable (marked
@@ -110,6 +129,8 @@ def hf(
             dtype=dtype,
             batch_size=batch_size,
             ignore_eos=ignore_eos,
+            lookahead=lookahead,
+            candidates=candidates,
             corpus=str(corpus) if corpus is not None else f"token ids of {tokens_from}",
             overwrite=overwrite,
             progress=progress,
