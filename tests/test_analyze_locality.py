@@ -410,3 +410,32 @@ def test_locality_and_analyze_state_reuse_alike(capsys, tmp_path):
     code, out, err = run(capsys, "analyze", tmp_path / "t.zarr", "--only", "temporal")
     assert code == 0, err
     assert want in flat(out)
+
+
+def test_lookahead_recall_matches_a_naive_count_and_a_perfect_lookahead_scores_one(capsys, tmp_path):
+    from conftest import random_trace, run
+    from moescope.analyze.locality import locality
+    from moescope.imports import write_output
+
+    tr = random_trace(n_tokens=300, n_layers=3, n_experts=8, k=2, n_seq=5, seed=2, lookahead=2)
+    result = locality(tr)
+    starts, stops = split_ranges(tr, "test")
+    test = [t for a, b in zip(starts, stops, strict=True) for t in range(a, b)]
+    la = tr.extras["lookahead"]
+    for row in result.lookahead:
+        i, d = tr.layer_ids.tolist().index(row.layer), row.distance
+        hits = sum(len(set(la[t, i, d - 1].tolist()) & set(tr.experts[t, i + d].tolist())) for t in test)
+        assert row.recall == pytest.approx(hits / (len(test) * 2))
+        assert row.target == tr.layer_ids[i + d] and ("cross-layer" in row.id_only) == (d == 1)
+    assert [(r.layer, r.distance) for r in result.lookahead] == [(1, 1), (1, 2), (2, 1)]
+    perfect = tr.extras["lookahead"].copy()
+    for d in (1, 2):
+        perfect[:, : 3 - d, d - 1] = tr.experts[:, d:]
+    best = locality(tr.replace(extras={"lookahead": perfect}))
+    assert all(r.recall == 1.0 for r in best.lookahead) and best.summary["lookahead_recall_d1"].median == 1.0
+    write_output(tr, tmp_path / "t.npz")
+    code, out, err = run(capsys, "locality", tmp_path / "t.npz")
+    assert code == 0, err
+    assert "lookahead: the later routers" in out and "Median over layers: distance 1: lookahead" in " ".join(
+        out.split()
+    )

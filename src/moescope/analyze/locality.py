@@ -392,6 +392,7 @@ class Locality:
     prefetch_chance: tuple[float, ...]  # B / E per budget
     prefetch_overall: Mapping[str, tuple[Spread, ...]]  # per predictor, per budget, over layers
     summary: Mapping[str, Spread]
+    lookahead: tuple[LookaheadRow, ...] = ()  # when the trace has captured lookahead
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -401,7 +402,68 @@ class Locality:
         d["prefetch"] = [r.to_dict() for r in self.prefetch]
         d["prefetch_overall"] = {p: [dataclasses.asdict(s) for s in v] for p, v in self.prefetch_overall.items()}
         d["summary"] = {name: dataclasses.asdict(s) for name, s in self.summary.items()}
+        d["lookahead"] = [r.to_dict() for r in self.lookahead]
         return _finite(d)
+
+
+@dataclasses.dataclass(frozen=True)
+class LookaheadRow:
+    """How well the captured lookahead predicts a later layer's experts (test halves).
+
+    layer : the MoE layer whose router input the prediction is made from; distance : MoE layers ahead;
+    target : the layer predicted; tokens : test tokens scored; recall : ``|lookahead ∩ S_t(target)| / k``;
+    id_only : the id-only predictors at budget k for the same target, from what a runtime also knows then:
+    each next-token predictor (the previous token's experts at the target layer, learned on train halves)
+    and, at distance 1, ``cross-layer`` (the same token's experts at this layer through the learned table).
+    """
+
+    layer: int
+    distance: int
+    target: int
+    tokens: int
+    recall: float
+    id_only: Mapping[str, float]
+
+    @property
+    def best_id_only(self) -> tuple[str, float] | None:
+        return max(self.id_only.items(), key=lambda kv: kv[1]) if self.id_only else None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["id_only"] = dict(self.id_only)
+        return d
+
+
+def lookahead_rows(
+    trace: RoutingTrace, test: tuple[np.ndarray, np.ndarray], id_only: Mapping[int, Mapping[str, float]]
+) -> tuple[LookaheadRow, ...]:
+    """Recall of ``trace.extras["lookahead"] [tokens, layers, distance, k]`` on the `test` token ranges, per
+    layer and distance, beside `id_only` (target layer index -> predictor -> rate at budget k)."""
+    la = trace.extras["lookahead"]
+    idx = np.concatenate([np.arange(a, b) for a, b in zip(*test, strict=True)]) if len(test[0]) else np.zeros(0, int)
+    k, rows = trace.top_k, []
+    for i in range(trace.n_layers):
+        for d in range(1, la.shape[2] + 1):
+            if i + d >= trace.n_layers:
+                continue
+            hits = 0
+            for lo in range(0, idx.size, 1 << 16):
+                t = idx[lo : lo + (1 << 16)]
+                pred, want = la[t, i, d - 1], trace.experts[t, i + d]
+                hits += int((pred[:, :, None] == want[:, None, :]).any(axis=2).sum())
+            rows.append(
+                LookaheadRow(
+                    layer=int(trace.layer_ids[i]),
+                    distance=d,
+                    target=int(trace.layer_ids[i + d]),
+                    tokens=int(idx.size),
+                    recall=hits / max(idx.size * k, 1),
+                    id_only={
+                        name: rate for name, rate in id_only.get(i + d, {}).items() if name != "cross-layer" or d == 1
+                    },
+                )
+            )
+    return tuple(rows)
 
 
 def _finite(x: Any) -> Any:
@@ -614,6 +676,17 @@ def locality(
     summary["cross_precision"] = spread([c.precision for c in cross_rows])
     summary["cross_frequency"] = spread([c.frequency for c in cross_rows])
     overall = {p: tuple(spread([r.hit_rate[p][b] for r in pre]) for b in range(len(budgets))) for p in predictors}
+    ahead: tuple[LookaheadRow, ...] = ()
+    if "lookahead" in trace.extras:
+        at_k = {}  # target layer index -> id-only predictor -> rate at budget k
+        if k in budgets:
+            b = budgets.index(k)
+            at_k = {i: {p: r.hit_rate[p][b] for p in predictors} for i, r in enumerate(pre)}
+        for i, c in enumerate(cross_rows):
+            at_k.setdefault(i + 1, {})["cross-layer"] = c.precision
+        ahead = lookahead_rows(trace, test, at_k)
+        for d in sorted({r.distance for r in ahead}):
+            summary[f"lookahead_recall_d{d}"] = spread([r.recall for r in ahead if r.distance == d])
     return Locality(
         model=model or trace.meta.model,
         n_experts=n_exp,
@@ -634,4 +707,5 @@ def locality(
         prefetch_chance=tuple(b / n_exp for b in budgets),
         prefetch_overall=overall,
         summary=summary,
+        lookahead=ahead,
     )

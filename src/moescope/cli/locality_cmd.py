@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 from rich.table import Table
 
@@ -136,6 +137,9 @@ def locality(
         f"{_pct(overall[best][0].mean)} of the next token's experts{ref}, chance {_pct(result.prefetch_chance[0])}."
     )
 
+    if result.lookahead:
+        _print_lookahead(con, result)
+
     if per_layer:
         t4 = Table(title=f"hit rate per layer, B = {' / '.join(map(str, result.budgets))}", title_justify="left")
         t4.add_column("layer", justify="right")
@@ -144,3 +148,29 @@ def locality(
         for r in result.prefetch:
             t4.add_row(str(r.layer), *(" / ".join(f"{x:.0%}" for x in r.hit_rate[p]) for p in result.predictors))
         con.print(t4)
+
+
+def _print_lookahead(con, result) -> None:
+    """The captured lookahead's recall per layer and distance, beside the best id-only predictor (budget k)."""
+    t = Table(
+        title=f"lookahead: the later routers on this layer's router input, recall@{result.top_k} (test halves)",
+        title_justify="left",
+    )
+    for col in ("layer -> target", "distance", "lookahead", "best id-only (B=k)", "id-only rate"):
+        t.add_column(col, justify="right")
+    for r in result.lookahead:
+        best = r.best_id_only
+        t.add_row(
+            f"{r.layer} -> {r.target}", str(r.distance), _pct(r.recall),
+            "-" if best is None else best[0], "-" if best is None else _pct(best[1]),
+        )  # fmt: skip
+    con.print(t)
+    parts = []
+    for d in sorted({r.distance for r in result.lookahead}):
+        rows = [r for r in result.lookahead if r.distance == d]
+        ids = [r.best_id_only[1] for r in rows if r.best_id_only is not None]
+        parts.append(
+            f"distance {d}: lookahead {_pct(float(np.median([r.recall for r in rows])))}"
+            + (f" vs best id-only {_pct(float(np.median(ids)))}" if ids else "")
+        )
+    con.print("Median over layers: " + "; ".join(parts) + ".")
