@@ -15,6 +15,7 @@ import json
 import os
 import time
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -67,8 +68,22 @@ def test_chain(name, outtype, tmp_path, capsys):
     # capture: transformers on text, llama.cpp on the same token ids (exact, then llama.cpp's defaults)
     hf = tmp_path / "hf.zarr"
     common = ("--seq-len", SEQ_LEN)
-    cap = cli_json(capsys, "capture", "hf", hf_dir, fixture.HELDOUT_DIR, "-o", hf, *common, "--max-tokens", MAX_TOKENS)
+    ahead = ("--lookahead", 2, "--candidates", spec.top_k + 2)
+    cap = cli_json(
+        capsys, "capture", "hf", hf_dir, fixture.HELDOUT_DIR, "-o", hf, *common, "--max-tokens", MAX_TOKENS, *ahead
+    )
     assert cap["tokens"] == MAX_TOKENS and cap["layer_ids"] == spec.moe_layers
+    if outtype == "f32":  # the lookahead the routers of the next MoE layers give, scored by locality
+        loc = cli_json(capsys, "locality", hf)
+        rows = loc["lookahead"]
+        assert {r["distance"] for r in rows} == ({1, 2} if len(spec.moe_layers) > 2 else {1})
+        chance = spec.top_k / spec.n_experts
+        row_d1 = [r["recall"] for r in rows if r["distance"] == 1]
+        assert min(row_d1) > chance, row_d1  # far above chance on every layer
+        best_ids = [max(r["id_only"].values()) for r in rows if r["distance"] == 1 and r["id_only"]]
+        row["lookahead_recall_d1"] = float(np.median(row_d1))
+        row["lookahead_recall_d2"] = loc["summary"].get("lookahead_recall_d2", {}).get("median")
+        row["best_id_only_d1"] = float(np.median(best_ids)) if best_ids else None
     exact = ("--flash-attn", "off", "--kv-type", "f32")
     agree = {}
     for mode, flags in (("exact", exact), ("default", ())):
