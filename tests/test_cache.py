@@ -372,3 +372,26 @@ def test_cli_defaults_and_rows_below_the_floor_say_why(capsys, tmp_path):
     assert code == 0
     assert "coact-prefetch*" in out  # at C = E it prefetches some experts before their first use
     assert "* below the Belady floor because it prefetches" in " ".join(out.split())
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("name", list(POLICIES))
+@pytest.mark.parametrize("seed", range(4))
+def test_misses_per_group_add_up_to_the_replay(name, seed):
+    """Per-group demand misses (the decode timeline's input) sum to the replay's misses and, for online
+    policies, match the naive reference run on growing prefixes."""
+    s, rng = _stream(seed, groups=40)
+    policy = make_policy(name, PolicyParams(aging=int(rng.integers(0, 3)), prefetch=1))
+    if policy.learns:
+        policy.fit(s)
+    for capacity in (s.k, s.k + 2, s.n_items):
+        per = policy.misses_per_group(s, capacity)
+        if policy.prefetches:
+            assert per is None
+            continue
+        assert per.sum() == policy.run(s, capacity)[1] and per.min() >= 0 and per.max() <= s.k
+        if policy.offline:  # Belady's choices on a prefix depend on the future it no longer sees
+            continue
+        for g in (1, 7, 23):  # an online policy's first g groups do not depend on what follows
+            prefix = Stream(s.req[:g], s.reset[:g], s.n_items, s.n_experts)
+            assert per[:g].sum() == _reference(name, prefix, capacity, policy)[1]

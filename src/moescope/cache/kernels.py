@@ -42,6 +42,12 @@ def next_use(req, reset, n_items):
 @njit
 def lru(req, reset, n_items, capacity):
     """LRU. At the end of a group its items are the most recent, slot 0 first (same order as `lru_depths`)."""
+    return _lru(req, reset, n_items, capacity, np.empty(0, dtype=np.int64))
+
+
+@njit
+def _lru(req, reset, n_items, capacity, per_group):
+    """`lru`, also writing each group's demand misses to ``per_group [groups]`` when it is not empty."""
     g_n, k = req.shape
     prv = np.full(n_items, -1, dtype=np.int64)
     nxt = np.full(n_items, -1, dtype=np.int64)
@@ -52,6 +58,7 @@ def lru(req, reset, n_items, capacity):
         if reset[g]:
             cached[:] = False
             head, tail, size = -1, -1, 0
+        m0 = misses
         for j in range(k):  # hits to the front first, so the tail is never an item this group needs
             x = req[g, j]
             if cached[x]:
@@ -100,6 +107,8 @@ def lru(req, reset, n_items, capacity):
             prv[x], nxt[x] = -1, head
             prv[head] = x
             head = x
+        if per_group.shape[0]:
+            per_group[g] = misses - m0
     return np.array([hits, misses, 0, 0], dtype=np.int64)
 
 
@@ -193,6 +202,12 @@ def scan_policy(req, reset, n_items, capacity, kind, aging):
     - Belady evicts the item whose next use is furthest (never used again first): the offline optimum for
       demand loading with the whole group needed together.
     """
+    return _scan_policy(req, reset, n_items, capacity, kind, aging, np.empty(0, dtype=np.int64))
+
+
+@njit
+def _scan_policy(req, reset, n_items, capacity, kind, aging, per_group):
+    """`scan_policy`, also writing each group's demand misses to ``per_group [groups]`` when it is not empty."""
     g_n, k = req.shape
     nu = next_use(req, reset, n_items) if kind == SCAN_BELADY else np.empty((1, 1), dtype=np.int64)
     slot_item = np.full(capacity, -1, dtype=np.int64)
@@ -212,6 +227,7 @@ def scan_policy(req, reset, n_items, capacity, kind, aging):
                 key1[:] = 0
         if kind == SCAN_LFU and aging > 0 and g > 0 and g % aging == 0:
             key1 //= 2
+        m0 = misses
         for j in range(k):
             x = req[g, j]
             need[x] = g
@@ -242,6 +258,8 @@ def scan_policy(req, reset, n_items, capacity, kind, aging):
                 key2[x] = g * n_items + x
             else:
                 key1[x] = -nu[g, j]
+        if per_group.shape[0]:
+            per_group[g] = misses - m0
     return np.array([hits, misses, 0, 0], dtype=np.int64)
 
 
@@ -250,18 +268,27 @@ def static_set(req, reset, pinned):
     """A fixed resident set (``pinned: [n_items] bool``, chosen beforehand): every other access is a miss,
     served without entering the cache (bypass). A pinned expert is loaded at its first use after a reset, a
     cold miss counted as every other policy counts its own (a pre-filled cache would start warm for free)."""
+    return _static_set(req, reset, pinned, np.empty(0, dtype=np.int64))
+
+
+@njit
+def _static_set(req, reset, pinned, per_group):
+    """`static_set`, also writing each group's misses to ``per_group [groups]`` when it is not empty."""
     g_n, k = req.shape
     loaded = np.zeros(pinned.shape[0], dtype=np.bool_)
     hits = 0
     for g in range(g_n):
         if reset[g]:
             loaded[:] = False
+        h0 = hits
         for j in range(k):
             x = req[g, j]
             if pinned[x]:
                 if loaded[x]:
                     hits += 1
                 loaded[x] = True
+        if per_group.shape[0]:
+            per_group[g] = k - (hits - h0)
     return np.array([hits, g_n * k - hits, 0, 0], dtype=np.int64)
 
 
@@ -283,6 +310,12 @@ def _lru_of(where, stamp, need, g, lst, n_items):
 def arc(req, reset, n_items, capacity):
     """Adaptive Replacement Cache: resident lists T1 (seen once) and T2 (seen again), ghost lists B1, B2
     remember recent evictions and steer the target size p of T1. Evictions skip items the group needs."""
+    return _arc(req, reset, n_items, capacity, np.empty(0, dtype=np.int64))
+
+
+@njit
+def _arc(req, reset, n_items, capacity, per_group):
+    """`arc`, also writing each group's demand misses to ``per_group [groups]`` when it is not empty."""
     g_n, k = req.shape
     c = capacity
     where = np.zeros(n_items, dtype=np.int64)
@@ -296,6 +329,7 @@ def arc(req, reset, n_items, capacity):
             where[:] = 0
             n[:] = 0
             p = 0.0
+        m0 = misses
         for j in range(k):
             x = req[g, j]
             need[x] = g
@@ -347,6 +381,8 @@ def arc(req, reset, n_items, capacity):
             n[where[x]] += 1
             clock += 1
             stamp[x] = clock
+        if per_group.shape[0]:
+            per_group[g] = misses - m0
     return np.array([hits, misses, 0, 0], dtype=np.int64)
 
 

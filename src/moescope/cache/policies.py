@@ -73,6 +73,11 @@ class CachePolicy:
         """[4] int64: hits, demand misses, prefetch loads, wasted prefetches."""
         raise NotImplementedError
 
+    def misses_per_group(self, stream: Stream, capacity: int) -> np.ndarray | None:
+        """[groups] int64 demand misses of each group (a token at a layer), for the decode timeline
+        (`moescope.cache.timeline`); None for a policy whose transfers are not all demand loads."""
+        return None
+
 
 POLICIES: dict[str, type[CachePolicy]] = {}
 
@@ -98,6 +103,11 @@ class LRU(CachePolicy):
     def run(self, stream: Stream, capacity: int) -> np.ndarray:
         return K.lru(stream.req, stream.reset, stream.n_items, capacity)
 
+    def misses_per_group(self, stream: Stream, capacity: int) -> np.ndarray:
+        out = np.zeros(stream.req.shape[0], dtype=np.int64)
+        K._lru(stream.req, stream.reset, stream.n_items, capacity, out)
+        return out
+
 
 @register
 class FIFO(CachePolicy):
@@ -107,6 +117,9 @@ class FIFO(CachePolicy):
     def run(self, stream: Stream, capacity: int) -> np.ndarray:
         return K.scan_policy(stream.req, stream.reset, stream.n_items, capacity, K.SCAN_FIFO, 0)
 
+    def misses_per_group(self, stream: Stream, capacity: int) -> np.ndarray:
+        return _scan_groups(stream, capacity, K.SCAN_FIFO, 0)
+
 
 @register
 class LFU(CachePolicy):
@@ -115,6 +128,9 @@ class LFU(CachePolicy):
 
     def run(self, stream: Stream, capacity: int) -> np.ndarray:
         return K.scan_policy(stream.req, stream.reset, stream.n_items, capacity, K.SCAN_LFU, self.params.aging)
+
+    def misses_per_group(self, stream: Stream, capacity: int) -> np.ndarray:
+        return _scan_groups(stream, capacity, K.SCAN_LFU, self.params.aging)
 
 
 @register
@@ -132,6 +148,13 @@ class LFUStatic(CachePolicy):
         pinned[self._order[:capacity]] = True
         return K.static_set(stream.req, stream.reset, pinned)
 
+    def misses_per_group(self, stream: Stream, capacity: int) -> np.ndarray:
+        pinned = np.zeros(stream.n_items, dtype=np.bool_)
+        pinned[self._order[:capacity]] = True
+        out = np.zeros(stream.req.shape[0], dtype=np.int64)
+        K._static_set(stream.req, stream.reset, pinned, out)
+        return out
+
 
 @register
 class ARC(CachePolicy):
@@ -140,6 +163,11 @@ class ARC(CachePolicy):
 
     def run(self, stream: Stream, capacity: int) -> np.ndarray:
         return K.arc(stream.req, stream.reset, stream.n_items, capacity)
+
+    def misses_per_group(self, stream: Stream, capacity: int) -> np.ndarray:
+        out = np.zeros(stream.req.shape[0], dtype=np.int64)
+        K._arc(stream.req, stream.reset, stream.n_items, capacity, out)
+        return out
 
 
 @register
@@ -174,3 +202,12 @@ class Belady(CachePolicy):
 
     def run(self, stream: Stream, capacity: int) -> np.ndarray:
         return K.scan_policy(stream.req, stream.reset, stream.n_items, capacity, K.SCAN_BELADY, 0)
+
+    def misses_per_group(self, stream: Stream, capacity: int) -> np.ndarray:
+        return _scan_groups(stream, capacity, K.SCAN_BELADY, 0)
+
+
+def _scan_groups(stream: Stream, capacity: int, kind: int, aging: int) -> np.ndarray:
+    out = np.zeros(stream.req.shape[0], dtype=np.int64)
+    K._scan_policy(stream.req, stream.reset, stream.n_items, capacity, kind, aging, out)
+    return out
