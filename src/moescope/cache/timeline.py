@@ -1,0 +1,599 @@
+"""A decode timeline: what tokens/s each way of placing experts gives on a stated machine, token by token.
+
+Batch-1 decode runs the MoE layers in order for every token. Per layer (one "step"): the dense part of the
+layer (attention, shared experts, router) runs on the GPU, then the token's k routed experts run where they
+are: on the GPU when resident (read at GPU bandwidth), on the CPU (llama.cpp's hybrid path: read at CPU
+bandwidth), or loaded over PCIe first. Decode is memory bound, so every cost is bytes / bandwidth.
+
+The PCIe link is one FIFO queue: a transfer starts when the link is free and the request is issued, and
+takes ``latency + bytes / bandwidth``. With ``overlap`` (the default), the GPU computes the dense part and
+the resident experts while the layer's missing experts arrive, and the step ends when both are done:
+``max(dense + hits x gpu, arrival of the last needed expert)``, the wait beyond the compute being a stall.
+Without overlap the step is ``dense + hits x gpu + the transfers'`` time, which with zero latency is
+exactly the closed-form model of `moescope.cache.cost` (a test checks it).
+
+Strategies (`STRATEGIES`), each over the same tokens:
+
+- ``cpu-moe``: every routed expert on the CPU (llama.cpp ``--cpu-moe``);
+- ``static-layers``: whole layers' experts on the GPU, as many as the VRAM holds, the first layers' on the
+  CPU (llama.cpp ``--n-cpu-moe N``);
+- ``static-experts:lfu-static``: each layer's most frequent train experts pinned in the same VRAM, the
+  rest read by the CPU (no transfers; what a per-expert ``-ot`` placement of a split GGUF does);
+- ``cache:<policy>``: a per-layer expert cache in the same VRAM, each registered demand-loading policy
+  (`moescope.cache.POLICIES`; Belady is offline, a reference);
+- ``prefetch:<predictor>``: an LRU cache plus prefetches issued ``distance`` MoE layers ahead, queued on the
+  same link: ``lookahead`` (the captured routers of later layers, `capture hf --lookahead`), the id-only
+  ``cross-layer`` (this token's experts at layer l through a table learned on the train halves) and
+  ``transition`` (the previous token's experts at the target layer, likewise), or ``oracle`` (the true
+  experts: the best any predictor could do). A demand for an expert still in flight waits for it;
+  prefetches count as bandwidth. (Prefetching the previous token's own experts would do nothing: LRU holds
+  them already.)
+- ``bound``: the least time any per-expert cache of this size could take: every expert computed on the GPU
+  and Belady's transfers (no schedule, prefetching or not, loads fewer) fully hidden, ``max(compute,
+  transfers)`` over the whole run.
+
+Caches are per layer with ``slots // layers`` experts each (uniform); static layers get ``slots // E``
+layers. Not modelled: batch > 1, kernel launch overheads, CPU/GPU contention, KV-cache growth.
+
+    >>> result = simulate_timeline(trace, expert_bytes=eb, dense_bytes=d, slots=2048, machine=MACHINES["pcie4"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from moescope._jit import njit, njit_parallel, prange
+from moescope.errors import UsageError
+from moescope.trace import RoutingTrace
+
+STATIC_STRATEGIES = ("cpu-moe", "static-layers")
+PREDICTORS = ("lookahead", "cross-layer", "transition", "oracle")
+
+
+@dataclasses.dataclass(frozen=True)
+class Machine:
+    """Bandwidths (GB/s) and the PCIe per-transfer latency (microseconds) of a stated machine."""
+
+    name: str
+    gpu_gbps: float
+    cpu_gbps: float
+    pcie_gbps: float
+    pcie_latency_us: float = 10.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Presets: sustained figures, not peaks (PCIe x16 after protocol overhead; DDR5 per channel ~ 40 GB/s
+# sustained reads; consumer GPU ~ RTX 4090 class, datacenter ~ H100 class). Flags override each figure.
+MACHINES = {
+    m.name: m
+    for m in (
+        Machine("consumer-pcie4", gpu_gbps=900.0, cpu_gbps=70.0, pcie_gbps=25.0, pcie_latency_us=10.0),
+        Machine("consumer-pcie5", gpu_gbps=1500.0, cpu_gbps=80.0, pcie_gbps=50.0, pcie_latency_us=8.0),
+        Machine("datacenter-pcie5", gpu_gbps=3000.0, cpu_gbps=250.0, pcie_gbps=50.0, pcie_latency_us=8.0),
+    )
+}
+DEFAULT_MACHINE = "consumer-pcie4"
+
+
+@dataclasses.dataclass(frozen=True)
+class StrategyResult:
+    """One strategy's run: seconds per token, the share of it spent stalled on transfers, PCIe bytes per
+    token, and the hit rate (accesses served from VRAM); None fields where a strategy has no such thing."""
+
+    name: str
+    seconds: float
+    tokens: int
+    stall_seconds: float
+    pcie_bytes: float
+    hits: int
+    accesses: int
+    prefetch_loads: int = 0
+    wasted_prefetches: int = 0
+    note: str = ""
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("inf")
+
+    @property
+    def stall_share(self) -> float:
+        return self.stall_seconds / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def hit_rate(self) -> float | None:
+        return self.hits / self.accesses if self.accesses else None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.update(
+            tokens_per_second=self.tokens_per_second,
+            stall_share=self.stall_share,
+            pcie_bytes_per_token=self.pcie_bytes / max(self.tokens, 1),
+            hit_rate=self.hit_rate,
+        )
+        return d
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+
+
+def _prefetch_timeline(experts, pred, distance, capacity, t_gpu, t_pcie, t_dense, latency, overlap):
+    """LRU caches per layer plus prefetches, on one FIFO link, token by token and layer by layer.
+
+    experts : [tokens, layers, k] ids; pred : [tokens, layers, P] ids to prefetch into layer l + distance,
+    issued at (t, l) after that step's demand misses (-1: none); capacity, t_gpu, t_pcie, t_dense : [layers]
+    experts per cache, seconds per expert read on the GPU / moved over PCIe, dense seconds per step.
+    Returns [7] float64: seconds, stall seconds, hits, demand misses, prefetch loads, wasted prefetches,
+    PCIe seconds moving bytes (latency excluded).
+
+    Two passes, exact: what each layer's cache holds does not depend on timing (a layer sees, in order, the
+    prefetches issued for token t, then token t's demand), so `_cache_events` replays every layer on its own
+    (in parallel, each cache in L1); `_link_timeline` then walks the steps in order with O(1) work each.
+    """
+    n_tok, n_lay, _ = experts.shape
+    hits = np.zeros((n_tok, n_lay), dtype=np.int16)
+    misses = np.zeros((n_tok, n_lay), dtype=np.int16)
+    issued = np.zeros((n_tok, n_lay), dtype=np.int16)
+    dep = np.full((n_tok, n_lay), -1, dtype=np.int64)
+    wasted = np.zeros(n_lay, dtype=np.int64)
+    _cache_events(experts, pred, distance, capacity, hits, misses, issued, dep, wasted)
+    now, stall, busy = _link_timeline(hits, misses, issued, dep, pred.shape[2], distance, t_gpu, t_pcie, t_dense,
+                                      latency, overlap)  # fmt: skip
+    return np.array(
+        [now, stall, hits.sum(), misses.sum(), issued.sum(), wasted.sum(), busy], dtype=np.float64
+    )  # fmt: skip
+
+
+@njit_parallel
+def _cache_events(experts, pred, distance, capacity, hits, misses, issued, dep, wasted):
+    """Replay every layer's LRU cache with its prefetches; write per step ``(t, l)``: ``hits``, demand
+    ``misses``, ``issued`` (prefetch loads the step issues, into ``l + distance``), ``dep`` (the latest
+    prefetch load this step's hits wait for, as ``step * P + position in its batch``, -1: none) and per layer
+    ``wasted`` (prefetched experts evicted, or left at the end, without a hit)."""
+    n_tok, n_lay, k = experts.shape
+    n_pred = pred.shape[2]
+    n_exp = 1
+    for t in range(n_tok):
+        for lay in range(n_lay):
+            for j in range(k):
+                n_exp = max(n_exp, experts[t, lay, j] + 1)
+            for j in range(n_pred):
+                n_exp = max(n_exp, pred[t, lay, j] + 1)
+    for lay in prange(n_lay):  # the work of a layer in its own function: numba optimises it fully there
+        wasted[lay] = _layer_events(experts, pred, distance, lay, n_exp, capacity[lay], hits, misses, issued, dep)
+
+
+@njit
+def _layer_events(experts, pred, distance, lay, n_exp, cap, hits, misses, issued, dep):
+    """`_cache_events` for one layer; returns its wasted prefetches.
+
+    The LRU order is a circular doubly linked list over expert ids with sentinel ``s = n_exp`` (most recent
+    at ``nxt[s]``, least at ``prv[s]``); list operations are written out in place (numba does not inline
+    calls that take arrays, and their reference counting costs more than the operation)."""
+    n_tok, n_lay, k = experts.shape
+    n_pred = pred.shape[2]
+    s = n_exp
+    prv = np.full(n_exp + 1, s, dtype=np.int64)
+    nxt = np.full(n_exp + 1, s, dtype=np.int64)
+    cached = np.zeros(n_exp, dtype=np.bool_)
+    origin = np.full(n_exp, -1, dtype=np.int64)  # prefetched and not hit yet: its load's code, else -1
+    need = np.full(n_exp, -1, dtype=np.int64)
+    size, waste = 0, 0
+    src = lay - distance
+    for t in range(n_tok):
+        if src >= 0:  # the prefetches issued at step (t, src) arrive in this layer first
+            for j in range(n_pred):  # predicted and resident: refreshed first, as hits are
+                x = pred[t, src, j]
+                if x >= 0 and cached[x]:
+                    nxt[prv[x]], prv[nxt[x]] = nxt[x], prv[x]  # unlink, then push to the front
+                    h = nxt[s]
+                    prv[x], nxt[x], prv[h], nxt[s] = s, h, x, x
+            q = 0
+            for j in range(n_pred):
+                x = pred[t, src, j]
+                if x < 0 or cached[x]:
+                    continue
+                if size == cap:  # evict the least recently used
+                    v = prv[s]
+                    waste += origin[v] >= 0
+                    nxt[prv[v]], prv[nxt[v]] = nxt[v], prv[v]
+                    cached[v] = False
+                    origin[v] = -1
+                    size -= 1
+                cached[x] = True
+                origin[x] = (t * n_lay + src) * n_pred + q
+                q += 1
+                size += 1
+                h = nxt[s]
+                prv[x], nxt[x], prv[h], nxt[s] = s, h, x, x
+            issued[t, src] = q
+        n_hit, d = 0, -1
+        for j in range(k):  # hits first: to the front, so the tail is never an expert this step needs
+            x = experts[t, lay, j]
+            need[x] = t
+            if cached[x]:
+                n_hit += 1
+                d = max(d, origin[x])
+                origin[x] = -1
+                nxt[prv[x]], prv[nxt[x]] = nxt[x], prv[x]
+                h = nxt[s]
+                prv[x], nxt[x], prv[h], nxt[s] = s, h, x, x
+        for j in range(k):
+            x = experts[t, lay, j]
+            if cached[x]:
+                continue
+            if size == cap:
+                v = prv[s]
+                while need[v] == t:  # only this step's own misses, just loaded: skip them
+                    v = prv[v]
+                waste += origin[v] >= 0
+                nxt[prv[v]], prv[nxt[v]] = nxt[v], prv[v]
+                cached[v] = False
+                origin[v] = -1
+                size -= 1
+            cached[x] = True
+            size += 1
+            h = nxt[s]
+            prv[x], nxt[x], prv[h], nxt[s] = s, h, x, x
+        for j in range(k - 1, -1, -1):  # as the `lru` policy: slot 0 ends most recent
+            x = experts[t, lay, j]
+            nxt[prv[x]], prv[nxt[x]] = nxt[x], prv[x]
+            h = nxt[s]
+            prv[x], nxt[x], prv[h], nxt[s] = s, h, x, x
+        hits[t, lay] = n_hit
+        misses[t, lay] = k - n_hit
+        dep[t, lay] = d
+    for x in range(n_exp):
+        if cached[x] and origin[x] >= 0:
+            waste += 1
+    return waste
+
+
+@njit
+def _link_timeline(hits, misses, issued, dep, n_pred, distance, t_gpu, t_pcie, t_dense, latency, overlap):
+    """Walk the steps in order on one FIFO link: ``(seconds, stall seconds, PCIe seconds moving bytes)``.
+
+    A step starts when the previous one ends; its demand misses, then its prefetches, queue on the link at
+    its start, each taking ``latency + t_pcie``; it ends at ``max(compute, the last demand load, the
+    prefetch it depends on)`` with overlap, or after compute plus that wait without."""
+    n_tok, n_lay = hits.shape
+    start = np.zeros(n_tok * n_lay, dtype=np.float64)  # when each step's prefetch batch began on the link
+    now, stall, link, busy = 0.0, 0.0, 0.0, 0.0
+    for t in range(n_tok):
+        for lay in range(n_lay):
+            s = t * n_lay + lay
+            t0 = now
+            wait = t0
+            m = misses[t, lay]
+            if m > 0:
+                link = max(link, t0) + m * (latency + t_pcie[lay])
+                busy += m * t_pcie[lay]
+                wait = link
+            d = dep[t, lay]
+            if d >= 0:
+                src, q = d // n_pred, d % n_pred
+                wait = max(wait, start[src] + (q + 1) * (latency + t_pcie[src % n_lay + distance]))
+            p = issued[t, lay]
+            if p > 0:
+                tgt = lay + distance
+                start[s] = max(link, t0)
+                link = start[s] + p * (latency + t_pcie[tgt])
+                busy += p * t_pcie[tgt]
+            compute = t_dense[lay] + hits[t, lay] * t_gpu[lay]
+            if overlap:
+                now = max(t0 + compute, wait)
+                stall += max(0.0, wait - (t0 + compute))
+            else:
+                now = t0 + compute + (wait - t0)
+                stall += wait - t0
+    return now, stall, busy
+
+
+# ----------------------------------------------------------------------------------------------
+# strategies
+
+
+@dataclasses.dataclass(frozen=True)
+class Costs:
+    """Per layer: bytes of one expert; seconds to read one on the GPU, on the CPU, to move one over PCIe;
+    dense seconds per step (the token's dense bytes spread evenly over the MoE layers); the link latency."""
+
+    expert_bytes: np.ndarray
+    t_gpu: np.ndarray
+    t_cpu: np.ndarray
+    t_pcie: np.ndarray
+    t_dense: np.ndarray
+    latency: float
+
+    @classmethod
+    def of(cls, expert_bytes: np.ndarray, dense_bytes: float, m: Machine) -> Costs:
+        eb = np.asarray(expert_bytes, dtype=np.float64)
+        gpu = m.gpu_gbps * 1e9
+        dense = np.full(eb.size, dense_bytes / eb.size / gpu)
+        return cls(eb, eb / gpu, eb / (m.cpu_gbps * 1e9), eb / (m.pcie_gbps * 1e9), dense, m.pcie_latency_us * 1e-6)
+
+
+def static_layers(trace: RoutingTrace, n_gpu_layers: int, c: Costs, name: str) -> StrategyResult:
+    """The last `n_gpu_layers` MoE layers' experts on the GPU, the rest on the CPU (llama.cpp --n-cpu-moe)."""
+    on_gpu = np.arange(trace.n_layers) >= trace.n_layers - n_gpu_layers
+    per_token = float(c.t_dense.sum() + trace.top_k * np.where(on_gpu, c.t_gpu, c.t_cpu).sum())
+    accesses = trace.n_tokens * trace.n_layers * trace.top_k
+    return StrategyResult(
+        name, per_token * trace.n_tokens, trace.n_tokens, 0.0, 0.0, int(on_gpu.sum()) * trace.n_tokens * trace.top_k,
+        accesses, note=f"{int(on_gpu.sum())} of {trace.n_layers} layers' experts in VRAM",
+    )  # fmt: skip
+
+
+def demand_cache(
+    trace: RoutingTrace, misses: np.ndarray, c: Costs, overlap: bool, name: str, note: str = ""
+) -> StrategyResult:
+    """A demand-loading cache from its misses per step ``[tokens, layers]``: each step's misses queue on the
+    idle link at the step's start (nothing is in flight between steps)."""
+    k = trace.top_k
+    hits = k - misses
+    compute = c.t_dense[None, :] + hits * c.t_gpu[None, :]
+    transfer = misses * (c.latency + c.t_pcie[None, :])
+    step = np.maximum(compute, transfer) if overlap else compute + transfer
+    stall = np.maximum(transfer - compute, 0.0) if overlap else transfer
+    return StrategyResult(
+        name, float(step.sum()), trace.n_tokens, float(stall.sum()), float((misses * c.expert_bytes[None, :]).sum()),
+        int(hits.sum()), int(misses.size * k), note=note,
+    )  # fmt: skip
+
+
+def pinned_experts(trace: RoutingTrace, misses: np.ndarray, c: Costs, name: str, note: str) -> StrategyResult:
+    """A fixed set of experts per layer in VRAM, the rest read by the CPU where they live (no transfers):
+    each step is ``dense + hits x gpu + misses x cpu``, the CPU and GPU parts one after the other."""
+    k = trace.top_k
+    hits = k - misses
+    step = c.t_dense[None, :] + hits * c.t_gpu[None, :] + misses * c.t_cpu[None, :]
+    return StrategyResult(
+        name, float(step.sum()), trace.n_tokens, 0.0, 0.0, int(hits.sum()), int(misses.size * k), note=note
+    )
+
+
+def prefetch_cache(
+    trace: RoutingTrace, pred: np.ndarray, distance: int, capacity: np.ndarray, c: Costs, m: Machine,
+    overlap: bool, name: str,
+) -> StrategyResult:  # fmt: skip
+    """An LRU cache plus the prefetches in ``pred [tokens, layers, P]`` (into layer l + `distance`)."""
+    out = _prefetch_timeline(
+        trace.experts, np.ascontiguousarray(pred, dtype=np.int16), int(distance), capacity.astype(np.int64),
+        c.t_gpu, c.t_pcie, c.t_dense, c.latency, overlap,
+    )  # fmt: skip
+    seconds, stall, hits, misses, loads, wasted, busy = out.tolist()
+    return StrategyResult(
+        name, seconds, trace.n_tokens, stall, busy * m.pcie_gbps * 1e9, int(hits), int(hits + misses), int(loads),
+        int(wasted),
+    )  # fmt: skip
+
+
+@njit_parallel
+def _top_rows(src, valid, table, out):
+    """``out[t]``: the ``P`` experts with the highest ``sum over e in src[t] of table[e, :]`` (ties: lower id
+    first; experts scoring 0 are never predicted, -1 pads), for tokens with ``valid[t]``; -1 elsewhere."""
+    n, k = src.shape
+    p = out.shape[1]
+    n_exp = table.shape[1]
+    chunk = 4096
+    for c in prange((n + chunk - 1) // chunk):
+        score = np.zeros(n_exp, dtype=table.dtype)
+        best_s = np.zeros(p, dtype=table.dtype)
+        best_e = np.zeros(p, dtype=np.int64)
+        for t in range(c * chunk, min(n, (c + 1) * chunk)):
+            for j in range(p):
+                out[t, j] = -1
+            if not valid[t]:
+                continue
+            for e in range(n_exp):  # explicit loops: array expressions here allocate and cost more
+                score[e] = 0
+            for i in range(k):
+                r = src[t, i]
+                for e in range(n_exp):
+                    score[e] += table[r, e]
+            m = 0  # best_s[:m] descending; a later (higher id) expert enters only on a strictly higher score
+            for e in range(n_exp):
+                s = score[e]
+                if s <= 0 or (m == p and s <= best_s[p - 1]):
+                    continue
+                j = m if m < p else p - 1
+                while j > 0 and best_s[j - 1] < s:
+                    if j < p:
+                        best_s[j], best_e[j] = best_s[j - 1], best_e[j - 1]
+                    j -= 1
+                if j < p:
+                    best_s[j], best_e[j] = s, e
+                m = min(m + 1, p)
+            for j in range(m):
+                out[t, j] = best_e[j]
+
+
+def _pair_table(src: np.ndarray, dst: np.ndarray, starts, stops, n_experts: int) -> np.ndarray:
+    """``table[e, e']``: train tokens with ``e`` in ``src[t]`` and ``e'`` in ``dst[t]`` (int32 when the sums of k
+    rows cannot overflow it, else int64)."""
+    from moescope.analyze.prefetch import _learn_cross
+
+    table = np.zeros((n_experts, n_experts), dtype=np.int64)
+    _learn_cross(src, dst, np.asarray(starts, np.int64), np.asarray(stops, np.int64), table)
+    small = int(table.max(initial=0)) * src.shape[1] < 2**31 - 1
+    return table.astype(np.int32) if small else table
+
+
+def predictions(trace: RoutingTrace, predictor: str, distance: int, train: RoutingTrace | None = None) -> np.ndarray:
+    """``[tokens, layers, k]`` experts to prefetch into layer ``l + distance`` at step ``(t, l)`` (-1: none).
+
+    ``lookahead``: the trace's captured routers of later layers; ``cross-layer``: the k experts most often
+    selected at ``l + distance`` by `train` tokens that selected this token's experts at ``l``;
+    ``transition``: the k experts most often following the previous token's experts at ``l + distance`` in
+    `train` (none at a sequence's first token); ``oracle``: the true experts. Learned tables come from `train`
+    (default: `trace` itself).
+    """
+    n_tok, n_lay, k = trace.experts.shape
+    out = np.full((n_tok, n_lay, k), -1, dtype=np.int16)
+    fit = trace if train is None else train
+    starts, stops = fit.seq_starts, fit.seq_ends
+    if predictor == "lookahead":
+        la = trace.extras.get("lookahead")
+        if la is None or la.shape[2] < distance:
+            have = 0 if la is None else la.shape[2]
+            raise UsageError(
+                f"prefetch:lookahead at distance {distance} needs a trace captured with --lookahead {distance} or "
+                f"more (this one has {have}); capture it with moescope capture hf --lookahead, or use an id-only "
+                f"predictor ({', '.join(p for p in PREDICTORS if p != 'lookahead')})"
+            )
+        out[:] = la[:, :, distance - 1]
+    elif predictor == "oracle":
+        out[:, : n_lay - distance] = trace.experts[:, distance:]
+    elif predictor == "cross-layer":
+        ok = np.ones(n_tok, dtype=np.bool_)
+        for lay in range(n_lay - distance):
+            table = _pair_table(fit.experts[:, lay], fit.experts[:, lay + distance], starts, stops, trace.n_experts)
+            rows = np.empty((n_tok, k), dtype=np.int16)
+            _top_rows(np.ascontiguousarray(trace.experts[:, lay]), ok, table, rows)
+            out[:, lay] = rows
+    elif predictor == "transition":
+        ok = np.ones(n_tok, dtype=np.bool_)
+        ok[trace.seq_starts] = False  # a sequence's first token has no previous token
+        for lay in range(n_lay - distance):
+            tgt = lay + distance
+            prev = np.ascontiguousarray(fit.experts[:-1, tgt]) if fit.n_tokens > 1 else fit.experts[:0, tgt]
+            table = _pair_table(prev, fit.experts[1:, tgt], starts, np.maximum(stops - 1, starts), trace.n_experts)
+            rows = np.empty((n_tok, k), dtype=np.int16)
+            _top_rows(np.ascontiguousarray(np.roll(trace.experts[:, tgt], 1, axis=0)), ok, table, rows)
+            out[:, lay] = rows
+    else:
+        raise UsageError(f"predictor {predictor!r}: expected one of {', '.join(PREDICTORS)}")
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Timeline:
+    """Every strategy at one VRAM budget (in expert slots)."""
+
+    slots: int
+    capacity: int  # experts per layer of the caches
+    gpu_layers: int  # layers the static strategy keeps in VRAM
+    machine: Machine
+    overlap: bool
+    distance: int
+    results: tuple[StrategyResult, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["results"] = [r.to_dict() for r in self.results]
+        return d
+
+
+def simulate_timeline(
+    trace: RoutingTrace,
+    *,
+    expert_bytes: Sequence[float],
+    dense_bytes: float,
+    slots: int,
+    machine: Machine,
+    policies: Sequence[str] | None = None,
+    predictors: Sequence[str] = PREDICTORS,
+    distance: int = 1,
+    overlap: bool = True,
+    train: RoutingTrace | None = None,
+) -> Timeline:
+    """Every strategy (module docstring) over `trace`'s tokens with `slots` experts of VRAM.
+
+    Parameters
+    ----------
+    trace : the tokens to decode (usually the test halves); its ``experts [tokens, layers, k]``.
+    expert_bytes : [layers] bytes of one routed expert per layer; dense_bytes : bytes read per token besides
+        the routed experts (all layers).
+    slots : experts that fit in the VRAM left for them.
+    policies : registered cache policies (default: all) for ``cache:<policy>``; a bypassing one (lfu-static)
+        gives ``static-experts:<policy>``, a prefetching one is skipped (``prefetch:`` covers it); predictors : for
+        ``prefetch:<predictor>`` (``lookahead`` is skipped when the trace has none).
+    distance : MoE layers ahead the prefetches are issued.
+    train : the trace learned policies (lfu-static) fit on (default: `trace` itself).
+    """
+    from moescope.cache.policies import POLICIES, PolicyParams, Stream, make_policy
+    from moescope.cache.simulate import _pool
+
+    n_lay, k, e = trace.n_layers, trace.top_k, trace.n_experts
+    eb = np.asarray(expert_bytes, dtype=np.float64)
+    if eb.shape != (n_lay,):
+        raise UsageError(f"expert_bytes has {eb.size} values for {n_lay} layers; give one per MoE layer")
+    if slots < 0 or not 1 <= distance < max(n_lay, 2):
+        raise UsageError(f"slots {slots} and distance {distance}: expected slots >= 0 and 1 <= distance < layers")
+    costs = Costs.of(eb, dense_bytes, machine)
+    gpu_layers = min(slots // e, n_lay)
+    results = [
+        static_layers(trace, 0, costs, "cpu-moe"),
+        static_layers(trace, gpu_layers, costs, "static-layers"),
+    ]
+    capacity = min(slots // n_lay, e)
+    if capacity < k:
+        return Timeline(int(slots), int(capacity), int(gpu_layers), machine, bool(overlap), int(distance),
+                        tuple(results))  # fmt: skip
+    caps = np.full(n_lay, capacity, dtype=np.int64)
+    streams = [Stream(np.ascontiguousarray(trace.experts[:, i], dtype=np.int32), _no_reset(trace), e, e)
+               for i in range(n_lay)]  # fmt: skip
+    fit = streams if train is None else [
+        Stream(np.ascontiguousarray(train.experts[:, i], dtype=np.int32), _no_reset(train), e, e) for i in range(n_lay)
+    ]  # fmt: skip
+    policies = list(POLICIES) if policies is None else list(policies)
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        raise UsageError(f"cache policy {', '.join(unknown)}: unknown; choose from {', '.join(POLICIES)}")
+    names = list(dict.fromkeys([*policies, "belady"]))  # Belady's misses also give the bound
+
+    def replay(job: tuple[str, int]) -> np.ndarray | None:
+        pol = make_policy(job[0], PolicyParams())
+        if pol.learns:
+            pol.fit(fit[job[1]])
+        return pol.misses_per_group(streams[job[1]], capacity)
+
+    with _pool(len(names) * n_lay) as pool:  # the kernels release the GIL: layers run on every core
+        per = list(pool.map(replay, [(name, i) for name in names for i in range(n_lay)]))
+    belady = np.stack(per[names.index("belady") * n_lay :][:n_lay], axis=1)
+    for n, name in enumerate(names):
+        cls = POLICIES[name]
+        if name not in policies or per[n * n_lay] is None:
+            continue  # a prefetching policy (not a demand-loading cache), or Belady kept for the bound only
+        misses = np.stack(per[n * n_lay : (n + 1) * n_lay], axis=1)
+        if cls.bypass:
+            note = f"{cls.summary}; the rest read on the CPU"
+            results.append(pinned_experts(trace, misses, costs, f"static-experts:{name}", note))
+        else:
+            note = "offline: knows the future" if cls.offline else ""
+            results.append(demand_cache(trace, misses, costs, overlap, f"cache:{name}", note))
+    for predictor in predictors:
+        if predictor == "lookahead" and "lookahead" not in trace.extras:
+            continue
+        pred = predictions(trace, predictor, distance, train)
+        results.append(prefetch_cache(trace, pred, distance, caps, costs, machine, overlap, f"prefetch:{predictor}"))
+    results.append(_bound(trace, belady, costs))
+    return Timeline(int(slots), int(capacity), int(gpu_layers), machine, bool(overlap), int(distance), tuple(results))
+
+
+def _bound(trace: RoutingTrace, belady: np.ndarray, c: Costs) -> StrategyResult:
+    """The least time any per-expert cache of this size could take (demand or prefetching, any predictor):
+    every expert computed on the GPU and Belady's transfers (no schedule loads fewer) fully hidden behind
+    compute, ``max(compute, link)``. Not a bound on the CPU strategies: reading an expert on the CPU can be
+    faster than moving it over PCIe."""
+    compute = trace.n_tokens * float(c.t_dense.sum() + trace.top_k * c.t_gpu.sum())
+    link = float((belady * (c.latency + c.t_pcie[None, :])).sum())
+    accesses = belady.size * trace.top_k
+    return StrategyResult(
+        "bound", max(compute, link), trace.n_tokens, 0.0, float((belady * c.expert_bytes[None, :]).sum()),
+        int(accesses - belady.sum()), int(accesses), note="Belady's transfers, perfectly overlapped",
+    )  # fmt: skip
+
+
+def _no_reset(trace: RoutingTrace) -> np.ndarray:
+    """A server's caches live across sequences: only the first group resets."""
+    reset = np.zeros(trace.n_tokens, dtype=np.bool_)
+    reset[:1] = True
+    return reset
