@@ -17,7 +17,7 @@ Strategies (`STRATEGIES`), each over the same tokens:
 - ``cpu-moe``: every routed expert on the CPU (llama.cpp ``--cpu-moe``);
 - ``static-layers``: whole layers' experts on the GPU, as many as the VRAM holds, the first layers' on the
   CPU (llama.cpp ``--n-cpu-moe N``);
-- ``static-experts:lfu-static``: each layer's most frequent train experts pinned in the same VRAM, the
+- ``static-experts``: each layer's most frequent train experts pinned in the same VRAM, the
   rest read by the CPU (no transfers; what a per-expert ``-ot`` placement of a split GGUF does);
 - ``cache:<policy>``: a per-layer expert cache in the same VRAM, each registered demand-loading policy
   (`moescope.cache.POLICIES`; Belady is offline, a reference);
@@ -64,21 +64,52 @@ class Machine:
     pcie_gbps: float
     pcie_latency_us: float = 10.0
 
+    def __post_init__(self) -> None:
+        for key in ("gpu_gbps", "cpu_gbps", "pcie_gbps", "pcie_latency_us"):
+            v = getattr(self, key)
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, (int, float))
+                or not np.isfinite(v)
+                or v < 0
+                or (v == 0 and key != "pcie_latency_us")
+            ):
+                flag = "--latency-us" if key == "pcie_latency_us" else f"--{key.replace('_', '-')}"
+                raise UsageError(f"{flag} is {v!r}; give a positive number (the latency may be 0)")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-# Presets: sustained figures, not peaks (PCIe x16 after protocol overhead; DDR5 per channel ~ 40 GB/s
-# sustained reads; consumer GPU ~ RTX 4090 class, datacenter ~ H100 class). Flags override each figure.
+# Presets: sustained figures, not peaks. PCIe x16 after protocol overhead (4.0 ~ 25, 5.0 ~ 50 GB/s); DDR5 ~ 35-40
+# GB/s sustained per channel (dual channel ~ 70-80, quad ~ 150, a 12-channel server ~ 250 of what one
+# process's threads get); GPUs: RTX 4090 class ~ 900, RTX 5090 class ~ 1500, H100 class ~ 3000 GB/s. The
+# latency is a transfer's fixed cost (launch, synchronisation). Flags override each figure.
 MACHINES = {
     m.name: m
     for m in (
         Machine("consumer-pcie4", gpu_gbps=900.0, cpu_gbps=70.0, pcie_gbps=25.0, pcie_latency_us=10.0),
         Machine("consumer-pcie5", gpu_gbps=1500.0, cpu_gbps=80.0, pcie_gbps=50.0, pcie_latency_us=8.0),
+        Machine("workstation-pcie5", gpu_gbps=1500.0, cpu_gbps=150.0, pcie_gbps=50.0, pcie_latency_us=8.0),
         Machine("datacenter-pcie5", gpu_gbps=3000.0, cpu_gbps=250.0, pcie_gbps=50.0, pcie_latency_us=8.0),
     )
 }
 DEFAULT_MACHINE = "consumer-pcie4"
+
+ASSUMPTIONS = (
+    "batch-1 decode is memory-bandwidth bound: a token reads each weight it uses once (bytes / bandwidth)",
+    "dense weights (attention, shared experts, norms, output head) live in VRAM, read at GPU bandwidth, spread "
+    "evenly over the MoE layers; the VRAM budget is what is left for routed experts",
+    "one PCIe link, first in first out: each expert moved takes latency + bytes / bandwidth; transfers overlap "
+    "GPU compute (not with --no-overlap); a layer's CPU and GPU work run one after the other",
+    "caches are per layer with slots // layers experts each, start empty (cold misses counted) and live across "
+    "sequences; static layers are slots // experts whole layers, the last ones (--n-cpu-moe N keeps the first N "
+    "on the CPU)",
+    "not modelled: batches above 1, kernel launches, KV-cache reads, CPU and GPU competing for memory bandwidth",
+)
+
+# which strategies a user can build (online) and which are references that know the future
+REFERENCES = ("cache:belady", "prefetch:oracle", "bound")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +133,14 @@ class StrategyResult:
         return self.tokens / self.seconds if self.seconds > 0 else float("inf")
 
     @property
+    def family(self) -> str:
+        """``static`` (a fixed placement: llama.cpp's, or pinned experts), ``cache`` (an online per-expert
+        cache, prefetching or not) or ``reference`` (knows the future: Belady, the oracle, the bound)."""
+        if self.name in REFERENCES:
+            return "reference"
+        return "cache" if self.name.startswith(("cache:", "prefetch:")) else "static"
+
+    @property
     def stall_share(self) -> float:
         return self.stall_seconds / self.seconds if self.seconds > 0 else 0.0
 
@@ -112,6 +151,7 @@ class StrategyResult:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.update(
+            family=self.family,
             tokens_per_second=self.tokens_per_second,
             stall_share=self.stall_share,
             pcie_bytes_per_token=self.pcie_bytes / max(self.tokens, 1),
@@ -485,10 +525,44 @@ class Timeline:
     distance: int
     results: tuple[StrategyResult, ...]
 
+    def best(self, family: str) -> StrategyResult | None:
+        """The fastest strategy of a family (`StrategyResult.family`), or None."""
+        rows = [r for r in self.results if r.family == family]
+        return max(rows, key=lambda r: r.tokens_per_second) if rows else None
+
+    def verdict(self) -> str:
+        """One sentence: does the best online per-expert cache beat the best static placement at this budget?"""
+        cache, static = self.best("cache"), self.best("static")
+        if cache is None or static is None:
+            return (
+                f"{self.slots} expert slots hold fewer than top-k experts per layer: no per-expert cache fits; "
+                f"{static.name if static else 'static placement'} is what this budget allows"
+            )
+        ratio = cache.tokens_per_second / static.tokens_per_second
+        verb = "beats" if ratio > 1 else "does not beat"
+        llama = next((r for r in self.results if r.name == "static-layers"), None)
+        also = (
+            f"; llama.cpp's static layers: {llama.tokens_per_second:.1f} tok/s"
+            if llama is not None and llama is not static
+            else ""
+        )
+        return (
+            f"the best online cache ({cache.name}, {cache.tokens_per_second:.1f} tok/s) {verb} the best static "
+            f"placement ({static.name}, {static.tokens_per_second:.1f} tok/s): {ratio:.2f}x{also}"
+        )
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["results"] = [r.to_dict() for r in self.results]
+        d["verdict"] = self.verdict()
         return d
+
+
+def default_slots(n_layers: int, n_experts: int, top_k: int) -> list[int]:
+    """VRAM budgets (expert slots) worth sweeping when none are given: 1/8, 1/4, 1/2 and 3/4 of every routed
+    expert, each at least what a per-expert cache needs (k per layer); distinct, ascending."""
+    total = n_layers * n_experts
+    return sorted({max(round(total * f), top_k * n_layers) for f in (0.125, 0.25, 0.5, 0.75)})
 
 
 def simulate_timeline(
@@ -513,7 +587,7 @@ def simulate_timeline(
         the routed experts (all layers).
     slots : experts that fit in the VRAM left for them.
     policies : registered cache policies (default: all) for ``cache:<policy>``; a bypassing one (lfu-static)
-        gives ``static-experts:<policy>``, a prefetching one is skipped (``prefetch:`` covers it); predictors : for
+        gives ``static-experts``, a prefetching one is skipped (``prefetch:`` covers it); predictors : for
         ``prefetch:<predictor>`` (``lookahead`` is skipped when the trace has none).
     distance : MoE layers ahead the prefetches are issued.
     train : the trace learned policies (lfu-static) fit on (default: `trace` itself).
@@ -564,8 +638,10 @@ def simulate_timeline(
             continue  # a prefetching policy (not a demand-loading cache), or Belady kept for the bound only
         misses = np.stack(per[n * n_lay : (n + 1) * n_lay], axis=1)
         if cls.bypass:
-            note = f"{cls.summary}; the rest read on the CPU"
-            results.append(pinned_experts(trace, misses, costs, f"static-experts:{name}", note))
+            note = (
+                f"each layer's {capacity} most frequent train experts pinned in VRAM ({name}), the rest read on the CPU"
+            )
+            results.append(pinned_experts(trace, misses, costs, "static-experts", note))
         else:
             note = "offline: knows the future" if cls.offline else ""
             results.append(demand_cache(trace, misses, costs, overlap, f"cache:{name}", note))
@@ -576,6 +652,109 @@ def simulate_timeline(
         results.append(prefetch_cache(trace, pred, distance, caps, costs, machine, overlap, f"prefetch:{predictor}"))
     results.append(_bound(trace, belady, costs))
     return Timeline(int(slots), int(capacity), int(gpu_layers), machine, bool(overlap), int(distance), tuple(results))
+
+
+# ----------------------------------------------------------------------------------------------
+# prefill
+
+LLAMA_OFFLOAD_MIN_BATCH = 32
+"""llama.cpp's CUDA backend runs a CPU-resident weight's matmul on the GPU (copying the whole tensor over
+PCIe) when the batch has at least this many tokens (ggml-cuda.cu, ``ggml_backend_cuda_device_offload_op``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillRow:
+    """Prefill in micro-batches of `ubatch` tokens: bytes over PCIe and read by the CPU per token, and the
+    fastest the weights' movement and reads allow (compute not modelled: an upper bound on tokens/s)."""
+
+    name: str
+    ubatch: int
+    pcie_bytes_per_token: float
+    cpu_bytes_per_token: float
+    seconds_per_token: float
+    note: str
+
+    @property
+    def tokens_per_second(self) -> float:
+        return 1.0 / self.seconds_per_token if self.seconds_per_token > 0 else float("inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "tokens_per_second_at_most": self.tokens_per_second}
+
+
+@njit
+def _ubatch_lru(lay, starts, stops, ubatch, capacity, n_exp):
+    """One layer's micro-batches (``ubatch`` tokens of a sequence at a time): ``(distinct experts summed over
+    batches, loads into an LRU cache of `capacity` that keeps the most recently used experts, batches)``. A
+    batch loads its experts not resident after the previous batch; ties in recency go to the lower id."""
+    stamp = np.full(n_exp, -1, dtype=np.int64)
+    resident = np.zeros(n_exp, dtype=np.bool_)
+    used = np.zeros(n_exp, dtype=np.bool_)
+    distinct, loads, b = 0, 0, 0
+    for r in range(starts.size):
+        for a in range(starts[r], stops[r], ubatch):
+            used[:] = False
+            for t in range(a, min(a + ubatch, stops[r])):
+                for j in range(lay.shape[1]):
+                    used[lay[t, j]] = True
+            for x in range(n_exp):
+                if used[x]:
+                    distinct += 1
+                    if not resident[x]:
+                        loads += 1
+                    stamp[x] = b
+            order = np.argsort(-stamp * (n_exp + 1) + np.arange(n_exp), kind="mergesort")
+            resident[:] = False
+            for i in range(min(capacity, n_exp)):
+                if stamp[order[i]] >= 0:
+                    resident[order[i]] = True
+            b += 1
+    return distinct, loads, b
+
+
+def prefill_estimate(trace: RoutingTrace, c: Costs, gpu_layers: int, capacity: int, ubatch: int) -> list[PrefillRow]:
+    """Prefill of `trace`'s sequences in micro-batches of `ubatch` tokens, for llama.cpp's placements and an LRU
+    expert cache (``capacity`` experts per layer; skipped below top-k). A batch reads each distinct expert it
+    uses once. llama.cpp: from `LLAMA_OFFLOAD_MIN_BATCH` tokens on, every CPU-resident layer's whole expert
+    tensor (all E experts) crosses PCIe per batch, else the CPU reads the batch's distinct experts; the cache
+    loads the batch's experts it does not hold, transfers overlapping compute."""
+    n_lay, e = trace.n_layers, trace.n_experts
+    starts, stops = trace.seq_starts, trace.seq_ends
+    distinct = np.zeros(n_lay)
+    loads = np.zeros(n_lay)
+    batches = 1
+    for i in range(n_lay):
+        lay = np.ascontiguousarray(trace.experts[:, i])
+        d, ld, batches = _ubatch_lru(lay, starts, stops, int(ubatch), max(int(capacity), 0), e)
+        distinct[i], loads[i] = d, ld
+    n_tok = max(trace.n_tokens, 1)
+    dense = float(c.t_dense.sum()) * batches  # the dense weights are read once per batch
+    rows = []
+    for name, n_gpu in (("cpu-moe", 0), ("static-layers", gpu_layers)):
+        on_gpu = np.arange(n_lay) >= n_lay - n_gpu
+        gpu_read = float((distinct * c.t_gpu)[on_gpu].sum())
+        if ubatch >= LLAMA_OFFLOAD_MIN_BATCH:
+            moved = float((e * batches * c.expert_bytes)[~on_gpu].sum())
+            seconds = (
+                dense
+                + gpu_read
+                + float((e * batches * (c.t_pcie + c.latency))[~on_gpu].sum())
+                + float((distinct * c.t_gpu)[~on_gpu].sum())
+            )
+            rows.append(PrefillRow(name, ubatch, moved / n_tok, 0.0, seconds / n_tok,
+                                   "CPU layers' whole expert tensors copied to the GPU per batch"))  # fmt: skip
+        else:
+            cpu_bytes = float((distinct * c.expert_bytes)[~on_gpu].sum())
+            seconds = dense + gpu_read + float((distinct * c.t_cpu)[~on_gpu].sum())
+            rows.append(PrefillRow(name, ubatch, 0.0, cpu_bytes / n_tok, seconds / n_tok,
+                                   f"batch below {LLAMA_OFFLOAD_MIN_BATCH}: the CPU computes its layers"))  # fmt: skip
+    if capacity >= trace.top_k:
+        compute = dense + float((distinct * c.t_gpu).sum())
+        link = float((loads * (c.t_pcie + c.latency)).sum())
+        moved = float((loads * c.expert_bytes).sum())
+        note = "the batch's experts not held are loaded, overlapped with compute"
+        rows.append(PrefillRow("cache:lru", ubatch, moved / n_tok, 0.0, max(compute, link) / n_tok, note))
+    return rows
 
 
 def _bound(trace: RoutingTrace, belady: np.ndarray, c: Costs) -> StrategyResult:

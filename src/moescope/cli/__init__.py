@@ -27,6 +27,7 @@ from moescope.cli.locality_cmd import locality
 from moescope.cli.place_cmd import place
 from moescope.cli.report_cmd import report
 from moescope.cli.scale_cmd import analyze
+from moescope.cli.simulate_cmd import simulate
 from moescope.cli.trace_cmds import import_, trace_app
 from moescope.errors import MoescopeError
 
@@ -56,6 +57,7 @@ app.command("compare")(compare)
 app.command("locality")(locality)
 app.command("place")(place)
 app.command("cache")(cache)
+app.command("simulate")(simulate)
 app.command("split")(split)
 app.command("reduce")(reduce)
 app.command("report")(report)

@@ -173,6 +173,41 @@ def names(text: str | None) -> list[str] | None:
     return None if text is None else [x.strip() for x in text.split(",") if x.strip()]
 
 
+def expert_sizes(
+    trace: Any, expert_bytes: str | None, gguf: Path | None, dense_bytes: str | None
+) -> tuple[np.ndarray | None, float]:
+    """Per-layer expert bytes ([layers], or None when neither --expert-bytes nor --gguf is given) and dense bytes
+    per token (--dense-bytes, else the GGUF's, else 0), for the commands that price transfers."""
+    from moescope._units import parse_bytes
+    from moescope.errors import UsageError
+
+    if expert_bytes is not None and gguf is not None:
+        raise UsageError("give --expert-bytes or --gguf, not both")
+
+    dense = 0.0 if dense_bytes is None else float(parse_bytes(dense_bytes, "--dense-bytes"))
+    if expert_bytes is not None:
+        return np.full(trace.n_layers, float(parse_bytes(expert_bytes, "--expert-bytes"))), dense
+    if gguf is None:
+        return None, dense
+    from moescope.gguf import inspect_gguf
+
+    model = inspect_gguf(gguf)
+    if model.n_experts != trace.n_experts:
+        raise UsageError(
+            f"--gguf {gguf} has {model.n_experts} experts per layer but the trace has {trace.n_experts}; "
+            f"give the model the trace was captured from"
+        )
+    missing = [int(lid) for lid in trace.layer_ids if int(lid) not in model.expert_bytes]
+    if missing:
+        raise UsageError(
+            f"--gguf {gguf} has no MoE block for trace layer(s) {missing} (its MoE blocks: "
+            f"{list(model.layer_ids)}); give the matching model"
+        )
+    eb = np.array([model.expert_bytes[int(lid)] for lid in trace.layer_ids], dtype=np.float64)
+    return eb, dense if dense_bytes is not None else float(model.dense_bytes_per_token)
+
+
+
 # -- output ----------------------------------------------------------------------------------------
 def console() -> Console:
     return Console(file=sys.stdout, soft_wrap=False)

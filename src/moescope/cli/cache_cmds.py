@@ -106,12 +106,10 @@ def cache(
         raise UsageError(f"--policy {', '.join(unknown)}: unknown; choose from {', '.join(POLICIES)}")
     if budget_policy not in POLICIES:
         raise UsageError(f"--budget-policy {budget_policy!r}: unknown; choose from {', '.join(POLICIES)}")
-    if expert_bytes is not None and gguf is not None:
-        raise UsageError("give --expert-bytes or --gguf, not both")
     if slots is not None and vram is not None:
         raise UsageError("give --slots or --vram, not both")
     trace = inputs.read_trace(src, "the cache simulator", layers)
-    eb, dense = _bytes(trace, expert_bytes, gguf, dense_bytes, parse_bytes)
+    eb, dense = c.expert_sizes(trace, expert_bytes, gguf, dense_bytes)
     caps = (
         default_capacities(trace.top_k, trace.n_experts) if capacity is None else parse_ranges(capacity, "--capacity")
     )
@@ -171,33 +169,6 @@ def cache(
 cache.__doc__ = (cache.__doc__ or "").replace(
     "{policies}", "\n    ".join(f"- `{name}`: {cls.summary}" for name, cls in POLICIES.items())
 )
-
-
-def _bytes(trace, expert_bytes, gguf, dense_bytes, parse_bytes) -> tuple[np.ndarray | None, float]:
-    """Per-layer expert bytes ([layers] or None) and dense bytes per token."""
-    from moescope.errors import UsageError
-
-    dense = 0.0 if dense_bytes is None else float(parse_bytes(dense_bytes, "--dense-bytes"))
-    if expert_bytes is not None:
-        return np.full(trace.n_layers, float(parse_bytes(expert_bytes, "--expert-bytes"))), dense
-    if gguf is None:
-        return None, dense
-    from moescope.gguf import inspect_gguf
-
-    model = inspect_gguf(gguf)
-    if model.n_experts != trace.n_experts:
-        raise UsageError(
-            f"--gguf {gguf} has {model.n_experts} experts per layer but the trace has {trace.n_experts}; "
-            f"give the model the trace was captured from"
-        )
-    missing = [int(lid) for lid in trace.layer_ids if int(lid) not in model.expert_bytes]
-    if missing:
-        raise UsageError(
-            f"--gguf {gguf} has no MoE block for trace layer(s) {missing} (its MoE blocks: "
-            f"{list(model.layer_ids)}); give the matching model"
-        )
-    eb = np.array([model.expert_bytes[int(lid)] for lid in trace.layer_ids], dtype=np.float64)
-    return eb, dense if dense_bytes is not None else float(model.dense_bytes_per_token)
 
 
 def _print(result, out: dict[str, Any], curves, mean_eb: float | None) -> None:
