@@ -71,7 +71,13 @@ def run_demo(
 
         say("capturing")
         source = capture_hf(
-            fixture.MODEL_DIR, None, read_corpus(fixture.HELDOUT_DIR), out_dir / "captured.zarr", overwrite=True
+            fixture.MODEL_DIR,
+            None,
+            read_corpus(fixture.HELDOUT_DIR),
+            out_dir / "captured.zarr",
+            lookahead=2,  # as the committed fixture trace (`moescope.fixture`)
+            candidates=4,
+            overwrite=True,
         )
         outputs["captured"] = source
     trace = as_trace(read_input(source), "the demo")
