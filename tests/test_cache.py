@@ -395,3 +395,22 @@ def test_misses_per_group_add_up_to_the_replay(name, seed):
         for g in (1, 7, 23):  # an online policy's first g groups do not depend on what follows
             prefix = Stream(s.req[:g], s.reset[:g], s.n_items, s.n_experts)
             assert per[:g].sum() == _reference(name, prefix, capacity, policy)[1]
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("name", [n for n, cls in POLICIES.items() if not cls.prefetches and not cls.offline])
+@pytest.mark.parametrize("seed", range(4))
+def test_misses_per_group_match_the_reference_group_by_group(name, seed):
+    """Every group's demand misses, at every capacity, equal what the naive reference adds when its prefix
+    grows by that group (an online policy's first g groups do not depend on what follows)."""
+    s, rng = _stream(seed, n_items=6 + 2 * seed, groups=50)
+    policy = make_policy(name, PolicyParams(aging=int(rng.integers(0, 3))))
+    if policy.learns:
+        policy.fit(s)
+    for capacity in range(s.k, s.n_items + 1):
+        prefix_misses = [0] + [
+            _reference(name, Stream(s.req[:g], s.reset[:g], s.n_items, s.n_experts), capacity, policy)[1]
+            for g in range(1, s.req.shape[0] + 1)
+        ]
+        got = policy.misses_per_group(s, capacity)
+        assert got.tolist() == np.diff(prefix_misses).tolist(), (name, seed, capacity)

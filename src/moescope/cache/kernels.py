@@ -166,7 +166,7 @@ def lru_depths(req, reset, n_items):
     return hist
 
 
-# -- policies that pick a victim by scanning the cache slots (O(capacity) per miss) ---------------
+# -- policies that pick a victim by scanning the cache slots (O(capacity) per miss; FIFO by a list) -
 @njit
 def _victim(slot_item, need, g, key1, key2, largest):
     """Slot of the cached item not needed by group g with the smallest (or largest) (key1, key2)."""
@@ -201,6 +201,9 @@ def scan_policy(req, reset, n_items, capacity, kind, aging):
       ``aging`` groups.
     - Belady evicts the item whose next use is furthest (never used again first): the offline optimum for
       demand loading with the whole group needed together.
+
+    Every kind evicts only items the group does not need, ties by smallest id. LFU and Belady scan the cache
+    for the victim (O(capacity) per miss); FIFO runs in `_fifo` (O(1) amortised), with the same results.
     """
     return _scan_policy(req, reset, n_items, capacity, kind, aging, np.empty(0, dtype=np.int64))
 
@@ -208,13 +211,15 @@ def scan_policy(req, reset, n_items, capacity, kind, aging):
 @njit
 def _scan_policy(req, reset, n_items, capacity, kind, aging, per_group):
     """`scan_policy`, also writing each group's demand misses to ``per_group [groups]`` when it is not empty."""
+    if kind == SCAN_FIFO:
+        return _fifo(req, reset, n_items, capacity, per_group)
     g_n, k = req.shape
     nu = next_use(req, reset, n_items) if kind == SCAN_BELADY else np.empty((1, 1), dtype=np.int64)
     slot_item = np.full(capacity, -1, dtype=np.int64)
     slot_of = np.full(n_items, -1, dtype=np.int64)
     need = np.full(n_items, -1, dtype=np.int64)
-    key1 = np.zeros(n_items, dtype=np.int64)  # FIFO: load time; LFU: uses; Belady: -(next use)
-    key2 = np.zeros(n_items, dtype=np.int64)  # LFU: last use, then id; FIFO, Belady: id (deterministic ties)
+    key1 = np.zeros(n_items, dtype=np.int64)  # LFU: uses; Belady: -(next use)
+    key2 = np.zeros(n_items, dtype=np.int64)  # LFU: last use, then id; Belady: id (deterministic ties)
     for x in range(n_items):
         key2[x] = x
     hits, misses, free = 0, 0, capacity
@@ -251,13 +256,72 @@ def _scan_policy(req, reset, n_items, capacity, kind, aging, per_group):
                 slot_of[slot_item[s]] = -1
             slot_item[s] = x
             slot_of[x] = s
-            if kind == SCAN_FIFO:
-                key1[x] = g
-            elif kind == SCAN_LFU:
+            if kind == SCAN_LFU:
                 key1[x] += 1
                 key2[x] = g * n_items + x
             else:
                 key1[x] = -nu[g, j]
+        if per_group.shape[0]:
+            per_group[g] = misses - m0
+    return np.array([hits, misses, 0, 0], dtype=np.int64)
+
+
+@njit
+def _fifo(req, reset, n_items, capacity, per_group):
+    """FIFO for `_scan_policy`: evict the cached item with the smallest (load group, id) the group does not need.
+
+    The cached items form one circular doubly linked list through ``nxt``, ``prv: [n_items + 1]`` (node
+    n_items is the sentinel: nxt[s] the oldest, prv[s] the newest) kept in (load group, id) order: a group's
+    misses are collected, sorted by id (insertion sort, k is small) and appended after its miss loop. The
+    victim is the first entry not needed by the group; the only needed entries are the group's hits (at most
+    k - 1 of them: its new items join the list after the loop), so each miss walks at most k steps.
+    """
+    g_n, k = req.shape
+    s = n_items
+    nxt = np.empty(n_items + 1, dtype=np.int64)
+    prv = np.empty(n_items + 1, dtype=np.int64)
+    nxt[s], prv[s] = s, s
+    cached = np.zeros(n_items, dtype=np.bool_)
+    need = np.full(n_items + 1, -1, dtype=np.int64)  # need[s] stays -1: a walk never passes the sentinel
+    new = np.empty(k, dtype=np.int64)  # this group's misses, ascending id
+    size, hits, misses = 0, 0, 0
+    for g in range(g_n):
+        if reset[g]:
+            cached[:] = False
+            nxt[s], prv[s] = s, s
+            size = 0
+        m0 = misses
+        for j in range(k):
+            x = req[g, j]
+            need[x] = g
+            if cached[x]:
+                hits += 1
+        m = 0
+        for j in range(k):
+            x = req[g, j]
+            if cached[x]:
+                continue
+            misses += 1
+            if size == capacity:  # capacity >= k: an unneeded entry exists, so v never reaches the sentinel
+                v = nxt[s]
+                while need[v] == g:
+                    v = nxt[v]
+                a, b = prv[v], nxt[v]
+                nxt[a], prv[b] = b, a
+                cached[v] = False
+            else:
+                size += 1
+            cached[x] = True
+            i = m
+            while i > 0 and new[i - 1] > x:
+                new[i] = new[i - 1]
+                i -= 1
+            new[i] = x
+            m += 1
+        for i in range(m):
+            x = new[i]
+            t = prv[s]
+            prv[x], nxt[x], nxt[t], prv[s] = t, s, x, x
         if per_group.shape[0]:
             per_group[g] = misses - m0
     return np.array([hits, misses, 0, 0], dtype=np.int64)
@@ -293,17 +357,7 @@ def _static_set(req, reset, pinned, per_group):
 
 
 # -- ARC (Megiddo & Modha, FAST 2003), with the group constraint ---------------------------------
-_T1, _T2, _B1, _B2 = 1, 2, 3, 4
-
-
-@njit
-def _lru_of(where, stamp, need, g, lst, n_items):
-    """Least recently used item of list `lst` (not needed by group g when lst is resident), or -1."""
-    best, best_t = -1, NEVER
-    for x in range(n_items):
-        if where[x] == lst and stamp[x] < best_t and not (lst <= _T2 and need[x] == g):
-            best, best_t = x, stamp[x]
-    return best
+_T1, _T2, _B1, _B2 = 1, 2, 3, 4  # list codes in `where` (0: in no list); node n_items + code is a sentinel
 
 
 @njit
@@ -315,31 +369,57 @@ def arc(req, reset, n_items, capacity):
 
 @njit
 def _arc(req, reset, n_items, capacity, per_group):
-    """`arc`, also writing each group's demand misses to ``per_group [groups]`` when it is not empty."""
+    """`arc`, also writing each group's demand misses to ``per_group [groups]`` when it is not empty.
+
+    Each list is a circular doubly linked list through ``nxt``, ``prv: [n_items + 5]`` with the sentinel
+    node n_items + code (nxt[sentinel] the least recent end, prv[sentinel] the most recent), so a victim is
+    found by walking from the least recent end past the (at most k - 1) items the group needs: O(k) per miss.
+    """
+    # Every list stays in recency order: the order of a clock stamp given to an item each time it enters T1
+    # or T2 (a load or a hit), which a move to a ghost list keeps. Hence "least recent" below is "least stamp".
+    # - T1, T2: an item enters only with a new stamp, the largest so far, at the most recent end.
+    # - B1 (B2, alike): an item enters only from T1 (T2), as the least recent item of T1 (T2) that the group
+    #   does not need; the items of T1 (T2) the group needs were all stamped during this group (its hits
+    #   went to T2 with new stamps, its loads got new stamps), after every item it does not need. So every
+    #   stamp in T1 (T2) exceeds every stamp in B1 (B2), before and after each move, and an item appended
+    #   to a B list is its most recent. This holds as well when the chosen T list has no item to give (all
+    #   needed, or empty) and the other T list gives its least recent unneeded item instead.
+    # - B1 and B2 are trimmed at their least recent end without regard to the group (a ghost holds no slot).
+    # Removal from anywhere keeps an order; a reset empties every list.
     g_n, k = req.shape
     c = capacity
+    s1, s2, sb1, sb2 = n_items + _T1, n_items + _T2, n_items + _B1, n_items + _B2
+    nxt = np.empty(n_items + 5, dtype=np.int64)
+    prv = np.empty(n_items + 5, dtype=np.int64)
+    for z in range(s1, sb2 + 1):
+        nxt[z], prv[z] = z, z
     where = np.zeros(n_items, dtype=np.int64)
-    stamp = np.zeros(n_items, dtype=np.int64)
-    need = np.full(n_items, -1, dtype=np.int64)
-    n = np.zeros(5, dtype=np.int64)  # list sizes by list code
+    need = np.full(n_items + 5, -1, dtype=np.int64)  # -1 at the sentinels: a walk stops at its sentinel
+    n_t1, n_t2, n_b1, n_b2 = 0, 0, 0, 0  # list sizes
     p = 0.0
-    clock, hits, misses = 0, 0, 0
+    hits, misses = 0, 0
     for g in range(g_n):
         if reset[g]:
             where[:] = 0
-            n[:] = 0
+            for z in range(s1, sb2 + 1):
+                nxt[z], prv[z] = z, z
+            n_t1, n_t2, n_b1, n_b2 = 0, 0, 0, 0
             p = 0.0
         m0 = misses
         for j in range(k):
             x = req[g, j]
             need[x] = g
-            if where[x] == _T1 or where[x] == _T2:
+            w = where[x]
+            if w in (_T1, _T2):  # a hit: to the most recent end of T2
                 hits += 1
-                n[where[x]] -= 1
-                where[x] = _T2
-                n[_T2] += 1
-                clock += 1
-                stamp[x] = clock
+                if w == _T1:
+                    n_t1 -= 1
+                    n_t2 += 1
+                    where[x] = _T2
+                a, b = prv[x], nxt[x]
+                nxt[a], prv[b] = b, a
+                t = prv[s2]
+                prv[x], nxt[x], nxt[t], prv[s2] = t, s2, x, x
         for j in range(k):
             x = req[g, j]
             w = where[x]
@@ -347,40 +427,69 @@ def _arc(req, reset, n_items, capacity, per_group):
                 continue
             misses += 1
             if w == _B1:
-                p = min(float(c), p + max(n[_B2] / n[_B1], 1.0))
+                p = min(float(c), p + max(n_b2 / n_b1, 1.0))
             elif w == _B2:
-                p = max(0.0, p - max(n[_B1] / n[_B2], 1.0))
-            elif n[_T1] + n[_B1] == c:
-                if n[_T1] < c:
-                    y = _lru_of(where, stamp, need, g, _B1, n_items)
-                    where[y] = 0
-                    n[_B1] -= 1
-                else:  # T1 fills the cache: drop its LRU page without a ghost
-                    y = _lru_of(where, stamp, need, g, _T1, n_items)
-                    where[y] = 0
-                    n[_T1] -= 1
-            elif n[_T1] + n[_T2] + n[_B1] + n[_B2] >= 2 * c:
-                y = _lru_of(where, stamp, need, g, _B2, n_items)
-                if y >= 0:
-                    where[y] = 0
-                    n[_B2] -= 1
-            if w != 0:
-                n[w] -= 1
+                p = max(0.0, p - max(n_b1 / n_b2, 1.0))
+            elif n_t1 + n_b1 == c:
+                if n_t1 < c:  # drop B1's least recent ghost (B1 is not empty: n_b1 = c - n_t1 > 0)
+                    y = nxt[sb1]
+                    n_b1 -= 1
+                else:  # T1 fills the cache: drop its least recent unneeded page without a ghost
+                    y = nxt[s1]
+                    while need[y] == g:
+                        y = nxt[y]
+                    n_t1 -= 1
+                a, b = prv[y], nxt[y]
+                nxt[a], prv[b] = b, a
+                where[y] = 0
+            elif n_t1 + n_t2 + n_b1 + n_b2 >= 2 * c and n_b2 > 0:  # drop B2's least recent ghost
+                y = nxt[sb2]
+                a, b = prv[y], nxt[y]
+                nxt[a], prv[b] = b, a
+                where[y] = 0
+                n_b2 -= 1
+            if w != 0:  # a ghost hit: out of its ghost list
+                if w == _B1:
+                    n_b1 -= 1
+                else:
+                    n_b2 -= 1
+                a, b = prv[x], nxt[x]
+                nxt[a], prv[b] = b, a
                 where[x] = 0
-            if n[_T1] + n[_T2] >= c:  # REPLACE: evict from T1 or T2 into its ghost list
-                from_t1 = n[_T1] > 0 and (n[_T1] > p or (w == _B2 and n[_T1] == p))
-                y = _lru_of(where, stamp, need, g, _T1 if from_t1 else _T2, n_items)
-                if y < 0:  # every page of that list is needed by this group: take the other list
+            if n_t1 + n_t2 >= c:  # REPLACE: evict from T1 or T2 into its ghost list
+                from_t1 = n_t1 > 0 and (n_t1 > p or (w == _B2 and n_t1 == p))
+                src = s1 if from_t1 else s2
+                y = nxt[src]
+                while need[y] == g:
+                    y = nxt[y]
+                if y == src:  # every page of that list is needed by this group: take the other list
                     from_t1 = not from_t1
-                    y = _lru_of(where, stamp, need, g, _T1 if from_t1 else _T2, n_items)
-                src, dst = (_T1, _B1) if from_t1 else (_T2, _B2)
-                where[y] = dst
-                n[src] -= 1
-                n[dst] += 1
-            where[x] = _T1 if w == 0 else _T2
-            n[where[x]] += 1
-            clock += 1
-            stamp[x] = clock
+                    src = s1 if from_t1 else s2
+                    y = nxt[src]  # resident >= c >= k > needed resident: this walk finds a page
+                    while need[y] == g:
+                        y = nxt[y]
+                if from_t1:
+                    dst = sb1
+                    n_t1 -= 1
+                    n_b1 += 1
+                else:
+                    dst = sb2
+                    n_t2 -= 1
+                    n_b2 += 1
+                a, b = prv[y], nxt[y]
+                nxt[a], prv[b] = b, a
+                t = prv[dst]
+                prv[y], nxt[y], nxt[t], prv[dst] = t, dst, y, y
+                where[y] = dst - n_items
+            if w == 0:
+                dst = s1
+                n_t1 += 1
+            else:
+                dst = s2
+                n_t2 += 1
+            t = prv[dst]
+            prv[x], nxt[x], nxt[t], prv[dst] = t, dst, x, x
+            where[x] = dst - n_items
         if per_group.shape[0]:
             per_group[g] = misses - m0
     return np.array([hits, misses, 0, 0], dtype=np.int64)
