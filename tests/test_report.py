@@ -53,7 +53,13 @@ def test_report_is_self_contained_with_verdicts(fixture_report):
     assert "--n-cpu-moe" in html and "Belady" in html
     assert not re.search(r"""<script[^>]+src=|<link[^>]+href=["']https?:""", html)  # nothing fetched to view it
     assert html.count("Plotly.newPlot") == html.count("class='figure'") >= 3
-    assert {"concentration", "cache", "curves", "offload", "drift"} <= set(rep.summary)
+    assert {"concentration", "cache", "curves", "offload", "drift", "timeline"} <= set(rep.summary)
+    # what a cache would buy: sizes from the GGUF, every budget decoded, the captured lookahead among the strategies
+    assert "What would a cache buy?" in html and "What a cache buys" in html
+    tl = rep.summary["timeline"]
+    assert tl["sizes_from"] == "the GGUF tiny-moe-f32.gguf" and len(tl["budgets"]) == 4
+    assert any(r["name"] == "prefetch:lookahead" for r in tl["budgets"][1]["results"])
+    assert "The captured lookahead (layer l+1's router" in html
     # progress: every stage with its position out of a known total (was a bare "0/?"), placement included
     calls = rep.summary["_progress"]
     assert [c[1] for c in calls] == list(range(len(calls))) and {c[2] for c in calls} == {len(calls) - 1}
@@ -87,6 +93,16 @@ def test_cli_report(capsys, tmp_path):
     code, stdout, err = run(capsys, "report", fixture.FIXTURE_DIR / fixture.TRACE, "-o", out, "--json")
     assert code == 0, err
     assert json.loads(stdout)["report"] == str(out) and out.stat().st_size > 1_000_000
+    assert "timeline" not in json.loads(stdout)  # no sizes, no timeline
+    sized = ("--expert-bytes", "2.65MB", "--dense-bytes", "58MB", "--machine", "datacenter-pcie5", "--json")
+    code, stdout, err = run(capsys, "report", fixture.FIXTURE_DIR / fixture.TRACE, "-o", tmp_path / "s.html", *sized)
+    assert code == 0, err
+    tl = json.loads(stdout)["timeline"]
+    assert tl["machine"]["name"] == "datacenter-pcie5" and tl["expert_bytes"] == [2.65e6] * 4
+    code, _, err = run(
+        capsys, "report", fixture.FIXTURE_DIR / fixture.TRACE, "-o", tmp_path / "m.html", "--machine", "x"
+    )
+    assert code == 2 and "--machine 'x'" in err and not (tmp_path / "m.html").exists()
     code, _, err = run(capsys, "report", fixture.FIXTURE_DIR / fixture.TRACE, "-o", out)
     assert code == 2 and "already exists" in err
     write_output(random_trace(n_tokens=50), tmp_path / "other.npz")

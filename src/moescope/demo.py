@@ -4,8 +4,9 @@ The default input is the project's own fixture (`moescope.fixture`): the routing
 trained by the project made on held-out text of five domains, captured with ``moescope capture hf`` (or
 captured afresh with ``capture=True`` when the ``[hf]`` extra is installed). The demo writes it as a store,
 describes it, splits it into train/test halves, reduces it to counts and a ranking, and writes the report
-(`moescope.report`: concentration gate, co-activation, locality, caches vs Belady, placement, and the
-llama.cpp offload plan of the fixture's GGUF). Library code: returns, prints nothing.
+(`moescope.report`: concentration gate, co-activation, locality, caches vs Belady, what a cache would buy in
+decode tokens/s with the captured lookahead, placement, and the llama.cpp offload plan of the fixture's
+GGUF). Library code: returns, prints nothing.
 
     >>> result = run_demo(Path("demo-out"))
 """
@@ -27,6 +28,15 @@ from moescope.report import build_report
 from moescope.slicing import split_halves
 from moescope.store import TraceStore, save_trace
 from moescope.trace import expert_mass
+
+# What the demo prices the fixture's routing at in "what would a cache buy": the fixture's own experts are 48 KiB,
+# where the per-transfer latency, not bandwidth, decides everything. At full size the fixture's architecture is
+# Qwen3-30B-A3B: an expert is 3 x 2048 x 768 weights, ~2.65 MB at Q4_K_M's ~4.5 bits; the dense weights read per
+# token (attention 18.9 M weights per layer, the 151936 x 2048 output head) are ~0.7 GB over 48 MoE layers, ~14.6 MB
+# per layer, so 58.4 MB for the fixture's 4 layers. A what-if, stated on the report's card.
+WHAT_IF_EXPERT_BYTES = 2.65e6
+WHAT_IF_DENSE_BYTES = 4 * 14.6e6
+WHAT_IF_SOURCE = "priced as Qwen3-30B-A3B Q4_K_M experts (2.65 MB) and dense weights (14.6 MB per layer)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +114,11 @@ def run_demo(
         for i, lid in enumerate(trace.layer_ids.tolist())
     ]
     write_ranking_csv(rank_experts(trace), outputs["ranking"], overwrite=True)
-    report = build_report(trace, gguf=fixture.GGUF, progress=lambda stage, i, n: say(f"report: {stage} ({i}/{n})"))
+    report = build_report(
+        trace,
+        gguf=fixture.GGUF,
+        sizes=([WHAT_IF_EXPERT_BYTES] * trace.n_layers, WHAT_IF_DENSE_BYTES, WHAT_IF_SOURCE),
+        progress=lambda stage, i, n: say(f"report: {stage} ({i}/{n})"),
+    )
     _atomic.write_text_atomic(outputs["report"], report.html, overwrite=True)
     return DemoResult(out_dir, outputs, info, layers, concentration(counts), report.summary)

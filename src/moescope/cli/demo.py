@@ -85,6 +85,10 @@ def _verdicts(result) -> list[tuple[str, str]]:
                 f"{at['lru']['demand_miss_rate']:.1%}; Belady floor {at['belady']['demand_miss_rate']:.1%}",
             )
         )
+    tl = result.summary.get("timeline")
+    if tl:
+        mid = tl["budgets"][len(tl["budgets"]) // 2]
+        rows.append(("What would a cache buy (decode tokens/s)?", f"{mid['verdict']} ({tl['sizes_from']})"))
     for key, question in (
         ("placement", "Which placement across devices?"),
         ("coact", "Real co-activation?"),

@@ -15,8 +15,19 @@ def report(
     src: Annotated[Path, typer.Argument(help="A per-token trace (zarr store, .npz, ESFT logs, engine dumps).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The HTML file to write.")] = Path("report.html"),
     gguf: Annotated[
-        Path | None, typer.Option("--gguf", help="The model's GGUF: adds the llama.cpp offload plan.")
+        Path | None,
+        typer.Option("--gguf", help="The model's GGUF: adds the llama.cpp offload plan and what a cache would buy."),
     ] = None,
+    expert_bytes: Annotated[
+        str | None,
+        typer.Option("--expert-bytes", help="Bytes of one routed expert (instead of --gguf's), for the timeline."),
+    ] = None,
+    dense_bytes: Annotated[
+        str | None, typer.Option("--dense-bytes", help="Non-expert bytes read per token, for the timeline.")
+    ] = None,
+    machine: Annotated[
+        str, typer.Option("--machine", help="Machine preset of the timeline (see moescope simulate --help).")
+    ] = "consumer-pcie4",
     vram: Annotated[str | None, typer.Option("--vram", help="VRAM for the offload plan, e.g. 10GiB.")] = None,
     devices: Annotated[str, typer.Option("--devices", help="Device counts for the placement section.")] = "2,4,8",
     title: Annotated[str | None, typer.Option("--title", help="Page title (default: from the model name).")] = None,
@@ -36,7 +47,8 @@ def report(
 
     It opens with the verdicts: is a per-expert cache worth building (the concentration gate), what a
     cache of each size buys per policy against the Belady floor, which placement to use for D devices and
-    what it saves, and the llama.cpp offload plan when `--gguf` is given. Then the evidence, each figure
+    what it saves, and the llama.cpp offload plan and what a per-expert cache would buy in decode tokens/s
+    (`moescope simulate`'s timeline) when `--gguf` (or `--expert-bytes`) is given. Then the evidence, each figure
     with one sentence saying what to read from it: load heatmap, coverage curves, co-activation with its
     shuffle null, locality by layer, miss-rate curves per policy, placement comparison. Figures are
     interactive (hover shows layer, expert and value). `--json` prints the numbers behind the page.
@@ -56,6 +68,15 @@ def report(
         from moescope.analyze.compare import check_aligned
 
         check_aligned(trace, other)  # refused before the long analyses run
+    from moescope.cache.timeline import MACHINES
+    from moescope.errors import UsageError
+
+    if machine not in MACHINES:
+        raise UsageError(f"--machine {machine!r}: unknown; choose from {', '.join(MACHINES)}")
+    sizes = None
+    if expert_bytes is not None:
+        eb, dense = c.expert_sizes(trace, expert_bytes, None, dense_bytes)  # flags win over the GGUF's sizes
+        sizes = (eb.tolist(), dense, f"--expert-bytes {expert_bytes}, --dense-bytes {dense_bytes or 0}")
     d = parse_ranges(devices, "--devices")
     v = None if vram is None else parse_bytes(vram, "--vram")
     with c.progress() as bar:
@@ -68,6 +89,8 @@ def report(
             title=title,
             compare=other,
             compare_label=str(compare),
+            sizes=sizes,
+            machine=machine,
             progress=lambda stage, done, total: bar.update(task, description=stage, completed=done, total=total),
         )
     _atomic.write_text_atomic(out, result.html, overwrite)

@@ -39,10 +39,16 @@ def build_report(
     title: str | None = None,
     compare: RoutingTrace | None = None,
     compare_label: str = "the second trace",
+    sizes: tuple[Sequence[float], float, str] | None = None,
+    machine: str = "consumer-pcie4",
     progress: Callable[[str, int, int], None] | None = None,
 ) -> Report:
     """Analyse `trace` and render the report (see the module docstring); with `compare` (a trace of the same
     tokens from another engine, quantization, top-k or version), a "routing drift" section too.
+
+    "What would a cache buy" (the decode timeline, `moescope.cache.timeline`, on the preset `machine`) needs
+    the experts' sizes: ``sizes = (expert bytes per MoE layer, dense bytes per token, where they come from)``,
+    or read from `gguf` when not given; without either the section is left out.
 
     `progress(stage, done, total)` is called before each stage (sections in page order) and once at the end.
     """
@@ -54,6 +60,10 @@ def build_report(
         ("concentration", lambda: _concentration(trace, cards, figures, summary)),
         ("expert caches", lambda: _caches(trace, cards, figures, summary)),
     ]
+    if sizes is None and gguf is not None:
+        sizes = _gguf_sizes(trace, Path(gguf))
+    if sizes is not None:
+        stages.append(("decode timeline", lambda: _timeline(trace, sizes, machine, cards, figures, summary)))
     stages += [(name, lambda f=f: f(trace, cards, figures, summary, devices)) for name, f in _extra_sections()]
     if gguf is not None:
         stages.append(("llama.cpp offload plan", lambda: _offload(trace, Path(gguf), vram, cards, summary)))
@@ -252,6 +262,135 @@ def _offload(trace: RoutingTrace, gguf: Path, vram: int | None, cards: list[Card
     )
 
 
+# -- what a cache would buy ----------------------------------------------------------------------------
+TIMELINE_POLICIES = ("lru", "lfu", "lfu-static", "belady")  # the report's subset; `moescope simulate` runs all
+
+
+def _gguf_sizes(trace: RoutingTrace, gguf: Path) -> tuple[list[float], float, str] | None:
+    """Expert bytes per trace layer and dense bytes per token from the GGUF, or None when it does not match."""
+    from moescope.gguf import inspect_gguf
+
+    m = inspect_gguf(gguf)
+    if m.n_experts != trace.n_experts or any(int(x) not in m.expert_bytes for x in trace.layer_ids):
+        return None
+    eb = [float(m.expert_bytes[int(x)]) for x in trace.layer_ids]
+    return eb, float(m.dense_bytes_per_token), f"the GGUF {gguf.name}"
+
+
+def _timeline(
+    trace: RoutingTrace,
+    sizes: tuple[Sequence[float], float, str],
+    machine: str,
+    cards: list[Card],
+    figures: list[Figure],
+    summary: dict[str, Any],
+) -> None:
+    import plotly.graph_objects as go
+
+    from moescope._units import format_bytes
+    from moescope.cache.timeline import MACHINES, default_slots, simulate_timeline
+    from moescope.slicing import split_halves
+
+    eb, dense, source = np.asarray(sizes[0], dtype=np.float64), float(sizes[1]), sizes[2]
+    m = MACHINES[machine]
+    train, test = split_halves(trace)
+    if train.n_tokens == 0 or test.n_tokens == 0:
+        return
+    runs = [
+        simulate_timeline(
+            test, expert_bytes=eb, dense_bytes=dense, slots=b, machine=m, policies=TIMELINE_POLICIES, train=train
+        )
+        for b in default_slots(trace.n_layers, trace.n_experts, trace.top_k)
+    ]
+    vram = [float(eb.max()) * r.slots for r in runs]
+    summary["timeline"] = {
+        "machine": m.to_dict(),
+        "sizes_from": source,
+        "expert_bytes": eb.tolist(),
+        "dense_bytes": dense,
+        "budgets": [r.to_dict() for r in runs],
+    }
+    main = runs[len(runs) // 2]
+    cache, static = main.best("cache"), main.best("static")
+    wins = [format_bytes(v) for r, v in zip(runs, vram, strict=True) if r.cache_wins()]
+    by = {r.name: r for r in main.results}
+    la, oracle = by.get("prefetch:lookahead"), by.get("prefetch:oracle")
+    lines = [
+        f"Decode at batch 1 on {m.name} (GPU {m.gpu_gbps:g}, CPU {m.cpu_gbps:g}, PCIe {m.pcie_gbps:g} GB/s + "
+        f"{m.pcie_latency_us:g} us per transfer), experts of {format_bytes(float(eb.mean()))} and "
+        f"{format_bytes(dense)} of dense weights per token ({source}); second halves decoded, learned parts fit on "
+        f"first halves.",
+        "A per-expert cache beats every static placement at "
+        + (", ".join(wins) if wins else "no budget tried")
+        + f"; at {format_bytes(vram[len(runs) // 2])}: {main.verdict()}.",
+    ]
+    if la is not None and oracle is not None:
+        lines.append(
+            f"Prefetching from the captured lookahead: {la.tokens_per_second:,.0f} tok/s, {la.hit_rate:.0%} of "
+            f"accesses in VRAM ({la.wasted_prefetches / max(la.prefetch_loads, 1):.0%} of its prefetches wasted); "
+            f"a perfect predictor: {oracle.tokens_per_second:,.0f} tok/s."
+        )
+    lines.append("Every assumption: <code>moescope simulate --help</code> and its output.")
+    keep = ["cpu-moe", "static-layers", "static-experts", "cache:lru", "prefetch:lookahead", "bound"]
+    rows = [("tok/s at VRAM", *(format_bytes(v) for v in vram))]
+    for name in keep:
+        cells = [next((x for x in r.results if x.name == name), None) for r in runs]
+        if any(x is not None for x in cells):
+            rows.append((name, *("-" if x is None else f"{x.tokens_per_second:,.0f}" for x in cells)))
+    headline = (
+        f"at {format_bytes(vram[len(runs) // 2])}: {cache.name} {cache.tokens_per_second:,.0f} vs "
+        f"{static.name} {static.tokens_per_second:,.0f} tok/s"
+        if cache is not None and static is not None
+        else "no per-expert cache fits these budgets"
+    )
+    cards.append(
+        Card("What would a cache buy?", headline, tuple(lines), "good" if wins else "warn", tuple(rows), wide=True)
+    )
+    fig = go.Figure()
+    prefetchers = [x for x in main.results if x.name.startswith("prefetch:") and x.family == "cache"]
+    shown = ["cpu-moe", "static-layers", "static-experts", "cache:lru"]
+    if prefetchers:  # the captured lookahead when there is one, else the best id-only prefetcher
+        la_name = "prefetch:lookahead"
+        shown.append(la_name if la is not None else max(prefetchers, key=lambda x: x.tokens_per_second).name)
+    shown += ["prefetch:oracle", "bound"]
+    unit, scale = ("GiB", 2**30) if max(vram) >= 2**30 else ("MiB", 2**20)
+    colors = {"cpu-moe": "#8a94a6", "static-layers": "#3a6fd8", "static-experts": "#1d2430", "cache:lru": "#d08a11",
+              "prefetch:oracle": "#2e9e5b", "bound": "#7f3fbf"}  # fmt: skip
+    for name in shown:
+        pts = [(v, x) for r, v in zip(runs, vram, strict=True) for x in r.results if x.name == name]
+        if not pts:
+            continue
+        fam = pts[0][1].family
+        fig.add_trace(
+            go.Scatter(
+                x=[v / scale for v, _ in pts],
+                y=[x.tokens_per_second for _, x in pts],
+                mode="lines+markers",
+                name=name,
+                line=dict(
+                    dash={"static": "solid", "cache": "dash", "reference": "dot"}[fam],
+                    width=2.5,
+                    color=colors.get(name, "#c0392b"),
+                ),
+                customdata=[[x.hit_rate or 0.0, x.stall_share] for _, x in pts],
+                hovertemplate=f"{name}<br>%{{x:.3g}} {unit}: %{{y:,.0f}} tok/s<br>hits %{{customdata[0]:.1%}}, "
+                f"stalled %{{customdata[1]:.0%}}<extra></extra>",
+            )
+        )
+    fig.update_layout(**_LAYOUT, xaxis_title=f"VRAM for routed experts ({unit})", yaxis_title="decode tokens/s")
+    figures.append(
+        Figure(
+            "What a cache buys",
+            "decode tokens/s as the VRAM for experts grows: solid lines are static placements (llama.cpp's "
+            "--cpu-moe / --n-cpu-moe, hot experts pinned), dashed ones online per-expert caches (LRU, and LRU with "
+            "prefetches), dotted ones references that know the future (a perfect prefetcher, the bound); a dashed "
+            "line above every solid one is a budget where building a cache pays (moescope simulate shows every "
+            "policy and predictor).",
+            fig,
+        )
+    )
+
+
 # -- routing drift -------------------------------------------------------------------------------------
 def _drift(
     trace: RoutingTrace,
@@ -336,17 +475,26 @@ def _locality(trace: RoutingTrace, cards: list[Card], figures: list[Figure], sum
         f"best next-token prefetch at B={loc.budgets[0]}: {best} {hit:.0%} (chance {loc.prefetch_chance[0]:.0%})"
     )
     summary["locality"]["verdict"] = verdict
+    lines = [
+        f"Median over layers: consecutive tokens share {s['reuse'].median:.1%} of their experts vs "
+        f"{s['reuse_shuffled_expected'].median:.1%} with each sequence's tokens shuffled and "
+        f"{s['reuse_uniform'].median:.1%} uniform.",
+        f"Predicting the next token's experts (held-out halves), the best of {', '.join(loc.predictors)} at "
+        f"B={loc.budgets[0]} is {best}: {hit:.1%} of the needed experts (chance {loc.prefetch_chance[0]:.1%}).",
+    ]
+    for d in sorted({r.distance for r in loc.lookahead}):
+        rows = [r for r in loc.lookahead if r.distance == d]
+        ids = [r.best_id_only[1] for r in rows if r.best_id_only is not None]
+        lines.append(
+            f"The captured lookahead (layer l+{d}'s router on layer l's router input) names "
+            f"{np.median([r.recall for r in rows]):.1%} of layer l+{d}'s experts (median over layers)"
+            + (f"; the best id-only predictor {np.median(ids):.1%}." if ids else ".")
+        )
     cards.append(
         Card(
             "Is there temporal locality to exploit?",
             f"reuse {ratio:.2f}x the shuffled order" if ratio else "no consecutive tokens",
-            (
-                f"Median over layers: consecutive tokens share {s['reuse'].median:.1%} of their experts vs "
-                f"{s['reuse_shuffled_expected'].median:.1%} with each sequence's tokens shuffled and "
-                f"{s['reuse_uniform'].median:.1%} uniform.",
-                f"Predicting the next token's experts (held-out halves), the best of {', '.join(loc.predictors)} at "
-                f"B={loc.budgets[0]} is {best}: {hit:.1%} of the needed experts (chance {loc.prefetch_chance[0]:.1%}).",
-            ),
+            tuple(lines),
             "good" if ratio > 1.2 else "warn",
         )
     )
