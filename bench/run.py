@@ -301,6 +301,11 @@ def bench_place_speed(tmp: Path) -> dict:
     return _bench_module("place_speed")
 
 
+def bench_timeline_speed(tmp: Path) -> dict:
+    """Every decode-timeline strategy at one budget on 1M x 48 x top-8 (see bench/timeline_speed.py)."""
+    return _bench_module("timeline_speed")
+
+
 def _bench_module(name: str) -> dict:
     """Run `measure()` of bench/<name>.py in a fresh interpreter (see `_child`)."""
     return _child(f"import sys\nsys.path.insert(0, {str(ROOT / 'bench')!r})\nimport {name}\nout = {name}.measure()\n")

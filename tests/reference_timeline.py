@@ -89,3 +89,21 @@ def top_rows(src, valid, table, p):
             row[: len(ranked)] = ranked
         out.append(row)
     return out
+
+
+def ubatch_lru(lay, starts, stops, ubatch, capacity, n_exp):
+    """`timeline._ubatch_lru` with sets: per micro-batch, the distinct experts and those not resident after the
+    previous batch; the resident set is the `capacity` most recently used (ties to the lower id)."""
+    last = {}  # expert -> batch index of its last use
+    resident: set[int] = set()
+    distinct = loads = b = 0
+    for a0, z in zip(starts, stops, strict=True):
+        for a in range(int(a0), int(z), ubatch):
+            used = {int(x) for t in range(a, min(a + ubatch, int(z))) for x in lay[t]}
+            distinct += len(used)
+            loads += len(used - resident)
+            for x in used:
+                last[x] = b
+            resident = set(sorted(last, key=lambda x: (-last[x], x))[:capacity])
+            b += 1
+    return distinct, loads, b

@@ -18,9 +18,12 @@ from moescope.cache.timeline import (
     Machine,
     _prefetch_timeline,
     _top_rows,
+    _ubatch_lru,
+    default_slots,
     demand_cache,
     predictions,
     prefetch_cache,
+    prefill_estimate,
     simulate_timeline,
 )
 from moescope.slicing import select_layers
@@ -159,3 +162,47 @@ def test_id_only_predictors_learn_from_train_only():
     assert (pred[:, -1] == -1).all()  # nothing lies beyond the last layer
     tr = predictions(test, "transition", 1, train)
     assert (tr[test.seq_starts] == -1).all()
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("seed", range(4))
+def test_ubatch_lru_matches_the_naive_reference(seed):
+    tr = random_trace(n_tokens=300, n_layers=1, n_experts=12, k=3, n_seq=4, seed=seed)
+    lay = np.ascontiguousarray(tr.experts[:, 0])
+    for ubatch, cap in ((1, 3), (7, 5), (32, 12), (64, 4)):
+        got = _ubatch_lru(lay, tr.seq_starts, tr.seq_ends, ubatch, cap, 12)
+        want = reference_timeline.ubatch_lru(lay.tolist(), tr.seq_starts, tr.seq_ends, ubatch, cap, 12)
+        assert tuple(int(x) for x in got) == want
+
+
+def test_prefill_llama_streams_whole_tensors_from_32_tokens():
+    """At 32 tokens or more llama.cpp copies every CPU layer's whole expert tensor per batch; below, the CPU
+    reads the batch's experts; the cache moves no more than the CPU layers' tensors would."""
+    tr = _trace(6)
+    c = Costs.of(np.full(tr.n_layers, 1e6), 1e7, M)
+    big = {r.name: r for r in prefill_estimate(tr, c, gpu_layers=2, capacity=4, ubatch=64)}
+    batches = sum(-(-(b - a) // 64) for a, b in zip(tr.seq_starts, tr.seq_ends, strict=True))
+    assert big["cpu-moe"].pcie_bytes_per_token == pytest.approx(tr.n_layers * 8 * batches * 1e6 / tr.n_tokens)
+    assert big["static-layers"].pcie_bytes_per_token == pytest.approx(big["cpu-moe"].pcie_bytes_per_token / 2)
+    assert big["cache:lru"].pcie_bytes_per_token <= big["cpu-moe"].pcie_bytes_per_token
+    small = {r.name: r for r in prefill_estimate(tr, c, gpu_layers=2, capacity=4, ubatch=8)}
+    assert small["cpu-moe"].pcie_bytes_per_token == 0 and small["cpu-moe"].cpu_bytes_per_token > 0
+    assert "cache:lru" not in {r.name for r in prefill_estimate(tr, c, gpu_layers=0, capacity=1, ubatch=8)}
+
+
+def test_budgets_families_and_the_verdict():
+    assert default_slots(48, 128, 8) == [768, 1536, 3072, 4608]
+    assert default_slots(4, 8, 2) == [8, 16, 24]  # never below k per layer, distinct
+    tr = _trace(7)
+    res = simulate_timeline(tr, expert_bytes=np.full(tr.n_layers, 2e6), dense_bytes=1e7, slots=16, machine=M)
+    fam = {r.name: r.family for r in res.results}
+    assert fam["static-layers"] == fam["static-experts"] == "static" and fam["cache:lru"] == "cache"
+    assert fam["cache:belady"] == fam["prefetch:oracle"] == fam["bound"] == "reference"
+    best_cache, best_static = res.best("cache"), res.best("static")
+    assert res.cache_wins() == (best_cache.tokens_per_second > best_static.tokens_per_second)
+    assert best_cache.name in res.verdict() and best_static.name in res.verdict()
+    with pytest.raises(Exception, match="unknown"):
+        simulate_timeline(tr, expert_bytes=np.full(tr.n_layers, 2e6), dense_bytes=0, slots=16, machine=M,
+                          policies=["mru"])  # fmt: skip
+    with pytest.raises(Exception, match="--pcie-gbps"):
+        Machine("bad", 900.0, 60.0, 0.0)
