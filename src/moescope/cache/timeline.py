@@ -530,6 +530,11 @@ class Timeline:
         rows = [r for r in self.results if r.family == family]
         return max(rows, key=lambda r: r.tokens_per_second) if rows else None
 
+    def cache_wins(self) -> bool:
+        """Whether the best online per-expert cache is faster than the best static placement."""
+        cache, static = self.best("cache"), self.best("static")
+        return cache is not None and static is not None and cache.tokens_per_second > static.tokens_per_second
+
     def verdict(self) -> str:
         """One sentence: does the best online per-expert cache beat the best static placement at this budget?"""
         cache, static = self.best("cache"), self.best("static")

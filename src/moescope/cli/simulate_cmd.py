@@ -235,11 +235,7 @@ def _print(out: dict[str, Any], runs: list[Any], main: Any, prefill: list[Any], 
                 cells.append("-" if hit is None else f"{hit.tokens_per_second:.2f}")
             sweep.add_row(name, *cells)
         con.print(sweep)
-        wins = [
-            format_bytes(float(np.max(eb)) * r.slots)
-            for r in runs
-            if (b := r.best("cache")) and (s := r.best("static")) and b.tokens_per_second > s.tokens_per_second
-        ]
+        wins = [format_bytes(float(np.max(eb)) * r.slots) for r in runs if r.cache_wins()]
         con.print(
             "A per-expert cache beats every static placement at: "
             + (", ".join(wins) if wins else "no budget tried")
