@@ -131,7 +131,8 @@ def bench_synth_speed(tmp: Path) -> dict:
 
 
 def bench_capture_hf_overhead(tmp: Path) -> dict:
-    """Router hooks' cost: forward + collect with `RouterRecorder` over a plain forward, same inputs.
+    """Router hooks' cost: forward + collect with `RouterRecorder` over a plain forward, same inputs; and with
+    ``lookahead=2, candidates=8`` (the next two routers applied at every MoE layer, top-8 near misses kept).
 
     Random Qwen3-MoE (hidden 256, 4 layers, 32 experts, top-4), batch 8 x 256 tokens, float32, on CUDA
     when available else CPU. Hooked and plain runs alternate (order swapped every pair); the ratio is the
@@ -151,6 +152,7 @@ def bench_capture_hf_overhead(tmp: Path) -> dict:
         "ids = torch.randint(0, 1024, (8, 256), device=dev)\n"
         "mask = torch.ones_like(ids)\n"
         "rec = RouterRecorder(model)\n"
+        "ahead = RouterRecorder(model, lookahead=2, candidates=8)\n"
         "def plain():\n"
         "    model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)\n"
         "def hooked():\n"
@@ -158,24 +160,33 @@ def bench_capture_hf_overhead(tmp: Path) -> dict:
         "        plain()\n"
         "        experts, weights = rec.collect(mask)\n"
         "    assert experts.shape == (8 * 256, 4, 4)\n"
+        "def lookahead():\n"
+        "    with ahead:\n"
+        "        plain()\n"
+        "        experts, weights, extras = ahead.collect_all(mask)\n"
+        "    assert extras['lookahead'].shape == (8 * 256, 4, 2, 4)\n"
         "def timed(fn):\n"
         "    sync(); t = time.perf_counter(); fn(); sync()\n"
         "    return time.perf_counter() - t\n"
-        "times = {'plain': [], 'hooked': []}\n"
+        "times = {'plain': [], 'hooked': [], 'lookahead': []}\n"
         "with torch.inference_mode():\n"
-        "    for fn in (plain, hooked, plain, hooked):\n"
+        "    for fn in (plain, hooked, lookahead, plain, hooked, lookahead):\n"
         "        fn()\n"
         "    for r in range(15):\n"
-        "        order = (('plain', plain), ('hooked', hooked))\n"
+        "        order = (('plain', plain), ('hooked', hooked), ('lookahead', lookahead))\n"
         "        for name, fn in order if r % 2 == 0 else order[::-1]:\n"
         "            times[name].append(timed(fn))\n"
         "ratios = [h / p for h, p in zip(times['hooked'], times['plain'])]\n"
+        "la_ratios = [h / p for h, p in zip(times['lookahead'], times['plain'])]\n"
         "med = {k: statistics.median(v) for k, v in times.items()}\n"
         "out = {'device': dev, 'threads': torch.get_num_threads(), 'tokens_per_forward': 8 * 256, 'repeats': 15,\n"
         "       'plain_s': round(med['plain'], 4), 'hooked_s': round(med['hooked'], 4),\n"
         "       'overhead_ratio': round(statistics.median(ratios), 4),\n"
         "       'ratio_min_max': [round(min(ratios), 4), round(max(ratios), 4)],\n"
         "       'tokens_per_s_plain': round(2048 / med['plain']), 'tokens_per_s_hooked': round(2048 / med['hooked']),\n"
+        "       'lookahead_2_candidates_8': {'seconds': round(med['lookahead'], 4),\n"
+        "           'overhead_ratio': round(statistics.median(la_ratios), 4),\n"
+        "           'ratio_min_max': [round(min(la_ratios), 4), round(max(la_ratios), 4)]},\n"
         "       'torch': torch.__version__, 'transformers': tf.__version__, 'goal': 'overhead_ratio <= 1.05'}\n"
     )
 
