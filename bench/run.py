@@ -192,7 +192,9 @@ def bench_capture_hf_overhead(tmp: Path) -> dict:
 
 
 def bench_capture_llama_overhead(tmp: Path) -> dict:
-    """The eval callback's cost: `LlamaSession.run` (tap on) over `decode` of a tap-less session, same batch.
+    """The eval callback's cost: `LlamaSession.run` (tap on) over `decode` of a tap-less session, same batch;
+    and with ``lookahead=2`` and router logits (+ top-4 candidates from them, as ``capture llama --lookahead 2
+    --candidates 4`` records).
 
     The fixture GGUF (tiny: each asked tensor splits the graph and syncs, a fixed cost that weighs most on a
     tiny model), 512-token batches of its held-out text, all logits requested in both (the capture needs
@@ -203,11 +205,13 @@ def bench_capture_llama_overhead(tmp: Path) -> dict:
         "from moescope import fixture\n"
         "from moescope.corpus import read_corpus\n"
         "from moescope.gguf import inspect_gguf\n"
+        "from moescope.gguf.routing import top_candidates\n"
         "from moescope.gguf.runtime import LlamaSession\n"
         "info = inspect_gguf(fixture.GGUF)\n"
         "kw = dict(n_ctx=512, n_threads=2, flash_attn=False, kv_type='f16')\n"
         "tap = LlamaSession(fixture.GGUF, info, record=True, **kw)\n"
         "plain = LlamaSession(fixture.GGUF, info, record=False, **kw)\n"
+        "ahead = LlamaSession(fixture.GGUF, info, record=True, lookahead=2, router_logits=True, **kw)\n"
         "text = ' '.join(d.text for d in read_corpus(fixture.HELDOUT_DIR))\n"
         "ids = plain.tokenize(text)[:512]\n"
         "def timed(fn):\n"
@@ -218,17 +222,25 @@ def bench_capture_llama_overhead(tmp: Path) -> dict:
         "    plain.clear(); plain.decode(ids)\n"
         "def last():\n"
         "    plain.clear(); plain.decode(ids, all_logits=False)\n"
-        "for f in (cap, base, last): f()\n"
-        "ratios, tc, tb, tl = [], [], [], []\n"
+        "def look():\n"
+        "    ahead.clear(); _, _, x = ahead.run_all(ids)\n"
+        "    top_candidates(x['router_logits'].reshape(-1, info.n_experts), 4)\n"
+        "for f in (cap, base, last, look): f()\n"
+        "ratios, la_ratios, tc, tb, tl, ta = [], [], [], [], [], []\n"
         "for i in range(30):\n"
         "    a, b = (timed(cap), timed(base)) if i % 2 else (timed(base), timed(cap))[::-1]\n"
-        "    tc.append(a); tb.append(b); tl.append(timed(last)); ratios.append(a / b)\n"
+        "    c = timed(look)\n"
+        "    tc.append(a); tb.append(b); tl.append(timed(last)); ta.append(c); ratios.append(a / b)\n"
+        "    la_ratios.append(c / b)\n"
         "out = {'tokens_per_batch': len(ids), 'repeats': 30, 'capture_s': round(statistics.median(tc), 5),\n"
         "       'plain_all_logits_s': round(statistics.median(tb), 5),\n"
         "       'plain_last_logit_s': round(statistics.median(tl), 5),\n"
         "       'overhead_ratio': round(statistics.median(ratios), 4),\n"
         "       'ratio_vs_last_logit_only': round(statistics.median(tc) / statistics.median(tl), 4),\n"
         "       'tokens_per_s_capture': round(len(ids) / statistics.median(tc)),\n"
+        "       'lookahead_2_candidates_4': {'seconds': round(statistics.median(ta), 5),\n"
+        "           'overhead_ratio': round(statistics.median(la_ratios), 4),\n"
+        "           'ratio_vs_capture': round(statistics.median(ta) / statistics.median(tc), 4)},\n"
         "       'goal': 'overhead_ratio <= 1.05'}\n"
     )
 

@@ -220,3 +220,206 @@ def test_routing_caveats(arch, groups, gating, caveat):
     notes = routing_caveats(info)
     assert len(notes) == int(caveat) and all(("best expert" in n) == (arch == "deepseek2") for n in notes)
     assert all("moescope compare" in n for n in notes)
+
+
+# -- lookahead and candidates --------------------------------------------------------------------------
+LOOKAHEAD = 2
+K, N_EXPERTS = 2, 16  # the fixture's top-k and experts
+CANDIDATES = K + 2
+
+
+@pytest.fixture(scope="module")
+def hf_extras(hf_tokens, tmp_path_factory):
+    """The transformers capture of `hf_tokens` with ``lookahead=2, candidates=k+2`` (the oracle)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from moescope.capture import capture_hf
+
+    out = tmp_path_factory.mktemp("hf") / "hf.zarr"
+    capture_hf(fixture.MODEL_DIR, None, hf_tokens, out, seq_len=SEQ_LEN, lookahead=LOOKAHEAD, candidates=CANDIDATES)
+    return load_trace(out)
+
+
+@pytest.fixture(scope="module")
+def llama_extras(hf_tokens, tmp_path_factory):
+    """The llama.cpp capture of `hf_tokens` in exact mode with ``lookahead=2, candidates=k+2``."""
+    out = tmp_path_factory.mktemp("llama") / "llama.zarr"
+    kw = {"flash_attn": False, "kv_type": "f32", "lookahead": LOOKAHEAD, "candidates": CANDIDATES}
+    capture_llama(GGUF, hf_tokens, out, seq_len=SEQ_LEN, **kw)
+    return load_trace(out)
+
+
+def test_lookahead_and_candidates_equal_transformers(hf_extras, llama_extras):
+    hf, ll = hf_extras, llama_extras
+    assert ll.extras["lookahead"].shape == (ll.n_tokens, 4, LOOKAHEAD, K) == hf.extras["lookahead"].shape
+    assert ll.extras["candidates"].shape == ll.extras["candidate_probs"].shape == (ll.n_tokens, 4, CANDIDATES)
+    np.testing.assert_array_equal(ll.token_ids, hf.token_ids)
+    for d in range(LOOKAHEAD):  # -1 exactly where layer l + d + 1 is past the last MoE layer
+        assert (ll.extras["lookahead"][:, 4 - 1 - d :, d] == -1).all()
+        assert (ll.extras["lookahead"][:, : 4 - 1 - d, d] >= 0).all()
+        same = _same_sets(ll.extras["lookahead"][:, : 4 - 1 - d, d], hf.extras["lookahead"][:, : 4 - 1 - d, d])
+        assert same.mean() >= 0.999, (d + 1, same.mean())
+    same = _same_sets(ll.extras["candidates"], hf.extras["candidates"])
+    assert same.mean() >= 0.999, same.mean()
+    np.testing.assert_allclose(ll.extras["candidate_probs"], hf.extras["candidate_probs"], atol=1e-4)
+    # the candidates start with the k chosen experts, best first, and their probabilities descend
+    np.testing.assert_array_equal(np.sort(ll.extras["candidates"][..., :K], 2), np.sort(ll.experts, 2))
+    assert (np.diff(ll.extras["candidate_probs"], axis=2) <= 0).all()
+    capture = ll.meta.extra["capture"]
+    assert (capture["lookahead"], capture["candidates"]) == (LOOKAHEAD, CANDIDATES)
+    assert capture["lookahead_rule"]["gating"] == "softmax"
+
+
+def test_lookahead_predicts_the_later_layers_above_chance(llama_extras):
+    """Recall of the lookahead at distance d for layer l against what layer l + d then routed."""
+    la, experts = llama_extras.extras["lookahead"], llama_extras.experts
+    chance = K / N_EXPERTS
+    for d in range(1, LOOKAHEAD + 1):
+        for j in range(4 - d):
+            recall = (la[:, j, d - 1, :, None] == experts[:, j + d, None, :]).any(-1).mean()
+            assert recall > 2 * chance, (j, d, recall)
+
+
+def test_lookahead_at_distance_zero_is_llama_cpps_own_choice(hf_tokens, monkeypatch):
+    """The router input read from ``src[1]`` of ffn_moe_logits, through the layer's own router read from the
+    GGUF and `select_experts`, gives exactly the experts llama.cpp chose: the tap reads the right tensor."""
+    from moescope.gguf import routing
+    from moescope.gguf.runtime import LlamaSession
+
+    own: dict[int, list] = {}
+    predict = routing.Lookahead.predict
+
+    def spy(self, j, hidden):
+        own.setdefault(j, []).append(self.route(j, hidden))
+        return predict(self, j, hidden)
+
+    monkeypatch.setattr(routing.Lookahead, "predict", spy)
+    with LlamaSession(GGUF, inspect_gguf(GGUF), n_ctx=SEQ_LEN, flash_attn=False, kv_type="f32", lookahead=1) as s:
+        experts, _, extras = s.run_all(hf_tokens[0])
+    assert extras["lookahead"].shape == (len(hf_tokens[0]), 4, 1, K)
+    routed = np.stack([np.concatenate(own[j]) for j in range(4)], axis=1)
+    assert _same_sets(routed, experts).all()
+
+
+def test_lookahead_in_decode_mode(tmp_path, hf_tokens):
+    kw = {"mode": "decode", "generate": 3, "prompt_len": 8, "ignore_eos": True, "lookahead": 3, "candidates": 3}
+    trace = _llama(tmp_path, hf_tokens[:2], "dec.zarr", **kw)
+    assert trace.n_tokens == 6 and trace.extras["lookahead"].shape == (6, 4, 3, K)
+    assert (trace.extras["lookahead"][:, 3] == -1).all() and (trace.extras["lookahead"][:, 0] >= 0).all()
+    np.testing.assert_array_equal(np.sort(trace.extras["candidates"][..., :K], 2), np.sort(trace.experts, 2))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--lookahead", "4"), "--lookahead"),
+        (("--candidates", "2"), "--candidates 2: expected more than top-k (2)"),
+        (("--candidates", "17"), "at most the 16 experts"),
+    ],
+)
+def test_cli_refuses_bad_lookahead_and_candidates(tmp_path, capsys, args, message):
+    out = tmp_path / "o.zarr"
+    code, _, err = run(capsys, "capture", "llama", GGUF, fixture.HELDOUT_DIR, "-o", out, *args)
+    assert code == 2 and message in err and not out.exists()
+
+
+def test_cli_records_lookahead(tmp_path, capsys):
+    out = tmp_path / "cli.zarr"
+    args = ("capture", "llama", GGUF, fixture.HELDOUT_DIR, "-o", out, "--max-tokens", 100, "--seq-len", 50)
+    code, _, err = run(capsys, "-q", *args, "--lookahead", 1, "--candidates", 5)
+    assert code == 0, err
+    trace = load_trace(out)
+    assert trace.extras["lookahead"].shape == (100, 4, 1, K) and trace.extras["candidates"].shape == (100, 4, 5)
+
+
+def _moe_gguf(path, arch, *, gating=None, groups=0, n_experts=8, n_embd=4):
+    """A GGUF with the keys and router tensors `inspect_gguf` and `routing_rule` read (no model to run)."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(2)
+    w.add_expert_count(n_experts)
+    w.add_expert_used_count(2)
+    if gating is not None:
+        w.add_uint32(f"{arch}.expert_gating_func", gating)
+    if groups:
+        w.add_uint32(f"{arch}.expert_group_count", groups)
+        w.add_uint32(f"{arch}.expert_group_used_count", 2)
+    for layer in range(2):
+        w.add_tensor(f"blk.{layer}.ffn_gate_inp.weight", np.ones((n_experts, n_embd), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    ("arch", "gating", "want"),
+    [
+        ("qwen3moe", 2, "softmax"),  # qwen3moe.cpp passes softmax whatever the key says
+        ("deepseek2", None, "softmax"),  # V2 GGUFs carry no key: llama.cpp assumes softmax
+        ("deepseek2", 2, "sigmoid"),
+        ("glm4moe", None, "sigmoid"),
+        ("deepseek2", 3, "softmax_weight"),
+        ("gpt-oss", None, "softmax_weight"),
+    ],
+)
+def test_routing_rule_reads_the_gating(tmp_path, arch, gating, want):
+    from moescope.gguf.routing import routing_rule
+
+    rule = routing_rule(inspect_gguf(_moe_gguf(tmp_path / "m.gguf", arch, gating=gating, groups=4)))
+    assert (rule.gating, rule.groups, rule.groups_used) == (want, 4, 2)
+
+
+@pytest.mark.parametrize(("arch", "gating"), [("llama4", 1), ("grovemoe", 1), ("dots1", None), ("deepseek2", 9)])
+def test_unknown_rule_is_refused_before_anything_runs(tmp_path, arch, gating):
+    """An architecture (or gating) whose selection rule moescope has not checked: a UsageError naming it,
+    before llama.cpp loads the model, and no store."""
+    from moescope.errors import UsageError
+
+    model = _moe_gguf(tmp_path / "m.gguf", arch, gating=gating)
+    out = tmp_path / "out.zarr"
+    with pytest.raises(UsageError, match=arch):
+        capture_llama(model, [[1, 2, 3]], out, lookahead=1)
+    assert not out.exists()
+
+
+def _naive_select(logits, k, gating, probs_bias, groups, groups_used):
+    """build_moe_ffn's selection token by token, in plain Python."""
+    out = []
+    for row in logits.astype(np.float64):
+        if gating == "sigmoid":
+            probs = [1 / (1 + np.exp(-x)) for x in row]
+        elif gating == "softmax":
+            probs = [np.exp(x - row.max()) / np.exp(row - row.max()).sum() for x in row]
+        else:
+            probs = list(row)
+        scores = [p + (0.0 if probs_bias is None else probs_bias[i]) for i, p in enumerate(probs)]
+        if groups > 1:
+            size = len(scores) // groups
+            group_score = [sum(sorted(scores[g * size : (g + 1) * size])[-2:]) for g in range(groups)]
+            kept = sorted(range(groups), key=lambda g: -group_score[g])[:groups_used]
+            scores = [s if i // size in kept else -np.inf for i, s in enumerate(scores)]
+        out.append(sorted(range(len(scores)), key=lambda i: -scores[i])[:k])
+    return np.array(out)
+
+
+@pytest.mark.parametrize(
+    ("gating", "bias", "groups"),
+    [("sigmoid", True, 8), ("sigmoid", True, 0), ("softmax", False, 4), ("softmax_weight", False, 0)],
+)
+def test_select_experts_matches_naive(gating, bias, groups):
+    from moescope.gguf.routing import RoutingRule, select_experts
+
+    rng = np.random.default_rng(7)
+    n_experts, k, used = 64, 6, 3
+    logits = rng.normal(size=(300, n_experts)).astype(np.float32)
+    probs_bias = rng.normal(scale=0.5, size=n_experts).astype(np.float32) if bias else None
+    rule = RoutingRule(gating, groups, used if groups else 0)
+    got = select_experts(logits, k, rule, probs_bias)
+    want = _naive_select(logits, k, gating, None if probs_bias is None else probs_bias.tolist(), groups, used)
+    np.testing.assert_array_equal(np.sort(got, 1), np.sort(want, 1))
+    if groups:  # every token's experts lie in at most groups_used groups, not all in the best-scoring experts
+        assert max(len(set(row)) for row in (got // (n_experts // groups)).tolist()) <= used
+        assert (np.sort(got, 1) != np.sort(np.argsort(-logits, 1)[:, :k], 1)).any()

@@ -14,6 +14,19 @@ the ``gguf`` package before llama.cpp loads it and before the store is created. 
 place (``TraceWriter(atomic=False)``), committed chunk by chunk. For bit-level agreement with the
 transformers capture of an f32 model use ``flash_attn=False, kv_type="f32"``. Where llama.cpp's routing
 rule is known to differ from the reference model's, `ROUTING_CAVEATS` says so in the trace and the log.
+
+The optional extras of the transformers capture, with the same shapes and meaning:
+
+- ``lookahead N`` (0-3): at every MoE layer, the experts the routers of the next N MoE layers choose from
+  the hidden state entering this layer's router (``src[1]`` of llama.cpp's ``ffn_moe_logits``), with the
+  architecture's selection rule as ``build_moe_ffn`` applies it (`moescope.gguf.routing`: gating,
+  ``exp_probs_b``, expert groups, top-k); -1 past the last MoE layer. An architecture whose rule moescope
+  has not checked is refused (`UsageError`), never predicted with another rule;
+- ``candidates M``: each router's top-M experts by logit (``ffn_moe_logits``, plus the router bias where
+  the GGUF has one) and their probabilities, the softmax of those logits over all experts; for routers that
+  select with ``exp_probs_b`` (DeepSeek-V3), the ranking is the logits', not the selection's, as in
+  `moescope.capture.routers`.
+
 Not done here: sampling other than greedy, batches of several sequences per decode, multimodal models,
 downloads.
 
@@ -31,10 +44,12 @@ from pathlib import Path
 import numpy as np
 
 from moescope.capture.common import capture_writer, check_capture
+from moescope.capture.routers import RouterRecorder
 from moescope.corpus import Document, Seq, cut_sequences
 from moescope.errors import CaptureError, TraceError, UsageError
 from moescope.gguf import GGUFModel, inspect_gguf
-from moescope.gguf.runtime import KV_TYPES, LlamaSession, llama_cpp, parse_override
+from moescope.gguf.routing import top_candidates
+from moescope.gguf.runtime import KV_TYPES, LlamaSession, llama_cpp, parse_override, session_top_k
 from moescope.trace import TraceMeta, utc_now
 
 log = logging.getLogger(__name__)
@@ -120,6 +135,8 @@ def capture_llama(
     overrides: Sequence[str] = (),
     add_special: bool = True,
     ignore_eos: bool = False,
+    lookahead: int = 0,
+    candidates: int = 0,
     corpus: str | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
@@ -143,6 +160,12 @@ def capture_llama(
     n_gpu_layers : layers to offload on GPU builds.
     overrides : llama.cpp ``KEY=TYPE:VALUE`` metadata overrides (e.g. ``qwen3moe.expert_used_count=int:4``).
     add_special : let the GGUF's tokenizer add BOS / EOS as its metadata says.
+    lookahead : N, also record at every MoE layer what the routers of the next N MoE layers (read from the
+        GGUF) choose from the hidden state entering this layer's router, with llama.cpp's selection rule for
+        the architecture (0-3; the ``lookahead`` extra, [tokens, layers, N, k], -1 past the last MoE layer;
+        module docstring). `UsageError` for an architecture whose rule `moescope.gguf.routing` lacks.
+    candidates : M, also record each router's top-M experts by logit and their softmax probabilities
+        (0, or top-k < M <= experts; the ``candidates`` / ``candidate_probs`` extras, [tokens, layers, M]).
     corpus : the corpus path, for the metadata.
     progress : called as ``progress(tokens_recorded, tokens_planned)`` after each decode.
 
@@ -166,6 +189,8 @@ def capture_llama(
     parsed = [parse_override(s) for s in overrides]
     path = Path(gguf_path)
     info = inspect_gguf(path)
+    top_k = session_top_k(info, parsed)
+    _check_extras(lookahead, candidates, top_k, info)
     lib = llama_cpp()
     n_ctx = seq_len if mode == "prefill" else (prompt_len or seq_len) + generate
     with LlamaSession(
@@ -177,6 +202,8 @@ def capture_llama(
         kv_type=kv_type,
         n_gpu_layers=n_gpu_layers,
         overrides=parsed,
+        lookahead=lookahead,
+        router_logits=bool(candidates),
     ) as session:
         plan = _plan(
             documents,
@@ -211,6 +238,9 @@ def capture_llama(
                     "overrides": list(overrides),
                     "llama_cpp_python": lib.__version__,
                     "routing_caveats": caveats,
+                    "lookahead": lookahead,
+                    "candidates": candidates,
+                    **({"lookahead_rule": dataclasses.asdict(session.lookahead.rule)} if session.lookahead else {}),
                 }
             },
         )
@@ -222,15 +252,17 @@ def capture_llama(
             mode=mode,
             meta=meta,
             overwrite=overwrite,
+            extras=_extra_shapes(len(info.layer_ids), session.top_k, lookahead, candidates),
         ) as writer:
             labelled = plan[0].label is not None
             for seq in plan:
                 session.clear()
                 step = _decode if mode == "decode" else _prefill
-                experts, weights, tokens = step(session, seq, generate, ignore_eos)
+                experts, weights, tokens, raw = step(session, seq, generate, ignore_eos)
                 room = planned - writer.n_tokens
                 if experts.shape[0] == 0:
                     continue
+                extras = {name: x[:room] for name, x in _trace_extras(raw, candidates).items()}
                 try:
                     writer.append(
                         experts[:room],
@@ -238,6 +270,7 @@ def capture_llama(
                         labels=[seq.label] if labelled else None,
                         seq_starts=[0],
                         token_ids=tokens[:room],
+                        extras=extras,
                     )
                 except TraceError as exc:
                     raise CaptureError(
@@ -251,27 +284,64 @@ def capture_llama(
     return out
 
 
-Routed = tuple[np.ndarray, np.ndarray, list[int]]  # experts, weights [tokens, layers, k]; the token ids run
+def _check_extras(lookahead: int, candidates: int, top_k: int, info: GGUFModel) -> None:
+    """The lookahead / candidates options, checked as `RouterRecorder` checks them (the lookahead's selection
+    rule is checked by `LlamaSession`, before llama.cpp loads the model)."""
+    if not 0 <= lookahead <= RouterRecorder.MAX_LOOKAHEAD:
+        raise UsageError(f"--lookahead {lookahead}: expected 0..{RouterRecorder.MAX_LOOKAHEAD} MoE layers ahead")
+    if candidates and not top_k < candidates <= info.n_experts:
+        raise UsageError(
+            f"--candidates {candidates}: expected more than top-k ({top_k}) and at most the "
+            f"{info.n_experts} experts, or 0"
+        )
+
+
+def _extra_shapes(n_layers: int, top_k: int, lookahead: int, candidates: int) -> dict[str, tuple[int, ...]]:
+    """The trailing shapes of the extras the store keeps (as `RouterRecorder.extra_shapes`)."""
+    out: dict[str, tuple[int, ...]] = {}
+    if lookahead:
+        out["lookahead"] = (n_layers, lookahead, top_k)
+    if candidates:
+        out["candidates"] = out["candidate_probs"] = (n_layers, candidates)
+    return out
+
+
+def _trace_extras(raw: dict[str, np.ndarray], candidates: int) -> dict[str, np.ndarray]:
+    """The session's extras -> the trace's: lookahead as is, router logits -> top-M candidates."""
+    out = {}
+    if "lookahead" in raw:
+        out["lookahead"] = raw["lookahead"]
+    if candidates:
+        logits = raw["router_logits"]  # [tokens, layers, experts]
+        n_tokens, n_layers, n_experts = logits.shape
+        ids, probs = top_candidates(logits.reshape(-1, n_experts), candidates)
+        out["candidates"] = ids.reshape(n_tokens, n_layers, candidates)
+        out["candidate_probs"] = probs.reshape(n_tokens, n_layers, candidates)
+    return out
+
+
+# experts, weights [tokens, layers, k]; the token ids run; the session's extras (`LlamaSession.run_all`)
+Routed = tuple[np.ndarray, np.ndarray, list[int], dict[str, np.ndarray]]
 
 
 def _prefill(session: LlamaSession, seq: Seq, _generate: int, _ignore_eos: bool) -> Routed:
-    return (*session.run(seq.ids), list(seq.ids))
+    experts, weights, extras = session.run_all(seq.ids)
+    return experts, weights, list(seq.ids), extras
 
 
 def _decode(session: LlamaSession, seq: Seq, generate: int, ignore_eos: bool) -> Routed:
     """Greedy generation after the prompt; the routing of each generated token, in order."""
     session.run(seq.ids)  # the prompt's routing is not part of a decode trace
-    pos, rows_e, rows_w, tokens = len(seq.ids), [], [], []
+    pos, rows, tokens = len(seq.ids), [], []
     for _step in range(generate):
         token = session.argmax_last()
         if not ignore_eos and session.is_eog(token):
             break
-        e, w = session.run([token], start_pos=pos)
-        rows_e.append(e)
-        rows_w.append(w)
+        rows.append(session.run_all([token], start_pos=pos))
         tokens.append(token)
         pos += 1
-    if not rows_e:
+    if not rows:
         shape = (0, len(session.info.layer_ids), session.top_k)
-        return np.zeros(shape, np.int64), np.zeros(shape), []
-    return np.concatenate(rows_e), np.concatenate(rows_w), tokens
+        return np.zeros(shape, np.int64), np.zeros(shape), [], {}
+    extras = {name: np.concatenate([r[2][name] for r in rows]) for name in rows[0][2]}
+    return np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows]), tokens, extras

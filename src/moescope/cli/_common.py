@@ -207,7 +207,6 @@ def expert_sizes(
     return eb, dense if dense_bytes is not None else float(model.dense_bytes_per_token)
 
 
-
 # -- output ----------------------------------------------------------------------------------------
 def console() -> Console:
     return Console(file=sys.stdout, soft_wrap=False)

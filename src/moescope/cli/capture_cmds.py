@@ -167,6 +167,22 @@ def llama(
     ignore_eos: Annotated[
         bool, typer.Option("--ignore-eos", help="Decode mode: keep generating past an end-of-generation token.")
     ] = False,
+    lookahead: Annotated[
+        int,
+        typer.Option(
+            "--lookahead",
+            min=0,
+            max=3,
+            help="Also record what the routers of the next N MoE layers choose from each router's input "
+            "(what a prefetcher could predict; llama.cpp's selection rule for the architecture); 0-3.",
+        ),
+    ] = 0,
+    candidates: Annotated[
+        int,
+        typer.Option(
+            "--candidates", min=0, help="Also record each router's top-M experts and probabilities (M > top-k)."
+        ),
+    ] = 0,
     overwrite: c.OverwriteOpt = False,
     as_json: c.JsonOpt = False,
 ) -> None:
@@ -174,7 +190,11 @@ def llama(
 
     The ggml eval callback reads every MoE layer's selected experts (`ffn_moe_topk`) and the gate
     weights it applied, as llama.cpp computed them (quantised weights, its kernels). Documents are
-    tokenised with the GGUF's own tokenizer.
+    tokenised with the GGUF's own tokenizer. `--lookahead N` also records, at every MoE layer, the experts
+    the routers of the next N MoE layers (read from the GGUF) choose from the hidden state entering this
+    layer's router, with llama.cpp's selection rule for the architecture (gating, selection bias, expert
+    groups; an architecture moescope has not checked is refused); `--candidates M` records each router's
+    top-M experts and probabilities. Both as in `capture hf`, so the two captures can be compared.
 
     `Prefill` (default): every document is run in sequences of at most --seq-len tokens, each in a
     fresh KV cache. `Decode` (--generate N): the first --prompt-len tokens are the prompt, then N tokens
@@ -219,6 +239,8 @@ def llama(
             n_gpu_layers=n_gpu_layers,
             overrides=overrides,
             ignore_eos=ignore_eos,
+            lookahead=lookahead,
+            candidates=candidates,
             corpus=str(corpus) if corpus is not None else f"token ids of {tokens_from}",
             overwrite=overwrite,
             progress=progress,

@@ -8,6 +8,20 @@
 - the gate weights the layer applied: the last of ``ffn_moe_weights`` (``[1, k, tokens]``), then
   ``_softmax``, ``_norm``, ``_scaled`` that the graph computes (see `WEIGHT_STAGES`).
 
+Two optional recordings (``LlamaSession(lookahead=N, router_logits=True)``), for prefetching studies:
+
+- **router logits**: ``ffn_moe_logits-L`` (``[experts, tokens]``, ``mul_mat(ffn_gate_inp, x)``), plus the
+  GGUF's ``blk.L.ffn_gate_inp.bias`` where it has one (gpt-oss; llama.cpp's f32 add, redone here, because
+  the graph names the biased logits ``ffn_moe_probs`` when the gating is none), from which the capture takes
+  each router's top-M candidates (`moescope.gguf.routing.top_candidates`);
+- **lookahead N**: ``src[1]`` of ``ffn_moe_logits-L`` is ``x``, the hidden state entering layer L's router
+  (``[n_embd, tokens]``, copied like the other tensors, from device memory too); in the callback the
+  routers of the next N MoE layers, read from the GGUF, are applied to it with llama.cpp's selection rule
+  for the architecture (`moescope.gguf.routing.Lookahead`; gating, ``exp_probs_b``, expert groups, top-k),
+  and only their choices are kept, ``[tokens, N, k]`` per layer (-1 past the last MoE layer). This is
+  numpy on dequantised router weights, not llama.cpp's kernels: it equals what llama.cpp would select from
+  that hidden state except at near-ties (and, for quantised routers, up to the quantisation of the product).
+
 Every token of a batch is marked as an output, because llama.cpp otherwise drops the rows not needed for
 logits before the last layer's FFN and that layer would route only the final token. Also here: llama.cpp
 metadata overrides (``--override-kv``), its log routed to Python logging (and collected for checks that
@@ -16,6 +30,7 @@ tensor-override checks; nothing here writes a trace.
 
     >>> with LlamaSession(path, inspect_gguf(path), n_ctx=512) as session:
     ...     experts, weights = session.run(token_ids)     # [tokens, layers, k] each
+    ...     experts, weights, extras = session.run_all(token_ids)   # + lookahead / router_logits when asked
 """
 
 from __future__ import annotations
@@ -23,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -34,12 +50,15 @@ import numpy as np
 
 from moescope.errors import CaptureError, UsageError, require
 from moescope.gguf.inspect import GGUFModel
+from moescope.gguf.routing import Lookahead, router_biases
 
 log = logging.getLogger(__name__)
 
 TOPK_TENSOR = "ffn_moe_topk"
 # Gate weights in the order build_moe_ffn computes them; per layer, the last one present is what it applied.
 WEIGHT_STAGES = ("ffn_moe_weights", "ffn_moe_weights_softmax", "ffn_moe_weights_norm", "ffn_moe_weights_scaled")
+# mul_mat(ffn_gate_inp, x), before the router bias: its src[1] is x, the router's input (the lookahead's input)
+LOGITS_TENSOR = "ffn_moe_logits"
 KV_TYPES = {"f32": 0, "f16": 1}  # ggml_type of the KV cache
 OVERRIDE_TYPES = ("int", "float", "bool", "str")
 _GGML_DTYPES = {0: np.dtype(np.float32), 1: np.dtype(np.float16), 26: np.dtype(np.int32)}  # ggml_type -> numpy
@@ -105,11 +124,12 @@ class _Grab:
     nb: tuple[int, int, int, int]
     raw: bytes
 
-    def array(self, top_k: int) -> np.ndarray:
-        """[tokens, k]: the strided tensor as a dense array (ggml's ne[0] is the fastest axis)."""
+    def array(self, width: int) -> np.ndarray:
+        """[rows, width]: the strided tensor as a dense array (ggml's ne[0] is the fastest axis), e.g.
+        [tokens, k] for ``ffn_moe_topk``."""
         dtype = _GGML_DTYPES[self.ggml_type]
         dense = np.ndarray(shape=self.ne[::-1], dtype=dtype, buffer=self.raw, strides=self.nb[::-1])
-        return np.ascontiguousarray(dense).reshape(-1, top_k)
+        return np.ascontiguousarray(dense).reshape(-1, width)
 
 
 def _ggml_backend(lib: Any) -> ctypes.CDLL:
@@ -123,18 +143,73 @@ def _ggml_backend(lib: Any) -> ctypes.CDLL:
     return ggml
 
 
-class _Tap:
-    """The ``cb_eval`` callback: answers which tensors to observe and copies them out of the graph."""
+@functools.cache
+def _openblas_threads() -> tuple[Any, Any] | None:
+    """The (get, set) thread-count functions of the OpenBLAS numpy loaded (numpy's wheels bundle one), found
+    in ``/proc/self/maps``; None elsewhere (another BLAS, or no /proc: its threads are left as configured)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    paths = {line.split()[-1] for line in maps.splitlines() if "openblas" in line.lower() and ".so" in line}
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:  # e.g. a mapping whose file is gone: leave the threads alone
+            continue
+        for prefix, suffix in (("scipy_", "64_"), ("scipy_", ""), ("", "64_"), ("", "")):
+            get = getattr(lib, f"{prefix}openblas_get_num_threads{suffix}", None)
+            put = getattr(lib, f"{prefix}openblas_set_num_threads{suffix}", None)
+            if get is not None and put is not None:
+                return get, put
+    return None
 
-    def __init__(self, lib: Any) -> None:
+
+@contextlib.contextmanager
+def _blas_single_thread() -> Iterator[None]:
+    """numpy's OpenBLAS on one thread inside the block. Its worker threads busy-wait after each call, and in
+    the eval callback they would spin against llama.cpp's (measured: 2.5-3x slower decodes with lookahead)."""
+    fns = _openblas_threads()
+    if fns is None:
+        yield
+        return
+    get, put = fns
+    n = get()
+    put(1)
+    try:
+        yield
+    finally:
+        put(n)
+
+
+class _Tap:
+    """The ``cb_eval`` callback: answers which tensors to observe and copies them out of the graph.
+
+    router_logits : also copy the router logits (`LOGITS_TENSOR`); lookahead : a `Lookahead` applied, in the
+    callback, to the input of every MoE router (its choices kept in ``ahead``, the hidden state dropped).
+    """
+
+    def __init__(
+        self,
+        lib: Any,
+        layer_ids: Sequence[int] = (),
+        *,
+        router_logits: bool = False,
+        lookahead: Lookahead | None = None,
+    ) -> None:
         self._ggml = _ggml_backend(lib)
         self.grabs: dict[tuple[str, int], list[_Grab]] = {}
+        self.ahead: dict[int, list[np.ndarray]] = {}  # layer -> [tokens, N, k] per ubatch
         self.problems: list[str] = []
-        self._wanted = frozenset((TOPK_TENSOR, *WEIGHT_STAGES))
+        self.router_logits, self.lookahead = router_logits, lookahead
+        self._position = {layer: j for j, layer in enumerate(layer_ids)}
+        logits = (LOGITS_TENSOR,) if router_logits or lookahead is not None else ()
+        self._wanted = frozenset((TOPK_TENSOR, *WEIGHT_STAGES, *logits))
         self.callback = lib.ggml_backend_sched_eval_callback(self._call)  # kept referenced: C holds the pointer
 
     def reset(self) -> None:
         self.grabs = {}
+        self.ahead = {}
         self.problems = []
 
     def _call(self, tensor_p: int, ask: bool, _user: int) -> bool:
@@ -144,9 +219,20 @@ class _Tap:
             return not ask  # True when not asking: never cancel the computation
         if ask:
             return True
+        name, layer = m.group(1), int(m.group(2))
+        if name != LOGITS_TENSOR or self.router_logits:
+            grab = self._copy(tensor_p, t)
+            if grab is not None:
+                self.grabs.setdefault((name, layer), []).append(grab)
+        if name == LOGITS_TENSOR and self.lookahead is not None:
+            self._look_ahead(layer, t)
+        return True
+
+    def _copy(self, tensor_p: int, t: _GGMLTensor) -> _Grab | None:
+        """The tensor's bytes (from host or device memory); None, with a problem noted, for a type not read."""
         if t.type not in _GGML_DTYPES:
             self.problems.append(f"{t.name.decode()} has ggml type {t.type}, expected f32, f16 or i32")
-            return True
+            return None
         ne, nb = tuple(t.ne), tuple(t.nb)
         span = _GGML_DTYPES[t.type].itemsize + sum((n - 1) * s for n, s in zip(ne, nb, strict=True))
         if not t.buffer or self._ggml.ggml_backend_buffer_is_host(t.buffer):
@@ -155,15 +241,53 @@ class _Tap:
             buf = ctypes.create_string_buffer(span)
             self._ggml.ggml_backend_tensor_get(ctypes.c_void_p(tensor_p), buf, 0, span)
             raw = buf.raw
-        self.grabs.setdefault((m.group(1), int(m.group(2))), []).append(_Grab(t.type, ne, nb, raw))
-        return True
+        return _Grab(t.type, ne, nb, raw)
+
+    def _look_ahead(self, layer: int, logits: _GGMLTensor) -> None:
+        """Apply the lookahead routers to ``src[1]`` of layer `layer`'s ``ffn_moe_logits`` (its router input)."""
+        assert self.lookahead is not None
+        j = self._position.get(layer)
+        if j is None:  # a router outside the trace's layers (an MTP block's): nothing to predict
+            return
+        if not logits.src[1]:
+            self.problems.append(f"{logits.name.decode()} has no src[1]; this llama.cpp build routes differently")
+            return
+        src = _GGMLTensor.from_address(logits.src[1])
+        n_embd = self.lookahead.n_embd
+        if src.ne[0] != n_embd or src.ne[2] != 1 or src.ne[3] != 1:
+            self.problems.append(
+                f"the router input of layer {layer} ({src.name.decode()}) has shape {tuple(src.ne)}, expected "
+                f"[{n_embd}, tokens]: this llama.cpp build routes differently; capture without --lookahead"
+            )
+            return
+        grab = self._copy(logits.src[1], src)
+        if grab is not None:
+            hidden = grab.array(n_embd).astype(np.float32, copy=False)
+            with _blas_single_thread():  # llama.cpp's threads wait; numpy's BLAS threads would spin against them
+                self.ahead.setdefault(layer, []).append(self.lookahead.predict(j, hidden))
 
     def collect(self, layer_ids: Sequence[int], top_k: int, n_tokens: int) -> tuple[np.ndarray, np.ndarray]:
         """[tokens, layers, k] ids and weights observed since the last `reset`, then reset."""
+        experts, weights, _ = self.collect_all(layer_ids, top_k, n_tokens)
+        return experts, weights
+
+    def collect_all(
+        self, layer_ids: Sequence[int], top_k: int, n_tokens: int
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """What was observed since the last `reset`, then reset.
+
+        Returns
+        -------
+        experts : [tokens, layers, k] int64; weights : [tokens, layers, k] float32.
+        extras : with lookahead, ``lookahead`` [tokens, layers, N, k] int64 (-1 past the last MoE layer); with
+            router logits, ``router_logits`` [tokens, layers, experts] float32.
+        """
         if self.problems:
             raise CaptureError(f"llama.cpp routing tensors could not be read: {'; '.join(self.problems[:3])}")
         experts = np.empty((n_tokens, len(layer_ids), top_k), dtype=np.int64)
         weights = np.empty((n_tokens, len(layer_ids), top_k), dtype=np.float32)
+        logits: list[np.ndarray] = []
+        ahead: list[np.ndarray] = []
         for j, layer in enumerate(layer_ids):
             ids = self.grabs.get((TOPK_TENSOR, layer))
             stage = next((s for s in reversed(WEIGHT_STAGES) if (s, layer) in self.grabs), None)
@@ -175,17 +299,59 @@ class _Tap:
                 )
             e = np.concatenate([g.array(top_k) for g in ids])
             w = np.concatenate([g.array(top_k) for g in self.grabs[(stage, layer)]])
-            if e.shape[0] != n_tokens or w.shape[0] != n_tokens:
+            parts = {"experts": e, "weights": w}
+            if self.router_logits:
+                parts["router logits"] = self._logits(layer)
+                logits.append(parts["router logits"])
+            if self.lookahead is not None:
+                parts["lookahead"] = self._ahead(layer)
+                ahead.append(parts["lookahead"])
+            short = {what: len(x) for what, x in parts.items() if len(x) != n_tokens}
+            if short:
                 raise CaptureError(
-                    f"layer {layer} routed {e.shape[0]} tokens ({w.shape[0]} weights) for a {n_tokens}-token "
-                    f"decode; the batch must mark every token as an output"
+                    f"layer {layer} gave {short} rows for a {n_tokens}-token decode; the batch must mark every "
+                    f"token as an output"
                 )
             experts[:, j], weights[:, j] = e, w
+        extras = {}
+        if self.lookahead is not None:
+            extras["lookahead"] = np.stack(ahead, axis=1)
+        if self.router_logits:
+            extras["router_logits"] = np.stack(logits, axis=1).astype(np.float32, copy=False)
         self.reset()
-        return experts, weights
+        return experts, weights, extras
+
+    def _logits(self, layer: int) -> np.ndarray:
+        """[tokens, experts] layer `layer`'s router logits (`LOGITS_TENSOR`, before any router bias)."""
+        grabs = self.grabs.get((LOGITS_TENSOR, layer))
+        if grabs is None:
+            raise CaptureError(
+                f"llama.cpp computed no {LOGITS_TENSOR}-{layer} tensor: this architecture's graph gives the "
+                f"router no logits of its own (build_moe_ffn's probs_in); capture without --candidates / --lookahead"
+            )
+        return np.concatenate([g.array(g.ne[0]) for g in grabs])
+
+    def _ahead(self, layer: int) -> np.ndarray:
+        if layer not in self.ahead:
+            raise CaptureError(
+                f"llama.cpp computed no {LOGITS_TENSOR}-{layer} tensor, whose input the lookahead reads: this "
+                f"architecture's graph gives the router no logits of its own; capture without --lookahead"
+            )
+        return np.concatenate(self.ahead[layer])
 
 
 # -- the llama.cpp session -----------------------------------------------------------------------------
+def session_top_k(info: GGUFModel, overrides: Sequence[tuple[str, str, Any]] = ()) -> int:
+    """Experts per token llama.cpp routes for this GGUF: ``{arch}.expert_used_count``, or its int override."""
+    from gguf import Keys
+
+    top_k = info.top_k
+    for key, kind, value in overrides:
+        if key == Keys.LLM.EXPERT_USED_COUNT.format(arch=info.architecture) and kind == "int":
+            top_k = int(value)
+    return top_k
+
+
 class LlamaSession:
     """A llama.cpp model and context with the routing tap installed; one sequence at a time.
 
@@ -200,9 +366,13 @@ class LlamaSession:
     n_gpu_layers : layers to offload (GPU builds only).
     overrides : [(key, type, value)] from `parse_override`.
     record : install the routing tap (False: a plain context, the baseline of the overhead benchmark).
+    lookahead : N, also apply the routers of the next N MoE layers to each router's input (module docstring;
+        `UsageError` for an architecture whose selection rule `moescope.gguf.routing` does not know).
+    router_logits : also copy every router's logits.
 
-    Use as a context manager; `run(ids)` returns ``(experts, weights)`` each ``[len(ids), layers, k]``;
-    `decode(ids)` runs the same batch without collecting anything.
+    Use as a context manager; `run(ids)` returns ``(experts, weights)`` each ``[len(ids), layers, k]``,
+    `run_all(ids)` those and the extras asked for; `decode(ids)` runs the same batch without collecting anything.
+    Attributes: top_k (overrides included), lookahead (the `moescope.gguf.routing.Lookahead`, or None).
     """
 
     def __init__(
@@ -217,15 +387,15 @@ class LlamaSession:
         n_gpu_layers: int = 0,
         overrides: Sequence[tuple[str, str, Any]] = (),
         record: bool = True,
+        lookahead: int = 0,
+        router_logits: bool = False,
     ) -> None:
-        from gguf import Keys
-
         lib = self._lib = llama_cpp()
         self.info, self.n_ctx = info, int(n_ctx)
-        self.top_k = info.top_k
-        for key, kind, value in overrides:
-            if key == Keys.LLM.EXPERT_USED_COUNT.format(arch=info.architecture) and kind == "int":
-                self.top_k = int(value)
+        self.top_k = session_top_k(info, overrides)
+        # the routers are read (and an unknown architecture refused) before llama.cpp loads the model
+        self.lookahead = Lookahead(info, top_k=self.top_k, distance=lookahead) if lookahead else None
+        self._gate_bias = router_biases(info) if router_logits else {}
         _route_logs(lib)
         lib.llama_backend_init()
         mparams = lib.llama_model_default_params()
@@ -237,7 +407,7 @@ class LlamaSession:
         if not self.model:
             raise CaptureError(f"llama.cpp could not load {str(path)!r}; see the log above, or update llama-cpp-python")
         self.vocab = lib.llama_model_get_vocab(self.model)
-        self.tap = _Tap(lib)
+        self.tap = _Tap(lib, info.layer_ids, router_logits=router_logits, lookahead=self.lookahead)
         cparams = lib.llama_context_default_params()
         cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = self.n_ctx
         cparams.n_seq_max = 1
@@ -303,6 +473,29 @@ class LlamaSession:
         self.tap.reset()
         self.decode(ids, start_pos)
         return self.tap.collect(self.info.layer_ids, self.top_k, len(ids))
+
+    def run_all(self, ids: Sequence[int], start_pos: int = 0) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """`run`, with the extras the session was asked for.
+
+        Returns
+        -------
+        experts : [len(ids), layers, k] int64; weights : [len(ids), layers, k] float32.
+        extras : with lookahead N, ``lookahead`` [len(ids), layers, N, k] int64 (-1 past the last MoE layer);
+            with router logits, ``router_logits`` [len(ids), layers, experts] float32 (what each router
+            selected from, before gating: ``ffn_moe_logits`` plus the GGUF's router bias where it has one).
+        """
+        self.tap.reset()
+        self.decode(ids, start_pos)
+        experts, weights, extras = self.tap.collect_all(self.info.layer_ids, self.top_k, len(ids))
+        logits = extras.get("router_logits")
+        if logits is not None and logits.shape[2] != self.info.n_experts:
+            raise CaptureError(
+                f"llama.cpp's router logits have {logits.shape[2]} columns for {self.info.n_experts} experts; "
+                f"this architecture routes over another expert count: capture without --candidates"
+            )
+        for j, bias in self._gate_bias.items():
+            logits[:, j] += bias
+        return experts, weights, extras
 
     def decode(self, ids: Sequence[int], start_pos: int = 0, all_logits: bool = True) -> None:
         """`llama_decode` of `ids` at ``start_pos...`` (logits for every token, or only the last)."""
