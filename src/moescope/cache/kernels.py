@@ -166,29 +166,9 @@ def lru_depths(req, reset, n_items):
     return hist
 
 
-# -- policies that pick a victim by scanning the cache slots (O(capacity) per miss; FIFO by a list) -
-@njit
-def _victim(slot_item, need, g, key1, key2, largest):
-    """Slot of the cached item not needed by group g with the smallest (or largest) (key1, key2)."""
-    best = -1
-    for s in range(slot_item.shape[0]):
-        x = slot_item[s]
-        if x < 0 or need[x] == g:
-            continue
-        if best < 0:
-            best = s
-            continue
-        b = slot_item[best]
-        if largest:
-            better = key1[x] > key1[b] or (key1[x] == key1[b] and key2[x] > key2[b])
-        else:
-            better = key1[x] < key1[b] or (key1[x] == key1[b] and key2[x] < key2[b])
-        if better:
-            best = s
-    return best
-
-
+# -- FIFO, LFU and Belady: `scan_policy` (a linked list for FIFO, a binary min-heap for LFU and Belady) --
 SCAN_FIFO, SCAN_LFU, SCAN_BELADY = 0, 1, 2  # the `kind` of `scan_policy`
+_PARKED = -2  # `_heap_policy`'s pos[x] for a cached item held out of the heap until its group ends
 
 
 @njit
@@ -202,8 +182,8 @@ def scan_policy(req, reset, n_items, capacity, kind, aging):
     - Belady evicts the item whose next use is furthest (never used again first): the offline optimum for
       demand loading with the whole group needed together.
 
-    Every kind evicts only items the group does not need, ties by smallest id. LFU and Belady scan the cache
-    for the victim (O(capacity) per miss); FIFO runs in `_fifo` (O(1) amortised), with the same results.
+    Every kind evicts only items the group does not need, ties by smallest id. FIFO runs in `_fifo` (a linked
+    list, O(k) per miss), LFU and Belady in `_heap_policy` (a heap, O(k log capacity) per miss).
     """
     return _scan_policy(req, reset, n_items, capacity, kind, aging, np.empty(0, dtype=np.int64))
 
@@ -213,57 +193,169 @@ def _scan_policy(req, reset, n_items, capacity, kind, aging, per_group):
     """`scan_policy`, also writing each group's demand misses to ``per_group [groups]`` when it is not empty."""
     if kind == SCAN_FIFO:
         return _fifo(req, reset, n_items, capacity, per_group)
+    return _heap_policy(req, reset, n_items, capacity, kind == SCAN_BELADY, aging, per_group)
+
+
+@njit
+def _heap_policy(req, reset, n_items, capacity, belady, aging, per_group):
+    """LFU (or Belady when `belady`) for `_scan_policy`: evict the cached item with the smallest (key1, key2)
+    that the group does not need. LFU: (uses, last use group * n_items + id); Belady: (-(next use), id).
+
+    The cached items form a binary min-heap by position ``h_x, h_a, h_b: [capacity]`` (item, key1, key2;
+    keys are distinct, as key2 is, so the victim is the same as a scan's), with ``pos: [n_items]`` the heap
+    position of each item, -1 if it is not cached, `_PARKED` if it is cached but held out. A hit updates
+    its item's key in place. A miss pops the root; a root the group needs (at most k - 1 of them) is parked
+    with its key, as is each item the group loads, and the parked items rejoin the heap when the group ends.
+    """
+    # The heap operations are written inline: a call of a jitted function that takes arrays costs about as
+    # much as a whole sift here. Keys only grow on an LFU hit (sift down) and only shrink on a Belady hit
+    # (its next use moves later, sift up). Halving the LFU counts (aging) keeps their order but can tie
+    # counts that differed, so that the heap is rebuilt then, and stays exact.
     g_n, k = req.shape
-    nu = next_use(req, reset, n_items) if kind == SCAN_BELADY else np.empty((1, 1), dtype=np.int64)
-    slot_item = np.full(capacity, -1, dtype=np.int64)
-    slot_of = np.full(n_items, -1, dtype=np.int64)
+    nu = next_use(req, reset, n_items) if belady else np.empty((1, 1), dtype=np.int64)
+    h_x = np.empty(capacity, dtype=np.int64)
+    h_a = np.empty(capacity, dtype=np.int64)
+    h_b = np.empty(capacity, dtype=np.int64)
+    pos = np.full(n_items, -1, dtype=np.int64)
     need = np.full(n_items, -1, dtype=np.int64)
-    key1 = np.zeros(n_items, dtype=np.int64)  # LFU: uses; Belady: -(next use)
-    key2 = np.zeros(n_items, dtype=np.int64)  # LFU: last use, then id; Belady: id (deterministic ties)
-    for x in range(n_items):
-        key2[x] = x
-    hits, misses, free = 0, 0, capacity
+    uses = np.zeros(n_items, dtype=np.int64)  # LFU counts, kept for items not cached
+    p_x = np.empty(k, dtype=np.int64)  # the parked items of the group and their keys
+    p_a = np.empty(k, dtype=np.int64)
+    p_b = np.empty(k, dtype=np.int64)
+    n_h, hits, misses = 0, 0, 0
     for g in range(g_n):
         if reset[g]:
-            slot_item[:] = -1
-            slot_of[:] = -1
-            free = capacity
-            if kind == SCAN_LFU:
-                key1[:] = 0
-        if kind == SCAN_LFU and aging > 0 and g > 0 and g % aging == 0:
-            key1 //= 2
+            for i in range(n_h):
+                pos[h_x[i]] = -1
+            n_h = 0
+            if not belady:
+                uses[:] = 0
+        if not belady and aging > 0 and g > 0 and g % aging == 0:
+            uses //= 2
+            for i in range(n_h):
+                h_a[i] = uses[h_x[i]]
+            _heapify(h_x, h_a, h_b, pos, n_h)
         m0 = misses
         for j in range(k):
             x = req[g, j]
             need[x] = g
-            if slot_of[x] >= 0:
-                hits += 1
-                if kind == SCAN_LFU:
-                    key1[x] += 1
-                    key2[x] = g * n_items + x
-                elif kind == SCAN_BELADY:
-                    key1[x] = -nu[g, j]
+            if not belady:
+                uses[x] += 1
+            i = pos[x]
+            if i < 0:
+                continue
+            hits += 1
+            if belady:  # sift up: the new key is smaller
+                a, b = -nu[g, j], x
+                while i > 0:
+                    q = (i - 1) >> 1
+                    qa = h_a[q]
+                    if qa < a or (qa == a and h_b[q] < b):
+                        break
+                    y = h_x[q]
+                    h_x[i], h_a[i], h_b[i] = y, qa, h_b[q]
+                    pos[y] = i
+                    i = q
+            else:  # sift down: the new key is larger
+                a, b = uses[x], g * n_items + x
+                while True:
+                    c = 2 * i + 1
+                    if c >= n_h:
+                        break
+                    ca, cb = h_a[c], h_b[c]
+                    if c + 1 < n_h:
+                        da, db = h_a[c + 1], h_b[c + 1]
+                        if da < ca or (da == ca and db < cb):
+                            c, ca, cb = c + 1, da, db
+                    if ca > a or (ca == a and cb > b):
+                        break
+                    y = h_x[c]
+                    h_x[i], h_a[i], h_b[i] = y, ca, cb
+                    pos[y] = i
+                    i = c
+            h_x[i], h_a[i], h_b[i] = x, a, b
+            pos[x] = i
+        n_p = 0
         for j in range(k):
             x = req[g, j]
-            if slot_of[x] >= 0:
+            if pos[x] != -1:
                 continue
             misses += 1
-            if free > 0:
-                s = capacity - free
-                free -= 1
+            while n_h + n_p == capacity:  # pop the root; capacity >= k: an unneeded root comes before n_h = 0
+                v, va, vb = h_x[0], h_a[0], h_b[0]
+                n_h -= 1
+                i = 0
+                if n_h > 0:  # the last entry sifts down from the root
+                    y, a, b = h_x[n_h], h_a[n_h], h_b[n_h]
+                    while True:
+                        c = 2 * i + 1
+                        if c >= n_h:
+                            break
+                        ca, cb = h_a[c], h_b[c]
+                        if c + 1 < n_h:
+                            da, db = h_a[c + 1], h_b[c + 1]
+                            if da < ca or (da == ca and db < cb):
+                                c, ca, cb = c + 1, da, db
+                        if ca > a or (ca == a and cb > b):
+                            break
+                        z = h_x[c]
+                        h_x[i], h_a[i], h_b[i] = z, ca, cb
+                        pos[z] = i
+                        i = c
+                    h_x[i], h_a[i], h_b[i] = y, a, b
+                    pos[y] = i
+                if need[v] == g:
+                    p_x[n_p], p_a[n_p], p_b[n_p] = v, va, vb
+                    pos[v] = _PARKED
+                    n_p += 1
+                else:
+                    pos[v] = -1
+            if belady:
+                p_a[n_p], p_b[n_p] = -nu[g, j], x
             else:
-                s = _victim(slot_item, need, g, key1, key2, False)
-                slot_of[slot_item[s]] = -1
-            slot_item[s] = x
-            slot_of[x] = s
-            if kind == SCAN_LFU:
-                key1[x] += 1
-                key2[x] = g * n_items + x
-            else:
-                key1[x] = -nu[g, j]
+                p_a[n_p], p_b[n_p] = uses[x], g * n_items + x
+            p_x[n_p] = x
+            pos[x] = _PARKED
+            n_p += 1
+        for t in range(n_p):  # the parked items rejoin the heap: sift up from the end
+            x, a, b = p_x[t], p_a[t], p_b[t]
+            i = n_h
+            n_h += 1
+            while i > 0:
+                q = (i - 1) >> 1
+                qa = h_a[q]
+                if qa < a or (qa == a and h_b[q] < b):
+                    break
+                y = h_x[q]
+                h_x[i], h_a[i], h_b[i] = y, qa, h_b[q]
+                pos[y] = i
+                i = q
+            h_x[i], h_a[i], h_b[i] = x, a, b
+            pos[x] = i
         if per_group.shape[0]:
             per_group[g] = misses - m0
     return np.array([hits, misses, 0, 0], dtype=np.int64)
+
+
+@njit
+def _heapify(h_x, h_a, h_b, pos, n):
+    """Restore the min-heap order by (h_a, h_b) of the first n entries of `_heap_policy`'s heap, in O(n)."""
+    for r in range(n // 2 - 1, -1, -1):
+        y, a, b = h_x[r], h_a[r], h_b[r]
+        i = r
+        while True:
+            c = 2 * i + 1
+            if c >= n:
+                break
+            if c + 1 < n and (h_a[c + 1] < h_a[c] or (h_a[c + 1] == h_a[c] and h_b[c + 1] < h_b[c])):
+                c += 1
+            if h_a[c] > a or (h_a[c] == a and h_b[c] > b):
+                break
+            h_x[i], h_a[i], h_b[i] = h_x[c], h_a[c], h_b[c]
+            pos[h_x[i]] = i
+            i = c
+        h_x[i], h_a[i], h_b[i] = y, a, b
+        pos[y] = i
 
 
 @njit
@@ -496,6 +588,27 @@ def _arc(req, reset, n_items, capacity, per_group):
 
 
 # -- the co-activation prefetcher on top of LRU ----------------------------------------------------
+@njit
+def _victim(slot_item, need, g, key1, key2, largest):
+    """Slot of the cached item not needed by group g with the smallest (or largest) (key1, key2)."""
+    best = -1
+    for s in range(slot_item.shape[0]):
+        x = slot_item[s]
+        if x < 0 or need[x] == g:
+            continue
+        if best < 0:
+            best = s
+            continue
+        b = slot_item[best]
+        if largest:
+            better = key1[x] > key1[b] or (key1[x] == key1[b] and key2[x] > key2[b])
+        else:
+            better = key1[x] < key1[b] or (key1[x] == key1[b] and key2[x] < key2[b])
+        if better:
+            best = s
+    return best
+
+
 @njit
 def _load(x, slot_item, slot_of, need, g, recent, ids, pending, free):
     """Put item x in a free slot, or in place of the least recently used item group g does not need.
