@@ -91,19 +91,24 @@ def top_rows(src, valid, table, p):
     return out
 
 
-def ubatch_lru(lay, starts, stops, ubatch, capacity, n_exp):
+def ubatch_lru(lay, starts, stops, ubatch, capacity, n_exp, big):
     """`timeline._ubatch_lru` with sets: per micro-batch, the distinct experts and those not resident after the
-    previous batch; the resident set is the `capacity` most recently used (ties to the lower id)."""
+    previous batch; the resident set is the `capacity` most recently used (ties to the lower id); the batches
+    of `big` tokens or more and their distinct experts apart."""
     last = {}  # expert -> batch index of its last use
     resident: set[int] = set()
-    distinct = loads = b = 0
+    distinct = loads = b = d_big = b_big = 0
     for a0, z in zip(starts, stops, strict=True):
         for a in range(int(a0), int(z), ubatch):
-            used = {int(x) for t in range(a, min(a + ubatch, int(z))) for x in lay[t]}
+            rows = range(a, min(a + ubatch, int(z)))
+            used = {int(x) for t in rows for x in lay[t]}
             distinct += len(used)
             loads += len(used - resident)
+            if len(rows) >= big:
+                d_big += len(used)
+                b_big += 1
             for x in used:
                 last[x] = b
             resident = set(sorted(last, key=lambda x: (-last[x], x))[:capacity])
             b += 1
-    return distinct, loads, b
+    return distinct, loads, b, d_big, b_big

@@ -99,6 +99,16 @@ def test_cli_report(capsys, tmp_path):
     assert code == 0, err
     tl = json.loads(stdout)["timeline"]
     assert tl["machine"]["name"] == "datacenter-pcie5" and tl["expert_bytes"] == [2.65e6] * 4
+    # --dense-bytes over the GGUF's expert sizes (it was ignored without --expert-bytes)
+    g = ("--gguf", fixture.GGUF, "--dense-bytes", "1GB", "--json")
+    code, stdout, err = run(capsys, "report", fixture.FIXTURE_DIR / fixture.TRACE, "-o", tmp_path / "g.html", *g)
+    assert code == 0, err
+    tl = json.loads(stdout)["timeline"]
+    assert tl["dense_bytes"] == 1e9 and tl["sizes_from"] == "the GGUF tiny-moe-f32.gguf, --dense-bytes 1GB"
+    code, _, err = run(
+        capsys, "report", fixture.FIXTURE_DIR / fixture.TRACE, "-o", tmp_path / "d.html", "--dense-bytes", "1GB"
+    )
+    assert code == 2 and "--dense-bytes" in err and not (tmp_path / "d.html").exists()
     code, _, err = run(
         capsys, "report", fixture.FIXTURE_DIR / fixture.TRACE, "-o", tmp_path / "m.html", "--machine", "x"
     )

@@ -73,6 +73,9 @@ def test_sizes_from_the_fixture_gguf(capsys, tmp_path):
         (("--expert-bytes", "2MB", "--policy", "mru"), "mru"),
         (("--expert-bytes", "2MB", "--split", "half"), "--split 'half'"),
         (("--expert-bytes", "lots"), "--expert-bytes"),
+        (("--expert-bytes", "2MB", "--slots", "4", "--policy", "mru"), "--policy mru"),  # checked before any budget
+        (("--expert-bytes", "2MB", "--distance", "4"), "--distance 4"),
+        (("--expert-bytes", "2MB", "--predictor", "lookahead", "--distance", "3"), "--lookahead 3 or more"),
     ],
 )
 def test_bad_input_is_a_one_line_error(capsys, npz, args, needle):
@@ -88,6 +91,13 @@ def test_lookahead_asked_of_a_trace_without_it(capsys, tmp_path):
     code, out, err = run(capsys, "simulate", path, "--expert-bytes", "1MB", "--slots", "8", "--json")
     assert code == 0, err  # by default the predictors the trace allows
     assert not any(r["name"] == "prefetch:lookahead" for r in json.loads(out)["budgets"][0]["results"])
+
+
+def test_default_predictors_skip_a_lookahead_shorter_than_the_distance(capsys, npz):
+    code, out, err = run(capsys, "simulate", npz, "--expert-bytes", "1MB", "--slots", "16", "--distance", "3", "--json")
+    assert code == 0, err  # captured to depth 2: the id-only predictors run at distance 3
+    names = {r["name"] for r in json.loads(out)["budgets"][0]["results"]}
+    assert "prefetch:lookahead" not in names and "prefetch:cross-layer" in names
 
 
 def test_a_budget_below_top_k_per_layer_leaves_the_static_strategies(capsys, npz):

@@ -178,8 +178,19 @@ def test_extras_are_checked_and_sliced():
     assert tr.summary()["extras"]["lookahead"] == [3, 2, 2]
     train, test = split_halves(tr)
     assert train.extras["lookahead"].shape[0] == train.n_tokens and test.extras["candidates"].shape[0] == test.n_tokens
-    sub = select_layers(tr, [2])
-    np.testing.assert_array_equal(sub.extras["lookahead"], tr.extras["lookahead"][:, [1]])
+    la = tr.extras["lookahead"]
+    # layers are re-indexed, not cut: distance d names the layer d positions later in the selection
+    assert (select_layers(tr, [2]).extras["lookahead"] == -1).all()  # no later layer kept
+    gap = select_layers(tr, [1, 3]).extras["lookahead"]  # positions 0 and 2: 0 -> 2 was captured at d = 2
+    np.testing.assert_array_equal(gap[:, 0, 0], la[:, 0, 1])
+    assert (gap[:, 0, 1] == -1).all() and (gap[:, 1] == -1).all()
+    tail = select_layers(tr, [2, 3]).extras["lookahead"]
+    np.testing.assert_array_equal(tail[:, 0, 0], la[:, 1, 0])
+    assert (tail[:, 0, 1] == -1).all() and (tail[:, 1] == -1).all()
+    assert (select_layers(tr, [3, 1]).extras["lookahead"] == -1).all()  # reversed: no later layer
+    np.testing.assert_array_equal(select_layers(tr, [2]).extras["candidates"], tr.extras["candidates"][:, [1]])
+    with pytest.raises(TraceError, match=r"lookahead has shape \(40, 3, 2, 3\).*k = 2"):
+        tr.replace(extras={**tr.extras, "lookahead": np.zeros((40, 3, 2, 3), dtype=np.int16)})
     bad = tr.extras["lookahead"].copy()
     bad[0, 0, 0, 0] = 8
     with pytest.raises(TraceError, match=r"lookahead holds 8; expected values in -1\.\.7"):

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 
 from moescope.errors import UsageError
-from moescope.trace import EXTRAS, RoutingTrace, layer_positions
+from moescope.trace import RoutingTrace, extras_at_layers, layer_positions
 
 SPLIT_PARTS = ("train", "test")
 # what a fitted policy or placement is scored on: the test halves, or everything in-sample (for comparison)
@@ -114,7 +114,7 @@ def select_layers(trace: RoutingTrace, layer_ids: Sequence[int]) -> RoutingTrace
         weights=None if trace.weights is None else trace.weights[:, li],
         layer_ids=trace.layer_ids[li],
         meta=trace.meta.replace(extra=_with_note(trace, {"op": "layers", "layer_ids": [int(x) for x in layer_ids]})),
-        extras={name: a[:, li] if EXTRAS[name].layered else a for name, a in trace.extras.items()},
+        extras=extras_at_layers(trace.extras, li),
         validate=False,
     )
 

@@ -60,6 +60,7 @@ from moescope.trace import (
     _check_n_experts,
     _check_weights,
     check_extras,
+    extras_at_layers,
     layer_positions,
     validate_experts,
 )
@@ -305,7 +306,7 @@ class TraceWriter:
                 f"this store keeps the extra arrays {sorted(self._extras) or 'none'} but the block gives "
                 f"{sorted(given) or 'none'}; give the same ones for every block"
             )
-        checked = check_extras(given, n, self.n_layers, self.n_experts)
+        checked = check_extras(given, n, self.n_layers, self.n_experts, self.top_k)
         for name, arr in checked.items():
             if arr.shape[1:] != self._extras[name].shape[1:]:
                 raise TraceError(f"block {name} has shape {arr.shape}, the store keeps {self._extras[name].shape[1:]}")
@@ -586,7 +587,7 @@ class TraceStore:
         if li is not None:
             ex = ex[:, li]
             w = None if w is None else w[:, li]
-            extras = {name: x[:, li] if EXTRAS[name].layered else x for name, x in extras.items()}
+            extras = extras_at_layers(extras, li)
         first = int(np.searchsorted(self.seq_starts, start, side="right")) - 1
         last = int(np.searchsorted(self.seq_starts, stop, side="left"))
         rel = self.seq_starts[max(first, 0) : last] - start

@@ -149,7 +149,8 @@ class Extra:
     name : its key in ``RoutingTrace.extras`` (and its array's name in stores and .npz files).
     dtype : how it is stored. ndim : dimensions, the token axis first. layered : axis 1 is the trace's
     layer axis (slices and `select_layers` cut it). ids : it holds expert ids (checked against the expert
-    count; -1 allowed where `missing` says so). shape : the docstring's shape.
+    count; -1 allowed where `missing` says so). shape : the docstring's shape. per_k : its last axis has the
+    trace's top-k entries.
     """
 
     name: str
@@ -159,14 +160,21 @@ class Extra:
     ids: bool
     missing: bool
     shape: str
+    per_k: bool = False
 
-    def check(self, value: Any, n_tokens: int, n_layers: int, n_experts: int) -> np.ndarray:
+    def check(self, value: Any, n_tokens: int, n_layers: int, n_experts: int, top_k: int) -> np.ndarray:
         """`value` as this extra's array, checked against the trace's shape; `TraceError` naming the problem."""
         a = np.asarray(value)
-        if a.ndim != self.ndim or a.shape[0] != n_tokens or (self.layered and a.shape[1] != n_layers):
+        if (
+            a.ndim != self.ndim
+            or a.shape[0] != n_tokens
+            or (self.layered and a.shape[1] != n_layers)
+            or (self.per_k and a.shape[-1] != top_k)
+        ):
             raise TraceError(
                 f"{self.name} has shape {a.shape}, expected {self.shape} with {n_tokens} tokens"
                 + (f" and {n_layers} layers" if self.layered else "")
+                + (f" and k = {top_k}" if self.per_k else "")
                 + f"; give one row per token, or no {self.name}"
             )
         if np.issubdtype(self.dtype, np.integer):
@@ -188,28 +196,53 @@ EXTRAS: dict[str, Extra] = {
     e.name: e
     for e in (
         Extra("token_ids", TOKEN_DTYPE, 1, False, False, False, "[tokens]"),
-        Extra("lookahead", EXPERT_DTYPE, 4, True, True, True, "[tokens, layers, distance, k]"),
+        Extra("lookahead", EXPERT_DTYPE, 4, True, True, True, "[tokens, layers, distance, k]", per_k=True),
         Extra("candidates", EXPERT_DTYPE, 3, True, True, False, "[tokens, layers, M]"),
         Extra("candidate_probs", np.dtype(np.float32), 3, True, False, False, "[tokens, layers, M]"),
     )
 }
 
 
-def check_extras(extras: Mapping[str, Any], n_tokens: int, n_layers: int, n_experts: int) -> dict[str, np.ndarray]:
+def check_extras(
+    extras: Mapping[str, Any], n_tokens: int, n_layers: int, n_experts: int, top_k: int
+) -> dict[str, np.ndarray]:
     """Checked extras (`EXTRAS` names only; None values dropped); `TraceError` naming an unknown one."""
     unknown = sorted(set(extras) - set(EXTRAS))
     if unknown:
         raise TraceError(f"unknown extra array(s) {unknown}; a trace can carry {', '.join(EXTRAS)}")
     return {
-        name: EXTRAS[name].check(value, n_tokens, n_layers, n_experts)
+        name: EXTRAS[name].check(value, n_tokens, n_layers, n_experts, top_k)
         for name, value in extras.items()
         if value is not None
     }
 
 
-def check_token_ids(token_ids: Any, n_tokens: int) -> np.ndarray:
-    """[tokens] int32 vocabulary ids, checked: one per token, integers in 0 .. 2^31 - 1."""
-    return EXTRAS["token_ids"].check(token_ids, n_tokens, 0, 0)
+def extras_at_layers(extras: Mapping[str, np.ndarray], positions: np.ndarray) -> dict[str, np.ndarray]:
+    """`extras` with their layer axes cut to ``positions`` (indices along the layer axis, in the new order).
+
+    ``lookahead`` is re-indexed, not just cut: its entry ``[:, i, d - 1]`` names the experts of the layer
+    ``d`` positions after ``i``, so after the cut it holds, for each kept layer and distance d, the old
+    prediction for the layer now d positions later where that layer was at most the captured depth after
+    it in the original order, else -1 (e.g. layers 0, 2, 3 of a depth-2 capture: 0 -> 2 is old distance 2;
+    0 -> 3 was not captured).
+    """
+    li = np.asarray(positions, dtype=np.int64)
+    out = {}
+    for name, a in extras.items():
+        if not EXTRAS[name].layered:
+            out[name] = a
+        elif name == "lookahead":
+            depth = a.shape[2]
+            la = np.full((a.shape[0], li.size, depth, a.shape[3]), -1, dtype=a.dtype)
+            for i in range(li.size):
+                for d in range(1, min(depth, li.size - 1 - i) + 1):
+                    gap = int(li[i + d] - li[i])
+                    if 1 <= gap <= depth:
+                        la[:, i, d - 1] = a[:, li[i], gap - 1]
+            out[name] = la
+        else:
+            out[name] = a[:, li]
+    return out
 
 
 def layer_positions(layer_ids: np.ndarray, layers: Sequence[int]) -> np.ndarray:
@@ -371,7 +404,7 @@ class RoutingTrace:
         given = dict(extras or {})
         if token_ids is not None:
             given["token_ids"] = token_ids
-        self.extras = check_extras(given, n_tok, n_lay, self.n_experts)
+        self.extras = check_extras(given, n_tok, n_lay, self.n_experts, k)
         self.layer_ids = _check_layer_ids(layer_ids, n_lay)
         if phase not in PHASES:
             raise TraceError(f"phase is {phase!r}, expected one of {', '.join(PHASES)}")

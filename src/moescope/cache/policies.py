@@ -143,16 +143,17 @@ class LFUStatic(CachePolicy):
     def fit(self, train: Stream) -> None:
         self._order = np.argsort(-np.bincount(train.req.ravel(), minlength=train.n_items), kind="stable")
 
-    def run(self, stream: Stream, capacity: int) -> np.ndarray:
-        pinned = np.zeros(stream.n_items, dtype=np.bool_)
+    def _pinned(self, n_items: int, capacity: int) -> np.ndarray:
+        pinned = np.zeros(n_items, dtype=np.bool_)
         pinned[self._order[:capacity]] = True
-        return K.static_set(stream.req, stream.reset, pinned)
+        return pinned
+
+    def run(self, stream: Stream, capacity: int) -> np.ndarray:
+        return K.static_set(stream.req, stream.reset, self._pinned(stream.n_items, capacity))
 
     def misses_per_group(self, stream: Stream, capacity: int) -> np.ndarray:
-        pinned = np.zeros(stream.n_items, dtype=np.bool_)
-        pinned[self._order[:capacity]] = True
         out = np.zeros(stream.req.shape[0], dtype=np.int64)
-        K._static_set(stream.req, stream.reset, pinned, out)
+        K._static_set(stream.req, stream.reset, self._pinned(stream.n_items, capacity), out)
         return out
 
 

@@ -606,6 +606,12 @@ class Timeline:
         return d
 
 
+def slot_bytes(expert_bytes: Sequence[float]) -> float:
+    """Bytes of VRAM one expert slot takes: the largest expert of any layer (layers may differ in quant type),
+    so ``slots x slot_bytes`` is a budget's VRAM and ``VRAM // slot_bytes`` its slots."""
+    return float(np.max(np.asarray(expert_bytes, dtype=np.float64)))
+
+
 def default_slots(n_layers: int, n_experts: int, top_k: int) -> list[int]:
     """VRAM budgets (expert slots) worth sweeping when none are given: 1/8, 1/4, 1/2 and 3/4 of every routed
     expert, each at least what a per-expert cache needs (k per layer); distinct, ascending."""
@@ -647,8 +653,14 @@ def simulate_timeline(
     eb = np.asarray(expert_bytes, dtype=np.float64)
     if eb.shape != (n_lay,):
         raise UsageError(f"expert_bytes has {eb.size} values for {n_lay} layers; give one per MoE layer")
-    if slots < 0 or not 1 <= distance < max(n_lay, 2):
-        raise UsageError(f"slots {slots} and distance {distance}: expected slots >= 0 and 1 <= distance < layers")
+    if slots < 0:
+        raise UsageError(f"slots {slots}: expected a budget of 0 or more experts")
+    if not 1 <= distance < max(n_lay, 2):
+        raise UsageError(f"distance {distance}: expected 1..{max(n_lay - 1, 1)} MoE layers ahead")
+    policies = list(POLICIES) if policies is None else list(policies)
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        raise UsageError(f"cache policy {', '.join(unknown)}: unknown; choose from {', '.join(POLICIES)}")
     costs = Costs.of(eb, dense_bytes, machine)
     gpu_layers = min(slots // e, n_lay)
     results = [
@@ -665,10 +677,6 @@ def simulate_timeline(
     fit = streams if train is None else [
         Stream(np.ascontiguousarray(train.experts[:, i], dtype=np.int32), _no_reset(train), e, e) for i in range(n_lay)
     ]  # fmt: skip
-    policies = list(POLICIES) if policies is None else list(policies)
-    unknown = [p for p in policies if p not in POLICIES]
-    if unknown:
-        raise UsageError(f"cache policy {', '.join(unknown)}: unknown; choose from {', '.join(POLICIES)}")
     names = list(dict.fromkeys([*policies, "belady"]))  # Belady's misses also give the bound
 
     # a prefetching policy is not a demand-loading cache (`prefetch:` covers prefetching): neither fitted nor run
@@ -685,8 +693,8 @@ def simulate_timeline(
     belady = np.stack(per[names.index("belady") * n_lay :][:n_lay], axis=1)
     for n, name in enumerate(names):
         cls = POLICIES[name]
-        if name not in policies or per[n * n_lay] is None:
-            continue  # a prefetching policy (not a demand-loading cache), or Belady kept for the bound only
+        if name not in policies:
+            continue  # Belady kept for the bound only
         misses = np.stack(per[n * n_lay : (n + 1) * n_lay], axis=1)
         if cls.bypass:
             note = (
@@ -733,72 +741,87 @@ class PrefillRow:
         return {**dataclasses.asdict(self), "tokens_per_second_at_most": self.tokens_per_second}
 
 
+EXPERT_TENSORS = 3
+"""Tensors holding a layer's routed experts (gate, up, down; ``gate_up`` merged has 2): each whole-tensor copy
+of llama.cpp's large-batch path is one transfer, one latency."""
+
+
 @njit
-def _ubatch_lru(lay, starts, stops, ubatch, capacity, n_exp):
+def _ubatch_lru(lay, starts, stops, ubatch, capacity, n_exp, big):
     """One layer's micro-batches (``ubatch`` tokens of a sequence at a time): ``(distinct experts summed over
-    batches, loads into an LRU cache of `capacity` that keeps the most recently used experts, batches)``. A
-    batch loads its experts not resident after the previous batch; ties in recency go to the lower id."""
+    batches, loads into an LRU cache of `capacity` that keeps the most recently used experts, batches, distinct
+    experts summed over the batches of at least `big` tokens, those batches)``. A batch loads its experts not
+    resident after the previous batch; ties in recency go to the lower id."""
     stamp = np.full(n_exp, -1, dtype=np.int64)
     resident = np.zeros(n_exp, dtype=np.bool_)
     used = np.zeros(n_exp, dtype=np.bool_)
-    distinct, loads, b = 0, 0, 0
+    distinct, loads, b, d_big, b_big = 0, 0, 0, 0, 0
     for r in range(starts.size):
         for a in range(starts[r], stops[r], ubatch):
+            z = min(a + ubatch, stops[r])
             used[:] = False
-            for t in range(a, min(a + ubatch, stops[r])):
+            for t in range(a, z):
                 for j in range(lay.shape[1]):
                     used[lay[t, j]] = True
+            n = 0
             for x in range(n_exp):
                 if used[x]:
-                    distinct += 1
+                    n += 1
                     if not resident[x]:
                         loads += 1
                     stamp[x] = b
+            distinct += n
+            if z - a >= big:
+                d_big += n
+                b_big += 1
             order = np.argsort(-stamp * (n_exp + 1) + np.arange(n_exp), kind="mergesort")
             resident[:] = False
             for i in range(min(capacity, n_exp)):
                 if stamp[order[i]] >= 0:
                     resident[order[i]] = True
             b += 1
-    return distinct, loads, b
+    return distinct, loads, b, d_big, b_big
 
 
 def prefill_estimate(trace: RoutingTrace, c: Costs, gpu_layers: int, capacity: int, ubatch: int) -> list[PrefillRow]:
-    """Prefill of `trace`'s sequences in micro-batches of `ubatch` tokens, for llama.cpp's placements and an LRU
-    expert cache (``capacity`` experts per layer; skipped below top-k). A batch reads each distinct expert it
-    uses once. llama.cpp: from `LLAMA_OFFLOAD_MIN_BATCH` tokens on, every CPU-resident layer's whole expert
-    tensor (all E experts) crosses PCIe per batch, else the CPU reads the batch's distinct experts; the cache
-    loads the batch's experts it does not hold, transfers overlapping compute."""
+    """Prefill of `trace`'s sequences in micro-batches of `ubatch` tokens (a sequence's last batch may be
+    shorter), for llama.cpp's placements and an LRU expert cache (``capacity`` experts per layer; skipped below
+    top-k). A batch reads each distinct expert it uses once. llama.cpp: in a batch of
+    `LLAMA_OFFLOAD_MIN_BATCH` tokens or more, every CPU-resident layer's whole expert tensors (all E experts,
+    `EXPERT_TENSORS` transfers) cross PCIe and the GPU computes; in a shorter one the CPU reads the batch's
+    distinct experts. The cache loads the batch's experts it does not hold, transfers overlapping compute."""
     n_lay, e = trace.n_layers, trace.n_experts
     starts, stops = trace.seq_starts, trace.seq_ends
-    distinct = np.zeros(n_lay)
-    loads = np.zeros(n_lay)
-    batches = 1
+    distinct, loads, d_big = np.zeros(n_lay), np.zeros(n_lay), np.zeros(n_lay)
+    batches = n_big = 1
     for i in range(n_lay):
         lay = np.ascontiguousarray(trace.experts[:, i])
-        d, ld, batches = _ubatch_lru(lay, starts, stops, int(ubatch), max(int(capacity), 0), e)
-        distinct[i], loads[i] = d, ld
+        out = _ubatch_lru(lay, starts, stops, int(ubatch), max(int(capacity), 0), e, LLAMA_OFFLOAD_MIN_BATCH)
+        distinct[i], loads[i], batches, d_big[i], n_big = out
     n_tok = max(trace.n_tokens, 1)
     dense = float(c.t_dense.sum()) * batches  # the dense weights are read once per batch
+    d_small = distinct - d_big
     rows = []
     for name, n_gpu in (("cpu-moe", 0), ("static-layers", gpu_layers)):
-        on_gpu = np.arange(n_lay) >= n_lay - n_gpu
-        gpu_read = float((distinct * c.t_gpu)[on_gpu].sum())
-        if ubatch >= LLAMA_OFFLOAD_MIN_BATCH:
-            moved = float((e * batches * c.expert_bytes)[~on_gpu].sum())
-            seconds = (
-                dense
-                + gpu_read
-                + float((e * batches * (c.t_pcie + c.latency))[~on_gpu].sum())
-                + float((distinct * c.t_gpu)[~on_gpu].sum())
-            )
-            rows.append(PrefillRow(name, ubatch, moved / n_tok, 0.0, seconds / n_tok,
-                                   "CPU layers' whole expert tensors copied to the GPU per batch"))  # fmt: skip
+        cpu = np.arange(n_lay) < n_lay - n_gpu
+        moved = float((e * n_big * c.expert_bytes)[cpu].sum())
+        cpu_bytes = float((d_small * c.expert_bytes)[cpu].sum())
+        seconds = (
+            dense
+            + float((distinct * c.t_gpu)[~cpu].sum())
+            + float((n_big * (e * c.t_pcie + EXPERT_TENSORS * c.latency) + d_big * c.t_gpu)[cpu].sum())
+            + float((d_small * c.t_cpu)[cpu].sum())
+        )
+        if n_big == batches:
+            note = "CPU layers' whole expert tensors copied to the GPU per batch"
+        elif n_big == 0:
+            note = f"batches below {LLAMA_OFFLOAD_MIN_BATCH} tokens: the CPU computes its layers"
         else:
-            cpu_bytes = float((distinct * c.expert_bytes)[~on_gpu].sum())
-            seconds = dense + gpu_read + float((distinct * c.t_cpu)[~on_gpu].sum())
-            rows.append(PrefillRow(name, ubatch, 0.0, cpu_bytes / n_tok, seconds / n_tok,
-                                   f"batch below {LLAMA_OFFLOAD_MIN_BATCH}: the CPU computes its layers"))  # fmt: skip
+            note = (
+                f"{n_big} of {batches} batches of {LLAMA_OFFLOAD_MIN_BATCH}+ tokens copy CPU layers' whole expert "
+                f"tensors to the GPU; the CPU computes its layers in the shorter ones"
+            )
+        rows.append(PrefillRow(name, ubatch, moved / n_tok, cpu_bytes / n_tok, seconds / n_tok, note))
     if capacity >= trace.top_k:
         compute = dense + float((distinct * c.t_gpu).sum())
         link = float((loads * (c.t_pcie + c.latency)).sum())

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from moescope.capture.common import capture_writer, check_capture
-from moescope.capture.routers import RouterRecorder
+from moescope.capture.routers import check_extra_options, extra_shapes
 from moescope.corpus import Document, Seq, cut_sequences
 from moescope.errors import CaptureError, TraceError, UsageError
 from moescope.gguf import GGUFModel, inspect_gguf
@@ -190,7 +190,7 @@ def capture_llama(
     path = Path(gguf_path)
     info = inspect_gguf(path)
     top_k = session_top_k(info, parsed)
-    _check_extras(lookahead, candidates, top_k, info)
+    check_extra_options(lookahead, candidates, top_k, info.n_experts)  # the rule: LlamaSession, before loading
     lib = llama_cpp()
     n_ctx = seq_len if mode == "prefill" else (prompt_len or seq_len) + generate
     with LlamaSession(
@@ -252,7 +252,7 @@ def capture_llama(
             mode=mode,
             meta=meta,
             overwrite=overwrite,
-            extras=_extra_shapes(len(info.layer_ids), session.top_k, lookahead, candidates),
+            extras=extra_shapes(len(info.layer_ids), session.top_k, lookahead, candidates),
         ) as writer:
             labelled = plan[0].label is not None
             for seq in plan:
@@ -281,28 +281,6 @@ def capture_llama(
                     progress(writer.n_tokens, planned)
                 if writer.n_tokens >= planned:
                     break
-    return out
-
-
-def _check_extras(lookahead: int, candidates: int, top_k: int, info: GGUFModel) -> None:
-    """The lookahead / candidates options, checked as `RouterRecorder` checks them (the lookahead's selection
-    rule is checked by `LlamaSession`, before llama.cpp loads the model)."""
-    if not 0 <= lookahead <= RouterRecorder.MAX_LOOKAHEAD:
-        raise UsageError(f"--lookahead {lookahead}: expected 0..{RouterRecorder.MAX_LOOKAHEAD} MoE layers ahead")
-    if candidates and not top_k < candidates <= info.n_experts:
-        raise UsageError(
-            f"--candidates {candidates}: expected more than top-k ({top_k}) and at most the "
-            f"{info.n_experts} experts, or 0"
-        )
-
-
-def _extra_shapes(n_layers: int, top_k: int, lookahead: int, candidates: int) -> dict[str, tuple[int, ...]]:
-    """The trailing shapes of the extras the store keeps (as `RouterRecorder.extra_shapes`)."""
-    out: dict[str, tuple[int, ...]] = {}
-    if lookahead:
-        out["lookahead"] = (n_layers, lookahead, top_k)
-    if candidates:
-        out["candidates"] = out["candidate_probs"] = (n_layers, candidates)
     return out
 
 

@@ -168,6 +168,29 @@ def find_routers(model: Any) -> list[RouterSite]:
     return sites
 
 
+MAX_LOOKAHEAD = 3  # --lookahead: later MoE layers' routers applied at each layer, at most
+
+
+def check_extra_options(lookahead: int, candidates: int, top_k: int, n_experts: int) -> None:
+    """The --lookahead / --candidates options of both captures (transformers and llama.cpp), checked."""
+    if not 0 <= lookahead <= MAX_LOOKAHEAD:
+        raise UsageError(f"--lookahead {lookahead}: expected 0..{MAX_LOOKAHEAD} MoE layers ahead")
+    if candidates and not top_k < candidates <= n_experts:
+        raise UsageError(
+            f"--candidates {candidates}: expected more than top-k ({top_k}) and at most the {n_experts} experts, or 0"
+        )
+
+
+def extra_shapes(n_layers: int, top_k: int, lookahead: int, candidates: int) -> dict[str, tuple[int, ...]]:
+    """The trailing shapes of the extras a capture with these options keeps (for `moescope.store.TraceWriter`)."""
+    out: dict[str, tuple[int, ...]] = {}
+    if lookahead:
+        out["lookahead"] = (n_layers, lookahead, top_k)
+    if candidates:
+        out["candidates"] = out["candidate_probs"] = (n_layers, candidates)
+    return out
+
+
 class RouterRecorder:
     """Hooks on every router of a loaded model, collecting what each forward routed.
 
@@ -186,20 +209,12 @@ class RouterRecorder:
     Attributes: sites (`RouterSite` per layer), layer_ids [layers], n_experts, top_k, router_classes.
     """
 
-    MAX_LOOKAHEAD = 3
-
     def __init__(self, model: Any, *, lookahead: int = 0, candidates: int = 0) -> None:
         self.model = model
         self.sites = find_routers(model)
         self.layer_ids = [s.layer_id for s in self.sites]
         self.n_experts, self.top_k = self.sites[0].n_experts, self.sites[0].top_k
-        if not 0 <= lookahead <= self.MAX_LOOKAHEAD:
-            raise UsageError(f"--lookahead {lookahead}: expected 0..{self.MAX_LOOKAHEAD} MoE layers ahead")
-        if candidates and not self.top_k < candidates <= self.n_experts:
-            raise UsageError(
-                f"--candidates {candidates}: expected more than top-k ({self.top_k}) and at most the "
-                f"{self.n_experts} experts, or 0"
-            )
+        check_extra_options(lookahead, candidates, self.top_k, self.n_experts)
         self.lookahead, self.candidates = int(lookahead), int(candidates)
         modules = dict(model.named_modules())
         self._modules = [modules[s.name] for s in self.sites]
@@ -217,12 +232,7 @@ class RouterRecorder:
 
     def extra_shapes(self) -> dict[str, tuple[int, ...]]:
         """The trailing shapes of the extras `collect_all` returns (for `moescope.store.TraceWriter`)."""
-        out: dict[str, tuple[int, ...]] = {}
-        if self.lookahead:
-            out["lookahead"] = (self.n_layers, self.lookahead, self.top_k)
-        if self.candidates:
-            out["candidates"] = out["candidate_probs"] = (self.n_layers, self.candidates)
-        return out
+        return extra_shapes(self.n_layers, self.top_k, self.lookahead, self.candidates)
 
     def __enter__(self) -> RouterRecorder:
         for i, module in enumerate(self._modules):

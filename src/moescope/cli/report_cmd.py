@@ -77,6 +77,11 @@ def report(
     if expert_bytes is not None:
         eb, dense = c.expert_sizes(trace, expert_bytes, None, dense_bytes)  # flags win over the GGUF's sizes
         sizes = (eb.tolist(), dense, f"--expert-bytes {expert_bytes}, --dense-bytes {dense_bytes or 0}")
+    elif dense_bytes is not None:  # the GGUF's expert sizes, this dense figure
+        if gguf is None:
+            raise UsageError("--dense-bytes prices the cache card with --expert-bytes or --gguf; give one of them")
+        eb, dense = c.expert_sizes(trace, None, gguf, dense_bytes)
+        sizes = (eb.tolist(), dense, f"the GGUF {gguf.name}, --dense-bytes {dense_bytes}")
     d = parse_ranges(devices, "--devices")
     v = None if vram is None else parse_bytes(vram, "--vram")
     with c.progress() as bar:

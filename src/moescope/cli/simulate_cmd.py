@@ -10,7 +10,7 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from moescope.cache.timeline import MACHINES, PREDICTORS
+from moescope.cache.timeline import MACHINES, PREDICTORS, slot_bytes
 from moescope.cli import _common as c
 
 _MACHINE_HELP = "; ".join(
@@ -99,7 +99,17 @@ def simulate(
     bad = [p for p in predictors if p not in PREDICTORS]
     if bad:
         raise UsageError(f"--predictor {', '.join(bad)}: unknown; choose from {', '.join(PREDICTORS)}")
+    from moescope.cache.policies import POLICIES
+
+    unknown = [p for p in c.names(policy) or [] if p not in POLICIES]
+    if unknown:
+        raise UsageError(f"--policy {', '.join(unknown)}: unknown; choose from {', '.join(POLICIES)}")
     trace = inputs.read_trace(src, "the decode timeline", layers)
+    if distance >= max(trace.n_layers, 2):
+        raise UsageError(
+            f"--distance {distance}: prefetches go that many MoE layers ahead, and {src} has {trace.n_layers}; "
+            f"give 1..{max(trace.n_layers - 1, 1)}"
+        )
     eb, dense = c.expert_sizes(trace, expert_bytes, gguf, dense_bytes)
     if eb is None:
         raise UsageError(
@@ -107,20 +117,22 @@ def simulate(
             "e.g. --expert-bytes 5MiB --dense-bytes 600MB"
         )
     if vram is not None:
-        budgets = [int(parse_bytes(v, "--vram") // float(np.max(eb))) for v in vram.split(",") if v.strip()]
+        budgets = [int(parse_bytes(v, "--vram") // slot_bytes(eb)) for v in vram.split(",") if v.strip()]
     elif slots is not None:
         budgets = parse_ranges(slots, "--slots")
     else:
         budgets = default_slots(trace.n_layers, trace.n_experts, trace.top_k)
     if not budgets:
         raise UsageError("--vram / --slots names no budget; give e.g. --vram 4GiB,8GiB")
-    if "lookahead" in predictors and "lookahead" not in trace.extras:
+    depth = trace.extras["lookahead"].shape[2] if "lookahead" in trace.extras else 0
+    if "lookahead" in predictors and depth < distance:
         if predictor != ",".join(PREDICTORS):  # asked for by name
             raise UsageError(
-                f"--predictor lookahead needs a trace captured with --lookahead (moescope capture hf ... "
-                f"--lookahead {distance}); {src} has none: drop it or recapture"
+                f"--predictor lookahead at --distance {distance} needs a trace captured with --lookahead "
+                f"{distance} or more (moescope capture hf ... --lookahead {distance}); {src} has "
+                f"{depth or 'none'}: drop it, lower --distance or recapture"
             )
-        predictors.remove("lookahead")
+        predictors.remove("lookahead")  # the default list: only the predictors this trace supports
     if split == "test":
         train, test = split_halves(trace)
         if train.n_tokens == 0 or test.n_tokens == 0:
@@ -160,7 +172,7 @@ def simulate(
         "tokens": test.n_tokens,
         "split": split,
         "assumptions": list(ASSUMPTIONS),
-        "budgets": [{**r.to_dict(), "vram_bytes": int(r.slots * float(np.max(eb)))} for r in runs],
+        "budgets": [{**r.to_dict(), "vram_bytes": int(r.slots * slot_bytes(eb))} for r in runs],
         "prefill": {"slots": main.slots, "rows": [p.to_dict() for p in prefill]},
     }
     if as_json:
@@ -192,7 +204,7 @@ def _print(out: dict[str, Any], runs: list[Any], main: Any, prefill: list[Any], 
         f"dense {format_bytes(out['dense_bytes'])} per token; "
         + ("learned on first halves, simulated on second halves" if out["split"] == "test" else "IN-SAMPLE")
     )
-    vram = float(np.max(eb)) * main.slots
+    vram = slot_bytes(eb) * main.slots
     t = Table(
         title=f"strategies at {format_bytes(vram)} of VRAM for experts ({main.slots} slots: {main.capacity} per "
         f"layer for caches, {main.gpu_layers} whole layers for static-layers)",
@@ -219,14 +231,15 @@ def _print(out: dict[str, Any], runs: list[Any], main: Any, prefill: list[Any], 
         con.print(f"  [{n}] {note}")
     con.print(
         "  stall: share of the time waiting for PCIe; hits: accesses served from VRAM; pf/tok: prefetch loads per "
-        "token; wasted: prefetched experts evicted before any use; (ref): knows the future, a reference"
+        "token; wasted: prefetched experts never used (evicted, or still unused at the end); (ref): knows the "
+        "future, a reference"
     )
     con.print(f"Verdict at {format_bytes(vram)}: {main.verdict()}.")
     if len(runs) > 1:
         sweep = Table(title="tokens/s vs VRAM for routed experts", title_justify="left")
         sweep.add_column("strategy", no_wrap=True)
         for r in runs:
-            sweep.add_column(format_bytes(float(np.max(eb)) * r.slots), justify="right")
+            sweep.add_column(format_bytes(slot_bytes(eb) * r.slots), justify="right")
         names = list(dict.fromkeys(x.name for r in runs for x in r.results))
         for name in names:
             cells = []
@@ -235,7 +248,7 @@ def _print(out: dict[str, Any], runs: list[Any], main: Any, prefill: list[Any], 
                 cells.append("-" if hit is None else f"{hit.tokens_per_second:.2f}")
             sweep.add_row(name, *cells)
         con.print(sweep)
-        wins = [format_bytes(float(np.max(eb)) * r.slots) for r in runs if r.cache_wins()]
+        wins = [format_bytes(slot_bytes(eb) * r.slots) for r in runs if r.cache_wins()]
         con.print(
             "A per-expert cache beats every static placement at: "
             + (", ".join(wins) if wins else "no budget tried")

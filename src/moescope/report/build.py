@@ -288,7 +288,7 @@ def _timeline(
     import plotly.graph_objects as go
 
     from moescope._units import format_bytes
-    from moescope.cache.timeline import MACHINES, default_slots, simulate_timeline
+    from moescope.cache.timeline import MACHINES, default_slots, simulate_timeline, slot_bytes
     from moescope.slicing import split_halves
 
     eb, dense, source = np.asarray(sizes[0], dtype=np.float64), float(sizes[1]), sizes[2]
@@ -302,7 +302,7 @@ def _timeline(
         )
         for b in default_slots(trace.n_layers, trace.n_experts, trace.top_k)
     ]
-    vram = [float(eb.max()) * r.slots for r in runs]
+    vram = [slot_bytes(eb) * r.slots for r in runs]
     summary["timeline"] = {
         "machine": m.to_dict(),
         "sizes_from": source,
