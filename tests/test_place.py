@@ -292,6 +292,41 @@ def test_fit_ignores_held_out_tokens(name):
     assert one.row(4, name).score.hist.tolist() != two.row(4, name).score.hist.tolist()
 
 
+def test_labels_protocol_fits_on_some_workloads_and_scores_another():
+    """--fit-labels / --score-labels: whole sequences of the fitted labels only; the scored workload is unseen."""
+    tr = _halves_disagree()
+    labels = ["a", "b"] * 10
+    labelled = tr.replace(seq_labels=labels)
+    # workload "a" routes as the first halves throughout, "b" as the second halves: fitted on "a" alone,
+    # first-half pairs share a device and every "b" token spans 2 devices
+    experts = tr.experts.copy()
+    for i, (lo, hi) in enumerate(zip(tr.seq_starts, tr.seq_ends, strict=True)):
+        half = (hi - lo) // 2
+        part = experts[lo : lo + half] if labels[i] == "a" else experts[lo + half : hi]
+        experts[lo:hi] = np.concatenate([part, part])
+    tr2 = labelled.replace(experts=experts)
+    relaxed = PlaceParams(kicks=2, balance_margin=1.0, drift_margin=None)
+    report = compare_placements(tr2, [4], ["coact-greedy"], params=relaxed, fit_labels=["a"])
+    assert report.split == "labels" and report.fit_labels == ("a",) and report.score_labels == ("b",)
+    assert report.train_tokens == report.test_tokens == 1000
+    assert report.row(4, "coact-greedy").score.mean_devices == 2.0
+    d = report.to_dict()
+    assert d["fit_labels"] == ["a"] and d["score_labels"] == ["b"] and d["split"] == "labels"
+    same = compare_placements(tr2, [4], ["coact-greedy"], params=relaxed, score_labels=["b"])
+    np.testing.assert_array_equal(same.placements[(4, "coact-greedy", 0)].table,
+                                  report.placements[(4, "coact-greedy", 0)].table)  # fmt: skip
+    for kw, needle in (
+        ({"fit_labels": ["a"], "score_labels": ["a"]}, "both fitted and scored"),
+        ({"fit_labels": ["c"]}, r"label\(s\) \['c'\] are not in this trace"),
+        ({"fit_labels": ["a", "b"]}, "nothing left to score"),
+        ({"fit_labels": ["a"], "split": "all"}, "two protocols"),
+    ):
+        with pytest.raises(UsageError, match=needle):
+            compare_placements(tr2, [4], ["frequency"], **kw)
+    with pytest.raises(UsageError, match="need a trace with sequence labels"):
+        compare_placements(tr, [4], ["frequency"], fit_labels=["a"])
+
+
 def test_compare_rows_baseline_and_replicas():
     tr = random_trace(n_tokens=400, n_layers=2, n_experts=12, k=3, n_seq=8, seed=9)
     report = compare_placements(tr, [2, 4], ["random", "coact-capped"], replicas=3)
@@ -476,6 +511,22 @@ def test_registry_equals_cli_choices():
     from moescope.cli.place_cmd import _METHOD_HELP
 
     assert _METHOD_HELP.rstrip(".").split("installed): ")[1].split(", ") == list(METHODS)
+
+
+def test_cli_labels_protocol(tmp_path):
+    src = tmp_path / "t.npz"
+    tr = random_trace(n_tokens=300, n_layers=2, n_experts=8, k=2, n_seq=6, seed=12)
+    write_output(tr.replace(seq_labels=["x", "y", "z"] * 2), src)
+    code, out, exc = _cli(src, "-d", "4", "-m", "coact-capped", "--fit-labels", "x,y")
+    assert code == 0, exc
+    assert "fitted on x+y sequences, scored on z" in " ".join(out.split())
+    code, out, exc = _cli(src, "-d", "4", "-m", "coact-capped", "--score-labels", "y", "--json")
+    assert code == 0, exc
+    d = json.loads(out)
+    assert d["split"] == "labels" and d["fit_labels"] == ["x", "z"] and d["score_labels"] == ["y"]
+    assert d["scored_tokens"] == sum(
+        int(b - a) for i, (a, b) in enumerate(zip(tr.seq_starts, tr.seq_ends, strict=True)) if i % 3 == 1
+    )
 
 
 def test_cli_table_json_and_export(tmp_path):

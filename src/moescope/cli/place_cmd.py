@@ -26,6 +26,22 @@ def place(
     split: Annotated[
         str, typer.Option("--split", help="'test': fit on first halves, score on second halves; 'all': in-sample.")
     ] = "test",
+    fit_labels: Annotated[
+        str | None,
+        typer.Option(
+            "--fit-labels",
+            help="Fit on the whole sequences with these labels (default with --score-labels: "
+            "every other label), e.g. intent,law.",
+        ),
+    ] = None,
+    score_labels: Annotated[
+        str | None,
+        typer.Option(
+            "--score-labels",
+            help="Score on the whole sequences with these labels (default with "
+            "--fit-labels: every other label): a workload the fit has not seen.",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of random placement, local search, Mt-KaHyPar.")] = 0,
     balance_margin: Annotated[
         float,
@@ -63,8 +79,10 @@ def place(
 
     With a fixed expert -> device map, each token's hidden state goes to every distinct device holding
     one of its k experts (all-to-all traffic), while the most loaded device sets the pace. Every method
-    is fitted on the first half of each sequence and scored on the second halves (`--split test`),
-    next to standard load balancing (`frequency`, always run). Per D and method: mean distinct devices
+    is fitted on the first half of each sequence and scored on the second halves (`--split test`), or
+    with `--fit-labels A,B --score-labels C` fitted on some workloads' whole sequences and scored on
+    another's (how a placement holds on a workload it has not seen), next to standard load balancing
+    (`frequency`, always run, fitted on the same data). Per D and method: mean distinct devices
     per token and its change vs frequency; load CV across devices (selections served; mean over
     layers); max/mean load; experts per device (slots used, `ceil(E/D)` + `ceil(R/D)` at most).
 
@@ -116,6 +134,8 @@ def place(
             params=params,
             scheduler=scheduler,
             progress=bar,
+            fit_labels=c.names(fit_labels),
+            score_labels=c.names(score_labels),
         )
     if (export or export_eplb) is not None:
         chosen = report.placements[(d_exp, m_exp, replicas)]
@@ -169,7 +189,12 @@ def _export_method(asked: str | None, run: list[str]) -> str:
 
 def _print(report, src: Path) -> None:
     con = c.console()
-    split = "fitted on first halves, scored on second halves" if report.split == "test" else "IN-SAMPLE (--split all)"
+    if report.split == "labels":
+        split = f"fitted on {'+'.join(report.fit_labels)} sequences, scored on {'+'.join(report.score_labels)}"
+    elif report.split == "test":
+        split = "fitted on first halves, scored on second halves"
+    else:
+        split = "IN-SAMPLE (--split all)"
     table = Table(
         title=(
             f"expert placement: {report.n_experts} experts x {len(report.layer_ids)} layers, top-{report.top_k}; "

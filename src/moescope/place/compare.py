@@ -28,7 +28,7 @@ from moescope.place.layout import Placement, check_devices
 from moescope.place.methods import METHODS, PlaceParams, available_methods
 from moescope.place.metrics import PlacementScore, route
 from moescope.place.replicas import add_replicas
-from moescope.slicing import EVAL_SPLITS, select_layers, split_halves
+from moescope.slicing import EVAL_SPLITS, select_labels, select_layers, split_halves
 from moescope.trace import RoutingTrace
 
 BASELINE = "frequency"
@@ -84,6 +84,8 @@ class PlacementReport:
     placements: dict[tuple[int, str, int], Placement]
     params: PlaceParams
     model: str | None = None
+    fit_labels: tuple[str, ...] = ()  # the labels protocol (split "labels"): whole sequences fitted / scored
+    score_labels: tuple[str, ...] = ()
 
     def row(self, n_devices: int, method: str, replicas: int = 0) -> PlacementRow:
         for r in self.rows:
@@ -95,6 +97,8 @@ class PlacementReport:
         return {
             "model": self.model,
             "split": self.split,
+            "fit_labels": list(self.fit_labels),
+            "score_labels": list(self.score_labels),
             "train_tokens": self.train_tokens,
             "scored_tokens": self.test_tokens,
             "n_experts": self.n_experts,
@@ -174,6 +178,8 @@ def compare_placements(
     params: PlaceParams | None = None,
     scheduler: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    fit_labels: Sequence[str] | None = None,
+    score_labels: Sequence[str] | None = None,
 ) -> PlacementReport:
     """Fit every method for every device count on train tokens and score it on held-out tokens.
 
@@ -185,6 +191,9 @@ def compare_placements(
         added first).
     replicas : R extra copies per layer; rows with and without them when R > 0.
     split : ``"test"`` (fit on first halves, score on second halves) or ``"all"`` (in-sample).
+    fit_labels, score_labels : the labels protocol instead of `split`: fit on the whole sequences labelled
+        `fit_labels`, score on those labelled `score_labels` (a workload the fit has not seen); either may be
+        omitted for "every other label". The report's split is then ``"labels"``.
     seed : seed of the random parts (random placement, local-search kicks, Mt-KaHyPar).
     params : method knobs.
     scheduler : fit groups of layers as Dask tasks (``"local:N"`` or a scheduler address) instead of all
@@ -200,7 +209,16 @@ def compare_placements(
     for d in devs:
         check_devices(d, trace.n_experts, replicas)
     params = params or PlaceParams()
-    train, test = split_halves(trace) if split == "test" else (trace, trace)
+    fit_l: tuple[str, ...] = ()
+    score_l: tuple[str, ...] = ()
+    if fit_labels or score_labels:
+        if split != "test":
+            raise UsageError(f"--split {split} and --fit-labels / --score-labels are two protocols; give one of them")
+        fit_l, score_l = label_protocol(trace, fit_labels, score_labels)
+        train, test = select_labels(trace, fit_l), select_labels(trace, score_l)
+        split = "labels"
+    else:
+        train, test = split_halves(trace) if split == "test" else (trace, trace)
     if test.n_tokens == 0:
         raise UsageError("no held-out tokens: the trace has no sequence with 2+ tokens; use --split all")
     TrainData(train)  # an empty train split fails here, before any work is sent out
@@ -229,7 +247,38 @@ def compare_placements(
         placements=placements,
         params=params,
         model=trace.meta.model,
+        fit_labels=fit_l,
+        score_labels=score_l,
     )
+
+
+def label_protocol(
+    trace: RoutingTrace, fit_labels: Sequence[str] | None, score_labels: Sequence[str] | None
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The (fit, score) labels of the labels protocol: each side as given, or every label of `trace` the other
+    side does not name; `UsageError` for an unlabelled trace, an unknown label, a label on both sides or an
+    empty side."""
+    known = trace.labels()
+    if not known:
+        raise UsageError(
+            "--fit-labels / --score-labels need a trace with sequence labels (this one has none); "
+            "use --split test (halves of every sequence) instead"
+        )
+    given = [*(fit_labels or ()), *(score_labels or ())]
+    unknown = [lab for lab in given if lab not in known]
+    if unknown:
+        raise UsageError(f"label(s) {unknown} are not in this trace; its labels are {known}")
+    fit = tuple(dict.fromkeys(fit_labels or [lab for lab in known if lab not in (score_labels or ())]))
+    score = tuple(dict.fromkeys(score_labels or [lab for lab in known if lab not in fit]))
+    both = sorted(set(fit) & set(score))
+    if both:
+        raise UsageError(f"label(s) {both} are both fitted and scored; a label goes to one side only")
+    if not fit or not score:
+        raise UsageError(
+            f"nothing left to {'fit' if not fit else 'score'} on: the trace's labels are {known}; name the "
+            f"other side's labels explicitly"
+        )
+    return fit, score
 
 
 def _fit_part(part: tuple[RoutingTrace, RoutingTrace], *args: Any) -> list[LayerFit]:
