@@ -210,8 +210,16 @@ def _agglomerate_all(coact, load, n_dev, slots, lam, out):
 # the registry
 
 
+Fitted = dict[str, np.ndarray]
+"""Placements already fitted on the same train data and D, by method name (`PlacementMethod.fit`'s ``fitted``)."""
+
+
 class PlacementMethod:
-    """Base class: `fit` maps train routing to ``assign [layers, E]`` (device per expert, <= ceil(E/D) each)."""
+    """Base class: `fit` maps train routing to ``assign [layers, E]`` (device per expert, <= ceil(E/D) each).
+
+    ``fitted``: other methods' placements on the same data and D; a method built on others (the refined
+    ones start from them) takes those from it instead of fitting them again, and adds what it had to fit.
+    """
 
     name: ClassVar[str]
     summary: ClassVar[str]
@@ -220,7 +228,7 @@ class PlacementMethod:
     def __init__(self, params: PlaceParams | None = None) -> None:
         self.params = params or PlaceParams()
 
-    def fit(self, data: TrainData, n_devices: int, seed: int = 0) -> np.ndarray:
+    def fit(self, data: TrainData, n_devices: int, seed: int = 0, fitted: Fitted | None = None) -> np.ndarray:
         raise NotImplementedError
 
 
@@ -244,7 +252,7 @@ class RandomPlacement(PlacementMethod):
     name = "random"
     summary = "seeded random balanced assignment (the floor to beat)"
 
-    def fit(self, data: TrainData, n_devices: int, seed: int = 0) -> np.ndarray:
+    def fit(self, data: TrainData, n_devices: int, seed: int = 0, fitted: Fitted | None = None) -> np.ndarray:
         out = np.empty((data.n_layers, data.n_experts), dtype=np.int64)
         for layer, lid in enumerate(data.layer_ids.tolist()):
             perm = np.random.default_rng([seed, lid]).permutation(data.n_experts)
@@ -257,7 +265,7 @@ class FrequencyPlacement(PlacementMethod):
     name = "frequency"
     summary = "standard load balancing: LPT on train load, E/D experts per device (the baseline)"
 
-    def fit(self, data: TrainData, n_devices: int, seed: int = 0) -> np.ndarray:
+    def fit(self, data: TrainData, n_devices: int, seed: int = 0, fitted: Fitted | None = None) -> np.ndarray:
         slots = slot_capacity(data.n_experts, n_devices)
         return np.stack([_lpt(data.load[i].astype(np.float64), n_devices, slots) for i in range(data.n_layers)])
 
@@ -268,7 +276,7 @@ class CoactGreedy(PlacementMethod):
     summary = "agglomerate experts by co-activation count; load unconstrained"
     capped: ClassVar[bool] = False
 
-    def fit(self, data: TrainData, n_devices: int, seed: int = 0) -> np.ndarray:
+    def fit(self, data: TrainData, n_devices: int, seed: int = 0, fitted: Fitted | None = None) -> np.ndarray:
         out = np.empty((data.n_layers, data.n_experts), dtype=np.int64)
         lam = self.params.coact_lambda if self.capped else 0.0
         slots = slot_capacity(data.n_experts, n_devices)
@@ -289,7 +297,7 @@ class HypergraphPlacement(PlacementMethod):
     summary = "Mt-KaHyPar connectivity partition of train token sets, repaired to E/D slots"
     requires = "mtkahypar"
 
-    def fit(self, data: TrainData, n_devices: int, seed: int = 0) -> np.ndarray:
+    def fit(self, data: TrainData, n_devices: int, seed: int = 0, fitted: Fitted | None = None) -> np.ndarray:
         from moescope.place.hypergraph import partition_layer
 
         slots = slot_capacity(data.n_experts, n_devices)
@@ -341,9 +349,12 @@ class RefinedPlacement(PlacementMethod):
 
     starts: ClassVar[tuple[type[PlacementMethod], ...]]
 
-    def fit(self, data: TrainData, n_devices: int, seed: int = 0) -> np.ndarray:
-        starts = [m(self.params).fit(data, n_devices, seed) for m in self.starts]
-        return refine(data, starts, n_devices, self.params, seed)
+    def fit(self, data: TrainData, n_devices: int, seed: int = 0, fitted: Fitted | None = None) -> np.ndarray:
+        fitted = {} if fitted is None else fitted
+        for m in self.starts:
+            if m.name not in fitted:
+                fitted[m.name] = m(self.params).fit(data, n_devices, seed, fitted)
+        return refine(data, [fitted[m.name] for m in self.starts], n_devices, self.params, seed)
 
 
 @register
