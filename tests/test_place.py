@@ -510,7 +510,13 @@ def test_registry_equals_cli_choices():
     assert listed == list(METHODS)
     from moescope.cli.place_cmd import _METHOD_HELP
 
-    assert _METHOD_HELP.rstrip(".").split("installed): ")[1].split(", ") == list(METHODS)
+    assert _METHOD_HELP.rstrip(".").split("): ")[1].split(", ") == list(METHODS)
+    from moescope.place.methods import default_methods
+
+    # the defaults are the fast methods; the Mt-KaHyPar ones run when named
+    assert set(default_methods()) <= {n for n, m in METHODS.items() if m.default}
+    assert "coact-refined" in default_methods() and "hypergraph" not in default_methods()
+    assert _METHOD_HELP.split("(default: ")[1].split(")")[0].split(", ") == [n for n, m in METHODS.items() if m.default]
 
 
 def test_cli_labels_protocol(tmp_path):

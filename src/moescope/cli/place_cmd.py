@@ -11,7 +11,13 @@ from rich.table import Table
 from moescope.cli import _common as c
 from moescope.place.methods import METHODS
 
-_METHOD_HELP = "Methods, comma-separated (default: all whose dependencies are installed): " + ", ".join(METHODS) + "."
+_METHOD_HELP = (
+    "Methods, comma-separated (default: "
+    + ", ".join(n for n, m in METHODS.items() if m.default)
+    + "): "
+    + ", ".join(METHODS)
+    + "."
+)
 
 
 @c.with_inputs
@@ -167,9 +173,9 @@ def _float(text: str, flag: str) -> float:
 
 def _methods(text: str | None) -> list[str]:
     """The asked methods (None: every method whose optional dependency is installed)."""
-    from moescope.place.methods import available_methods
+    from moescope.place.methods import default_methods
 
-    return available_methods() if text is None else c.names(text)
+    return default_methods() if text is None else c.names(text)
 
 
 def _export_method(asked: str | None, run: list[str]) -> str:

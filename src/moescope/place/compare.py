@@ -25,7 +25,7 @@ import numpy as np
 from moescope.errors import UsageError
 from moescope.place.data import TrainData
 from moescope.place.layout import Placement, check_devices
-from moescope.place.methods import METHODS, PlaceParams, available_methods
+from moescope.place.methods import METHODS, PlaceParams, default_methods
 from moescope.place.metrics import PlacementScore, route
 from moescope.place.replicas import add_replicas
 from moescope.slicing import EVAL_SPLITS, select_labels, select_layers, split_halves
@@ -112,9 +112,9 @@ class PlacementReport:
 
 
 def parse_methods(names: Sequence[str] | None) -> list[str]:
-    """Validate method names against `METHODS` (None: every method whose dependencies are installed),
+    """Validate method names against `METHODS` (None: `default_methods`),
     frequency always first."""
-    chosen = available_methods() if names is None else list(dict.fromkeys(names))
+    chosen = default_methods() if names is None else list(dict.fromkeys(names))
     unknown = [n for n in chosen if n not in METHODS]
     if unknown:
         raise UsageError(f"--method {', '.join(unknown)}: unknown; choose from {', '.join(METHODS)}")
@@ -191,7 +191,7 @@ def compare_placements(
     ----------
     trace : the routing; its sequences are split in halves (train = first halves).
     devices : device counts D, each in 1..E.
-    methods : names in `METHODS` (default: all whose dependencies are installed; ``frequency`` is always
+    methods : names in `METHODS` (default: `default_methods`, the fast ones; ``frequency`` is always
         added first).
     replicas : R extra copies per layer; rows with and without them when R > 0.
     split : ``"test"`` (fit on first halves, score on second halves) or ``"all"`` (in-sample).

@@ -224,6 +224,7 @@ class PlacementMethod:
     name: ClassVar[str]
     summary: ClassVar[str]
     requires: ClassVar[str | None] = None  # optional Python package the method imports lazily
+    default: ClassVar[bool] = True  # run when no --method is given (`default_methods`)
 
     def __init__(self, params: PlaceParams | None = None) -> None:
         self.params = params or PlaceParams()
@@ -245,6 +246,11 @@ def available_methods() -> list[str]:
     import importlib.util
 
     return [n for n, cls in METHODS.items() if cls.requires is None or importlib.util.find_spec(cls.requires)]
+
+
+def default_methods() -> list[str]:
+    """The methods run when none are named: the available ones marked `default`, in registry order."""
+    return [n for n in available_methods() if METHODS[n].default]
 
 
 @register
@@ -294,8 +300,12 @@ class CoactCapped(CoactGreedy):
 @register
 class HypergraphPlacement(PlacementMethod):
     name = "hypergraph"
-    summary = "Mt-KaHyPar connectivity partition of train token sets, repaired to E/D slots"
+    summary = "Mt-KaHyPar connectivity partition of train token sets, repaired to E/D slots (run when named)"
     requires = "mtkahypar"
+    # Not a default, for speed: Mt-KaHyPar's deterministic preset takes 5-7 s per layer on 2 cores at the
+    # default 16,384 sampled tokens (a 48-layer model: 4-5 minutes, against the 60 s goal of `moescope place`
+    # at 1M x 48 x 128, D = 8); the faster presets are not deterministic on more than one thread.
+    default = False
 
     def fit(self, data: TrainData, n_devices: int, seed: int = 0, fitted: Fitted | None = None) -> np.ndarray:
         from moescope.place.hypergraph import partition_layer
@@ -367,6 +377,7 @@ class CoactRefined(RefinedPlacement):
 @register
 class HypergraphRefined(RefinedPlacement):
     name = "hypergraph-refined"
-    summary = "coact-refined with the hypergraph partition as a fourth start"
+    summary = "coact-refined with the hypergraph partition as a fourth start (run when named)"
     requires = "mtkahypar"
+    default = False  # as `hypergraph`, whose partition it starts from
     starts = (CoactGreedy, CoactCapped, FrequencyPlacement, HypergraphPlacement)

@@ -706,6 +706,7 @@ def _placement(trace: RoutingTrace, cards: list[Card], figures: list[Figure], su
                 best.method,
                 f"{base.mean_devices:.2f} → {best.score.mean_devices:.2f} ({best.vs_frequency:+.0%})",
                 f"{base.mean_cv:.2f}/{best.score.mean_cv:.2f}",
+                f"{base.mean_max_mean:.2f}/{best.score.mean_max_mean:.2f}",
             )
         )
     verdict = "; ".join(f"D={r.n_devices}: {r.method} {r.vs_frequency:+.0%} devices/token" for r in picks)
@@ -722,7 +723,7 @@ def _placement(trace: RoutingTrace, cards: list[Card], figures: list[Figure], su
                 "only if its load CV stays within 0.05 of frequency's (fewer devices per token = less all-to-all).",
             ),
             "good" if top.vs_frequency < -0.05 else "info",
-            (("D", "method", "devices/token (vs frequency)", "load CV frequency/best"), *rows),
+            (("D", "method", "devices/token (vs frequency)", "load CV frequency/best", "max/mean load"), *rows),
             wide=True,
         )
     )
