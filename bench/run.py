@@ -324,6 +324,17 @@ def bench_place_speed(tmp: Path) -> dict:
     return _bench_module("place_speed")
 
 
+def bench_place_generalisation(tmp: Path) -> dict:
+    """Placement fitted on halves / on two ESFT tasks, scored on the rest (see bench/place_generalisation.py)."""
+    src = REALDATA / "esft-dsv2lite" / "trace.npz"
+    if not src.is_file():
+        return {"skipped": f"{src} is absent"}
+    return _child(
+        f"import sys\nfrom pathlib import Path\nsys.path.insert(0, {str(ROOT / 'bench')!r})\n"
+        f"import place_generalisation\nout = place_generalisation.measure(Path({str(src)!r}))\n"
+    )
+
+
 def bench_timeline_speed(tmp: Path) -> dict:
     """Every decode-timeline strategy at one budget on 1M x 48 x top-8 (see bench/timeline_speed.py)."""
     return _bench_module("timeline_speed")
