@@ -426,6 +426,7 @@ def test_usage_errors():
             compare_placements(tr, [2], ["frequency"], scheduler="local:two")
     with pytest.raises(UsageError, match="balance-margin"):
         PlaceParams(balance_margin=-1)
+    assert PlaceParams(balance_margin=-0.5).balance_margin == -0.5  # tighter than frequency's: allowed
     with pytest.raises(UsageError, match=r"slot capacity|more than"):
         Placement.from_assign(np.zeros((1, 8), dtype=np.int64), 2, [0], "bad")
 

@@ -51,7 +51,10 @@ def place(
     seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of random placement, local search, Mt-KaHyPar.")] = 0,
     balance_margin: Annotated[
         float,
-        typer.Option("--balance-margin", min=0.0, help="Refined methods: train load CV allowed above frequency's."),
+        typer.Option(
+            "--balance-margin",
+            help="Refined methods: train load CV allowed above frequency's (negative: tighter than frequency's).",
+        ),
     ] = 0.0,
     drift_margin: Annotated[
         str,

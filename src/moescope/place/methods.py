@@ -59,7 +59,8 @@ REFINE_TOKENS = 1 << 14  # train tokens per layer the local search evaluates, at
 class PlaceParams:
     """Knobs of the methods (each used only by the methods named).
 
-    balance_margin : refined methods: train load CV allowed above frequency's train CV, per layer.
+    balance_margin : refined methods: train load CV allowed above frequency's train CV, per layer; negative
+        asks for a tighter balance than frequency's (the cap never goes below 0: then no step may raise the CV).
     drift_margin : refined methods: drift CV allowed above frequency's, as a ratio (None: no drift cap).
     coact_lambda : coact-capped: merge penalty per selection of load above the mean device load.
     epsilon : hypergraph: Mt-KaHyPar's block-weight imbalance.
@@ -79,8 +80,8 @@ class PlaceParams:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        if not 0 <= self.balance_margin < 10:
-            raise UsageError(f"--balance-margin {self.balance_margin!r}: expected a CV margin in [0, 10), e.g. 0.02")
+        if not -1 < self.balance_margin < 10:
+            raise UsageError(f"--balance-margin {self.balance_margin!r}: expected a CV margin in (-1, 10), e.g. 0.02")
         if self.drift_margin is not None and not 0 <= self.drift_margin < 1e6:
             raise UsageError(f"--drift-margin {self.drift_margin!r}: expected a ratio >= 0, e.g. 0.25 (or none)")
         if not 1 <= self.late_weight <= 1000:
@@ -335,7 +336,8 @@ def refine(data: TrainData, starts: list[np.ndarray], n_devices: int, params: Pl
     ``params.late_weight`` times (held-out tokens come later in the same sequences).
     """
     freq = FrequencyPlacement().fit(data, n_devices)
-    cap = load_cv(device_loads(freq, data.load, n_devices)) + params.balance_margin
+    # a cap < 0 would switch the cap off in the kernels: 0 is the tightest (no step may raise the CV)
+    cap = np.maximum(load_cv(device_loads(freq, data.load, n_devices)) + params.balance_margin, 0.0)
     if params.drift_margin is not None:
         cov = data.drift_cov
         dcap = drift_cv(freq, cov, data.load, n_devices) * (1.0 + params.drift_margin)
