@@ -527,6 +527,9 @@ def test_cli_labels_protocol(tmp_path):
     code, out, exc = _cli(src, "-d", "4", "-m", "coact-capped", "--fit-labels", "x,y")
     assert code == 0, exc
     assert "fitted on x+y sequences, scored on z" in " ".join(out.split())
+    code, out, exc = _cli(src, "-d", "2,4", "-m", "coact-capped", "--per-layer")
+    assert code == 0, exc
+    assert "per layer at D=4" in out and out.count(" / ") >= 2 * 2  # 2 layers x (frequency, coact-capped)
     code, out, exc = _cli(src, "-d", "4", "-m", "coact-capped", "--score-labels", "y", "--json")
     assert code == 0, exc
     d = json.loads(out)

@@ -78,7 +78,9 @@ def place(
         str | None,
         typer.Option("--method-for-export", help="Method of the exported placement (default: coact-refined if run)."),
     ] = None,
-    per_layer: Annotated[bool, typer.Option("--per-layer", help="Per-layer figures in --json output.")] = False,
+    per_layer: Annotated[
+        bool, typer.Option("--per-layer", help="Per-layer figures (a table at the largest D; in --json, every row).")
+    ] = False,
     scheduler: c.SchedulerOpt = None,
     overwrite: c.OverwriteOpt = False,
     inputs: c.Inputs = c.Inputs(),
@@ -158,6 +160,8 @@ def place(
         c.print_json(report.to_dict(layers=per_layer))
         return
     _print(report, src)
+    if per_layer:
+        _print_layers(report)
 
 
 place.__doc__ = (place.__doc__ or "").replace(
@@ -235,6 +239,22 @@ def _print(report, src: Path) -> None:
         )
     con.print(table)
     con.print(_reading(report))
+
+
+def _print_layers(report) -> None:
+    """Per MoE layer at the largest D: each replica-free method's devices/token, load CV and max/mean load."""
+    d = max(r.n_devices for r in report.rows)
+    rows = [r for r in report.rows if r.n_devices == d and r.replicas == 0]
+    table = Table(
+        title=f"per layer at D={d}: devices/token, load CV, max/mean load (scored tokens)", title_justify="left"
+    )
+    table.add_column("layer", justify="right")
+    for r in rows:
+        table.add_column(r.method, justify="right")
+    for i, lid in enumerate(report.layer_ids.tolist()):
+        cells = [f"{r.score.devices_per_token[i]:.2f} / {r.score.cv[i]:.3f} / {r.score.max_mean[i]:.2f}" for r in rows]
+        table.add_row(str(lid), *cells)
+    c.console().print(table)
 
 
 def _reading(report) -> str:
