@@ -433,6 +433,11 @@ def test_lookahead_recall_matches_a_naive_count_and_a_perfect_lookahead_scores_o
         perfect[:, : 3 - d, d - 1] = tr.experts[:, d:]
     best = locality(tr.replace(extras={"lookahead": perfect}))
     assert all(r.recall == 1.0 for r in best.lookahead) and best.summary["lookahead_recall_d1"].median == 1.0
+    # layers 1 and 3 only: 1 -> 3 is the captured distance 2, now distance 1; nothing else was captured
+    from moescope.slicing import select_layers
+
+    gap = locality(select_layers(tr, [1, 3]))
+    assert [(r.layer, r.target, r.distance) for r in gap.lookahead] == [(1, 3, 1)]
     write_output(tr, tmp_path / "t.npz")
     code, out, err = run(capsys, "locality", tmp_path / "t.npz")
     assert code == 0, err

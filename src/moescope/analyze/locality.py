@@ -444,8 +444,8 @@ def lookahead_rows(
     k, rows = trace.top_k, []
     for i in range(trace.n_layers):
         for d in range(1, la.shape[2] + 1):
-            if i + d >= trace.n_layers:
-                continue
+            if i + d >= trace.n_layers or not (la[:, i, d - 1] >= 0).any():
+                continue  # past the last layer, or not captured (a layer selection skipped past the depth)
             hits = 0
             for lo in range(0, idx.size, 1 << 16):
                 t = idx[lo : lo + (1 << 16)]
