@@ -12,6 +12,10 @@ import numba
 njit = numba.njit(cache=True, nogil=True)
 """Decorator for serial kernels."""
 
+njit_inline = numba.njit(cache=True, nogil=True, inline="always")
+"""Decorator for small helpers of hot loops: inlined into each caller at compile time, so that passing arrays
+costs nothing (a plain jitted call that takes arrays costs about as much as a short loop)."""
+
 njit_parallel = numba.njit(cache=True, nogil=True, parallel=True)
 """Decorator for kernels with `numba.prange` loops (parallel across layers or chunks)."""
 

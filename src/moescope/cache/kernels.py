@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moescope._jit import njit
+from moescope._jit import njit, njit_inline
 
 HITS, MISSES, PREFETCHES, WASTED = 0, 1, 2, 3
 NEVER = np.iinfo(np.int64).max  # next use of an item that is not used again (in its segment)
@@ -207,10 +207,10 @@ def _heap_policy(req, reset, n_items, capacity, belady, aging, per_group):
     its item's key in place. A miss pops the root; a root the group needs (at most k - 1 of them) is parked
     with its key, as is each item the group loads, and the parked items rejoin the heap when the group ends.
     """
-    # The heap operations are written inline: a call of a jitted function that takes arrays costs about as
-    # much as a whole sift here. Keys only grow on an LFU hit (sift down) and only shrink on a Belady hit
-    # (its next use moves later, sift up). Halving the LFU counts (aging) keeps their order but can tie
-    # counts that differed, so that the heap is rebuilt then, and stays exact.
+    # The sifts are `njit_inline` helpers, compiled into this loop (a plain jitted call that takes arrays
+    # costs about as much as a whole sift here). Keys only grow on an LFU hit (sift down) and only shrink on
+    # a Belady hit (its next use moves later, sift up). Halving the LFU counts (aging) keeps their order but
+    # can tie counts that differed, so that the heap is rebuilt then, and stays exact.
     g_n, k = req.shape
     nu = next_use(req, reset, n_items) if belady else np.empty((1, 1), dtype=np.int64)
     h_x = np.empty(capacity, dtype=np.int64)
@@ -245,36 +245,10 @@ def _heap_policy(req, reset, n_items, capacity, belady, aging, per_group):
             if i < 0:
                 continue
             hits += 1
-            if belady:  # sift up: the new key is smaller
-                a, b = -nu[g, j], x
-                while i > 0:
-                    q = (i - 1) >> 1
-                    qa = h_a[q]
-                    if qa < a or (qa == a and h_b[q] < b):
-                        break
-                    y = h_x[q]
-                    h_x[i], h_a[i], h_b[i] = y, qa, h_b[q]
-                    pos[y] = i
-                    i = q
-            else:  # sift down: the new key is larger
-                a, b = uses[x], g * n_items + x
-                while True:
-                    c = 2 * i + 1
-                    if c >= n_h:
-                        break
-                    ca, cb = h_a[c], h_b[c]
-                    if c + 1 < n_h:
-                        da, db = h_a[c + 1], h_b[c + 1]
-                        if da < ca or (da == ca and db < cb):
-                            c, ca, cb = c + 1, da, db
-                    if ca > a or (ca == a and cb > b):
-                        break
-                    y = h_x[c]
-                    h_x[i], h_a[i], h_b[i] = y, ca, cb
-                    pos[y] = i
-                    i = c
-            h_x[i], h_a[i], h_b[i] = x, a, b
-            pos[x] = i
+            if belady:  # the new key is smaller
+                _sift_up(h_x, h_a, h_b, pos, i, x, -nu[g, j], x)
+            else:  # the new key is larger
+                _sift_down(h_x, h_a, h_b, pos, n_h, i, x, uses[x], g * n_items + x)
         n_p = 0
         for j in range(k):
             x = req[g, j]
@@ -284,26 +258,8 @@ def _heap_policy(req, reset, n_items, capacity, belady, aging, per_group):
             while n_h + n_p == capacity:  # pop the root; capacity >= k: an unneeded root comes before n_h = 0
                 v, va, vb = h_x[0], h_a[0], h_b[0]
                 n_h -= 1
-                i = 0
                 if n_h > 0:  # the last entry sifts down from the root
-                    y, a, b = h_x[n_h], h_a[n_h], h_b[n_h]
-                    while True:
-                        c = 2 * i + 1
-                        if c >= n_h:
-                            break
-                        ca, cb = h_a[c], h_b[c]
-                        if c + 1 < n_h:
-                            da, db = h_a[c + 1], h_b[c + 1]
-                            if da < ca or (da == ca and db < cb):
-                                c, ca, cb = c + 1, da, db
-                        if ca > a or (ca == a and cb > b):
-                            break
-                        z = h_x[c]
-                        h_x[i], h_a[i], h_b[i] = z, ca, cb
-                        pos[z] = i
-                        i = c
-                    h_x[i], h_a[i], h_b[i] = y, a, b
-                    pos[y] = i
+                    _sift_down(h_x, h_a, h_b, pos, n_h, 0, h_x[n_h], h_a[n_h], h_b[n_h])
                 if need[v] == g:
                     p_x[n_p], p_a[n_p], p_b[n_p] = v, va, vb
                     pos[v] = _PARKED
@@ -318,20 +274,8 @@ def _heap_policy(req, reset, n_items, capacity, belady, aging, per_group):
             pos[x] = _PARKED
             n_p += 1
         for t in range(n_p):  # the parked items rejoin the heap: sift up from the end
-            x, a, b = p_x[t], p_a[t], p_b[t]
-            i = n_h
+            _sift_up(h_x, h_a, h_b, pos, n_h, p_x[t], p_a[t], p_b[t])
             n_h += 1
-            while i > 0:
-                q = (i - 1) >> 1
-                qa = h_a[q]
-                if qa < a or (qa == a and h_b[q] < b):
-                    break
-                y = h_x[q]
-                h_x[i], h_a[i], h_b[i] = y, qa, h_b[q]
-                pos[y] = i
-                i = q
-            h_x[i], h_a[i], h_b[i] = x, a, b
-            pos[x] = i
         if per_group.shape[0]:
             per_group[g] = misses - m0
     return np.array([hits, misses, 0, 0], dtype=np.int64)
@@ -341,21 +285,45 @@ def _heap_policy(req, reset, n_items, capacity, belady, aging, per_group):
 def _heapify(h_x, h_a, h_b, pos, n):
     """Restore the min-heap order by (h_a, h_b) of the first n entries of `_heap_policy`'s heap, in O(n)."""
     for r in range(n // 2 - 1, -1, -1):
-        y, a, b = h_x[r], h_a[r], h_b[r]
-        i = r
-        while True:
-            c = 2 * i + 1
-            if c >= n:
-                break
-            if c + 1 < n and (h_a[c + 1] < h_a[c] or (h_a[c + 1] == h_a[c] and h_b[c + 1] < h_b[c])):
-                c += 1
-            if h_a[c] > a or (h_a[c] == a and h_b[c] > b):
-                break
-            h_x[i], h_a[i], h_b[i] = h_x[c], h_a[c], h_b[c]
-            pos[h_x[i]] = i
-            i = c
-        h_x[i], h_a[i], h_b[i] = y, a, b
+        _sift_down(h_x, h_a, h_b, pos, n, r, h_x[r], h_a[r], h_b[r])
+
+
+@njit_inline
+def _sift_up(h_x, h_a, h_b, pos, i, x, a, b):
+    """Put item x with key (a, b) at heap position i, or above it while its parent's key is larger."""
+    while i > 0:
+        q = (i - 1) >> 1
+        qa = h_a[q]
+        if qa < a or (qa == a and h_b[q] < b):
+            break
+        y = h_x[q]
+        h_x[i], h_a[i], h_b[i] = y, qa, h_b[q]
         pos[y] = i
+        i = q
+    h_x[i], h_a[i], h_b[i] = x, a, b
+    pos[x] = i
+
+
+@njit_inline
+def _sift_down(h_x, h_a, h_b, pos, n, i, x, a, b):
+    """Put item x with key (a, b) at heap position i of a heap of n, or below it while a child's key is smaller."""
+    while True:
+        c = 2 * i + 1
+        if c >= n:
+            break
+        ca, cb = h_a[c], h_b[c]
+        if c + 1 < n:
+            da, db = h_a[c + 1], h_b[c + 1]
+            if da < ca or (da == ca and db < cb):
+                c, ca, cb = c + 1, da, db
+        if ca > a or (ca == a and cb > b):
+            break
+        y = h_x[c]
+        h_x[i], h_a[i], h_b[i] = y, ca, cb
+        pos[y] = i
+        i = c
+    h_x[i], h_a[i], h_b[i] = x, a, b
+    pos[x] = i
 
 
 @njit
