@@ -364,3 +364,11 @@ def test_lookahead_and_candidates_reach_the_store(capsys, saved, corpus, tmp_pat
     assert code == 2 and "--candidates 2: expected more than top-k (2)" in err
     code, _, err = run(capsys, "capture", "hf", saved.moe, corpus, "-o", tmp_path / "x.zarr", "--lookahead", "4")
     assert code == 2 and not (tmp_path / "x.zarr").exists()
+
+
+def test_cli_lookahead_bound_is_the_recorders():
+    """`--lookahead`'s CLI bound repeats `MAX_LOOKAHEAD` (the CLI does not import the capture package)."""
+    from moescope.capture.routers import MAX_LOOKAHEAD
+    from moescope.cli.capture_cmds import LookaheadOpt
+
+    assert LookaheadOpt.__metadata__[0].max == MAX_LOOKAHEAD

@@ -46,6 +46,21 @@ SeqLenOpt = Annotated[
     int, typer.Option("--seq-len", min=1, help="Prefill: documents are cut into sequences of this many tokens.")
 ]
 MaxTokensOpt = Annotated[int | None, typer.Option("--max-tokens", min=1, help="Stop after recording this many tokens.")]
+# max=3: capture.routers.MAX_LOOKAHEAD (not imported here: the capture package is slow to import at start-up)
+LookaheadOpt = Annotated[
+    int,
+    typer.Option(
+        "--lookahead",
+        min=0,
+        max=3,
+        help="Also record what the routers of the next N MoE layers choose from each router's input "
+        "(what a prefetcher could predict); 0-3.",
+    ),
+]
+CandidatesOpt = Annotated[
+    int,
+    typer.Option("--candidates", min=0, help="Also record each router's top-M experts and probabilities (M > top-k)."),
+]
 
 
 @capture_app.command("hf")
@@ -66,22 +81,8 @@ def hf(
     ignore_eos: Annotated[
         bool, typer.Option("--ignore-eos", help="Decode mode: keep generating past an end-of-sequence token.")
     ] = False,
-    lookahead: Annotated[
-        int,
-        typer.Option(
-            "--lookahead",
-            min=0,
-            max=3,
-            help="Also record what the routers of the next N MoE layers choose from each router's input "
-            "(what a prefetcher could predict); 0-3.",
-        ),
-    ] = 0,
-    candidates: Annotated[
-        int,
-        typer.Option(
-            "--candidates", min=0, help="Also record each router's top-M experts and probabilities (M > top-k)."
-        ),
-    ] = 0,
+    lookahead: LookaheadOpt = 0,
+    candidates: CandidatesOpt = 0,
     overwrite: c.OverwriteOpt = False,
     as_json: c.JsonOpt = False,
 ) -> None:
@@ -167,22 +168,8 @@ def llama(
     ignore_eos: Annotated[
         bool, typer.Option("--ignore-eos", help="Decode mode: keep generating past an end-of-generation token.")
     ] = False,
-    lookahead: Annotated[
-        int,
-        typer.Option(
-            "--lookahead",
-            min=0,
-            max=3,
-            help="Also record what the routers of the next N MoE layers choose from each router's input "
-            "(what a prefetcher could predict; llama.cpp's selection rule for the architecture); 0-3.",
-        ),
-    ] = 0,
-    candidates: Annotated[
-        int,
-        typer.Option(
-            "--candidates", min=0, help="Also record each router's top-M experts and probabilities (M > top-k)."
-        ),
-    ] = 0,
+    lookahead: LookaheadOpt = 0,
+    candidates: CandidatesOpt = 0,
     overwrite: c.OverwriteOpt = False,
     as_json: c.JsonOpt = False,
 ) -> None:
