@@ -35,7 +35,7 @@ Strategies (`STRATEGIES`), each over the same tokens:
 Caches are per layer with ``slots // layers`` experts each (uniform); static layers get ``slots // E``
 layers. Not modelled: batch > 1, kernel launch overheads, CPU/GPU contention, KV-cache growth.
 
-    >>> result = simulate_timeline(trace, expert_bytes=eb, dense_bytes=d, slots=2048, machine=MACHINES["pcie4"])
+    >>> result = simulate_timeline(trace, expert_bytes=eb, dense_bytes=d, slots=2048, machine=MACHINES[DEFAULT_MACHINE])
 """
 
 from __future__ import annotations
@@ -95,6 +95,15 @@ MACHINES = {
     )
 }
 DEFAULT_MACHINE = "consumer-pcie4"
+
+
+def machine_preset(name: str) -> Machine:
+    """The preset called `name`; `UsageError` naming the presets for an unknown one (``--machine``)."""
+    try:
+        return MACHINES[name]
+    except KeyError:
+        raise UsageError(f"--machine {name!r}: unknown; choose from {', '.join(MACHINES)}") from None
+
 
 ASSUMPTIONS = (
     "batch-1 decode is memory-bandwidth bound: a token reads each weight it uses once (bytes / bandwidth)",

@@ -74,6 +74,13 @@ PhaseOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON (for scripts).")]
+# the sizes that price transfers (`expert_sizes`), for cache, simulate and report
+ExpertBytesOpt = Annotated[
+    str | None, typer.Option("--expert-bytes", help="Bytes of one routed expert, e.g. 5MiB (instead of --gguf's).")
+]
+DenseBytesOpt = Annotated[
+    str | None, typer.Option("--dense-bytes", help="Non-expert bytes read per token (default: --gguf's, or 0).")
+]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the output if it exists.")]
 SchedulerOpt = Annotated[
     str | None,

@@ -52,15 +52,11 @@ def cache(
     budget_policy: Annotated[
         str, typer.Option("--budget-policy", help="Policy whose curves drive the allocation.")
     ] = "lru",
-    expert_bytes: Annotated[
-        str | None, typer.Option("--expert-bytes", help="Bytes of one routed expert, e.g. 12MiB.")
-    ] = None,
+    expert_bytes: c.ExpertBytesOpt = None,
     gguf: Annotated[
         Path | None, typer.Option("--gguf", help="Model GGUF: expert and dense bytes are read from it.")
     ] = None,
-    dense_bytes: Annotated[
-        str | None, typer.Option("--dense-bytes", help="Non-expert bytes read per token (default: --gguf's, or 0).")
-    ] = None,
+    dense_bytes: c.DenseBytesOpt = None,
     scheduler: c.SchedulerOpt = None,
     pcie_gbps: Annotated[float, typer.Option("--pcie-gbps", help="Host-to-GPU bandwidth, GB/s.")] = 25.0,
     gpu_gbps: Annotated[float, typer.Option("--gpu-gbps", help="GPU memory bandwidth, GB/s.")] = 900.0,

@@ -18,13 +18,8 @@ def report(
         Path | None,
         typer.Option("--gguf", help="The model's GGUF: adds the llama.cpp offload plan and what a cache would buy."),
     ] = None,
-    expert_bytes: Annotated[
-        str | None,
-        typer.Option("--expert-bytes", help="Bytes of one routed expert (instead of --gguf's), for the timeline."),
-    ] = None,
-    dense_bytes: Annotated[
-        str | None, typer.Option("--dense-bytes", help="Non-expert bytes read per token, for the timeline.")
-    ] = None,
+    expert_bytes: c.ExpertBytesOpt = None,
+    dense_bytes: c.DenseBytesOpt = None,
     machine: Annotated[
         str, typer.Option("--machine", help="Machine preset of the timeline (see moescope simulate --help).")
     ] = "consumer-pcie4",
@@ -68,11 +63,10 @@ def report(
         from moescope.analyze.compare import check_aligned
 
         check_aligned(trace, other)  # refused before the long analyses run
-    from moescope.cache.timeline import MACHINES
+    from moescope.cache.timeline import machine_preset
     from moescope.errors import UsageError
 
-    if machine not in MACHINES:
-        raise UsageError(f"--machine {machine!r}: unknown; choose from {', '.join(MACHINES)}")
+    machine_preset(machine)  # an unknown preset is refused before the long analyses run
     sizes = None
     if expert_bytes is not None:
         eb, dense = c.expert_sizes(trace, expert_bytes, None, dense_bytes)  # flags win over the GGUF's sizes

@@ -10,7 +10,7 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from moescope.cache.timeline import MACHINES, PREDICTORS, slot_bytes
+from moescope.cache.timeline import DEFAULT_MACHINE, MACHINES, PREDICTORS, machine_preset, slot_bytes
 from moescope.cli import _common as c
 
 _MACHINE_HELP = "; ".join(
@@ -25,18 +25,14 @@ def simulate(
     gguf: Annotated[
         Path | None, typer.Option("--gguf", help="Model GGUF: expert and dense bytes per layer are read from it.")
     ] = None,
-    expert_bytes: Annotated[
-        str | None, typer.Option("--expert-bytes", help="Bytes of one routed expert, e.g. 5MiB (instead of --gguf).")
-    ] = None,
-    dense_bytes: Annotated[
-        str | None, typer.Option("--dense-bytes", help="Non-expert bytes read per token (default: --gguf's, or 0).")
-    ] = None,
+    expert_bytes: c.ExpertBytesOpt = None,
+    dense_bytes: c.DenseBytesOpt = None,
     vram: Annotated[
         str | None,
         typer.Option("--vram", help="VRAM for routed experts, comma-separated, e.g. 4GiB,8GiB (default: a sweep)."),
     ] = None,
     slots: Annotated[str | None, typer.Option("--slots", help="Expert slots instead of --vram, e.g. 512,1024.")] = None,
-    machine: Annotated[str, typer.Option("--machine", help=f"Preset: {_MACHINE_HELP}.")] = "consumer-pcie4",
+    machine: Annotated[str, typer.Option("--machine", help=f"Preset: {_MACHINE_HELP}.")] = DEFAULT_MACHINE,
     gpu_gbps: Annotated[float | None, typer.Option("--gpu-gbps", help="GPU memory bandwidth, GB/s.")] = None,
     cpu_gbps: Annotated[float | None, typer.Option("--cpu-gbps", help="CPU memory bandwidth, GB/s.")] = None,
     pcie_gbps: Annotated[float | None, typer.Option("--pcie-gbps", help="Host-to-GPU bandwidth, GB/s.")] = None,
@@ -88,8 +84,6 @@ def simulate(
     from moescope.errors import UsageError
     from moescope.slicing import parse_ranges, split_halves
 
-    if machine not in MACHINES:
-        raise UsageError(f"--machine {machine!r}: unknown; choose from {', '.join(MACHINES)}")
     if vram is not None and slots is not None:
         raise UsageError("give --vram or --slots, not both")
     if split not in ("test", "all"):
@@ -190,7 +184,7 @@ def _machine(name: str, gpu: float | None, cpu: float | None, pcie: float | None
         for k, v in {"gpu_gbps": gpu, "cpu_gbps": cpu, "pcie_gbps": pcie, "pcie_latency_us": lat}.items()
         if v is not None
     }
-    base = MACHINES[name]
+    base = machine_preset(name)
     return dataclasses.replace(base, name=base.name + (" (edited)" if given else ""), **given)
 
 

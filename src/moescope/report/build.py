@@ -288,11 +288,11 @@ def _timeline(
     import plotly.graph_objects as go
 
     from moescope._units import format_bytes
-    from moescope.cache.timeline import MACHINES, default_slots, simulate_timeline, slot_bytes
+    from moescope.cache.timeline import default_slots, machine_preset, simulate_timeline, slot_bytes
     from moescope.slicing import split_halves
 
     eb, dense, source = np.asarray(sizes[0], dtype=np.float64), float(sizes[1]), sizes[2]
-    m = MACHINES[machine]
+    m = machine_preset(machine)
     train, test = split_halves(trace)
     if train.n_tokens == 0 or test.n_tokens == 0:
         return
