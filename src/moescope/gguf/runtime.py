@@ -266,11 +266,6 @@ class _Tap:
             with _blas_single_thread():  # llama.cpp's threads wait; numpy's BLAS threads would spin against them
                 self.ahead.setdefault(layer, []).append(self.lookahead.predict(j, hidden))
 
-    def collect(self, layer_ids: Sequence[int], top_k: int, n_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-        """[tokens, layers, k] ids and weights observed since the last `reset`, then reset."""
-        experts, weights, _ = self.collect_all(layer_ids, top_k, n_tokens)
-        return experts, weights
-
     def collect_all(
         self, layer_ids: Sequence[int], top_k: int, n_tokens: int
     ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -470,9 +465,8 @@ class LlamaSession:
         -------
         experts : [len(ids), layers, k] int64; weights : [len(ids), layers, k] float32.
         """
-        self.tap.reset()
-        self.decode(ids, start_pos)
-        return self.tap.collect(self.info.layer_ids, self.top_k, len(ids))
+        experts, weights, _ = self.run_all(ids, start_pos)
+        return experts, weights
 
     def run_all(self, ids: Sequence[int], start_pos: int = 0) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """`run`, with the extras the session was asked for.
