@@ -199,18 +199,7 @@ def expert_sizes(
     from moescope.gguf import inspect_gguf
 
     model = inspect_gguf(gguf)
-    if model.n_experts != trace.n_experts:
-        raise UsageError(
-            f"--gguf {gguf} has {model.n_experts} experts per layer but the trace has {trace.n_experts}; "
-            f"give the model the trace was captured from"
-        )
-    missing = [int(lid) for lid in trace.layer_ids if int(lid) not in model.expert_bytes]
-    if missing:
-        raise UsageError(
-            f"--gguf {gguf} has no MoE block for trace layer(s) {missing} (its MoE blocks: "
-            f"{list(model.layer_ids)}); give the matching model"
-        )
-    eb = np.array([model.expert_bytes[int(lid)] for lid in trace.layer_ids], dtype=np.float64)
+    eb = np.array(model.expert_bytes_at(trace.layer_ids, trace.n_experts), dtype=np.float64)
     return eb, dense if dense_bytes is not None else float(model.dense_bytes_per_token)
 
 

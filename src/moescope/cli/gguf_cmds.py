@@ -321,12 +321,7 @@ def offload(
         from moescope.imports import as_trace, read_input
 
         tr = as_trace(read_input(trace), "--trace")
-        missing = [int(x) for x in tr.layer_ids if int(x) not in m.expert_bytes]
-        if tr.n_experts != m.n_experts or missing:
-            raise UsageError(
-                f"--trace has {tr.n_experts} experts and layers {tr.layer_ids.tolist()}; the model has {m.n_experts} "
-                f"experts and MoE blocks {list(m.layer_ids)}: give a trace of this model"
-            )
+        m.expert_bytes_at(tr.layer_ids, tr.n_experts, "--trace")  # refused here unless the trace is of this model
     compute = None if compute_buffer is None else parse_bytes(compute_buffer, "--compute-buffer")
     p = plan_offload(m, parse_bytes(vram, "--vram"), ctx=ctx, kv_type=kv_type, compute=compute, ubatch=ubatch)
     used = None if tr is None else experts_per_window(tr, ubatch)
@@ -389,7 +384,7 @@ def _cache_same_vram(tr: Any, m: Any, p: Any, hw: Any) -> dict[str, Any]:
     """Decode tokens/s of a per-expert cache holding as many experts as the plan's expert VRAM."""
     from moescope.cache import budget_projection, miss_curves
 
-    eb = np.array([m.expert_bytes[int(lid)] for lid in tr.layer_ids], dtype=np.float64)
+    eb = np.array(m.expert_bytes_at(tr.layer_ids, tr.n_experts, "--trace"), dtype=np.float64)
     slots = int(max(p.free_for_experts, 0) // eb.max())
     if slots < tr.top_k * tr.n_layers:
         return {"slots": 0, "reason": f"{slots} expert slots < top-k x layers = {tr.top_k * tr.n_layers}"}

@@ -81,6 +81,22 @@ class GGUFModel:
         """Blocks llama.cpp runs in normal decoding: ``n_blocks`` less the MTP blocks."""
         return self.n_blocks - len(self.mtp_blocks)
 
+    def expert_bytes_at(self, layer_ids: Any, n_experts: int, what: str = "the trace") -> list[int]:
+        """Bytes of one routed expert at each MoE layer of a trace (its model ``layer_ids``, its ``n_experts``).
+
+        Raises
+        ------
+        UsageError : `what` cannot come from this model (another expert count, or a layer without a MoE block).
+        """
+        ids = [int(x) for x in layer_ids]
+        missing = [x for x in ids if x not in self.expert_bytes]
+        if n_experts != self.n_experts or missing:
+            raise UsageError(
+                f"{what} has {n_experts} experts per layer and MoE layers {ids}; {self.path} has {self.n_experts} "
+                f"experts and MoE blocks {list(self.layer_ids)}: give the model {what} was captured from"
+            )
+        return [self.expert_bytes[x] for x in ids]
+
     @property
     def routed_expert_bytes(self) -> int:
         """Bytes of all routed experts of the MoE blocks (every per-expert tensor outside MTP blocks)."""

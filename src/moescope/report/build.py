@@ -268,12 +268,14 @@ TIMELINE_POLICIES = ("lru", "lfu", "lfu-static", "belady")  # the report's subse
 
 def _gguf_sizes(trace: RoutingTrace, gguf: Path) -> tuple[list[float], float, str] | None:
     """Expert bytes per trace layer and dense bytes per token from the GGUF, or None when it does not match."""
+    from moescope.errors import UsageError
     from moescope.gguf import inspect_gguf
 
     m = inspect_gguf(gguf)
-    if m.n_experts != trace.n_experts or any(int(x) not in m.expert_bytes for x in trace.layer_ids):
+    try:
+        eb = [float(b) for b in m.expert_bytes_at(trace.layer_ids, trace.n_experts)]
+    except UsageError:
         return None
-    eb = [float(m.expert_bytes[int(x)]) for x in trace.layer_ids]
     return eb, float(m.dense_bytes_per_token), f"the GGUF {gguf.name}"
 
 
