@@ -681,17 +681,18 @@ def simulate_timeline(
         return Timeline(int(slots), int(capacity), int(gpu_layers), machine, bool(overlap), int(distance),
                         tuple(results))  # fmt: skip
     caps = np.full(n_lay, capacity, dtype=np.int64)
-    streams = [Stream(np.ascontiguousarray(trace.experts[:, i], dtype=np.int32), _no_reset(trace), e, e)
-               for i in range(n_lay)]  # fmt: skip
-    fit = streams if train is None else [
-        Stream(np.ascontiguousarray(train.experts[:, i], dtype=np.int32), _no_reset(train), e, e) for i in range(n_lay)
-    ]  # fmt: skip
-    names = list(dict.fromkeys([*policies, "belady"]))  # Belady's misses also give the bound
 
-    # a prefetching policy is not a demand-loading cache (`prefetch:` covers prefetching): neither fitted nor run
-    names = [name for name in names if not POLICIES[name].prefetches]
+    def layer_streams(tr: RoutingTrace) -> list[Stream]:
+        return [Stream(np.ascontiguousarray(tr.experts[:, i], dtype=np.int32), _no_reset(tr), e, e)
+                for i in range(n_lay)]  # fmt: skip
 
-    def replay(job: tuple[str, int]) -> np.ndarray | None:
+    streams = layer_streams(trace)
+    fit = streams if train is None else layer_streams(train)
+    # Belady's misses also give the bound; a prefetching policy is not a demand-loading cache (`prefetch:`
+    # covers prefetching): neither fitted nor run
+    names = [name for name in dict.fromkeys([*policies, "belady"]) if not POLICIES[name].prefetches]
+
+    def replay(job: tuple[str, int]) -> np.ndarray:
         pol = make_policy(job[0], PolicyParams())
         if pol.learns:
             pol.fit(fit[job[1]])
