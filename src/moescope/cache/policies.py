@@ -11,6 +11,7 @@ tests run over the same registry. Kernels live in `moescope.cache.kernels`.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import ClassVar
 
 import numpy as np
@@ -85,6 +86,15 @@ POLICIES: dict[str, type[CachePolicy]] = {}
 def register(cls: type[CachePolicy]) -> type[CachePolicy]:
     POLICIES[cls.name] = cls
     return cls
+
+
+def check_policies(names: Sequence[str] | None, flag: str = "--policy") -> list[str]:
+    """`names` (None: every registered policy), checked: `UsageError` naming the unknown ones and the choices."""
+    chosen = list(POLICIES) if names is None else list(names)
+    unknown = [p for p in chosen if p not in POLICIES]
+    if unknown:
+        raise UsageError(f"{flag} {', '.join(unknown)}: unknown; choose from {', '.join(POLICIES)}")
+    return chosen
 
 
 def make_policy(name: str, params: PolicyParams | None = None) -> CachePolicy:

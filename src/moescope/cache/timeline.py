@@ -655,7 +655,7 @@ def simulate_timeline(
     distance : MoE layers ahead the prefetches are issued.
     train : the trace learned policies (lfu-static) fit on (default: `trace` itself).
     """
-    from moescope.cache.policies import POLICIES, PolicyParams, Stream, make_policy
+    from moescope.cache.policies import POLICIES, PolicyParams, Stream, check_policies, make_policy
     from moescope.cache.simulate import _pool
 
     n_lay, k, e = trace.n_layers, trace.top_k, trace.n_experts
@@ -666,10 +666,7 @@ def simulate_timeline(
         raise UsageError(f"slots {slots}: expected a budget of 0 or more experts")
     if not 1 <= distance < max(n_lay, 2):
         raise UsageError(f"distance {distance}: expected 1..{max(n_lay - 1, 1)} MoE layers ahead")
-    policies = list(POLICIES) if policies is None else list(policies)
-    unknown = [p for p in policies if p not in POLICIES]
-    if unknown:
-        raise UsageError(f"cache policy {', '.join(unknown)}: unknown; choose from {', '.join(POLICIES)}")
+    policies = check_policies(policies)
     costs = Costs.of(eb, dense_bytes, machine)
     gpu_layers = min(slots // e, n_lay)
     results = [

@@ -9,7 +9,7 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from moescope.cache.policies import POLICIES
+from moescope.cache.policies import POLICIES, check_policies
 from moescope.cli import _common as c
 
 _POLICY_HELP = "Policies, comma-separated (default: all): " + ", ".join(POLICIES) + "."
@@ -96,12 +96,8 @@ def cache(
     from moescope.slicing import parse_ranges
 
     hw = Hardware(pcie_gbps, gpu_gbps, cpu_gbps)
-    names = list(POLICIES) if policy is None else c.names(policy)
-    unknown = [p for p in names if p not in POLICIES]
-    if unknown:
-        raise UsageError(f"--policy {', '.join(unknown)}: unknown; choose from {', '.join(POLICIES)}")
-    if budget_policy not in POLICIES:
-        raise UsageError(f"--budget-policy {budget_policy!r}: unknown; choose from {', '.join(POLICIES)}")
+    names = check_policies(c.names(policy))
+    check_policies([budget_policy], "--budget-policy")
     if slots is not None and vram is not None:
         raise UsageError("give --slots or --vram, not both")
     trace = inputs.read_trace(src, "the cache simulator", layers)

@@ -93,11 +93,9 @@ def simulate(
     bad = [p for p in predictors if p not in PREDICTORS]
     if bad:
         raise UsageError(f"--predictor {', '.join(bad)}: unknown; choose from {', '.join(PREDICTORS)}")
-    from moescope.cache.policies import POLICIES
+    from moescope.cache.policies import check_policies
 
-    unknown = [p for p in c.names(policy) or [] if p not in POLICIES]
-    if unknown:
-        raise UsageError(f"--policy {', '.join(unknown)}: unknown; choose from {', '.join(POLICIES)}")
+    check_policies(c.names(policy))  # before any work
     trace = inputs.read_trace(src, "the decode timeline", layers)
     if distance >= max(trace.n_layers, 2):
         raise UsageError(
