@@ -3,11 +3,13 @@
 Input: the shared ESFT / DeepSeek-V2-Lite trace (three tasks: intent, law, summary). Protocols: the held-out
 halves (fit on the first half of every sequence, score on the second halves) and leave-one-task-out (fit on
 two tasks' whole sequences, score on the third; each way). At D = 4 and 8, every default method with default
-flags: devices per token and its change against frequency (fitted on the same data), load CV and max/mean
-load on the scored tokens, and each against frequency's. A method meets the balance rule when its scored load
-CV is within frequency's + 0.05 (the issue's rule). Then the trade-off: coact-refined with the load-CV cap
-tightened or relaxed (`balance_margin` -0.1 .. 0.2, drift cap off), so the reduction reachable at each scored
-CV excess shows.
+flags (the refined method's train caps chosen by validation inside the fitting data; the choice is reported):
+devices per token and its change against frequency (fitted on the same data), load CV and max/mean load on
+the scored tokens, and each against frequency's. A method meets the balance rule when its scored load CV is
+within frequency's + 0.05 (the issue's rule). Then the trade-off: coact-refined with the train caps set by
+hand (`balance_margin` -0.1 .. 0.2, with and without the drift cap), so the reduction reachable at each scored
+CV excess shows, and the best reduction on that curve within the rule (hindsight: chosen on the scored
+tokens, the ceiling of this method family, not a result).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 RULE = 0.05  # load CV within frequency's + this, on the scored tokens
 MARGINS = (-0.1, -0.05, -0.02, 0.0, 0.02, 0.05, 0.1, 0.2)
+DRIFTS = (None, 0.25)
 
 
 def _rows(report) -> list[dict]:
@@ -51,16 +54,35 @@ def measure(src: Path) -> dict:
             pick = min(ok, key=lambda r: r.score.mean_devices) if ok else None
             best[d] = None if pick is None else {"method": pick.method, "vs_frequency": round(pick.vs_frequency, 4)}
         curve = []
-        for m in MARGINS:
-            rep = compare_placements(
-                trace, [4, 8], ["coact-refined"], params=PlaceParams(balance_margin=m, drift_margin=None), **kw
-            )
-            curve += [{"balance_margin": m, **row} for row in _rows(rep) if row["method"] == "coact-refined"]
+        for dm in DRIFTS:
+            for m in MARGINS:
+                rep = compare_placements(
+                    trace, [4, 8], ["coact-refined"], params=PlaceParams(balance_margin=m, drift_margin=dm), **kw
+                )
+                curve += [
+                    {"balance_margin": m, "drift_margin": dm, **row}
+                    for row in _rows(rep)
+                    if row["method"] == "coact-refined"
+                ]
+        ceiling = {}
+        for d in (4, 8):
+            ok = [c for c in curve if c["devices"] == d and c["balanced"]]
+            pick = min(ok, key=lambda c: c["vs_frequency"]) if ok else None
+            least = min((c for c in curve if c["devices"] == d), key=lambda c: c["load_cv_minus_frequency"])
+            ceiling[d] = {
+                "best_within_rule": None if pick is None else {k: pick[k] for k in ("balance_margin", "drift_margin",
+                                                                                    "vs_frequency",
+                                                                                    "load_cv_minus_frequency")},
+                "least_cv_excess": {k: least[k] for k in ("balance_margin", "drift_margin", "vs_frequency",
+                                                          "load_cv_minus_frequency")},
+            }  # fmt: skip
         out["protocols"][name] = {
             "fit_labels": list(report.fit_labels),
             "score_labels": list(report.score_labels),
             "rows": _rows(report),
+            "calibration": [c.to_dict() for c in report.calibrations.values()],
             "best_balanced": best,
             "tradeoff": curve,
+            "tradeoff_ceiling": ceiling,
         }
     return out

@@ -3,10 +3,11 @@
 Input: the synthetic 1M-token x 48-layer x 128-expert top-8 trace of `bench/run.py`'s SCALE (teams,
 stickiness, two domains; no gate weights). Timed once after a JIT warm-up on a tiny trace: what
 ``moescope place TRACE --devices 8`` runs with its default methods (`default_methods`): the split (halves of
-every sequence), the train tables, every default method fitted at D = 8 on the train halves (the refined
-method reusing the placements it starts from) and scored on the held-out halves. The goal is under 60 s on 2
-cores. ``seconds`` is wall time, ``cpu_s`` the CPU time of all threads (on a shared machine wall time
-depends on other load; half the CPU time is about the wall time on 2 idle cores).
+every sequence), the train tables, the refined method's train caps chosen by validation inside the train
+halves (`moescope.place.calibrate`, its seconds reported), every default method fitted at D = 8 on the train
+halves (the refined method reusing the placements it starts from) and scored on the held-out halves. The
+goal is under 60 s on 2 cores. ``seconds`` is wall time, ``cpu_s`` the CPU time of all threads (on a shared
+machine wall time depends on other load; half the CPU time is about the wall time on 2 idle cores).
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ def measure() -> dict:
         }
         for r in report.rows
     }
+    out["calibration"] = [
+        {k: v for k, v in c.to_dict().items() if k != "trials"} | {"chosen": c.chosen.to_dict() if c.chosen else None}
+        for c in report.calibrations.values()
+    ]
     out["default_methods"] = default_methods()
     out["goal"] = "moescope place --devices 8, default methods (split, tables, fits, scores): under 60 s on 2 cores"
     return out

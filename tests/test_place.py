@@ -183,19 +183,45 @@ def test_refine_layer_reports_its_objective_and_keeps_constraints():
     cov = data.drift_cov[0]
     dcap = drift_cv(freq[None], data.drift_cov[:1], data.load[:1], n_dev)[0] * 1.5
     start = np.repeat(np.arange(n_dev), slots)[np.random.default_rng(1).permutation(12)]
-    for kicks in (0, 5, 40):
-        a = start.copy()
-        before, after, _ = R.refine_layer(
-            sets, w, a, data.load[0].astype(np.float64), n_dev, slots, cap, 1 << 30, kicks, 3, cov, dcap
-        )
-        assert before == ref.objective(sets, w, start) and after == ref.objective(sets, w, a) <= before
-        assert np.bincount(a, minlength=n_dev).max() <= slots
-        dl = device_loads(a[None], data.load[:1], n_dev)[0]
-        assert ref.load_cv(dl.tolist()) <= max(cap, ref.load_cv(device_loads(start[None], data.load[:1], n_dev)[0]))
+    start_load = device_loads(start[None], data.load[:1], n_dev)[0]
+    mm_start = start_load.max() / start_load.mean()
+    for mm_cap in (-1.0, 1.05):
+        for kicks in (0, 5, 40):
+            a = start.copy()
+            before, after, _ = R.refine_layer(
+                sets, w, a, data.load[0].astype(np.float64), n_dev, slots, cap, 1 << 30, kicks, 3, cov, dcap, mm_cap
+            )
+            assert before == ref.objective(sets, w, start) and after == ref.objective(sets, w, a) <= before
+            assert np.bincount(a, minlength=n_dev).max() <= slots
+            dl = device_loads(a[None], data.load[:1], n_dev)[0]
+            assert ref.load_cv(dl.tolist()) <= max(cap, ref.load_cv(start_load)) + 1e-12
+            if mm_cap > 0:  # the max/mean cap holds too (or the start's, when that was above it)
+                assert dl.max() / dl.mean() <= max(mm_cap, mm_start) + 1e-12
     # an over-full start is repaired to the slot capacity (phase 0) even without improvement steps
     a = np.zeros(12, dtype=np.int64)
-    R.refine_layer(sets, w, a, data.load[0].astype(np.float64), n_dev, slots, -1.0, 0, 0, 0, np.zeros((0, 0)), -1.0)
+    none = np.zeros((0, 0))
+    R.refine_layer(sets, w, a, data.load[0].astype(np.float64), n_dev, slots, -1.0, 0, 0, 0, none, -1.0, -1.0)
     assert np.bincount(a, minlength=n_dev).tolist() == [slots] * n_dev
+
+
+@pytest.mark.kernels
+def test_balance_repair_brings_max_mean_under_its_cap():
+    """Phase 1 repairs an over-cap max/mean load: from a start with every hot expert on one device, a feasible
+    max/mean cap is reached (and the CV cap, off here, plays no part)."""
+    tr = random_trace(n_tokens=600, n_layers=1, n_experts=12, k=2, n_seq=6, seed=4)
+    data = TrainData(tr)
+    load = data.load[0].astype(np.float64)
+    sets, w = R.token_sets(tr.experts, 0, np.zeros(0, dtype=np.int64))
+    n_dev, slots = 4, 3
+    order = np.argsort(-load, kind="mergesort")
+    a = np.empty(12, dtype=np.int64)
+    a[order] = np.arange(12) // slots  # the three hottest on device 0, ...
+    freq = _lpt(load, n_dev, slots)
+    fl = device_loads(freq[None], data.load[:1], n_dev)[0]
+    cap = fl.max() / fl.mean() + 0.02
+    R.refine_layer(sets, w, a, load, n_dev, slots, -1.0, 1 << 30, 4, 0, np.zeros((0, 0)), -1.0, cap)
+    dl = device_loads(a[None], data.load[:1], n_dev)[0]
+    assert dl.max() / dl.mean() <= cap + 1e-12
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,7 +390,8 @@ def test_a_layer_subset_fits_to_those_layers_rows():
 
     tr = _planted(n_layers=4, seed=21)
     names = [n for n in METHODS if METHODS[n].requires is None or _importable(METHODS[n].requires)]
-    params = PlaceParams(kicks=4)
+    # a fixed train margin: a validated one is chosen on the layers given (`fit_layers` gets it from the caller)
+    params = PlaceParams(kicks=4, balance_margin=0.02, drift_margin=0.25)
     whole = compare_placements(tr, [4], names, replicas=2, params=params, seed=3)
     ids = tr.layer_ids[[3, 1]].tolist()
     part = compare_placements(select_layers(tr, ids), [4], names, replicas=2, params=params, seed=3)
@@ -427,6 +454,9 @@ def test_usage_errors():
     with pytest.raises(UsageError, match="balance-margin"):
         PlaceParams(balance_margin=-1)
     assert PlaceParams(balance_margin=-0.5).balance_margin == -0.5  # tighter than frequency's: allowed
+    for kw, flag in (({"cv_margin": -0.01}, "--cv-margin"), ({"max_mean_margin": float("nan")}, "--max-mean-margin")):
+        with pytest.raises(UsageError, match=flag):
+            PlaceParams(**kw)
     with pytest.raises(UsageError, match=r"slot capacity|more than"):
         Placement.from_assign(np.zeros((1, 8), dtype=np.int64), 2, [0], "bad")
 
@@ -537,6 +567,32 @@ def test_cli_labels_protocol(tmp_path):
     assert d["scored_tokens"] == sum(
         int(b - a) for i, (a, b) in enumerate(zip(tr.seq_starts, tr.seq_ends, strict=True)) if i % 3 == 1
     )
+
+
+def test_cli_balance_flags(tmp_path):
+    """--balance-margin auto (default) prints how the train caps were chosen; a number sets them by hand."""
+    src = tmp_path / "t.npz"
+    write_output(_planted(n_layers=2, seed=4), src)
+    code, out, exc = _cli(src, "-d", "4", "-m", "coact-refined")
+    assert code == 0, exc
+    text = " ".join(out.split())
+    assert "chosen for load CV <= frequency's + 0.05 and max/mean <= frequency's + 0.1" in text
+    assert "D=4: train CV margin" in text and "time-aware" in text
+    code, out, exc = _cli(src, "-d", "4", "-m", "coact-refined", "--cv-margin", "0.1", "--json")
+    assert code == 0, exc
+    d = json.loads(out)
+    assert d["params"]["cv_margin"] == 0.1 and d["calibration"][0]["devices"] == 4
+    code, out, exc = _cli(src, "-d", "4", "-m", "coact-refined", "--balance-margin", "0.02", "--drift-margin", "off")
+    assert code == 0, exc
+    assert "train CV margin" not in out
+    for args, needle in (
+        (("--drift-margin", "0.25"), "validation chooses the drift cap too"),
+        (("--balance-margin", "lots"), "--balance-margin 'lots': expected a number"),
+        (("--balance-margin", "nan"), "--balance-margin 'nan'"),
+        (("--cv-margin", "-1"), "--cv-margin -1"),
+    ):
+        code, _, exc = _cli(src, "-d", "4", "-m", "coact-refined", *args)
+        assert isinstance(exc, UsageError) and needle in str(exc), (args, exc)
 
 
 def test_cli_table_json_and_export(tmp_path):

@@ -49,19 +49,34 @@ def place(
         ),
     ] = None,
     seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of random placement, local search, Mt-KaHyPar.")] = 0,
-    balance_margin: Annotated[
+    cv_margin: Annotated[
         float,
         typer.Option(
-            "--balance-margin",
-            help="Refined methods: train load CV allowed above frequency's (negative: tighter than frequency's).",
+            "--cv-margin", help="Refined methods' constraint: scored load CV at most frequency's + this (e.g. 0.05)."
         ),
-    ] = 0.0,
+    ] = 0.05,
+    max_mean_margin: Annotated[
+        float,
+        typer.Option(
+            "--max-mean-margin", help="Refined methods' constraint: scored max/mean load at most frequency's + this."
+        ),
+    ] = 0.10,
+    balance_margin: Annotated[
+        str,
+        typer.Option(
+            "--balance-margin",
+            help="Refined methods: the train load-CV margin over frequency's; 'auto': chosen per D, with the "
+            "drift cap, by validation inside the fitting data.",
+        ),
+    ] = "auto",
     drift_margin: Annotated[
         str,
         typer.Option(
-            "--drift-margin", help="Refined methods: drift CV allowed above frequency's, as a ratio, or 'off'."
+            "--drift-margin",
+            help="Refined methods, with a numeric --balance-margin: drift CV allowed above frequency's, as a "
+            "ratio, or 'off' (with 'auto' the validation chooses it).",
         ),
-    ] = "0.25",
+    ] = "auto",
     layers: Annotated[str | None, typer.Option("--layers", help="Model layer ids to keep, e.g. 1-4,12.")] = None,
     export: Annotated[
         Path | None,
@@ -97,11 +112,18 @@ def place(
     per token and its change vs frequency; load CV across devices (selections served; mean over
     layers); max/mean load; experts per device (slots used, `ceil(E/D)` + `ceil(R/D)` at most).
 
-    The refined methods keep each layer's train load CV within frequency's plus `--balance-margin`
-    and its drift CV (how much loads of co-placed experts drift together between earlier and later
-    tokens of a sequence) within frequency's times 1 + `--drift-margin`: held-out CV grows with
-    drift, not with train imbalance alone. With `--replicas R` each method also gets R copies of its
-    hottest experts; a token uses the fewest devices holding its experts, ties to the least loaded.
+    The refined methods aim at a stated constraint on the scored tokens: load CV within frequency's
+    + `--cv-margin` and max/mean load within frequency's + `--max-mean-margin`. Scored loads drift
+    from train loads, so the train caps that keep it are chosen per D by validation inside the
+    fitting data (`--balance-margin auto`): the fitting data is split again the way the real fit is
+    scored (each train part's first half against its second half; with labels, each fitted label
+    left out once), coact-refined is fitted for a grid of train margins with and without a drift cap
+    (how much loads of co-placed experts drift together within a sequence), and the candidate with
+    the fewest validated devices/token whose validated excesses, plus their standard errors, stay
+    within the margins is used; the choice is printed. A numeric `--balance-margin` (with
+    `--drift-margin`) sets the train caps by hand. With `--replicas R` each method also gets R
+    copies of its hottest experts; a token uses the fewest devices holding its experts, ties to the
+    least loaded.
 
     Methods:
 
@@ -117,13 +139,12 @@ def place(
     """
     from moescope._atomic import check_output
     from moescope.errors import UsageError
-    from moescope.place import PlaceParams, compare_placements, write_eplb_map, write_placement
+    from moescope.place import compare_placements, write_eplb_map, write_placement
     from moescope.slicing import parse_ranges
 
     devs = parse_ranges(devices, "--devices")
     names = _methods(method)
-    drift = None if drift_margin.strip().lower() in ("off", "none") else _float(drift_margin, "--drift-margin")
-    params = PlaceParams(balance_margin=balance_margin, drift_margin=drift)
+    params = _params(cv_margin, max_mean_margin, balance_margin, drift_margin)
     for out in (export, export_eplb):
         if out is not None:
             check_output(out, overwrite)
@@ -169,13 +190,32 @@ place.__doc__ = (place.__doc__ or "").replace(
 )
 
 
-def _float(text: str, flag: str) -> float:
+def _params(cv_margin: float, max_mean_margin: float, balance_margin: str, drift_margin: str):
+    """PlaceParams from the balance flags: 'auto' balance and drift margins are left to the validation."""
+    from moescope.errors import UsageError
+    from moescope.place import PlaceParams
+
+    bal = None if balance_margin.strip().lower() == "auto" else _float(balance_margin, "--balance-margin", "'auto'")
+    text = drift_margin.strip().lower()
+    if bal is None and text != "auto":
+        raise UsageError(
+            f"--drift-margin {drift_margin}: with --balance-margin auto the validation chooses the drift cap too; "
+            "give a numeric --balance-margin (e.g. 0.02) to set both by hand"
+        )
+    drift = None if text in ("auto", "off", "none") else _float(drift_margin, "--drift-margin", "'off'")
+    return PlaceParams(cv_margin=cv_margin, max_mean_margin=max_mean_margin, balance_margin=bal, drift_margin=drift)
+
+
+def _float(text: str, flag: str, word: str) -> float:
     from moescope.errors import UsageError
 
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise UsageError(f"{flag} {text!r}: expected a number like 0.25, or 'off'") from None
+        raise UsageError(f"{flag} {text!r}: expected a number like 0.05, or {word}") from None
+    if value != value:
+        raise UsageError(f"{flag} {text!r}: expected a number like 0.05, or {word}")
+    return value
 
 
 def _methods(text: str | None) -> list[str]:
@@ -238,7 +278,9 @@ def _print(report, src: Path) -> None:
             f"{r.fit_seconds:.1f}",
         )
     con.print(table)
-    con.print(_reading(report))
+    for line in _calibration_lines(report):
+        con.print(line, markup=False, highlight=False)
+    con.print(_reading(report), markup=False, highlight=False)
 
 
 def _print_layers(report) -> None:
@@ -258,19 +300,52 @@ def _print_layers(report) -> None:
 
 
 def _reading(report) -> str:
-    """One line: the best replica-free non-baseline row at the largest D whose load CV is within 0.05 of
-    frequency's, against frequency."""
+    """One line: the best replica-free non-baseline row at the largest D within the stated constraint (load CV
+    within frequency's + cv_margin, max/mean within frequency's + max_mean_margin), against frequency."""
     d = max(r.n_devices for r in report.rows)
     base = report.row(d, "frequency")
-    ok = [r for r in report.rows if r.n_devices == d and r.replicas == 0 and r.cv_excess <= 0.05]
+    cvm, mmm = report.params.cv_margin, report.params.max_mean_margin
+    ok = [r for r in report.rows if r.n_devices == d and r.replicas == 0 and _within(r, cvm, mmm)]
     best = min(ok, key=lambda r: r.score.mean_devices)
     if best.method == "frequency":
         return (
             f"Read: at D={d} no method beats frequency's {base.score.mean_devices:.2f} devices/token with load CV "
-            f"within 0.05 of its {base.score.mean_cv:.3f}; placement by co-activation does not pay here."
+            f"within {cvm:g} of its {base.score.mean_cv:.3f} and max/mean within {mmm:g} of its "
+            f"{base.score.mean_max_mean:.3f}; placement by co-activation does not pay here."
         )
     return (
         f"Read: at D={d}, {best.method} sends each token to {best.score.mean_devices:.2f} devices "
         f"({best.vs_frequency * 100:+.1f}% vs frequency's {base.score.mean_devices:.2f}) at load CV "
-        f"{best.score.mean_cv:.3f} (frequency {base.score.mean_cv:.3f}), on held-out tokens."
+        f"{best.score.mean_cv:.3f} (frequency {base.score.mean_cv:.3f}), on {_scored(report)}."
     )
+
+
+def _within(row, cv_margin: float, max_mean_margin: float) -> bool:
+    return row.cv_excess <= cv_margin and row.score.mean_max_mean - row.baseline.mean_max_mean <= max_mean_margin
+
+
+def _scored(report) -> str:
+    return {"labels": "the unseen workload's tokens", "test": "held-out tokens"}.get(report.split, "the fitted tokens")
+
+
+def _calibration_lines(report) -> list[str]:
+    """How the refined methods' train caps were chosen, per D (empty when set by hand or not run)."""
+    cals = list(report.calibrations.values())
+    if not cals or not cals[0].trials:
+        return []
+    p = report.params
+    out = [
+        f"Refined methods' train caps, chosen for load CV <= frequency's + {p.cv_margin:g} and max/mean <= "
+        f"frequency's + {p.max_mean_margin:g} by validation inside the fitting data ({cals[0].inner}; "
+        f"{len(cals[0].layer_ids)} layers; {sum(c.seconds for c in cals):.1f} s):"
+    ]
+    for cal in cals:
+        t = cal.chosen
+        drift = "off" if cal.drift_margin is None else f"{cal.drift_margin:g}"
+        verdict = "" if cal.met else "; no candidate held the margins in validation: the closest one"
+        out.append(
+            f"  D={cal.n_devices}: train CV margin {cal.balance_margin:+.3f}, drift cap {drift} (validated: load CV "
+            f"{t.cv_excess:+.3f} +/- {t.cv_se:.3f}, max/mean {t.max_mean_excess:+.3f}, devices/token "
+            f"{t.vs_frequency * 100:+.1f}%{verdict})"
+        )
+    return out

@@ -5,9 +5,11 @@ train tokens (first half of every sequence; ``split="all"``: every token, in-sam
 tokens (second halves; ``"all"``: every token) with `moescope.place.metrics`. ``frequency`` (standard load
 balancing) is always fitted: every row's devices per token is also given relative to it. With ``replicas
 R > 0`` each method is scored twice, without and with R copies of the hottest experts, so the trade of
-memory for balance and locality reads off adjacent rows. Every method treats layers independently, so
-``scheduler="local:N"`` (or a Dask address) fits groups of layers as Dask tasks (`fit_layers` each) with the
-same result. Pure: no I/O, no printing.
+memory for balance and locality reads off adjacent rows. The refined methods' train caps (unless set by
+hand) are chosen once per D, before any fit, by validation inside the train split (`moescope.place.calibrate`,
+mirroring the protocol: halves, labels or in-sample) and passed to every fit. Every method treats layers
+independently, so ``scheduler="local:N"`` (or a Dask address) fits groups of layers as Dask tasks
+(`fit_layers` each) with the same result. Pure: no I/O, no printing.
 
     >>> report = compare_placements(trace, devices=[4, 8], methods=["frequency", "coact-refined"])
     >>> report.rows[1].vs_frequency
@@ -23,9 +25,10 @@ from typing import Any
 import numpy as np
 
 from moescope.errors import UsageError
+from moescope.place.calibrate import Calibration, calibrate
 from moescope.place.data import TrainData
 from moescope.place.layout import Placement, check_devices
-from moescope.place.methods import METHODS, PlaceParams, default_methods
+from moescope.place.methods import METHODS, PlaceParams, RefinedPlacement, default_methods
 from moescope.place.metrics import PlacementScore, route
 from moescope.place.replicas import add_replicas
 from moescope.slicing import EVAL_SPLITS, select_labels, select_layers, split_halves
@@ -88,6 +91,7 @@ class PlacementReport:
     model: str | None = None
     fit_labels: tuple[str, ...] = ()  # the labels protocol (split "labels"): whole sequences fitted / scored
     score_labels: tuple[str, ...] = ()
+    calibrations: dict[int, Calibration] = dataclasses.field(default_factory=dict)  # the refined methods' margin per D
 
     def row(self, n_devices: int, method: str, replicas: int = 0) -> PlacementRow:
         for r in self.rows:
@@ -107,6 +111,7 @@ class PlacementReport:
             "top_k": self.top_k,
             "layer_ids": self.layer_ids.tolist(),
             "params": dataclasses.asdict(self.params),
+            "calibration": [c.to_dict() for c in self.calibrations.values()],
             "rows": [r.to_dict(layers) for r in self.rows],
         }
 
@@ -141,20 +146,25 @@ def fit_layers(
     seed: int,
     params: PlaceParams,
     progress: Callable[[int, int], None] | None = None,
+    margins: dict[int, tuple[float, float | None]] | None = None,
 ) -> list[LayerFit]:
     """Fit every method at every D on the layers of `train` and replay `test` through each placement.
 
     Every method treats layers independently (random streams are keyed by model layer id), so fitting a
     subset of layers gives exactly those layers' rows of fitting all of them: this is the unit of work of a
-    Dask task. Results in (D, method, R) order.
+    Dask task. The refined methods' train balance margin per D comes from `margins` (chosen once on all
+    layers, `compare_placements`) where ``params.balance_margin`` is None. Results in (D, method, R) order.
     """
     data = TrainData(train)
     out: list[LayerFit] = []
     total, done = len(devices) * len(names), 0
     for d in devices:
         fitted: dict[str, np.ndarray] = {}  # shared by the methods at this D: the refined ones reuse their starts
+        p = params
+        if p.balance_margin is None and margins and d in margins:
+            p = dataclasses.replace(params, balance_margin=margins[d][0], drift_margin=margins[d][1])
         for name in names:
-            method = METHODS[name](params)
+            method = METHODS[name](p)
             t0 = time.perf_counter()
             assign = fitted[name] if name in fitted else method.fit(data, d, seed, fitted)
             fitted[name] = assign
@@ -226,10 +236,15 @@ def compare_placements(
     if test.n_tokens == 0:
         raise UsageError("no held-out tokens: the trace has no sequence with 2+ tokens; use --split all")
     TrainData(train)  # an empty train split fails here, before any work is sent out
+    calibrations: dict[int, Calibration] = {}
+    if params.balance_margin is None and any(issubclass(METHODS[n], RefinedPlacement) for n in names):
+        protocol = {"test": "halves", "labels": "labels", "all": "all"}[split]
+        calibrations = {d: calibrate(train, d, params, protocol, seed) for d in devs}
+    margins = {d: (c.balance_margin, c.drift_margin) for d, c in calibrations.items()}
     if scheduler is None:
-        fitted = fit_layers(train, test, devs, names, replicas, seed, params, progress)
+        fitted = fit_layers(train, test, devs, names, replicas, seed, params, progress, margins)
     else:
-        fitted = _fit_dask(scheduler, train, test, devs, names, replicas, seed, params, progress)
+        fitted = _fit_dask(scheduler, train, test, devs, names, replicas, seed, params, progress, margins)
     rows: list[PlacementRow] = []
     placements: dict[tuple[int, str, int], Placement] = {}
     baselines: dict[int, PlacementScore] = {}
@@ -253,6 +268,7 @@ def compare_placements(
         model=trace.meta.model,
         fit_labels=fit_l,
         score_labels=score_l,
+        calibrations=calibrations,
     )
 
 
@@ -289,7 +305,7 @@ def _fit_part(part: tuple[RoutingTrace, RoutingTrace], *args: Any) -> list[Layer
     return fit_layers(*part, *args)
 
 
-def _fit_dask(scheduler, train, test, devs, names, replicas, seed, params, progress) -> list[LayerFit]:
+def _fit_dask(scheduler, train, test, devs, names, replicas, seed, params, progress, margins) -> list[LayerFit]:
     """`fit_layers` on groups of layers as Dask tasks (about two per worker), stitched back in layer order."""
     from distributed import as_completed
 
@@ -303,7 +319,9 @@ def _fit_dask(scheduler, train, test, devs, names, replicas, seed, params, progr
             ids = train.layer_ids[g].tolist()
             # scattered, not embedded in the task graph: a group's tokens can be hundreds of MB
             [part] = client.scatter([(select_layers(train, ids), select_layers(test, ids))])
-            futures.append(client.submit(_fit_part, part, devs, names, replicas, seed, params, pure=False))
+            futures.append(
+                client.submit(_fit_part, part, devs, names, replicas, seed, params, None, margins, pure=False)
+            )
         if progress:
             for done, _ in enumerate(as_completed(futures), 1):
                 progress(done, len(futures))

@@ -42,13 +42,23 @@ def _seq_drift(experts, starts, ends, out):
                     out[s, layer, experts[t, layer, j]] += sign
 
 
+PROTOCOLS = ("halves", "labels", "all")
+"""How a fit is scored: on the later halves of its own sequences, on other labels' sequences, or in-sample."""
+
+
 class TrainData:
     """The routing a placement is fitted to (the train split), with derived tables cached on first use.
 
     trace : the train tokens; ``trace.experts [tokens, layers, k]``.
+    protocol : how the placement will be scored (`PROTOCOLS`): ``"halves"`` (later tokens of these
+        sequences), ``"labels"`` (other workloads' sequences) or ``"all"`` (these tokens, in-sample). The
+        refined methods validate their balance margin the same way (`moescope.place.calibrate`).
     """
 
-    def __init__(self, trace: RoutingTrace) -> None:
+    def __init__(self, trace: RoutingTrace, protocol: str = "halves") -> None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol {protocol!r}: expected one of {PROTOCOLS}")
+        self.protocol = protocol
         if trace.n_tokens == 0:
             raise UsageError(
                 "no train tokens: the train split (first half of every sequence) is empty; use a trace with "

@@ -6,10 +6,11 @@ its tokens). For an assignment ``assign [E]`` the objective is ``sum_h w_h * lam
 distinct devices of set ``h`` -- with unit token weights exactly the train total of distinct devices per
 token (the connectivity ``lambda - 1`` objective plus a constant).
 
-Balance is held by two caps per layer: the **load CV** (std / mean over devices of the summed train load
-``eload`` of their experts) and, optionally, the **drift CV** ``sqrt(sum_d 1_d^T cov 1_d / D) / mean load``
-for a drift covariance ``cov [E, E]`` (`moescope.place.data`). The *excess* of an assignment is how far
-these exceed their caps, summed.
+Balance is held by up to three caps per layer: the **load CV** (std / mean over devices of the summed train
+load ``eload`` of their experts), the **max/mean load** (the most loaded device over the mean) and,
+optionally, the **drift CV** ``sqrt(sum_d 1_d^T cov 1_d / D) / mean load`` for a drift covariance
+``cov [E, E]`` (`moescope.place.data`). The *excess* of an assignment is how far these exceed their caps,
+summed.
 
 `refine_layer` runs three phases, each taking the best single step until none helps:
 
@@ -18,7 +19,7 @@ these exceed their caps, summed.
 1. **Balance repair** (the excess is positive): the swap or move with the least objective increase per
    unit of excess removed, until the excess is 0 or nothing lowers it.
 2. **Improvement**: the swap of two experts on different devices (slot counts kept), or the move into a
-   free slot, that lowers the objective most while each CV stays within ``max(cap, current)``.
+   free slot, that lowers the objective most while each capped figure stays within ``max(cap, current)``.
 
 Then ``kicks`` rounds of iterated local search: ``KICK_SWAPS`` random swaps of experts of similar train load
 (at most ``KICK_REACH`` places apart in load order, so a kick barely moves the balance), phases 1-2 again;
@@ -200,12 +201,40 @@ def _step(e, f, b, sets, w, ptr, idx, assign, eload, cnt, rem, pen, xcor, dload,
 
 
 @njit
-def _excess(cv, dv, prm, total, n_dev):
-    """Summed excess of the load CV over its cap and of the drift CV over its cap (each < 0: off)."""
+def _excess(cv, dv, mm, prm, total, n_dev):
+    """Summed excess of the load CV, the drift CV and max/mean load over their caps (a cap < 0: off)."""
     x = max(0.0, cv - prm[1]) if prm[1] >= 0 else 0.0
     if prm[3] >= 0:
         x += max(0.0, np.sqrt(max(dv, 0.0) / n_dev) / (total / n_dev) - prm[3])
+    if prm[4] >= 0:
+        x += max(0.0, mm - prm[4])
     return x
+
+
+@njit
+def _top3(dload):
+    """The three largest device loads' indices (-1 where D < 3), largest first."""
+    i0, i1, i2 = -1, -1, -1
+    for d in range(dload.shape[0]):
+        v = dload[d]
+        if i0 < 0 or v > dload[i0]:
+            i0, i1, i2 = d, i0, i1
+        elif i1 < 0 or v > dload[i1]:
+            i1, i2 = d, i1
+        elif i2 < 0 or v > dload[i2]:
+            i2 = d
+    return i0, i1, i2
+
+
+@njit
+def _max_mean(dload, a, b, la, lb, i0, i1, i2, mean):
+    """max/mean load after devices a and b change to loads la and lb (the others from the top three)."""
+    m = max(la, lb)
+    for i in (i0, i1, i2):
+        if i >= 0 and i != a and i != b:
+            m = max(m, dload[i])
+            break
+    return m / mean if mean > 0 else 0.0
 
 
 @njit
@@ -234,12 +263,12 @@ def _descend(
 ):
     """Phases ``phase``..2 of the module docstring; returns (objective change, steps, final excess).
 
-    prm : [slots, cv_cap, max_steps, drift_cap] float64 (a cap < 0: unconstrained); clock : [1] int64 tick
+    prm : [slots, cv_cap, max_steps, drift_cap, max_mean_cap] float64 (a cap < 0: unconstrained); clock : [1] int64 tick
     counter; cov : [E, E] drift covariance; mcov : [E, D] its sums over each device's experts; dvar : [1];
     log : [M, 3] int64 steps taken as (e, f, e's device before), ``nlog [1]`` of them (M + 1: overflowed).
     """
     n_exp, n_dev = pen.shape
-    slots, cv_cap, max_steps, drift_cap = int(prm[0]), prm[1], int(prm[2]), prm[3]
+    slots, cv_cap, max_steps, drift_cap, mm_cap = int(prm[0]), prm[1], int(prm[2]), prm[3], prm[4]
     total = dload.sum()
     mean = total / n_dev
     change, steps = 0, 0
@@ -250,7 +279,9 @@ def _descend(
             sumsq += dload[d] * dload[d]
             over = over or dcount[d] > slots
         cv = _cv(sumsq, total, n_dev)
-        excess = _excess(cv, dvar[0], prm, total, n_dev)
+        i0, i1, i2 = _top3(dload)
+        mm = dload[i0] / mean if mean > 0 else 0.0
+        excess = _excess(cv, dvar[0], mm, prm, total, n_dev)
         if phase == 0 and not over:
             phase = 1
         if phase == 1 and excess <= 0:
@@ -259,6 +290,7 @@ def _descend(
             break
         limit = max(cv_cap, cv) if cv_cap >= 0 else np.inf
         dlimit = max(drift_cap * drift_cap * mean * mean * n_dev, dvar[0]) if drift_cap >= 0 else np.inf
+        mlimit = max(mm_cap, mm) if mm_cap >= 0 else np.inf
         best_e, best_f, best_b, best_score = -1, -1, -1, 0.0
         for e in range(n_exp):
             a = assign[e]
@@ -287,14 +319,15 @@ def _descend(
                         dv2 += 2.0 * (mcov[e, b] - mcov[e, a] + mcov[g, a] - mcov[g, b]) + 2.0 * (
                             cov[e, e] + cov[g, g] - 2.0 * cov[e, g]
                         )
+                mm2 = _max_mean(dload, a, b, la, lb, i0, i1, i2, mean)
                 if phase == 0:
                     score, ok = delta + 1e-9 * cv2, True
                 elif phase == 1:
-                    ex2 = _excess(cv2, dv2, prm, total, n_dev)
+                    ex2 = _excess(cv2, dv2, mm2, prm, total, n_dev)
                     ok = ex2 < excess - 1e-12
                     score = delta / (excess - ex2) if ok else 0.0
                 else:
-                    score, ok = float(delta), delta < 0 and cv2 <= limit and dv2 <= dlimit
+                    score, ok = float(delta), delta < 0 and cv2 <= limit and dv2 <= dlimit and mm2 <= mlimit
                 if ok and (best_e < 0 or score < best_score):
                     best_e, best_f, best_b, best_score = e, g, b, score
         if best_e < 0:
@@ -331,7 +364,8 @@ def _descend(
     sumsq = 0.0
     for d in range(n_dev):
         sumsq += dload[d] * dload[d]
-    return change, steps, _excess(_cv(sumsq, total, n_dev), dvar[0], prm, total, n_dev)
+    mm = dload.max() / mean if mean > 0 else 0.0
+    return change, steps, _excess(_cv(sumsq, total, n_dev), dvar[0], mm, prm, total, n_dev)
 
 
 @njit
@@ -377,14 +411,15 @@ def _drift_build(assign, cov, mcov, dvar):
 
 
 @njit
-def refine_layer(sets, w, assign, eload, n_dev, slots, cv_cap, max_steps, kicks, seed, cov, drift_cap):
+def refine_layer(sets, w, assign, eload, n_dev, slots, cv_cap, max_steps, kicks, seed, cov, drift_cap, mm_cap):
     """Run the phases and kicks of the module docstring on one layer; ``assign [E]`` is updated in place.
 
     sets : [H, k] int32 expert sets; w : [H] int64 tokens per set; assign : [E] int64 device of each expert
     (a device may hold more than ``slots``: phase 0 repairs it); eload : [E] float64 train load per expert;
     cv_cap : train load-CV cap (< 0: unconstrained); max_steps : phase-2 steps per descent at most (0: only
     repairs); kicks : iterated-local-search rounds; seed : their random stream; cov : [E, E] float64 drift
-    covariance (``[0, 0]``: none); drift_cap : cap on the drift CV (< 0: unconstrained).
+    covariance (``[0, 0]``: none); drift_cap : cap on the drift CV (< 0: unconstrained); mm_cap : cap on the
+    max/mean device load (< 0: unconstrained).
 
     Returns ``[objective before, objective after, phase-2 steps]`` as int64 (objective = sum_h w_h lambda_h).
     """
@@ -414,7 +449,7 @@ def refine_layer(sets, w, assign, eload, n_dev, slots, cv_cap, max_steps, kicks,
     dvar = np.zeros(1)
     if cov.shape[0] == 0:
         drift_cap = -1.0
-    prm = np.array([float(slots), float(cv_cap), float(max_steps), float(drift_cap)])
+    prm = np.array([float(slots), float(cv_cap), float(max_steps), float(drift_cap), float(mm_cap)])
     obj0 = _build(sets, w, assign, eload, cnt, rem, pen, xcor, dload, dcount)
     _drift_build(assign, cov, mcov, dvar)
     log = np.zeros((UNDO_STEPS, 3), dtype=np.int64)
@@ -472,17 +507,17 @@ def refine_layer(sets, w, assign, eload, n_dev, slots, cv_cap, max_steps, kicks,
 
 @njit_parallel
 def refine_all(
-    experts, tw, starts, eload, n_dev, slots, cv_cap, max_steps, kicks, seed, keys, cov, drift_cap, out, stats
+    experts, tw, starts, eload, n_dev, slots, cv_cap, max_steps, kicks, seed, keys, cov, drift_cap, mm_cap, out, stats
 ):
     """Per layer of ``experts [tokens, layers, k]`` (in parallel): descend from each start without kicks, keep
     the lowest objective (the first such start on ties), then run the kicks from it into ``out [layers, E]``.
 
     tw : [tokens] int64 token weights; starts : [S, layers, E] int64 assignments; eload : [layers, E] float64
     train load; cv_cap : [layers] float64 (< 0: unconstrained); cov : [layers, E, E] drift covariance
-    (``[layers, 0, 0]``: none); drift_cap : [layers]; stats : [layers, S + 1, 3] int64 output (objective
-    before, after, steps) of each descent and of the kicks. keys : [layers] int64 (the model layer ids): the
-    kicks of layer i use the random stream ``seed * 1_000_003 + keys[i]``, so a layer's result does not
-    depend on which other layers are refined beside it (a Dask task may take any subset).
+    (``[layers, 0, 0]``: none); drift_cap, mm_cap : [layers] (< 0: unconstrained); stats : [layers, S + 1, 3]
+    int64 output (objective before, after, steps) of each descent and of the kicks. keys : [layers] int64 (the
+    model layer ids): the kicks of layer i use the random stream ``seed * 1_000_003 + keys[i]``, so a layer's
+    result does not depend on which other layers are refined beside it (a Dask task may take any subset).
     """
     n_starts = starts.shape[0]
     for layer in prange(experts.shape[1]):
@@ -491,7 +526,19 @@ def refine_all(
         for s in range(n_starts):
             a = starts[s, layer].copy()
             stats[layer, s] = refine_layer(
-                sets, w, a, eload[layer], n_dev, slots, cv_cap[layer], max_steps, 0, 0, cov[layer], drift_cap[layer]
+                sets,
+                w,
+                a,
+                eload[layer],
+                n_dev,
+                slots,
+                cv_cap[layer],
+                max_steps,
+                0,
+                0,
+                cov[layer],
+                drift_cap[layer],
+                mm_cap[layer],
             )
             if best < 0 or stats[layer, s, 1] < best:
                 best = stats[layer, s, 1]
@@ -509,4 +556,5 @@ def refine_all(
             seed * 1_000_003 + keys[layer],
             cov[layer],
             drift_cap[layer],
+            mm_cap[layer],
         )

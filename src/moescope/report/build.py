@@ -696,9 +696,16 @@ def _placement(trace: RoutingTrace, cards: list[Card], figures: list[Figure], su
     d = rep.to_dict()
     rows = []
     picks = []
+    cvm, mmm = rep.params.cv_margin, rep.params.max_mean_margin
     for n_dev in devs:
         mine = [r for r in rep.rows if r.n_devices == n_dev and r.replicas == 0]
-        ok = [r for r in mine if r.method != "frequency" and r.cv_excess <= 0.05] or [r for r in mine]
+        ok = [
+            r
+            for r in mine
+            if r.method != "frequency"
+            and r.cv_excess <= cvm
+            and r.score.mean_max_mean - r.baseline.mean_max_mean <= mmm
+        ] or [r for r in mine]
         best = min(ok, key=lambda r: (r.score.mean_devices, r.method))
         picks.append(best)
         base = best.baseline
@@ -722,7 +729,9 @@ def _placement(trace: RoutingTrace, cards: list[Card], figures: list[Figure], su
             + (f" (every D asked: {', '.join(f'{r.vs_frequency:+.0%}' for r in picks)})" if len(picks) > 1 else ""),
             (
                 "Fitted on first halves, scored on second halves, against frequency load balancing; a method counts "
-                "only if its load CV stays within 0.05 of frequency's (fewer devices per token = less all-to-all).",
+                f"only if its load CV stays within {cvm:g} of frequency's and its max/mean load within {mmm:g} "
+                "(fewer devices per token = less all-to-all). The refined method's train caps were chosen by "
+                "validation inside the first halves.",
             ),
             "good" if top.vs_frequency < -0.05 else "info",
             (("D", "method", "devices/token (vs frequency)", "load CV frequency/best", "max/mean load"), *rows),

@@ -1,0 +1,196 @@
+"""The refined methods' train balance margin, chosen by validation inside the fitting data.
+
+The stated constraint (`PlaceParams.cv_margin`, ``max_mean_margin``) is on the *scored* tokens: load CV
+within frequency's + ``cv_margin``, max/mean load within frequency's + ``max_mean_margin``. The local search
+can only hold caps on the tokens it is fitted to, and scored loads drift from those, so the train margin
+``b`` (`PlaceParams.balance_margin`) that keeps the scored constraint is not the stated one. `calibrate`
+picks it without looking at the scored tokens: it splits the *fitting* data once more, the way the real fit
+is scored (`TrainData.protocol`), fits coact-refined on one part for candidate margins and keeps the largest
+``b`` whose placement holds both stated margins on the other part (mean over layers, as the scored rule).
+
+Inner splits, mirroring the protocol:
+
+- ``halves`` (scored on later tokens of the fitted sequences): every train part is halved again, fit on
+  its first half, validate on its second. Held-out tokens share sequences with the train tokens, so what
+  moves their loads is drift *within* sequences; folds of whole train sequences see only the variation
+  *between* sequences and understate it (checked on ESFT/DeepSeek-V2-Lite at D = 8, b = 0.05: whole-sequence
+  folds +0.03..+0.04 of CV, the time-aware split +0.066 / +0.062, the real held-out halves +0.069 / +0.065);
+- ``labels`` (scored on a workload not fitted): with 2+ fitted labels each is left out once (fit on the
+  other labels' whole sequences, validate on it; figures averaged over the folds); with one label, two
+  seeded folds of whole sequences;
+- ``all`` (in-sample): the fit is scored on what it is fitted to, so ``b = cv_margin`` without validation.
+
+Search: both ends of [`B_LO`, ``cv_margin + B_ABOVE``] first, then `BISECT_STEPS` halvings towards the
+largest ``b`` that passes (the validated excess grows with ``b`` on average; the result is the largest tried
+``b`` that passed). If even `B_LO` fails, `B_LO` is used and ``met`` is False: the constraint could not be
+held on the validation data with this method family.
+
+Cost: validation refines at most `CAL_LAYERS` evenly spaced layers with `CAL_KICKS` kicks (the starts are
+fitted once per fold); with 48 layers that is about a sixth of the layers, times 7 margins, times a quarter
+of the kicks. These three constants bound time, not results; they were set for the 60 s budget of
+``moescope place`` at 1M tokens x 48 layers x 128 experts (bench ``place_speed``), not on any result.
+
+No I/O.
+
+    >>> cal = calibrate(train, 8, PlaceParams())
+    >>> cal.balance_margin, cal.met
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import numpy as np
+
+from moescope.place.data import TrainData
+from moescope.place.layout import Placement
+from moescope.place.metrics import load_cv, max_mean, route
+from moescope.slicing import select_labels, select_layers, select_sequences, split_halves
+from moescope.trace import RoutingTrace
+
+CAL_LAYERS = 8  # layers validated, at most (evenly spaced)
+CAL_KICKS = 8  # local-search kicks per layer while validating (the real fit: PlaceParams.kicks)
+CAL_TOKENS = 1 << 13  # inner-fit tokens per layer the search sees, at most (the real fit: PlaceParams.max_tokens)
+# Candidate (train CV margin offset from cv_margin, drift cap): b = cv_margin + offset
+GRID = tuple((off, dm) for dm in (None, 0.25) for off in (-0.075, -0.05, -0.025, 0.0, 0.05, 0.15))
+FALLBACK = 0.0  # b when the fitting data cannot be split (no inner fit or validation tokens): frequency's CV
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    """One candidate (train margin, drift cap), validated: coact-refined's figures minus frequency's (both
+    fitted on the inner fit part) on the validation part, mean over layers and folds, with the standard error
+    of each mean over layers (``*_se``)."""
+
+    balance_margin: float
+    drift_margin: float | None
+    cv_excess: float
+    cv_se: float
+    max_mean_excess: float
+    max_mean_se: float
+    vs_frequency: float
+    ok: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """The train margin and drift cap chosen for D devices, how they were validated, every candidate tried."""
+
+    n_devices: int
+    balance_margin: float
+    drift_margin: float | None
+    inner: str
+    folds: int
+    layer_ids: tuple[int, ...]
+    trials: tuple[Trial, ...]
+    met: bool
+    seconds: float = 0.0
+
+    @property
+    def chosen(self) -> Trial | None:
+        key = (self.balance_margin, self.drift_margin)
+        return next((t for t in self.trials if (t.balance_margin, t.drift_margin) == key), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "devices": self.n_devices,
+            "balance_margin": round(self.balance_margin, 5),
+            "drift_margin": self.drift_margin,
+            "inner_split": self.inner,
+            "folds": self.folds,
+            "layers": list(self.layer_ids),
+            "met": self.met,
+            "seconds": round(self.seconds, 3),
+            "trials": [t.to_dict() for t in self.trials],
+        }
+
+
+def inner_splits(train: RoutingTrace, protocol: str, seed: int = 0) -> tuple[str, list[tuple[RoutingTrace, ...]]]:
+    """(description, [(fit part, validation part), ...]) of the fitting data for `protocol` (module docstring);
+    folds with no tokens on either side are dropped."""
+    if protocol == "all":
+        return "none (in-sample: b = cv_margin)", []
+    labels = train.labels() if protocol == "labels" else []
+    if len(labels) >= 2:
+        desc = f"leave one fitted label out ({', '.join(labels)})"
+        folds = [(select_labels(train, [x for x in labels if x != lab]), select_labels(train, [lab])) for lab in labels]
+    elif protocol == "labels":
+        desc = "two folds of whole sequences"
+        side = np.random.default_rng([seed, 2]).permutation(train.n_sequences) % 2
+        parts = [select_sequences(train, np.flatnonzero(side == i)) for i in range(2)]
+        folds = [(parts[0], parts[1]), (parts[1], parts[0])]
+    else:
+        desc = "time-aware: first half of every train part fitted, its second half validated"
+        folds = [split_halves(train)]
+    return desc, [f for f in folds if f[0].n_tokens and f[1].n_tokens]
+
+
+def calibrate(train: RoutingTrace, n_devices: int, params: Any, protocol: str = "halves", seed: int = 0) -> Calibration:
+    """The train margin and drift cap (from `GRID`) whose coact-refined placement cuts validated devices per
+    token most while keeping the stated margins of `params` (`PlaceParams`) on validation data split from
+    `train` per `protocol` (module docstring); a candidate passes when each validated excess plus its
+    standard error is within its margin."""
+    from moescope.place.methods import CoactCapped, CoactGreedy, FrequencyPlacement, refine
+
+    t0 = time.perf_counter()
+    n_lay = train.n_layers
+    pick = np.unique(np.linspace(0, n_lay - 1, min(n_lay, CAL_LAYERS)).round().astype(np.int64))
+    ids = tuple(int(x) for x in train.layer_ids[pick])
+    desc, folds = inner_splits(train, protocol, seed)
+    dm0 = params.drift_margin
+    if protocol == "all":
+        return Calibration(n_devices, params.cv_margin, dm0, desc, 0, (), (), True)
+    if not folds:
+        return Calibration(
+            n_devices, FALLBACK, dm0, "none (too few tokens to split the fitting data)", 0, (), (), False
+        )
+    prepared = []
+    for fit, val in folds:
+        data = TrainData(select_layers(fit, list(ids)) if len(ids) < n_lay else fit)
+        val = select_layers(val, list(ids)) if len(ids) < n_lay else val
+        starts = [m(params).fit(data, n_devices, seed) for m in (CoactGreedy, CoactCapped, FrequencyPlacement)]
+        base = _score(starts[2], data, val, n_devices)  # frequency, fitted on the same inner part
+        prepared.append((data, val, starts, base))
+    small = dataclasses.replace(
+        params, kicks=min(params.kicks, CAL_KICKS), max_tokens=min(params.max_tokens, CAL_TOKENS)
+    )
+    trials = []
+    for off, dm in GRID:
+        b = round(params.cv_margin + off, 6)
+        p = dataclasses.replace(small, balance_margin=b, drift_margin=dm)
+        dpt, cvx, mmx = [], [], []
+        for data, val, starts, base in prepared:
+            d, cv, mm = _score(refine(data, starts, n_devices, p, seed), data, val, n_devices)
+            dpt.append(d.mean() / base[0].mean() - 1.0)
+            cvx.append(cv - base[1])
+            mmx.append(mm - base[2])
+        cv_x, mm_x = np.mean(cvx, axis=0), np.mean(mmx, axis=0)  # [layers], averaged over folds
+        se_cv, se_mm = (float(x.std(ddof=1) / np.sqrt(x.size)) if x.size > 1 else 0.0 for x in (cv_x, mm_x))
+        ok = bool(cv_x.mean() + se_cv <= params.cv_margin and mm_x.mean() + se_mm <= params.max_mean_margin)
+        trials.append(Trial(b, dm, float(cv_x.mean()), se_cv, float(mm_x.mean()), se_mm, float(np.mean(dpt)), ok))
+    passing = [t for t in trials if t.ok]
+    if passing:
+        best, met = min(passing, key=lambda t: t.vs_frequency), True
+    else:  # the candidate closest to passing: the least excess over the margins
+        best, met = min(trials, key=lambda t: _over(t, params)), False
+    seconds = time.perf_counter() - t0
+    return Calibration(
+        n_devices, best.balance_margin, best.drift_margin, desc, len(folds), ids, tuple(trials), met, seconds
+    )
+
+
+def _over(t: Trial, params: Any) -> float:
+    return max(t.cv_excess + t.cv_se - params.cv_margin, t.max_mean_excess + t.max_mean_se - params.max_mean_margin)
+
+
+def _score(assign: np.ndarray, data: TrainData, val: RoutingTrace, n_devices: int) -> tuple[np.ndarray, ...]:
+    """Per layer: (devices per token, load CV, max/mean load) of ``assign`` on `val`."""
+    table = Placement.from_assign(assign, n_devices, data.layer_ids, "calibration", data.n_experts).table
+    hist, load = route(table, val.experts, data.n_experts)
+    dpt = (hist * np.arange(hist.shape[1])).sum(axis=1) / max(val.n_tokens, 1)
+    return dpt, load_cv(load), max_mean(load)
