@@ -333,7 +333,7 @@ def test_cli_records_lookahead(tmp_path, capsys):
 
 
 def _moe_gguf(path, arch, *, gating=None, groups=0, n_experts=8, n_embd=4):
-    """A GGUF with the keys and router tensors `inspect_gguf` and `routing_rule` read (no model to run)."""
+    """A GGUF with the keys, router and expert tensors `inspect_gguf` and `routing_rule` read (no model to run)."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), arch)
@@ -347,6 +347,8 @@ def _moe_gguf(path, arch, *, gating=None, groups=0, n_experts=8, n_embd=4):
         w.add_uint32(f"{arch}.expert_group_used_count", 2)
     for layer in range(2):
         w.add_tensor(f"blk.{layer}.ffn_gate_inp.weight", np.ones((n_experts, n_embd), dtype=np.float32))
+        for part in ("gate", "up", "down"):  # inspect_gguf refuses a router without stacked experts
+            w.add_tensor(f"blk.{layer}.ffn_{part}_exps.weight", np.zeros((n_experts, 4, n_embd), dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

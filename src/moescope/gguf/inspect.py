@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from moescope.errors import FormatError, UsageError
+from moescope.imports.gguf_header import gguf_errors, read_header
 
 GGUF_MAGIC = b"GGUF"
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
@@ -141,29 +142,47 @@ class GGUFModel:
 
 
 def open_gguf(path: str | os.PathLike) -> Any:
-    """A `gguf.GGUFReader` over `path` (memory-mapped), after checking it exists and is a GGUF."""
+    """A `gguf.GGUFReader` over `path` (memory-mapped), after checking it exists, is a GGUF, and that its
+    header is sound (`moescope.imports.gguf_header.read_header`: no count, offset or type that would make gguf-py
+    loop, allocate without bound or raise).
+
+    Raises
+    ------
+    UsageError : `path` is not a file.
+    FormatError : not a GGUF, or a truncated or corrupt one.
+    """
     from gguf import GGUFReader
 
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"model {str(p)!r} does not exist or is not a file; give a local .gguf file")
-    with p.open("rb") as fh:
-        magic = fh.read(4)
+    try:
+        with p.open("rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise FormatError(f"{str(p)!r} cannot be read ({exc.strerror or exc}); check its permissions") from exc
     if magic != GGUF_MAGIC:
         raise FormatError(
             f"{str(p)!r} starts with {magic!r}, not the GGUF magic {GGUF_MAGIC!r}; give a .gguf model "
             f"(convert a transformers folder with llama.cpp's convert_hf_to_gguf.py)"
         )
-    try:
+    read_header(p)
+    with gguf_errors(p):
         return GGUFReader(p, "r")
-    except (ValueError, OSError) as exc:
-        raise FormatError(f"{str(p)!r} is not a readable GGUF ({exc}); re-download or re-convert it") from None
 
 
 def field(reader: Any, key: str) -> Any:
-    """A metadata value (scalar, string or list), or None when absent."""
+    """A metadata value (scalar, string or list), or None when absent.
+
+    Raises
+    ------
+    FormatError : the value cannot be decoded (a string that is not UTF-8).
+    """
     f = reader.get_field(key)
-    return None if f is None else f.contents()
+    if f is None:
+        return None
+    with gguf_errors(getattr(reader.data, "filename", None) or "the GGUF"):
+        return f.contents()
 
 
 def inspect_gguf(path: str | os.PathLike) -> GGUFModel:
@@ -172,46 +191,75 @@ def inspect_gguf(path: str | os.PathLike) -> GGUFModel:
     Raises
     ------
     UsageError : the file does not exist.
-    FormatError : not a GGUF, unreadable, or a model without experts / routers.
+    FormatError : not a GGUF, unreadable, a model without experts / routers, or metadata that disagrees with
+        the tensors (an expert tensor or router whose expert dimension is not ``{arch}.expert_count``, a MoE
+        block without expert tensors).
     """
     from gguf import Keys
 
     reader = open_gguf(path)
     p = str(Path(path))
     arch = field(reader, "general.architecture")
+    if not isinstance(arch, str) or not arch:
+        raise FormatError(
+            f"{p!r} has general.architecture {arch!r}; expected an architecture name such as 'qwen3moe': "
+            f"the file's metadata is corrupt, re-convert it"
+        )
 
     def key(template: str) -> str:  # gguf-py's key templates, "{arch}.expert_count"
         return template.format(arch=arch)
 
-    n_experts, top_k = field(reader, key(Keys.LLM.EXPERT_COUNT)), field(reader, key(Keys.LLM.EXPERT_USED_COUNT))
-    if isinstance(top_k, list):
-        top_k = max(top_k) if top_k else None
-    if not n_experts or not top_k:
+    n_experts = _int_field(reader, key(Keys.LLM.EXPERT_COUNT), p)
+    top_k = field(reader, key(Keys.LLM.EXPERT_USED_COUNT))
+    if isinstance(top_k, list):  # per-layer top-k: the largest
+        top_k = max(top_k) if top_k and all(_is_int(x) for x in top_k) else top_k or None
+    if top_k is not None and not _is_int(top_k):
+        raise FormatError(
+            f"{p!r}: metadata {key(Keys.LLM.EXPERT_USED_COUNT)} is {top_k!r}, expected an integer or a list of "
+            f"them; re-convert the model"
+        )
+    if not n_experts or not top_k or n_experts < 0 or top_k < 0:
         raise FormatError(
             f"{p!r} ({arch}) has {arch}.expert_count={n_experts} and {arch}.expert_used_count={top_k}; "
             f"it is not a Mixture-of-Experts model, so there is no routing to study"
         )
+    if top_k > n_experts:
+        raise FormatError(
+            f"{p!r} ({arch}) routes {arch}.expert_used_count={top_k} experts per token out of "
+            f"{arch}.expert_count={n_experts}; expected at most that many: the metadata is corrupt, re-convert it"
+        )
     routers_all = sorted(int(m.group(1)) for t in reader.tensors if (m := _ROUTER.match(t.name)))
     n_blocks = _int_field(reader, key(Keys.LLM.BLOCK_COUNT), p) or (max(routers_all) + 1 if routers_all else 0)
     n_mtp = _int_field(reader, key(Keys.LLM.NEXTN_PREDICT_LAYERS), p) or 0
-    if not 0 <= n_mtp < max(n_blocks, 1):
+    # The MTP blocks are stored after the model's own, so there are fewer of them than stored blocks (this
+    # also keeps the tuple of them as small as the file).
+    n_stored = len({int(m.group(1)) for t in reader.tensors if (m := _BLOCK.match(t.name))})
+    if not 0 <= n_mtp < max(n_blocks, 1) or n_mtp > n_stored:
         raise FormatError(
-            f"{p!r} ({arch}) declares {arch}.nextn_predict_layers={n_mtp} for {n_blocks} blocks; expected "
-            f"0 <= N < block_count: the file's metadata is corrupt, re-convert it"
+            f"{p!r} ({arch}) declares {arch}.nextn_predict_layers={n_mtp} for {n_blocks} blocks ({n_stored} stored); "
+            f"expected 0 <= N < block_count and N <= the stored blocks: the file's metadata is corrupt, re-convert it"
         )
     mtp_blocks = tuple(range(n_blocks - n_mtp, n_blocks))
     tensors = []
     for t in reader.tensors:
         m = _BLOCK.match(t.name)
         block = int(m.group(1)) if m else -1
+        shape = tuple(int(x) for x in t.shape)
+        experts = bool(_EXPERT_TENSOR.match(t.name) or _ROUTER.match(t.name))
+        if experts and (not shape or shape[-1] != n_experts):
+            raise FormatError(
+                f"{p!r} ({arch}): tensor {t.name} has shape {list(shape)} (GGUF order, experts last) but "
+                f"{arch}.expert_count is {n_experts}; the metadata and the expert tensors disagree (a bad conversion "
+                f"or edit): re-convert the model"
+            )
         tensors.append(
             TensorInfo(
                 t.name,
                 t.tensor_type.name,
-                tuple(int(x) for x in t.shape),
+                shape,
                 int(t.n_bytes),
                 block,
-                bool(_EXPERT_TENSOR.match(t.name)) and int(t.shape[-1]) == int(n_experts),
+                bool(_EXPERT_TENSOR.match(t.name)),
                 block in mtp_blocks,
             )
         )
@@ -224,17 +272,24 @@ def inspect_gguf(path: str | os.PathLike) -> GGUFModel:
     expert_bytes = {lid: 0 for lid in routers}
     for t in tensors:
         if t.per_expert and t.block in expert_bytes:
-            expert_bytes[t.block] += t.n_bytes // int(n_experts)
+            expert_bytes[t.block] += t.n_bytes // n_experts
+    empty = [lid for lid, n in expert_bytes.items() if n == 0]
+    if empty:
+        raise FormatError(
+            f"{p!r} ({arch}): MoE block(s) {empty} have a router but no blk.N.ffn_*_exps tensors; expected the "
+            f"stacked expert weights in every routed block: the file is incomplete or of a layout moescope cannot "
+            f"read, re-convert it"
+        )
     name = field(reader, "general.name")
     return GGUFModel(
         path=p,
-        architecture=str(arch),
+        architecture=arch,
         name=None if name is None else str(name),
-        n_experts=int(n_experts),
+        n_experts=n_experts,
         top_k=int(top_k),
         layer_ids=tuple(routers),
         n_blocks=n_blocks,
-        shared_experts=int(field(reader, key(Keys.LLM.EXPERT_SHARED_COUNT)) or 0),
+        shared_experts=_int_field(reader, key(Keys.LLM.EXPERT_SHARED_COUNT), p) or 0,
         expert_bytes=expert_bytes,
         tensors=tuple(tensors),
         mtp_blocks=mtp_blocks,
@@ -244,11 +299,15 @@ def inspect_gguf(path: str | os.PathLike) -> GGUFModel:
     )
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _int_field(reader: Any, key: str, path: str) -> int | None:
     """An integer metadata value (None when absent); FormatError when it is not one."""
     value = field(reader, key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not _is_int(value):
         raise FormatError(f"{path!r}: metadata {key} is {value!r}, expected an integer; re-convert the model")
     return int(value)

@@ -24,14 +24,14 @@ stored as float32, exact up to 2**24 selections per expert.
 from __future__ import annotations
 
 import re
-import struct
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
 from moescope.errors import FormatError
+from moescope.imports.gguf_header import gguf_errors, read_header
 from moescope.imports.registry import ImportOptions, register_reader
 from moescope.trace import ExpertCounts
 
@@ -42,72 +42,28 @@ CHUNK_COUNT, CHUNK_SIZE, DATASETS = "imatrix.chunk_count", "imatrix.chunk_size",
 # Stacked expert weights, in order of preference; all of a layer's must agree.
 EXPERT_WEIGHTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_gate_up_exps", "ffn_down_exps")
 COUNTS_TENSOR = re.compile(r"^blk\.(\d+)\.(" + "|".join(EXPERT_WEIGHTS) + r")\.weight\.counts$")
-# GGUF wire value types (gguf.GGUFValueType) -> struct code of the fixed-size ones; 8 string, 9 array.
-_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_STRING, _ARRAY = 8, 9
-
-
-# -- header scan: general.type without parsing tokenizer arrays ----------------------------------------
-class _Header:
-    """A forward reader of GGUF header values (little- or big-endian, as the version field says)."""
-
-    def __init__(self, fh: BinaryIO, size: int, name: str) -> None:
-        self.fh, self.size, self.name, self.order = fh, size, name, "<"
-
-    def take(self, code: str) -> Any:
-        fmt = self.order + code
-        raw = self.fh.read(struct.calcsize(fmt))
-        if len(raw) != struct.calcsize(fmt):
-            raise FormatError(f"{self.name}: the GGUF header ends early; the file is truncated, re-create it")
-        return struct.unpack(fmt, raw)[0]
-
-    def string(self) -> str:
-        n = self.take("Q")
-        if n > self.size:
-            raise FormatError(f"{self.name}: header declares a {n}-byte string in a {self.size}-byte file; corrupt")
-        return self.fh.read(n).decode("utf-8", errors="replace")
-
-    def skip(self, vtype: int) -> None:
-        if vtype == _STRING:
-            self.fh.seek(self.take("Q"), 1)
-        elif vtype == _ARRAY:
-            item, n = self.take("I"), self.take("Q")
-            if item in _SCALARS:
-                self.fh.seek(n * struct.calcsize(_SCALARS[item]), 1)
-            else:
-                for _ in range(n):
-                    self.skip(item)
-        elif vtype in _SCALARS:
-            self.take(_SCALARS[vtype])
-        else:
-            raise FormatError(f"{self.name}: the header holds value type {vtype}; expected 0..12, the file is corrupt")
+FIX = "re-create it with llama-imatrix"
 
 
 def gguf_type(path: Path) -> str | None:
-    """The ``general.type`` of the GGUF at `path` (None when absent), read from the header alone.
+    """The ``general.type`` of the GGUF at `path` (None when absent or not a string), from the header alone.
+
+    The whole header is walked with reads bounded by the file size (`moescope.imports.gguf_header`), so a file
+    that passes can then be parsed by gguf-py without unbounded loops or allocations.
 
     Raises
     ------
-    FormatError : `path` does not start with the GGUF magic, or its header is corrupt.
+    FormatError : `path` does not start with the GGUF magic, or its header is truncated or corrupt.
     """
-    size = path.stat().st_size
     with path.open("rb") as fh:
         magic = fh.read(4)
-        if magic != GGUF_MAGIC:
-            raise FormatError(
-                f"{str(path)!r} starts with {magic!r}, not the GGUF magic {GGUF_MAGIC!r}; give the .gguf file "
-                f"that llama-imatrix wrote (--output-format gguf)"
-            )
-        h = _Header(fh, size, repr(str(path)))
-        if h.take("I") > 0xFFFF:  # a version this large is a byte-swapped small one
-            h.order = ">"
-        h.take("Q")  # tensor count
-        for _ in range(h.take("Q")):
-            key, vtype = h.string(), h.take("I")
-            if key == TYPE_KEY and vtype == _STRING:
-                return h.string()
-            h.skip(vtype)
-    return None
+    if magic != GGUF_MAGIC:
+        raise FormatError(
+            f"{str(path)!r} starts with {magic!r}, not the GGUF magic {GGUF_MAGIC!r}; give the .gguf file "
+            f"that llama-imatrix wrote (--output-format gguf)"
+        )
+    kind = read_header(path).values.get(TYPE_KEY)
+    return kind if isinstance(kind, str) else None
 
 
 def _is_imatrix(path: Path) -> bool:
@@ -227,17 +183,17 @@ def read_imatrix(path: Path, options: ImportOptions) -> ExpertCounts:
             else "give the .gguf file that llama-imatrix wrote"
         )
         raise FormatError(f"{str(path)!r} has general.type {kind!r}, not {IMATRIX_TYPE!r}; {hint}")
-    try:
+    with gguf_errors(path, FIX):  # gguf-py's parse, after read_header (in gguf_type) proved it bounded
         reader = GGUFReader(path, "r")  # tensors stay np.memmap views
-    except (ValueError, OSError) as exc:
-        raise FormatError(f"{str(path)!r} is not a readable GGUF ({exc}); re-create it with llama-imatrix") from None
-    tensors = {t.name: t.data for t in reader.tensors if t.name.endswith(".counts")}
+        tensors = {t.name: t.data for t in reader.tensors if t.name.endswith(".counts")}
+        chunk_count, chunk_size, datasets = (_field(reader, k) for k in (CHUNK_COUNT, CHUNK_SIZE, DATASETS))
     layer_ids, values = expert_counts(tensors, str(path))
-    datasets = _field(reader, DATASETS)
+    if datasets is not None and not isinstance(datasets, list):  # one dataset written as a scalar
+        datasets = [datasets]
     meta: dict[str, Any] = {
         "source": str(path),
-        CHUNK_COUNT: _field(reader, CHUNK_COUNT),
-        CHUNK_SIZE: _field(reader, CHUNK_SIZE),
+        CHUNK_COUNT: chunk_count,
+        CHUNK_SIZE: chunk_size,
         DATASETS: None if datasets is None else [str(d) for d in datasets],
     }
     if datasets:
