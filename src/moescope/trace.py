@@ -101,12 +101,23 @@ def _first_bad_selection(experts, n_experts):
     return 0, -1, -1, -1
 
 
+def _native(arr: np.ndarray) -> np.ndarray:
+    """`arr` in the machine's byte order (values kept): numba kernels cannot type a big-endian array."""
+    return arr if arr.dtype.isnative else arr.astype(arr.dtype.newbyteorder("="))
+
+
 def _as_int_array(x: Any, name: str, ndim: int) -> np.ndarray:
     arr = np.asarray(x)
     if arr.ndim != ndim:
         raise TraceError(f"{name} must have {ndim} dimension(s), got shape {arr.shape}")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        if np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+    arr = _native(arr)
+    if arr.size and arr.dtype.kind not in "iu":  # not np.integer: timedelta64 is one
+        if (
+            arr.dtype.kind == "f"
+            and np.all(np.isfinite(arr))
+            and np.all(arr == np.round(arr))
+            and np.abs(arr).max() < 2.0**63  # would wrap in int64
+        ):
             arr = arr.astype(np.int64)
         else:
             raise TraceError(f"{name} must hold integers, got dtype {arr.dtype}; convert the source ids to int")
@@ -122,8 +133,10 @@ def validate_experts(experts: np.ndarray, n_experts: int, token_offset: int = 0)
     n_experts : number of routed experts per layer; valid ids are ``0 .. n_experts-1``.
     token_offset : added to token indices in messages (when validating a chunk of a larger trace).
     """
+    if experts.dtype.kind not in "iuf":  # what the kernel can compare with n_experts
+        raise TraceError(f"experts must hold integers, got dtype {experts.dtype}; convert the source ids to int")
     for lo in range(0, experts.shape[0], _VALIDATE_BLOCK):
-        block = experts[lo : lo + _VALIDATE_BLOCK]
+        block = _native(experts[lo : lo + _VALIDATE_BLOCK])
         code, t, layer, s = _first_bad_selection(block, n_experts)
         if code == 0:
             continue

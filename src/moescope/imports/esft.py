@@ -6,7 +6,10 @@ tokens' expert ids flattened token-major (``t0s0 .. t0s(k-1) t1s0 ..``), tab-sep
 then the gate weights in the same order as ``str(round(w, 4))``. Line i of every layer file is the
 same sequence. Layouts (detected): ``<dir>/expert_weights_<L>.txt``; ``<dir>/rank_<r>/...`` (ranks
 concatenated in rank order); ``<dir>/<task>/...`` of either (ESFT's ``results/expert_scores/``: each
-sequence labelled with its task, tasks sorted).
+sequence labelled with its task, tasks sorted). Rank folders never sit beside task folders, so a folder
+whose subfolders of logs are not all ``rank_<r>`` is a task layout: a task named ``rank_0`` is read as a
+task, never mistaken for a rank while its siblings are dropped. A folder mixing layer files with
+subfolders of logs is refused rather than half read.
 
 The files record neither top-k nor the expert count, so both must be given. Weights stay float32, so
 text -> trace -> text is byte-identical; the writer makes one task folder per label. Not handled:
@@ -26,66 +29,141 @@ import numpy as np
 
 from moescope import _atomic
 from moescope.errors import FormatError, UsageError
-from moescope.imports.registry import Data, ImportOptions, register_reader, register_writer
-from moescope.trace import RoutingTrace
+from moescope.imports.registry import INT64_MAX, Data, ImportOptions, brief, register_reader, register_writer, short
+from moescope.trace import MAX_EXPERTS, RoutingTrace
 
 LAYER_FILE = "expert_weights_{layer}.txt"
-_LAYER_RE = re.compile(r"expert_weights_(\d+)\.txt")
-_RANK_RE = re.compile(r"rank_(\d+)")
+_LAYER_RE = re.compile(r"expert_weights_([0-9]+)\.txt")  # ASCII digits: \d would take other scripts' digits
+_RANK_RE = re.compile(r"rank_([0-9]+)")
+_MAX_INDEX_DIGITS = 9  # layer and rank indices: far above any model, far below int64 and int()'s digit limit
 _EXAMPLE = "e.g. --n-experts 64 --top-k 6 for DeepSeek-V2-Lite"
 
 
+def _entries(folder: Path) -> list[Path]:
+    """The entries of `folder`, sorted; a `FormatError` when it cannot be listed."""
+    try:
+        return sorted(folder.iterdir())
+    except OSError as exc:
+        raise FormatError(f"{folder} cannot be listed ({brief(exc)}); check the folder") from None
+
+
+def _has_layer_files(folder: Path) -> bool:
+    """Whether `folder` holds entries named ``expert_weights_<L>.txt`` (for detection: never raises)."""
+    try:
+        return any(_LAYER_RE.fullmatch(p.name) for p in folder.iterdir())
+    except OSError:
+        return False
+
+
+def _index(match: re.Match[str], path: Path) -> int:
+    if len(match[1]) > _MAX_INDEX_DIGITS:
+        raise FormatError(f"{path}: index {short(match[1])} has over {_MAX_INDEX_DIGITS} digits; rename it")
+    return int(match[1])
+
+
 def _layer_files(folder: Path) -> dict[int, Path]:
-    """``{layer index: path}`` of the ``expert_weights_<L>.txt`` files directly in `folder`."""
-    found = {int(m[1]): p for p in folder.iterdir() if (m := _LAYER_RE.fullmatch(p.name)) and p.is_file()}
+    """``{layer index: path}`` of the ``expert_weights_<L>.txt`` entries directly in `folder`, by layer.
+
+    Two names of one layer (``_3`` and ``_03``) are refused; an entry that is not a readable file is
+    reported when it is read.
+    """
+    found: dict[int, Path] = {}
+    for p in _entries(folder):
+        if m := _LAYER_RE.fullmatch(p.name):
+            layer = _index(m, p)
+            if layer in found:
+                raise FormatError(f"{p} and {found[layer].name} both name layer {layer}; keep one file per layer")
+            found[layer] = p
     return dict(sorted(found.items()))
 
 
-def _rank_dirs(folder: Path) -> list[Path]:
-    """``rank_<r>`` subfolders holding layer files, in numeric rank order."""
-    dirs = [p for p in folder.iterdir() if _RANK_RE.fullmatch(p.name) and p.is_dir() and _layer_files(p)]
-    return sorted(dirs, key=lambda p: int(p.name[len("rank_") :]))
+def _is_rank(path: Path) -> bool:
+    return bool(_RANK_RE.fullmatch(path.name)) and path.is_dir() and _has_layer_files(path)
 
 
 def _is_unit(folder: Path) -> bool:
-    """Whether `folder` holds layer files directly or in ``rank_<r>`` subfolders."""
-    return bool(_layer_files(folder)) or bool(_rank_dirs(folder))
+    """Whether `folder` holds layer files directly or in ``rank_<r>`` subfolders (never raises)."""
+    if _has_layer_files(folder):
+        return True
+    try:
+        return any(_is_rank(p) for p in folder.iterdir())
+    except OSError:
+        return False
 
 
-def _task_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and _is_unit(p))
+def _log_dirs(folder: Path) -> list[Path]:
+    """Subfolders of `folder` holding logs (directly or in rank folders), hidden ones skipped, sorted."""
+    return [p for p in _entries(folder) if p.is_dir() and not p.name.startswith(".") and _is_unit(p)]
+
+
+def _rank_order(folder: Path) -> list[Path]:
+    """The ``rank_<r>`` folders of `folder`, in numeric rank order (``rank_2`` before ``rank_10``)."""
+    ranks = [p for p in _log_dirs(folder) if _is_rank(p)]
+    return sorted(ranks, key=lambda p: (_index(_RANK_RE.fullmatch(p.name), p), p.name))
+
+
+def _layout(root: Path) -> tuple[str, list[Path]]:
+    """``("files", [root])``, ``("ranks", rank folders)`` or ``("tasks", task folders)``, or a `FormatError`.
+
+    Subfolders of logs all named ``rank_<r>`` are ranks; any other name among them makes every one a task.
+    """
+    subs = _log_dirs(root)
+    if _has_layer_files(root):
+        if subs:
+            names = short([p.name for p in subs])
+            raise FormatError(
+                f"{root} holds both expert_weights_<L>.txt files and subfolders of logs ({names}); keep one "
+                f"layout: move the files into their own task or rank folder"
+            )
+        return "files", [root]
+    if subs and all(_is_rank(p) for p in subs):
+        return "ranks", _rank_order(root)
+    return "tasks", subs
 
 
 def detect_esft(path: Path) -> bool:
     """True for a folder in one of the accepted layouts (reads no file contents)."""
-    return path.is_dir() and (_is_unit(path) or bool(_task_dirs(path)))
+    try:
+        subs = (p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return path.is_dir() and (_is_unit(path) or any(_is_unit(p) for p in subs))
+    except OSError:
+        return False
 
 
 def _numbers(parts: list[str], dtype: type, path: Path, what: str) -> np.ndarray:
-    """Parse tab-separated `parts` (one per line) as one flat array; name file:line of a bad field."""
+    """Parse tab-separated `parts` (one per line) as one flat array; name file:line of a bad field.
+
+    Each field is converted on its own (``np.array(fields, dtype)``): no fixed-width string array, whose
+    size (fields x longest field) one long field would multiply.
+    """
     try:
-        return np.array("\t".join(parts).split("\t")).astype(dtype)
-    except ValueError:
+        return np.array("\t".join(parts).split("\t"), dtype=dtype)
+    except (ValueError, OverflowError):
         pass
     convert = int if dtype is np.int64 else float
     for i, part in enumerate(parts, 1):
         for field in part.split("\t"):
             try:
-                convert(field)
+                value = convert(field)
             except ValueError:
                 raise FormatError(
-                    f"{path}:{i}: {what} {field!r} is not a number; each line must be tab-separated "
-                    f"integer expert ids, a double tab, then tab-separated gate weights"
+                    f"{path}:{i}: {what} {short(field)} is not a number; "
+                    f"each line must be tab-separated integer expert ids, a double tab, then tab-separated gate "
+                    f"weights"
                 ) from None
+            if convert is int and not -INT64_MAX - 1 <= value <= INT64_MAX:
+                raise FormatError(f"{path}:{i}: {what} {short(field)} is out of the 64-bit range; the file is damaged")
     raise FormatError(f"{path}: cannot parse the {what}s; check the file is an ESFT expert_weights log")
 
 
 def _parse_file(path: Path, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One layer file -> ``(ids [n*k] int64, weights [n*k] float32, ids per line [lines] int64)``."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
         raise FormatError(f"{path} is not UTF-8 text; expected an ESFT expert_weights log") from None
+    except OSError as exc:  # a folder named like a layer file, a permission error...
+        raise FormatError(f"{path} cannot be read ({brief(exc)}); expected an ESFT expert_weights log file") from None
     lines = text.removesuffix("\n").split("\n") if text else []
     if not lines:
         raise FormatError(f"{path} is empty; every layer file needs one line per sequence")
@@ -165,13 +243,16 @@ def _read_layers(folder: Path, k: int) -> _Part:
 
 
 def _read_unit(folder: Path, k: int) -> _Part:
-    """Layer files directly in `folder`, or ``rank_<r>`` folders of them concatenated in rank order."""
-    ranks = _rank_dirs(folder)
-    if not ranks:
+    """Layer files directly in `folder`, or its ``rank_<r>`` folders concatenated in rank order."""
+    kind, folders = _layout(folder)
+    if kind == "files":
         return _read_layers(folder, k)
-    if _layer_files(folder):
-        raise FormatError(f"{folder} holds both expert_weights_<L>.txt files and rank_<r> folders; keep one layout")
-    return _concat(ranks, [_read_layers(r, k) for r in ranks])
+    if kind == "tasks":
+        raise FormatError(
+            f"{folder} holds subfolders of logs that are not all rank_<r> ({short([p.name for p in folders])}); "
+            f"a task folder holds layer files or rank_<r> folders only"
+        )
+    return _concat(folders, [_read_layers(r, k) for r in folders])
 
 
 def _check_options(options: ImportOptions) -> tuple[int, int]:
@@ -181,8 +262,8 @@ def _check_options(options: ImportOptions) -> tuple[int, int]:
             f"ESFT logs record neither the expert count nor top-k; pass {' and '.join(missing)} ({_EXAMPLE})"
         )
     k = options.top_k
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise UsageError(f"--top-k is {k!r}, expected a positive integer ({_EXAMPLE})")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_EXPERTS:
+        raise UsageError(f"--top-k is {short(k)}, expected an integer in 1..{MAX_EXPERTS} ({_EXAMPLE})")
     return int(k), options.n_experts
 
 
@@ -207,16 +288,18 @@ def read_esft(path: Path, options: ImportOptions) -> RoutingTrace:
     """
     k, n_experts = _check_options(options)
     root = Path(path)
-    units = ([root] if _is_unit(root) else _task_dirs(root)) if root.is_dir() else []
+    kind, units = _layout(root) if root.is_dir() else ("tasks", [])
     if not units:
         raise FormatError(
             f"{root} is not a folder holding expert_weights_<L>.txt files (directly, in rank_<r>/ or in task "
             f"folders); give the ESFT log folder"
         )
+    if kind != "tasks":
+        units = [root]
     parts = [_read_unit(u, k) for u in units]
     whole = _concat(units, parts)
     labels = None
-    if units[0] != root:
+    if kind == "tasks":
         labels = np.repeat([u.name for u in units], [p.seq_lens.size for p in parts])
     return RoutingTrace(
         whole.experts,

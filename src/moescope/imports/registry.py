@@ -6,19 +6,35 @@ error, so a flag is never silently ignored. Formats are detected from the path w
 
     >>> data = read_input("trace.npz")                       # detected as "npz"
     >>> data = read_input("dumps/", "esft", ImportOptions(n_experts=64, top_k=6))
+
+It also holds the checks every reader applies to what a file declares (`parse_json`, `json_int`,
+`check_meta_strings`, `brief`): a reader turns any malformed input into a one-line `FormatError`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+import json
+import math
+import reprlib
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
+from moescope import _atomic
 from moescope.errors import FormatError, UsageError
 from moescope.trace import ExpertCounts, RoutingTrace
+
+INT64_MAX = int(np.iinfo(np.int64).max)
+MAX_JSON_DEPTH = 64
+"""JSON nested deeper than this is refused. The formats nest at most 3 levels (a counts table in an object);
+64 leaves room for free-form metadata, and stays far below Python's recursion limit (1000), which a
+document parsed near that limit could hit again whenever it is printed or written back."""
+META_STRINGS = ("model", "source", "corpus", "created")
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
 
 Data = RoutingTrace | ExpertCounts
 
@@ -125,6 +141,9 @@ def read_input(path: str | Path, fmt: str | None = None, options: ImportOptions 
     """Read `path` with the reader named `fmt` (detected when None), applying `options`."""
     p = Path(path)
     options = options or ImportOptions()
+    if "://" not in str(path):
+        # a writer of this path killed mid-replace: put its old version back, drop dead writers' temporaries
+        _atomic.recover(p)
     if not p.exists():
         raise FormatError(f"input {str(p)!r} does not exist; check the path")
     name = fmt or detect_format(p)
@@ -186,6 +205,65 @@ def as_counts(data: Data, mass: Literal["counts", "gate"] = "counts") -> ExpertC
     return data
 
 
+def brief(exc: BaseException) -> str:
+    """The first line of an exception's message, at most 200 characters (for one-line error messages)."""
+    lines = str(exc).splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:200]
+
+
+def short(value: Any) -> str:
+    """A bounded repr of any value (nesting cut at 6 levels, strings at 60 characters): never recurses deeply."""
+    return _REPR.repr(value)
+
+
+def parse_json(text: str | bytes, what: str) -> Any:
+    """Parse JSON `text` (bytes must be UTF-8), or raise a one-line `FormatError` naming `what`.
+
+    Refused: text that is not UTF-8 or not JSON, integers of more than 4300 digits (Python's limit), and
+    nesting deeper than `MAX_JSON_DEPTH` (Python's parser would raise RecursionError past about 1000).
+    """
+    try:
+        doc = json.loads(text.decode("utf-8") if isinstance(text, bytes) else text)
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"{what} is not UTF-8 text ({brief(exc)}); give a UTF-8 JSON file") from None
+    except RecursionError:
+        raise FormatError(
+            f"{what} nests JSON deeper than Python can parse; expected at most {MAX_JSON_DEPTH} levels"
+        ) from None
+    except ValueError as exc:  # JSONDecodeError, or an integer of too many digits
+        raise FormatError(f"{what} is not valid JSON ({brief(exc)}); check the file") from None
+    stack = [(doc, 1)]
+    while stack:  # iterative: a recursive walk would fail on exactly the documents refused here
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        if children and depth >= MAX_JSON_DEPTH:
+            raise FormatError(f"{what} nests JSON deeper than {MAX_JSON_DEPTH} levels; the format needs 3 at most")
+        stack.extend((child, depth + 1) for child in children)
+    return doc
+
+
+def json_int(value: Any, what: str, lo: int = 0, hi: int = INT64_MAX) -> int:
+    """`value` as an int when it is an exact integer in ``lo..hi``: 16 or 16.0, never 16.7, "16", [16] or true.
+
+    Raises
+    ------
+    FormatError : naming `what`, the value seen and the range expected.
+    """
+    exact = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
+        exact = True
+    if not exact or not lo <= int(value) <= hi:
+        raise FormatError(f"{what} is {short(value)}, expected an integer in {lo}..{hi}; fix the file")
+    return int(value)
+
+
+def check_meta_strings(meta: Mapping[str, Any], what: str) -> None:
+    """Refuse a `TraceMeta` string field (model, source, corpus, created) that is not a string or null."""
+    for key in META_STRINGS:
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise FormatError(f"{what} '{key}' is {short(meta[key])}, expected a string or null; fix the file")
+
+
 def moe_layer_index(dense: np.ndarray, moe_layers: tuple[int, ...] | None, what: str) -> np.ndarray:
     """Indices along a source's layer axis to keep (shared by the engine-dump readers).
 
@@ -203,10 +281,13 @@ def moe_layer_index(dense: np.ndarray, moe_layers: tuple[int, ...] | None, what:
         if dense.all():
             raise FormatError(f"every layer of {what} looks dense (no routing recorded); pass --moe-layers")
         return np.flatnonzero(~dense)
-    kept, n = np.asarray(moe_layers, dtype=np.int64), dense.size
-    bad = kept[(kept < 0) | (kept >= n)]
-    if bad.size:
-        raise UsageError(f"--moe-layers {int(bad[0])} is out of range: {what} has {n} layers (0..{n - 1})")
+    n = dense.size
+    if not len(moe_layers):
+        raise UsageError(f"--moe-layers is empty; name the MoE layers of {what} to keep (0..{n - 1})")
+    for x in moe_layers:  # before any conversion: a huge Python int would overflow int64
+        if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)) or not 0 <= x < n:
+            raise UsageError(f"--moe-layers {short(x)} is out of range: {what} has {n} layers (0..{n - 1})")
+    kept = np.asarray(moe_layers, dtype=np.int64)
     if np.unique(kept).size != kept.size:
         raise UsageError(f"--moe-layers {list(moe_layers)} repeats a layer; name each MoE layer once")
     return kept

@@ -11,36 +11,31 @@ Both drops are recorded in the metadata. The arrays record neither the expert co
 ``n_experts``) nor the phase (``phase``, default prefill).
 
 Not read: vLLM's JSON API responses, and moescope's own ``.npz`` (it has an ``experts`` array; the
-``npz`` reader handles it). Arrays are loaded with ``allow_pickle=False``: object arrays are refused.
+``npz`` reader handles it). Arrays are read with the bounded reader of `moescope.imports.npz`: headers
+are checked (3-D integers, declared sizes matching the bytes in the file) before any data, object arrays are
+refused, and ids are range-checked chunk by chunk (-1..32767) before they are kept as int16.
 
     >>> trace = read_input("prompts.npz", "vllm", ImportOptions(n_experts=128))
 """
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 
-from moescope.errors import FormatError, UsageError
-from moescope.imports.registry import ImportOptions, moe_layer_index, register_reader
-from moescope.trace import RoutingTrace
+from moescope.errors import FormatError, MoescopeError, UsageError
+from moescope.imports.npz import INT_KINDS, NpyHeader, NpzArchive, open_npy, read_npy_data
+from moescope.imports.registry import ImportOptions, brief, moe_layer_index, register_reader
+from moescope.trace import EXPERT_DTYPE, MAX_EXPERTS, RoutingTrace
 
 SUFFIXES = (".npy", ".npz")
 CACHED = -1  # vLLM's id for a token whose routing was not computed (prefix cache hit)
-_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-_BAD_FILE = (ValueError, OSError, EOFError, zipfile.BadZipFile)
+EXPERT_ID_MAX = MAX_EXPERTS - 1  # the largest id the trace's int16 holds (and the data model allows)
 
 
-def _looks_like_routing(fp: IO[bytes]) -> bool:
-    """Whether the .npy stream `fp` holds a 3-D integer array (reads the header only)."""
-    read = _HEADER_READERS.get(np.lib.format.read_magic(fp))
-    if read is None:
-        return False
-    shape, _, dtype = read(fp)
-    return len(shape) == 3 and np.issubdtype(dtype, np.integer)
+def _looks_like_routing(hdr: NpyHeader) -> bool:
+    return len(hdr.shape) == 3 and hdr.dtype.kind in INT_KINDS
 
 
 def detect_vllm(path: Path) -> bool:
@@ -50,52 +45,77 @@ def detect_vllm(path: Path) -> bool:
     try:
         if path.suffix.lower() == ".npy":
             with path.open("rb") as fp:
-                return _looks_like_routing(fp)
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-            if not names or "experts.npy" in names:
-                return False
-            for name in names:
-                with zf.open(name) as fp:
-                    if not _looks_like_routing(fp):
-                        return False
-            return True
-    except _BAD_FILE:
+                return _looks_like_routing(open_npy(fp, path))
+        with NpzArchive(path) as npz:
+            keys = npz.keys
+            return bool(keys) and "experts" not in keys and all(_looks_like_routing(npz.header(k)) for k in keys)
+    except (MoescopeError, OSError):
         return False
 
 
-def _arrays(path: Path) -> list[tuple[str, np.ndarray]]:
-    """``[(name, array)]`` in file order, loaded without pickle; each checked to be 3-D integers."""
+def _check(hdr: NpyHeader, key: str, first: NpyHeader | None, first_key: str | None, path: Path) -> None:
+    """Refuse, from its header alone, an array that is not ``[tokens, layers, top_k]`` integers like the first."""
+    if not _looks_like_routing(hdr):
+        raise FormatError(
+            f"{path}: array {key!r} has shape {hdr.shape} and dtype {hdr.dtype}, expected "
+            f"[tokens, layers, top_k] integers as vLLM returns in routed_experts"
+        )
+    if first is not None and hdr.shape[1:] != first.shape[1:]:
+        raise FormatError(
+            f"{path}: array {key!r} has [layers, top_k] {hdr.shape[1:]} but {first_key!r} has "
+            f"{first.shape[1:]}; every sequence must come from the same model"
+        )
+
+
+def _range_check(key: str, path: Path):
+    """A chunk check: ids in -1..32767, so that keeping them as int16 (the trace's dtype) loses nothing."""
+
+    def check(rows: np.ndarray, first: int) -> None:
+        bad = (rows < CACHED) | (rows > EXPERT_ID_MAX)
+        if bad.any():
+            t, layer, s = (int(v) for v in np.argwhere(bad)[0])
+            raise FormatError(
+                f"{path}: array {key!r} token {first + t}, layer {layer}, slot {s} holds {int(rows[t, layer, s])}; "
+                f"expected expert ids 0..{EXPERT_ID_MAX} or {CACHED} (prefix-cached): the file is damaged"
+            )
+
+    return check
+
+
+def _arrays(path: Path) -> tuple[list[str], list[int], np.ndarray]:
+    """Every array's name and token count, and their ids concatenated ``[tokens, layers, k] int16``.
+
+    Headers are read and checked (3-D integers, one [layers, top_k], declared sizes matching the file) before
+    any data; the ids are range-checked chunk by chunk as they are read into one preallocated array.
+    """
     if path.suffix.lower() not in SUFFIXES:
         raise FormatError(f"{path} is not a .npy or .npz file; save vLLM's routed_experts arrays with numpy")
-    name = path.name
     try:
         if path.suffix.lower() == ".npy":
-            out = [(path.name, np.load(path, allow_pickle=False))]
-        else:
-            out = []
-            with np.load(path, allow_pickle=False) as z:
-                for name in z.files:
-                    out.append((name, z[name]))
-    except _BAD_FILE as exc:
-        raise FormatError(
-            f"{path} ({name}) cannot be loaded as plain numpy arrays ({exc}); save integer arrays, not "
-            f"Python objects (object arrays need pickle, which moescope never uses)"
-        ) from None
-    for key, arr in out:
-        if arr.ndim != 3 or not np.issubdtype(arr.dtype, np.integer):
-            raise FormatError(
-                f"{path}: array {key!r} has shape {arr.shape} and dtype {arr.dtype}, expected "
-                f"[tokens, layers, top_k] integers as vLLM returns in routed_experts"
-            )
-        if arr.shape[1:] != out[0][1].shape[1:]:
-            raise FormatError(
-                f"{path}: array {key!r} has [layers, top_k] {arr.shape[1:]} but {out[0][0]!r} has "
-                f"{out[0][1].shape[1:]}; every sequence must come from the same model"
-            )
-    if not out:
-        raise FormatError(f"{path} holds no arrays; save one routed_experts array per sequence")
-    return out
+            with path.open("rb") as fp:
+                hdr = open_npy(fp, path)
+                _check(hdr, path.name, None, None, path)
+                return [path.name], [hdr.shape[0]], read_npy_data(fp, hdr, EXPERT_DTYPE, _range_check(path.name, path))
+        with NpzArchive(path) as npz:
+            keys = npz.keys
+            if not keys:
+                raise FormatError(f"{path} holds no arrays; save one routed_experts array per sequence")
+            headers = [npz.header(k) for k in keys]
+            for key, hdr in zip(keys, headers, strict=True):
+                _check(hdr, key, headers[0], keys[0], path)
+            lens = [h.shape[0] for h in headers]
+            try:
+                out = np.empty((sum(lens), *headers[0].shape[1:]), dtype=EXPERT_DTYPE)
+            except MemoryError:
+                raise FormatError(
+                    f"{path}: its arrays declare {sum(lens)} tokens x {headers[0].shape[1:]}, more than this "
+                    f"machine can allocate; read it on a larger machine or split the file"
+                ) from None
+            for key, lo, n in zip(keys, np.cumsum([0, *lens[:-1]]).tolist(), lens, strict=True):
+                npz.load(key, EXPERT_DTYPE, _range_check(key, path), out=out[lo : lo + n])
+            return keys, lens, out
+    except OSError as exc:
+        raise FormatError(f"{path} cannot be read ({brief(exc)}); check the file") from None
 
 
 @register_reader(
@@ -123,8 +143,7 @@ def read_vllm(path: Path, options: ImportOptions) -> RoutingTrace:
             "vLLM routed-experts arrays do not record the expert count; pass --n-experts (the model "
             "config's num_experts, e.g. 128 for Qwen3-30B-A3B)"
         )
-    arrays = _arrays(Path(path))
-    ids = np.concatenate([a for _, a in arrays])  # [tokens, layers, k]
+    names, lens, ids = _arrays(Path(path))  # ids: [tokens, layers, k] int16
     n_layers, k = ids.shape[1:]
     if k >= 2:
         dense = ((ids == 0) | (ids == CACHED)).all(axis=(0, 2)) & (ids == 0).any(axis=(0, 2))
@@ -133,9 +152,9 @@ def read_vllm(path: Path, options: ImportOptions) -> RoutingTrace:
     kept = moe_layer_index(dense, options.moe_layers, str(path))
     ids = ids[:, kept]
     cached = (ids == CACHED).any(axis=(1, 2))
-    seq_of_token = np.repeat(np.arange(len(arrays)), [a.shape[0] for _, a in arrays])
-    lens = np.bincount(seq_of_token[~cached], minlength=len(arrays))
-    if not lens.any():
+    seq_of_token = np.repeat(np.arange(len(names)), lens)
+    kept_lens = np.bincount(seq_of_token[~cached], minlength=len(names))
+    if not kept_lens.any():
         raise FormatError(f"{path} has no token with routing in every kept layer (all prefix-cached?)")
     meta = {
         "source": f"vllm:{path}",
@@ -146,7 +165,7 @@ def read_vllm(path: Path, options: ImportOptions) -> RoutingTrace:
     return RoutingTrace(
         ids[~cached],
         options.n_experts,
-        seq_starts=np.concatenate([[0], np.cumsum(lens[lens > 0])[:-1]]),
+        seq_starts=np.concatenate([[0], np.cumsum(kept_lens[kept_lens > 0])[:-1]]),
         layer_ids=kept,
         phase=options.phase or "prefill",
         meta=meta,
