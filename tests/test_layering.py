@@ -11,7 +11,7 @@ import moescope
 ROOT = Path(moescope.__file__).parent
 # lowest first; each name is a top-level module or package of moescope
 LAYERS = (
-    ("errors", "_atomic", "_jit", "_units", "_rng", "_dask", "fixture"),
+    ("errors", "_atomic", "_store_lock", "_jit", "_units", "_rng", "_dask", "fixture"),
     ("trace",),
     ("store", "slicing", "corpus"),
     ("synth", "imports", "info"),
