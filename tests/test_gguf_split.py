@@ -292,7 +292,7 @@ def test_cli_split_fixture_and_errors(capsys, tmp_path):
         "split",
         gguf_path,
         "-o",
-        tmp_path,
+        tmp_path / "ranked",
         "-g",
         "2",
         "--mode",
@@ -308,10 +308,15 @@ def test_cli_split_fixture_and_errors(capsys, tmp_path):
     assert len(d["files"]) == 2 and all(len(g["0"]) == 9 for g in d["groups"])
     code, out, _ = run(capsys, "gguf", "inspect", gguf_path, "--json")
     assert code == 0 and json.loads(out)["n_experts"] == 16
-    code, _, err = run(capsys, "split", gguf_path, "-o", tmp_path, "-g", "17")
+    code, _, err = run(capsys, "split", gguf_path, "-o", tmp_path / "g17", "-g", "17")
     assert code == 2 and "more than the 16 experts" in err
-    code, _, err = run(capsys, "split", tmp_path / "r.csv", "-o", tmp_path)
+    code, _, err = run(capsys, "split", tmp_path / "r.csv", "-o", tmp_path / "x")
     assert code == 2 and "GGUF magic" in err
+    # never into a folder moescope did not write, nor one holding an input
+    code, _, err = run(capsys, "split", gguf_path, "-o", tmp_path, "--ranking", tmp_path / "r.csv", "--mode", "ranked")
+    assert code == 2 and "holds the input" in err
+    code, _, err = run(capsys, "split", gguf_path, "-o", tmp_path, "--overwrite")
+    assert code == 2 and "is a folder that moescope did not write (2 entries)" in err
     # a missing folder is created, whole: the parts and the manifest appear together
     code, out, err = run(capsys, "split", gguf_path, "-o", tmp_path / "parts", "-g", "2", "--json")
     assert code == 0, err
@@ -319,6 +324,15 @@ def test_cli_split_fixture_and_errors(capsys, tmp_path):
         [Path(f).name for f in json.loads(out)["files"]] + ["split.json"]
     )
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
+    # an earlier split output is replaced whole, and only with --overwrite
+    code, _, err = run(capsys, "split", gguf_path, "-o", tmp_path / "parts", "-g", "3")
+    assert code == 2 and "already exists; pass --overwrite" in err
+    code, out, err = run(capsys, "split", gguf_path, "-o", tmp_path / "parts", "-g", "3", "--overwrite", "--json")
+    assert code == 0, err
+    files = [Path(f).name for f in json.loads(out)["files"]]
+    assert len(files) == 3
+    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == sorted([*files, "split.json"])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     code, _, err = run(capsys, "split", gguf_path, "-o", tmp_path / "no" / "parts")
     assert code == 2 and "does not exist" in err and not (tmp_path / "no").exists()
     code, _, err = run(capsys, "split", gguf_path, "-o", tmp_path / "r.csv")

@@ -41,7 +41,7 @@ def check_capture(
         raise UsageError("decode mode needs generate >= 1 (the number of tokens to generate per document)")
     if (prompt_len is not None and prompt_len < 1) or (max_tokens is not None and max_tokens < 1):
         raise UsageError(f"prompt_len {prompt_len} and max_tokens {max_tokens} must be >= 1 when given")
-    out = _atomic.check_output(out_path, overwrite)
+    out = _atomic.check_output(out_path, overwrite, kind=_atomic.TRACE_STORE)
     if not documents:
         raise FormatError("no documents to capture; give a non-empty corpus")
     return out

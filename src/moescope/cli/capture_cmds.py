@@ -107,10 +107,10 @@ def hf(
 
     Example: `moescope capture hf ~/models/OLMoE-1B-7B corpus/ -o olmoe.zarr --max-tokens 200000`
     """
-    from moescope._atomic import check_output
+    from moescope._atomic import TRACE_STORE, check_output
     from moescope.capture.hf import capture_hf, check_device, torch_dtype
 
-    check_output(out, overwrite)
+    check_output(out, overwrite, kind=TRACE_STORE, inputs=(model_dir, corpus, tokens_from))
     torch_dtype(dtype)
     check_device(device)
     docs = _inputs(corpus, tokens_from)
@@ -192,13 +192,13 @@ def llama(
 
     Example: `moescope capture llama qwen3-30b-a3b-q4_k_m.gguf corpus/ -o qwen.zarr --max-tokens 200000`
     """
-    from moescope._atomic import check_output
+    from moescope._atomic import TRACE_STORE, check_output
     from moescope.capture.llama import capture_llama
     from moescope.errors import UsageError
     from moescope.gguf import inspect_gguf
     from moescope.gguf.runtime import KV_TYPES, parse_override
 
-    check_output(out, overwrite)
+    check_output(out, overwrite, kind=TRACE_STORE, inputs=(model, corpus, tokens_from))
     fa = {"auto": None, "on": True, "off": False}
     if flash_attn not in fa:
         raise UsageError(f"--flash-attn {flash_attn!r} is not one of auto, on, off")

@@ -73,7 +73,12 @@ def split(
     model: ModelArg,
     out_dir: Annotated[
         Path,
-        typer.Option("--out", "-o", help="Folder for the group GGUFs and split.json (created, whole, if missing)."),
+        typer.Option(
+            "--out",
+            "-o",
+            help="Folder to write, whole, holding the group GGUFs and split.json (new, empty, or with --overwrite "
+            "an earlier split output).",
+        ),
     ],
     groups: Annotated[int, typer.Option("--groups", "-g", min=1, help="Number of output GGUFs (G).")] = 2,
     mode: Annotated[
@@ -106,7 +111,9 @@ def split(
     layer; rankings are per layer. `--core N` replicates each layer's N hottest experts into every group.
     Per-expert tensors are sliced along the expert dimension (any quantisation), router rows gathered,
     `expert_count` set and `expert_used_count` lowered where needed; everything else is copied untouched.
-    Writes `<model>.group-<g>-of-<G>.gguf` and `split.json` (new expert id -> source id) into `--out`.
+    Writes the folder `--out` holding `<model>.group-<g>-of-<G>.gguf` and `split.json` (new expert id ->
+    source id), built beside it and renamed into place in one step: it appears complete or not at all, and
+    `--overwrite` replaces an earlier split output whole (never another folder, nor one holding the model).
     `--evaluate --corpus FILE` then scores each group against the full model (perplexity, KL, top-1
     agreement, as `moescope reduce`), beside the routing mass the group keeps on `--trace`.
 
@@ -114,8 +121,9 @@ def split(
     `moescope split model.gguf -o parts/ -g 2 --mode ranked --ranking ranking.csv --core 4`
     """
     from moescope.analyze import read_ranking_csv
-    from moescope.gguf.split import plan_groups, split_gguf
+    from moescope.gguf.split import check_out_dir, plan_groups, split_gguf
 
+    check_out_dir(out_dir, overwrite, (model, ranking, groups_file, corpus, trace))
     m = inspect_gguf(model)
     if evaluate and corpus is None:
         raise UsageError("--evaluate needs --corpus FILE (text to score the groups on)")

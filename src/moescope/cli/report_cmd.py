@@ -55,7 +55,7 @@ def report(
     from moescope.report import build_report
     from moescope.slicing import parse_ranges
 
-    _atomic.check_output(out, overwrite)
+    _atomic.check_output(out, overwrite, kind=_atomic.FILE, inputs=(src, compare, gguf, inputs.phys_to_log))
     trace = inputs.read_trace(src, "the report")
     other = None
     if compare is not None:

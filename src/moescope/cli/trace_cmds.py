@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from moescope import _atomic
 from moescope.cli import _common as c
 from moescope.errors import UsageError
 from moescope.imports import READERS, WRITERS, as_counts, as_trace, write_output, writer_for
@@ -54,7 +55,7 @@ def _print_info(d: dict[str, Any]) -> None:
         if d.get("labels"):
             head.add_row("labels", ", ".join(d["labels"]))
         if "complete" in d and not d["complete"]:
-            head.add_row("status", "[yellow]incomplete: the writer did not close (committed tokens shown)[/]")
+            head.add_row("status", c.styled("incomplete: the writer did not close (committed tokens shown)", "yellow"))
     else:
         head.add_row("kind", "aggregate counts (no token order)" + (", shares" if d["normalized"] else ""))
         head.add_row("tokens", "unknown" if d["tokens"] is None else f"{d['tokens']:,}")
@@ -80,6 +81,16 @@ def _print_info(d: dict[str, Any]) -> None:
     con.print(table)
 
 
+_FOLDER_WRITERS = {"zarr": _atomic.TRACE_STORE, "esft": _atomic.ESFT_LOGS}  # the rest write one file
+
+
+def _check_output(out: Path, to: str | None, overwrite: bool, *inputs: Path | None) -> None:
+    """Refuse, before reading a large input, an output that exists (unless --overwrite, and then only a file or
+    a moescope output of the kind the writer makes), or that is an input, lies inside one or holds one."""
+    kind = _FOLDER_WRITERS.get(writer_for(out, to).name, _atomic.FILE)
+    _atomic.check_output(out, overwrite, kind=kind, inputs=inputs)
+
+
 def _span(ids: list[int]) -> str:
     if ids and ids == list(range(ids[0], ids[0] + len(ids))):
         return f"{ids[0]}..{ids[-1]}"
@@ -101,6 +112,7 @@ def info(
 
     Example: `moescope trace info run.zarr`
     """
+    _atomic.recover(path)  # an interrupted replace of `path` is undone before it is read
     if inputs.fmt in (None, "zarr") and is_store(path) and inputs == c.Inputs(fmt=inputs.fmt) and not (model or mass):
         d = describe_store(TraceStore(path))  # streams: works on stores larger than memory
     else:
@@ -126,14 +138,14 @@ def convert(
     """Convert between formats: zarr store, .npz, counts JSON, ESFT logs; import engine dumps.
 
     A trace can become counts (counting selections); counts cannot become a trace (no token order).
-    The output is written to a temporary name and renamed into place; the input is never modified.
+    The output is written to a temporary name and renamed into place; the input is never modified, and
+    the output may not be the input. `--overwrite` replaces a file, or a folder moescope wrote of the same
+    kind (a trace store, ESFT logs), never another folder.
 
     Examples: `moescope trace convert trace.npz run.zarr` ·
     `moescope trace convert esft_logs/ run.zarr --top-k 6 --n-experts 64`
     """
-    from moescope._atomic import check_output
-
-    check_output(out, overwrite)  # fail before reading a large input
+    _check_output(out, to, overwrite, src, inputs.phys_to_log)  # before reading a large input
     data = inputs.read(src, model=model, mass=mass)
     if isinstance(data, RoutingTrace) and "counts" in writer_for(out, to).accepts:
         data = as_counts(data, mass or "counts")  # a trace becomes counts of the mass asked
@@ -174,9 +186,7 @@ def slice_(
         raise UsageError(f"--split {split!r} is not one of {', '.join(SPLIT_PARTS)}")
     if not any(x is not None for x in (sequences, tokens, labels, layers, split)):
         raise UsageError("nothing to slice: give --sequences, --tokens, --labels, --layers or --split")
-    from moescope._atomic import check_output
-
-    check_output(out, overwrite)
+    _check_output(out, to, overwrite, src, inputs.phys_to_log)
     trace = as_trace(inputs.read(src, model=model), "trace slice")
     if sequences is not None:
         trace = select_sequences(trace, parse_ranges(sequences, "--sequences"))
@@ -281,11 +291,9 @@ def synth(
 
     Example: `moescope trace synth s.zarr --tokens 1000000 --layers 48 --teams 8 --team-strength 0.6`
     """
-    from moescope._atomic import check_output
-    from moescope.imports import writer_for
     from moescope.synth import SynthSpec, save_synth, synth_trace
 
-    check_output(out, overwrite)
+    _check_output(out, None, overwrite)
     spec = SynthSpec(
         n_tokens=tokens,
         n_layers=layers,

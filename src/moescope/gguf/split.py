@@ -19,6 +19,7 @@ llama.cpp (`part_groups`: the source's groups where the part keeps whole groups,
 MTP / NextN blocks the experts of the last MoE block (`mtp_note`), and copies everything else untouched. A
 ``split.json`` manifest maps each group's new expert ids back to the model's and says, per part, what had
 to change. Every layer of one output must keep the same number of experts (``expert_count`` is one value).
+The output is one folder holding the parts and the manifest, committed with one rename (`split_gguf`).
 """
 
 from __future__ import annotations
@@ -34,11 +35,12 @@ import numpy as np
 
 from moescope import _atomic
 from moescope.analyze.ranking import read_groups_file
-from moescope.errors import OutputExistsError, UsageError
+from moescope.errors import UsageError
 from moescope.gguf.inspect import GGUFModel, field, inspect_gguf, open_gguf
 from moescope.gguf.writer import TensorOut, encode_kv, write_gguf
 
 MODES = ("contiguous", "balanced", "ranked", "custom")
+MANIFEST = "split.json"  # beside the parts in the output folder
 _ROUTER_ROWS = re.compile(r"^blk\.(\d+)\.(ffn_gate_inp\.(weight|bias)|exp_probs_b\.bias)$")
 
 Groups = list[dict[int, list[int]]]  # group -> MoE block -> expert ids kept (their order = new ids)
@@ -319,6 +321,16 @@ def output_paths(model_path: Path, out_dir: Path, n_groups: int) -> list[Path]:
     return [out_dir / f"{stem}.group-{g + 1}-of-{n_groups}.gguf" for g in range(n_groups)]
 
 
+def check_out_dir(out_dir: str | Path, overwrite: bool, inputs: Sequence[str | Path | None] = ()) -> Path:
+    """Refuse an output folder `split_gguf` may not write (before any work): an existing file, a folder that is
+    not empty nor (with `overwrite`) an earlier split output, a missing parent, or one of `inputs` (or a folder
+    inside or around one)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output {str(out)!r} exists and is not a folder; give a folder for the parts")
+    return _atomic.check_output(out, overwrite, kind=_atomic.SPLIT_OUTPUT, inputs=inputs)
+
+
 def split_gguf(
     model_path: str | Path,
     out_dir: str | Path,
@@ -327,46 +339,34 @@ def split_gguf(
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> SplitResult:
-    """Write one GGUF per group into `out_dir` (``<model>.group-<g>-of-<G>.gguf``) and ``split.json``.
+    """Write the folder `out_dir`: one GGUF per group (``<model>.group-<g>-of-<G>.gguf``) and ``split.json``.
 
-    All outputs are written to temporary files first and renamed into place only when every one is done.
-    A missing `out_dir` (its parent must exist) is built as a hidden temporary folder and renamed into
-    place whole, so it appears complete or not at all.
+    The parts and the manifest are written into one hidden temporary folder beside `out_dir`, which is renamed
+    into place in one step: the folder appears complete or not at all, and a killed run leaves the old folder
+    (or nothing) plus a temporary the next run deletes. `out_dir` may be missing (its parent must exist), an
+    empty folder, or with `overwrite` an earlier split output (which is replaced whole); any other folder is
+    refused, as is a folder holding the model.
     """
     src = Path(model_path)
     model = inspect_gguf(src)
     _check_groups(groups, model)
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"output {str(out)!r} exists and is not a folder; give a folder for the parts")
-    if not out.parent.is_dir():
-        raise UsageError(f"the folder holding {str(out)!r} does not exist; create {str(out.parent)!r} first")
-    new_dir = None if out.is_dir() else _atomic.temp_sibling(out)
+    out = check_out_dir(out_dir, overwrite, [src])
     paths = output_paths(src, out, len(groups))
-    manifest = out / "split.json"
-    for p in [*paths, manifest]:
-        if new_dir is None:
-            _atomic.check_output(p, overwrite)
-        if p.resolve() == src.resolve():
-            raise OutputExistsError(f"output {str(p)!r} is the input model; pick another folder")
     reader = open_gguf(src)
-    if new_dir is not None:
-        new_dir.mkdir()
-        temps = [new_dir / p.name for p in paths]
-    else:
-        temps = [_atomic.temp_sibling(p) for p in paths]
     plans = [(subset_tensors(model, reader, g), *_kv_changes(model, reader, g)) for g in groups]
     total = sum(t.n_bytes for tensors, _, _ in plans for t in tensors)
     written, done = 0, 0
+    new_dir = _atomic.temp_sibling(out)
+    new_dir.mkdir()
     try:
-        for (tensors, changes, _), tmp in zip(plans, temps, strict=True):
+        for (tensors, changes, _), p in zip(plans, paths, strict=True):
             base = done
 
             def step(d: int, _t: int, base: int = base) -> None:
                 if progress:
                     progress(base + d, total)
 
-            written += write_gguf(reader, tmp, tensors, changes, step)
+            written += write_gguf(reader, new_dir / p.name, tensors, changes, step)
             done += sum(t.n_bytes for t in tensors)
         doc = {
             "source": str(src),
@@ -382,16 +382,9 @@ def split_gguf(
             ],
             "note": "experts[block][i] is the source expert id of the group's expert i",
         }
-        mtmp = new_dir / manifest.name if new_dir is not None else _atomic.temp_sibling(manifest)
-        mtmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-        temps.append(mtmp)
+        (new_dir / MANIFEST).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     except BaseException:
-        for t in [new_dir] if new_dir is not None else temps:
-            _atomic.remove(t)
+        _atomic.remove(new_dir)
         raise
-    if new_dir is not None:
-        _atomic.replace_into(new_dir, out, overwrite=False)
-    else:
-        for tmp, p in zip(temps, [*paths, manifest], strict=True):
-            _atomic.replace_into(tmp, p, overwrite)
-    return SplitResult(tuple(paths), groups, manifest, written)
+    _atomic.replace_into(new_dir, out, overwrite)  # the one commit: every part and the manifest at once
+    return SplitResult(tuple(paths), groups, out / MANIFEST, written)
