@@ -374,6 +374,8 @@ def _report_view(report) -> dict:
     d = report.to_dict(layers=True)
     for row in d["rows"]:
         row.pop("fit_seconds")
+    for cal in d["calibration"]:
+        cal.pop("seconds")
     return d
 
 

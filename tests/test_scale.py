@@ -274,10 +274,16 @@ def test_cli_follows_a_capture(tmp_path, store, capsys):
     assert len(lines) >= 3
     for d in lines[:-1]:  # while writing: finished sequences only, prefetch held back
         n = d["store"]["tokens_analysed"]
-        assert not d["store"]["store_complete"] and "prefetch" not in d and n in trace.seq_starts
+        assert not d["store"]["store_complete"] and d["store"]["store_writing"]
+        assert "prefetch" not in d and n in trace.seq_starts
         assert d["counts"]["values"] == select_tokens(trace, 0, n).counts().values.tolist()
     last = lines[-1]
-    assert last["store"] == {"tokens_analysed": 6000, "tokens_committed": 6000, "store_complete": True}
+    assert last["store"] == {
+        "tokens_analysed": 6000,
+        "tokens_committed": 6000,
+        "store_complete": True,
+        "store_writing": False,
+    }
     assert "prefetch" in last and last["counts"]["tokens"] == trace.n_tokens
     code, _, err = run(capsys, "analyze", path, "--follow", "--include-open")
     assert code == 2 and "--include-open" in err
@@ -305,3 +311,23 @@ def test_a_store_behind_an_fsspec_url(store, tmp_path):
     if importlib.util.find_spec("s3fs") is None:
         with pytest.raises(MissingDependencyError, match="pip install s3fs"):
             TraceStore("s3://bucket/run.zarr")
+
+
+def test_follow_stops_on_a_store_whose_writer_is_gone(tmp_path, capsys):
+    """A killed capture's store never completes: --follow analyses what was committed and returns."""
+    import json
+
+    from conftest import random_trace, run
+    from moescope.store import TraceWriter
+
+    path = tmp_path / "killed.zarr"
+    tr = random_trace(n_tokens=40, n_seq=4, weights=None, labels=False)
+    w = TraceWriter(path, n_layers=tr.n_layers, top_k=tr.top_k, n_experts=tr.n_experts, chunk_tokens=8, atomic=False)
+    w.append(tr.experts[:30], seq_starts=tr.seq_starts[tr.seq_starts < 30])
+    w.flush()
+    del w  # "killed": the lock goes with the process, the store stays incomplete
+    code, out, err = run(capsys, "analyze", path, "--follow", "--interval", "0.1", "--only", "counts", "--json")
+    assert code == 0, err
+    last = json.loads(out.splitlines()[-1])
+    assert last["store"]["store_complete"] is False and last["store"]["store_writing"] is False
+    assert "stopped without closing it" in err

@@ -144,8 +144,16 @@ def split_halves(trace: RoutingTrace) -> tuple[RoutingTrace, RoutingTrace]:
     return split_part(trace, "train"), split_part(trace, "test")
 
 
-def parse_ranges(text: str, what: str = "value") -> list[int]:
-    """Parse ``"0,3,5-8"`` (non-negative integers, inclusive ranges) into ``[0, 3, 5, 6, 7, 8]``."""
+MAX_RANGE_ITEMS = 1 << 22  # integers one range list may expand to (4M; a list of sequences or layers is far shorter)
+MAX_RANGE_VALUE = (1 << 31) - 1  # ids, counts and budgets all fit int32
+
+
+def parse_ranges(text: str, what: str = "value", max_items: int = MAX_RANGE_ITEMS) -> list[int]:
+    """Parse ``"0,3,5-8"`` (non-negative integers, inclusive ranges) into ``[0, 3, 5, 6, 7, 8]``.
+
+    Values above `MAX_RANGE_VALUE` and lists expanding to more than `max_items` integers are refused before
+    anything is built (``2-3000000000`` would be a 3-billion-element list).
+    """
     out: list[int] = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
@@ -158,10 +166,20 @@ def parse_ranges(text: str, what: str = "value") -> list[int]:
             a, b = 0, -1
         if a < 0 or b < a:
             raise UsageError(
-                f"cannot read {what} list {text!r} at {part!r}; use non-negative integers and inclusive "
-                f"ranges like 0,3,5-8"
+                f"cannot read {what} list {_short(text)!r} at {_short(part)!r}; use non-negative integers and "
+                "inclusive ranges like 0,3,5-8"
+            )
+        if b > MAX_RANGE_VALUE:
+            raise UsageError(f"{what} {part!r}: {b:,} is above the largest accepted value {MAX_RANGE_VALUE:,}")
+        if len(out) + (b - a + 1) > max_items:
+            raise UsageError(
+                f"{what} list {_short(text)!r} expands to more than {max_items:,} values; give a shorter range"
             )
         out.extend(range(a, b + 1))
     if not out:
-        raise UsageError(f"empty {what} list {text!r}; give integers like 0,3,5-8")
+        raise UsageError(f"empty {what} list {_short(text)!r}; give integers like 0,3,5-8")
     return out
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from moescope import _atomic
-from moescope.errors import UsageError
+from moescope.errors import FormatError, UsageError
 from moescope.trace import ExpertCounts, RoutingTrace, expert_mass
 
 CSV_HEADER = ("layer", "expert", "rank", "count", "gate_mass", "share")
@@ -99,23 +100,14 @@ def read_ranking_csv(path: str | Path) -> Ranking:
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"ranking {str(p)!r} does not exist; write one with `moescope rank TRACE -o ranking.csv`")
-    with p.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        missing = {"layer", "expert", "rank"} - set(reader.fieldnames or ())
-        if missing:
-            raise UsageError(
-                f"ranking {str(p)!r} lacks column(s) {sorted(missing)}; expected a header "
-                f"{','.join(CSV_HEADER)} (as `moescope rank -o` writes)"
-            )
-        rows: dict[int, list[tuple[int, int, int, float | None]]] = {}
-        for n, row in enumerate(reader, 2):
-            try:
-                layer, expert, rank = int(row["layer"]), int(row["expert"]), int(row["rank"])
-                count = int(row["count"]) if row.get("count") not in (None, "") else 0
-                gm = float(row["gate_mass"]) if row.get("gate_mass") not in (None, "") else None
-            except ValueError:
-                raise UsageError(f"ranking {str(p)!r} line {n}: {dict(row)} is not numeric where it must be") from None
-            rows.setdefault(layer, []).append((rank, expert, count, gm))
+    try:
+        with p.open(newline="", encoding="utf-8") as fh:
+            rows = _ranking_rows(csv.DictReader(fh), p)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise FormatError(
+            f"ranking {str(p)!r} is not a CSV text file ({type(exc).__name__}: {exc}); write one with "
+            "`moescope rank TRACE -o ranking.csv`"
+        ) from None
     if not rows:
         raise UsageError(f"ranking {str(p)!r} has no rows")
     sizes = {len(v) for v in rows.values()}
@@ -138,6 +130,33 @@ def read_ranking_csv(path: str | Path) -> Ranking:
             has_gate = has_gate and gm is not None
             gate[i, e] = gm or 0.0
     return Ranking(layer_ids, order, counts, gate if has_gate else None, "counts")
+
+
+def _ranking_rows(reader: Any, p: Path) -> dict[int, list[tuple[int, int, int, float | None]]]:
+    """Rows of a ranking CSV by layer: (rank, expert, count, gate mass or None); numbers checked."""
+    missing = {"layer", "expert", "rank"} - set(reader.fieldnames or ())
+    if missing:
+        raise UsageError(
+            f"ranking {str(p)!r} lacks column(s) {sorted(missing)}; expected a header "
+            f"{','.join(CSV_HEADER)} (as `moescope rank -o` writes)"
+        )
+    rows: dict[int, list[tuple[int, int, int, float | None]]] = {}
+    for n, row in enumerate(reader, 2):
+        try:
+            layer, expert, rank = int(row["layer"]), int(row["expert"]), int(row["rank"])
+            count = int(row["count"]) if row.get("count") not in (None, "") else 0
+            gm = float(row["gate_mass"]) if row.get("gate_mass") not in (None, "") else None
+        except (TypeError, ValueError):
+            raise UsageError(
+                f"ranking {str(p)!r} line {n}: {str(dict(row))[:200]} is not numeric where it must be (or a "
+                "column is missing)"
+            ) from None
+        if min(layer, expert, rank, count) < 0 or max(layer, expert, rank, count) >= 1 << 31:
+            raise UsageError(f"ranking {str(p)!r} line {n}: layer, expert, rank and count must be in 0..2^31-1")
+        if gm is not None and not math.isfinite(gm):
+            raise UsageError(f"ranking {str(p)!r} line {n}: gate_mass {gm!r} is not a finite number")
+        rows.setdefault(layer, []).append((rank, expert, count, gm))
+    return rows
 
 
 def write_ranking_csv(ranking: Ranking, path: str | Path, overwrite: bool = False) -> Path:
@@ -196,8 +215,8 @@ def read_groups_file(path: str | Path) -> list[dict[int, list[int]]]:
     p = Path(path)
     try:
         doc = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"--groups-file {str(p)!r} is not readable JSON ({exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise UsageError(f"--groups-file {str(p)!r} is not readable JSON ({type(exc).__name__}: {exc})") from None
     raw = doc.get("groups") if isinstance(doc, dict) else None
     if not isinstance(raw, list) or not raw or not all(isinstance(g, dict) for g in raw):
         raise UsageError(
@@ -206,10 +225,20 @@ def read_groups_file(path: str | Path) -> list[dict[int, list[int]]]:
         )
     groups = []
     for gi, g in enumerate(raw):
+        ok = all(isinstance(v, list) and all(_is_id(x) for x in v) for v in g.values())
         try:
-            groups.append({int(b): [int(x) for x in v] for b, v in g.items()})
-        except (TypeError, ValueError):
+            layers = [int(b) for b in g]
+        except ValueError:
+            ok = False
+        if not ok or any(b < 0 for b in layers):
             raise UsageError(
-                f"--groups-file {str(p)!r} group {gi}: keys must be layer numbers and values lists of expert ids"
-            ) from None
+                f"--groups-file {str(p)!r} group {gi}: keys must be layer numbers and values lists of integer "
+                'expert ids, e.g. {"3": [0, 5, 7]}'
+            )
+        groups.append({int(b): [int(x) for x in v] for b, v in g.items()})
     return groups
+
+
+def _is_id(x: Any) -> bool:
+    """A JSON expert id: an integer (not a bool, not a float like 1.5), 0 .. 2^31-1."""
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 31

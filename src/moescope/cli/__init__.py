@@ -8,11 +8,14 @@ expected and the fix; the traceback only with ``--verbose``).
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import traceback
-from typing import Annotated
+from typing import Annotated, Any
 
+import click
 import typer
+import typer.main
 
 from moescope import __version__
 from moescope.cli import _common
@@ -101,12 +104,98 @@ def hoist_global_flags(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the `moescope` console script."""
+    """Entry point of the `moescope` console script: the one exception boundary.
+
+    A `MoescopeError` (bad input or usage) and the failures bad input or the machine can cause anywhere below
+    (`expected_failure`: I/O and permissions, undecodable or corrupt data, overflow, nesting, memory) print
+    one line and exit 2; anything else is a bug in moescope: one line saying so, exit 1. ``-v`` adds the
+    traceback to either.
+    """
     argv = hoist_global_flags(list(sys.argv[1:] if argv is None else argv))
     try:
-        app(args=argv, prog_name="moescope")
-    except MoescopeError as exc:
+        command()(args=argv, prog_name="moescope")
+    except KeyboardInterrupt:
+        print("error: interrupted; outputs not finished were removed", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:
         if _common.STATE.verbose:
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        line = expected_failure(exc)
+        if line is not None:
+            print(f"error: {line}", file=sys.stderr)
+            sys.exit(2)
+        print(
+            f"error: internal error ({type(exc).__name__}: {_one_line(exc)}); this is a bug in moescope: rerun "
+            "with -v for the traceback and report it",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+
+
+class FiniteFloat(click.ParamType):
+    """A float option that refuses inf and nan (``--vram 1e999``, ``--pcie-gbps nan``), keeping the option's
+    own type (and range, for `click.FloatRange`) for everything else."""
+
+    name = "float"
+
+    def __init__(self, inner: click.ParamType) -> None:
+        self.inner = inner
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        out = self.inner.convert(value, param, ctx)
+        if isinstance(out, float) and not math.isfinite(out):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return out
+
+    def get_metavar(self, *args: Any, **kwargs: Any) -> str | None:
+        return self.inner.get_metavar(*args, **kwargs)
+
+
+def command() -> click.Command:
+    """The click command of `app`, every float option made finite-only (`FiniteFloat`)."""
+    cmd = typer.main.get_command(app)
+    stack = [cmd]
+    while stack:
+        c = stack.pop()
+        for param in c.params:
+            if isinstance(param.type, click.types.FloatParamType):
+                param.type = FiniteFloat(param.type)
+        stack.extend(getattr(c, "commands", {}).values())
+    return cmd
+
+
+def _one_line(exc: BaseException, limit: int = 400) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def expected_failure(exc: BaseException) -> str | None:
+    """The one-line message for a failure bad input or the machine can cause, or None for a bug."""
+    import json
+    import zipfile
+    import zlib
+
+    if isinstance(exc, MoescopeError):
+        return _one_line(exc)
+    if isinstance(exc, PermissionError):
+        return f"permission denied: {exc.filename or _one_line(exc)!s}; check the path's permissions or pick another"
+    if isinstance(exc, FileNotFoundError):
+        return f"no such file or folder: {exc.filename or _one_line(exc)!s}; check the path"
+    if isinstance(exc, IsADirectoryError | NotADirectoryError):
+        return f"{exc.filename or ''}: {exc.strerror or _one_line(exc)}; check that the path is a file / a folder"
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        why = exc.strerror or _one_line(exc)
+        return f"{where}{why} (OS error {exc.errno}); check the disk, the path and its permissions"
+    if isinstance(exc, zipfile.BadZipFile | zlib.error | EOFError | UnicodeDecodeError | json.JSONDecodeError):
+        what = f"{type(exc).__name__}: {_one_line(exc)}"
+        return f"an input is corrupt or truncated ({what}); re-create or re-download it"
+    if isinstance(exc, RecursionError):
+        return "an input is nested too deeply to read (RecursionError); it is not a file moescope writes or reads"
+    if isinstance(exc, OverflowError):
+        return f"a value is too large ({_one_line(exc)}); check the numbers given and the input's declared sizes"
+    if isinstance(exc, MemoryError):
+        return (
+            "out of memory; read fewer layers (--layers) or tokens (trace slice), or use `moescope analyze` (chunked)"
+        )
+    return None

@@ -16,6 +16,7 @@ import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
 from moescope.imports import READERS, ImportOptions
 from moescope.slicing import parse_ranges
@@ -205,7 +206,14 @@ def expert_sizes(
 
 # -- output ----------------------------------------------------------------------------------------
 def console() -> Console:
-    return Console(file=sys.stdout, soft_wrap=False)
+    """stdout, markup off: names from inputs (labels, model names, paths) may hold ``[...]``, which rich would
+    parse as markup (and fail on ``[/]``); styled text is built as `rich.text.Text` (`styled`) instead."""
+    return Console(file=sys.stdout, soft_wrap=False, markup=False)
+
+
+def styled(text: str, style: str) -> Text:
+    """`text` printed in `style` (e.g. "green", "bold") by a markup-free console."""
+    return Text(text, style=style)
 
 
 def _json_default(o: Any) -> Any:

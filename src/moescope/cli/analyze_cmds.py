@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from moescope.cli import _common as c
 
@@ -60,12 +61,15 @@ def concentration(
             f"{r.gini:.3f}",
         )
     con.print(table)
-    verdict = "[green]a per-expert cache helps[/]"
+    verdict = c.styled("a per-expert cache helps", "green")
     if not result.cache_helps:
-        verdict = "[yellow]a per-expert cache helps little[/]"
+        verdict = c.styled("a per-expert cache helps little", "yellow")
     con.print(
-        f"median hot fraction {result.median_hot_frac:.1%} vs threshold {result.threshold:.0%}: {verdict} "
-        f"(median concentration {result.median_concentration:.3f})"
+        Text.assemble(
+            f"median hot fraction {result.median_hot_frac:.1%} vs threshold {result.threshold:.0%}: ",
+            verdict,
+            f" (median concentration {result.median_concentration:.3f})",
+        )
     )
 
 
@@ -99,11 +103,11 @@ def rank(
 
     Example: `moescope rank run.zarr --by gate -o ranking.csv --group-top 16`
     """
-    from moescope._atomic import check_output
+    from moescope._atomic import FILE, check_output
     from moescope.analyze import rank_experts, write_ranking_csv
 
     if out is not None:
-        check_output(out, overwrite)
+        check_output(out, overwrite, kind=FILE, inputs=(src, groups_file, inputs.phys_to_log))
     data = inputs.read(src)
     ranking = rank_experts(data, by)
     groups = _groups(ranking, group_top, groups_file)

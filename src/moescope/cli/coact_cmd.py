@@ -59,7 +59,7 @@ def coact(
 
     Example: `moescope coact run.zarr --groups 8 --n-null 3 --matrix-out coact.npz`
     """
-    from moescope._atomic import check_output
+    from moescope._atomic import FILE, check_output
     from moescope.analyze.coact import coactivation, write_coact_npz
     from moescope.errors import UsageError
     from moescope.slicing import parse_ranges
@@ -67,7 +67,7 @@ def coact(
     if null not in NULLS:
         raise UsageError(f"--null {null!r} is not one of {', '.join(NULLS)}")
     if matrix_out is not None:
-        check_output(matrix_out, overwrite)
+        check_output(matrix_out, overwrite, kind=FILE, inputs=(src, inputs.phys_to_log))
     trace = inputs.read_trace(src, "moescope coact")
     keep = None if layers is None else parse_ranges(layers, "--layers")
     with c.lazy_progress("co-activation") as bar:
@@ -109,14 +109,19 @@ def coact(
             f"{r.excess:.2f}" + (" *" if r.grouped else ""),
             f"{r.intra_share_observed:.0%}/{r.intra_share_expected:.0%}",
             f"{r.top_pair[0]}-{r.top_pair[1]} {r.top_pair_lift:.1f}x",
-            "[green]yes[/]" if r.structured else "no",
+            c.styled("yes", "green") if r.structured else "no",
         )
     con = c.console()
     con.print(table)
-    verdict = "[green]real pairwise structure[/]" if result.structured else "[yellow]no real pairwise structure[/]"
+    verdict = (
+        c.styled("real pairwise structure", "green")
+        if result.structured
+        else c.styled("no real pairwise structure", "yellow")
+    )
     pairs = "n/a" if result.median_pair_excess is None else f"{result.median_pair_excess:.2f}"
+    con.print(f"{result.structured_layers}/{len(result.layers)} layers structured: ", verdict, ".", sep="", end=" ")
     con.print(
-        f"{result.structured_layers}/{len(result.layers)} layers structured: {verdict}. Pair test (no group count): "
+        "Pair test (no group count): "
         f"the most-linked pairs fire together {pairs}x as often as in the null (median; a layer passes at >= "
         f"{result.min_pair_excess:.2f} and null + {result.null_z:.0f} std). {result.n_groups} groups capture it in "
         f"{result.grouped_layers} layers (* excess >= {result.min_excess:.2f}; median gain {result.median_gain:.3f} vs "

@@ -49,9 +49,11 @@ def demo(
     con = c.console()
     i = result.info
     con.print(
-        f"[bold]moescope demo[/bold]: {i['meta'].get('model')}\n"
+        c.styled("moescope demo", "bold"),
+        f": {i['meta'].get('model')}\n"
         f"{i['tokens']:,} tokens in {i['sequences']:,} sequences ({', '.join(i['labels'])}), "
-        f"{i['layers']} MoE layers x {i['n_experts']} experts, top-{i['top_k']}"
+        f"{i['layers']} MoE layers x {i['n_experts']} experts, top-{i['top_k']}",
+        sep="",
     )
     table = Table(title="what the measurements say", title_justify="left", show_lines=True)
     table.add_column("question")
@@ -59,7 +61,9 @@ def demo(
     for question, answer in _verdicts(result):
         table.add_row(question, answer)
     con.print(table)
-    con.print(f"[bold]report[/bold]: {result.outputs['report']}  (open it in a browser; it works offline)")
+    con.print(
+        c.styled("report", "bold"), f": {result.outputs['report']}  (open it in a browser; it works offline)", sep=""
+    )
     con.print("other outputs: " + ", ".join(f"{k} {v}" for k, v in result.outputs.items() if k != "report"))
 
 

@@ -137,7 +137,7 @@ def place(
 
     Example: `moescope place run.zarr --devices 4,8 --method frequency,coact-refined --export placement.json`
     """
-    from moescope._atomic import check_output
+    from moescope._atomic import FILE, check_output
     from moescope.errors import UsageError
     from moescope.place import compare_placements, write_eplb_map, write_placement
     from moescope.slicing import parse_ranges
@@ -147,7 +147,7 @@ def place(
     params = _params(cv_margin, max_mean_margin, balance_margin, drift_margin)
     for out in (export, export_eplb):
         if out is not None:
-            check_output(out, overwrite)
+            check_output(out, overwrite, kind=FILE, inputs=(src, inputs.phys_to_log))
     d_exp, m_exp = 0, ""
     if (export or export_eplb) is not None:
         d_exp = devices_for_export or max(devs)

@@ -83,7 +83,7 @@ def analyze(
         try:
             while True:
                 run.update()
-                if run.complete:
+                if run.complete or not run.writing:  # closed, or its writer is gone: it will not grow
                     break
                 if run.tokens > shown and run.tokens > 0:
                     _emit(run, run.results(one_pass_only=True), store, as_json, lines=True)
@@ -102,13 +102,15 @@ def _emit(run: Any, res: dict[str, Any], store: str, as_json: bool, lines: bool)
         "tokens_analysed": run.tokens,
         "tokens_committed": run.committed,
         "store_complete": run.complete,
+        "store_writing": run.writing,
     }
     if as_json:
         obj = {"store": state, **{name: _jsonable(v) for name, v in res.items()}}
         (c.print_json_line if lines else c.print_json)(obj)
         return
     note = "" if run.complete else (
-        f" of {run.committed:,} committed; the capture is still writing"
+        f" of {run.committed:,} committed; "
+        + ("the capture is still writing" if run.writing else "INCOMPLETE: its writer stopped without closing it")
         + (" (last sequence as committed so far)" if run.include_open else " (finished sequences only)")
     )  # fmt: skip
     name = store.rstrip("/").rsplit("/", 1)[-1]

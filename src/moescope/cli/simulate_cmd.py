@@ -190,11 +190,13 @@ def _print(out: dict[str, Any], runs: list[Any], main: Any, prefill: list[Any], 
     con = c.console()
     m = main.machine
     con.print(
-        f"[bold]decode timeline[/bold]: {test.n_tokens:,} tokens x {test.n_layers} MoE layers, top-{test.top_k} of "
+        c.styled("decode timeline", "bold"),
+        f": {test.n_tokens:,} tokens x {test.n_layers} MoE layers, top-{test.top_k} of "
         f"{test.n_experts}; machine {m.name}: GPU {m.gpu_gbps:g} GB/s, CPU {m.cpu_gbps:g} GB/s, PCIe "
         f"{m.pcie_gbps:g} GB/s + {m.pcie_latency_us:g} us per transfer; expert {format_bytes(float(np.mean(eb)))}, "
         f"dense {format_bytes(out['dense_bytes'])} per token; "
-        + ("learned on first halves, simulated on second halves" if out["split"] == "test" else "IN-SAMPLE")
+        + ("learned on first halves, simulated on second halves" if out["split"] == "test" else "IN-SAMPLE"),
+        sep="",
     )
     vram = slot_bytes(eb) * main.slots
     t = Table(

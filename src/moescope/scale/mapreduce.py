@@ -128,7 +128,8 @@ def _map_chunk(
 ) -> Partial:
     """One task: read tokens lo:hi of the store and return every analysis' partial, keys prefixed (the
     first pass with `learned` None, else the second pass of the analyses named in `learned`)."""
-    chunk = TraceStore(path).read(lo, hi, layers=layers).trace
+    # the run's own opening warned about an incomplete store once; a Dask worker would warn again
+    chunk = TraceStore(path, warn_incomplete=False).read(lo, hi, layers=layers).trace
     params = {**params, "token_offset": lo}  # where the chunk sits in the store (a seeded shuffle keys on it)
     out: Partial = {}
     first_pass: dict[Any, Partial] = {}  # analyses sharing a map function (counts, ranking, ...) map once
@@ -219,6 +220,7 @@ class ChunkedRun:
         self.tokens = 0  # tokens mapped so far (always a sequence boundary unless include_open)
         self.committed = store.n_tokens  # committed tokens at the last update
         self.complete = False  # the writer had closed the store at the last update
+        self.writing = False  # a live process held the store's writer lock at the last update
         self._total: Partial = {}
         self._open_tail = False  # the last update mapped a sequence that may still go on
         self._stack = contextlib.ExitStack()
@@ -244,6 +246,7 @@ class ChunkedRun:
             raise UsageError("this run already mapped an unfinished sequence (include_open); start a new run")
         store = TraceStore(self.path)
         self.complete, self.committed = store.complete, store.n_tokens
+        self.writing = store.writer is not None
         stop = store.n_tokens if self.include_open else finished_tokens(store)
         if stop <= self.tokens:
             return 0
