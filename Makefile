@@ -8,7 +8,7 @@ DEV := $(VENV)/.moescope-dev
 # the CPU build of torch on this machine's disk (a plain `torch` would pull a multi-GB CUDA build)
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench fuzz clean
 
 $(BASE): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,5 +39,10 @@ lint: $(DEV)
 bench: $(DEV)
 	$(PY) bench/run.py --out bench/results
 
+# the fuzz suite's long tier (the fast tier runs in `make test`): 2,400 mutated inputs and hostile arguments
+# through the CLI, each in a child with a memory cap and a time limit; a table per format, exit 1 on a finding
+fuzz: $(DEV)
+	$(PY) tools/fuzz.py --cases 2400 --seed 1 --out fuzz-results.json
+
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache .ruff_cache
+	rm -rf $(VENV) demo-out .pytest_cache .ruff_cache fuzz-results.json
