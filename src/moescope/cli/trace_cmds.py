@@ -55,7 +55,8 @@ def _print_info(d: dict[str, Any]) -> None:
         if d.get("labels"):
             head.add_row("labels", ", ".join(d["labels"]))
         if "complete" in d and not d["complete"]:
-            head.add_row("status", c.styled("incomplete: the writer did not close (committed tokens shown)", "yellow"))
+            why = d.get("incomplete") or "incomplete: the writer did not close (committed tokens shown)"
+            head.add_row("status", c.styled(why, "yellow"))
     else:
         head.add_row("kind", "aggregate counts (no token order)" + (", shares" if d["normalized"] else ""))
         head.add_row("tokens", "unknown" if d["tokens"] is None else f"{d['tokens']:,}")
@@ -114,7 +115,8 @@ def info(
     """
     _atomic.recover(path)  # an interrupted replace of `path` is undone before it is read
     if inputs.fmt in (None, "zarr") and is_store(path) and inputs == c.Inputs(fmt=inputs.fmt) and not (model or mass):
-        d = describe_store(TraceStore(path))  # streams: works on stores larger than memory
+        # streams: works on stores larger than memory; an incomplete store says so in its status row
+        d = describe_store(TraceStore(path, warn_incomplete=False))
     else:
         data = inputs.read(path, model=model, mass=mass)
         d = describe_trace(data) if isinstance(data, RoutingTrace) else describe_counts(data)
