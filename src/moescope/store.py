@@ -70,6 +70,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from moescope import _atomic
+from moescope._store_lock import WriterLock, _clock, _is_int, _short  # WriterLock: also moescope.store's
 from moescope.errors import FormatError, MissingDependencyError, MoescopeError, TraceError, UsageError
 from moescope.trace import (
     EXPERT_DTYPE,
@@ -115,19 +116,8 @@ def is_url(path: str | os.PathLike) -> bool:
     return isinstance(path, str) and "://" in path
 
 
-def _short(value: Any, limit: int = 80) -> str:
-    """`value` for a one-line message: its repr (an exception: its text), first line, at most `limit` chars."""
-    text = str(value) if isinstance(value, BaseException) else repr(value)
-    text = text.strip().splitlines()[0] if text.strip() else text
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 # ----------------------------------------------------------------------------------------------
 # the group attributes, as data: each one's check, what a message says is expected, its default
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_count(v: Any) -> bool:
@@ -322,9 +312,6 @@ def _open_url(url: str) -> tuple[zarr.Group, _StrictStore]:
             f"moescope trace convert and copy the folder there"
         )
     return group, strict
-
-
-from moescope._store_lock import WriterLock, _clock  # noqa: E402 - re-exported: moescope.store.WriterLock
 
 
 class TraceWriter:
