@@ -1,8 +1,9 @@
 """The `moescope` command line: a thin layer over the library.
 
 Results go to stdout (tables, or JSON with ``--json``); diagnostics go to stderr through `logging`.
-Exit codes: 0 ok, 1 a check failed, 2 bad usage or bad input (one line naming the value, what was
-expected and the fix; the traceback only with ``--verbose``).
+Exit codes: 0 ok; 2 bad usage or bad input, or a failure the disk, permissions or memory caused (one line
+naming the value, what was expected and the fix); 1 a check failed (``plan --verify``) or a bug in moescope
+(one line saying so). ``--verbose`` adds the traceback.
 """
 
 from __future__ import annotations
