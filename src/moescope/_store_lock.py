@@ -99,6 +99,16 @@ class WriterLock:
             return None
         return held if held is not None and held.live else None
 
+    @classmethod
+    def clear_dead(cls, store: Path) -> bool:
+        """Remove the lock of `store` left by a writer on this host that is no longer running (readers call this,
+        so a killed writer's lock does not outlive the next run); True when one was removed."""
+        try:
+            held = cls._read(cls.file_for(store))
+        except _BadLock:
+            return False
+        return held is not None and not held.live and held._break()
+
     def busy(self, store: Path) -> UsageError:
         """The error for another writer of `store` while this lock is live."""
         here = self.host == socket.gethostname()

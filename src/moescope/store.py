@@ -844,6 +844,8 @@ class TraceStore:
                     f"{self._where}: seq_label_codes holds {bad} but there are {len(names)} label_names; {_FIX}"
                 )
             self.seq_labels = np.asarray(names, dtype=str)[codes]
+        if not is_url(path):
+            WriterLock.clear_dead(self.path)  # a killed writer's lock goes with the next read
         self.writer = None if self.complete or is_url(path) else WriterLock.holder(self.path)
         self.incomplete_notice: str | None = None
         if not self.complete:
