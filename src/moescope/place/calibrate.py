@@ -5,8 +5,8 @@ within frequency's + ``cv_margin``, max/mean load within frequency's + ``max_mea
 can only hold caps on the tokens it is fitted to, and scored loads drift from those, so the train margin
 ``b`` (`PlaceParams.balance_margin`) that keeps the scored constraint is not the stated one. `calibrate`
 picks it without looking at the scored tokens: it splits the *fitting* data once more, the way the real fit
-is scored (`TrainData.protocol`), fits coact-refined on one part for candidate margins and keeps the largest
-``b`` whose placement holds both stated margins on the other part (mean over layers, as the scored rule).
+is scored (`TrainData.protocol`), fits coact-refined on one part for each candidate in `GRID` and validates it
+on the other part (figures are means over layers, as the scored rule).
 
 Inner splits, mirroring the protocol:
 
@@ -20,15 +20,21 @@ Inner splits, mirroring the protocol:
   seeded folds of whole sequences;
 - ``all`` (in-sample): the fit is scored on what it is fitted to, so ``b = cv_margin`` without validation.
 
-Search: both ends of [`B_LO`, ``cv_margin + B_ABOVE``] first, then `BISECT_STEPS` halvings towards the
-largest ``b`` that passes (the validated excess grows with ``b`` on average; the result is the largest tried
-``b`` that passed). If even `B_LO` fails, `B_LO` is used and ``met`` is False: the constraint could not be
-held on the validation data with this method family.
+Choice: among the candidates whose validated CV excess and max/mean excess, each plus its standard error
+over the validated layers, stay within their margins, the one with the fewest validated devices per token;
+when none passes, the one closest to passing, with ``met`` False (the constraint could not be held on the
+validation data with this method family; the CLI says so).
 
-Cost: validation refines at most `CAL_LAYERS` evenly spaced layers with `CAL_KICKS` kicks (the starts are
-fitted once per fold); with 48 layers that is about a sixth of the layers, times 7 margins, times a quarter
-of the kicks. These three constants bound time, not results; they were set for the 60 s budget of
-``moescope place`` at 1M tokens x 48 layers x 128 experts (bench ``place_speed``), not on any result.
+`GRID` spans train margins from 0.125 below the stated one (tighter than frequency's own train CV at the
+default 0.05) to 0.15 above, each with the drift cap off and at 0.25 (the drift cap's earlier hand-set
+default; whether it helps is now decided by the validation, not assumed). The grid is broad on purpose;
+the choice inside it is the validation's.
+
+Cost: validation refines at most `CAL_LAYERS` evenly spaced layers with `CAL_KICKS` kicks and `CAL_TOKENS`
+tokens per layer (the starts are fitted once per fold); with 48 layers that is a sixth of the layers, times
+12 candidates, times a quarter of the kicks and half the tokens. These constants bound time, not results;
+they were set for the 60 s budget of ``moescope place`` at 1M tokens x 48 layers x 128 experts (bench
+``place_speed``), not on any result.
 
 No I/O.
 

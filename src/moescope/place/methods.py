@@ -31,13 +31,14 @@ The stated constraint is on the *scored* tokens: load CV within frequency's + ``
 load within frequency's + ``max_mean_margin``. Scored loads drift from train loads, and experts chosen
 together drift together, so a placement held to exactly these margins on its train tokens overshoots them on
 held-out ones (on ESFT/DeepSeek-V2-Lite a train CV margin of 0 already gave +0.03..+0.05 held-out). Unless
-``balance_margin`` fixes ``b``, it is chosen per D by validation inside the fitting data
-(`moescope.place.calibrate`): the largest train margin whose placement, fitted on one part of the train
-data, keeps both stated margins on another part, split the way the real fit is scored.
+``balance_margin`` fixes ``b``, it is chosen per D, with the drift cap, by validation inside the fitting
+data (`moescope.place.calibrate`): the candidate whose placement, fitted on one part of the train data, cuts
+devices per token most while keeping both stated margins on another part, split the way the real fit is
+scored.
 
-An optional drift cap (``drift_margin``) also bounds the **drift CV** (`moescope.place.data`) at
-frequency's times ``1 + drift_margin``. It was the earlier, hand-set guard against the same overshoot; it
-is off by default, since the validated margin measures the overshoot instead of guessing it.
+The drift cap (``drift_margin``) bounds the **drift CV** (`moescope.place.data`) at frequency's times
+``1 + drift_margin``. It was the earlier, hand-set guard against the same overshoot; with ``balance_margin``
+given it is off unless asked for, and with the validation it is one of the candidates (off, or 0.25).
 
 No I/O.
 
