@@ -284,17 +284,24 @@ def _print(report, src: Path) -> None:
 
 
 def _print_layers(report) -> None:
-    """Per MoE layer at the largest D: each replica-free method's devices/token, load CV and max/mean load."""
+    """Per MoE layer at the largest D: each replica-free method's devices/token, load CV, max/mean load and the
+    most experts one device holds."""
     d = max(r.n_devices for r in report.rows)
     rows = [r for r in report.rows if r.n_devices == d and r.replicas == 0]
     table = Table(
-        title=f"per layer at D={d}: devices/token, load CV, max/mean load (scored tokens)", title_justify="left"
+        title=f"per layer at D={d}: devices/token / load CV / max/mean load (scored tokens) / experts on the "
+        "fullest device",
+        title_justify="left",
     )
     table.add_column("layer", justify="right")
     for r in rows:
         table.add_column(r.method, justify="right")
     for i, lid in enumerate(report.layer_ids.tolist()):
-        cells = [f"{r.score.devices_per_token[i]:.2f} / {r.score.cv[i]:.3f} / {r.score.max_mean[i]:.2f}" for r in rows]
+        cells = [
+            f"{r.score.devices_per_token[i]:.2f} / {r.score.cv[i]:.3f} / {r.score.max_mean[i]:.2f} / "
+            f"{int(r.score.experts_per_device[i].max())}"
+            for r in rows
+        ]
         table.add_row(str(lid), *cells)
     c.console().print(table)
 
