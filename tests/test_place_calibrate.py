@@ -9,7 +9,7 @@ import pytest
 
 from conftest import random_trace
 from moescope.place import PlaceParams, TrainData, compare_placements
-from moescope.place.calibrate import FALLBACK, GRID, Calibration, _over, calibrate, inner_splits
+from moescope.place.calibrate import FALLBACK, GRID, Calibration, calibrate, inner_splits
 from moescope.place.methods import METHODS
 from moescope.slicing import split_halves
 from moescope.synth import SynthSpec, synth_trace
@@ -78,7 +78,7 @@ def test_the_stated_margins_drive_the_choice():
     strict_params = PlaceParams(kicks=4, cv_margin=0.0, max_mean_margin=0.0)
     strict = calibrate(train, 4, strict_params)
     if not strict.met:
-        assert strict.chosen == min(strict.trials, key=lambda t: _over(t, strict_params))
+        assert strict.chosen == min(strict.trials, key=lambda t: t.over(strict_params))
 
 
 def test_in_sample_and_unsplittable_fits():

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from moescope.cli import _common as c
-from moescope.place.methods import METHODS
+from moescope.place.methods import CV_MARGIN, MAX_MEAN_MARGIN, METHODS
 
 _METHOD_HELP = (
     "Methods, comma-separated (default: "
@@ -54,13 +54,13 @@ def place(
         typer.Option(
             "--cv-margin", help="Refined methods' constraint: scored load CV at most frequency's + this (e.g. 0.05)."
         ),
-    ] = 0.05,
+    ] = CV_MARGIN,
     max_mean_margin: Annotated[
         float,
         typer.Option(
             "--max-mean-margin", help="Refined methods' constraint: scored max/mean load at most frequency's + this."
         ),
-    ] = 0.10,
+    ] = MAX_MEAN_MARGIN,
     balance_margin: Annotated[
         str,
         typer.Option(
@@ -312,7 +312,7 @@ def _reading(report) -> str:
     d = max(r.n_devices for r in report.rows)
     base = report.row(d, "frequency")
     cvm, mmm = report.params.cv_margin, report.params.max_mean_margin
-    ok = [r for r in report.rows if r.n_devices == d and r.replicas == 0 and _within(r, cvm, mmm)]
+    ok = [r for r in report.rows if r.n_devices == d and r.replicas == 0 and r.within(report.params)]
     best = min(ok, key=lambda r: r.score.mean_devices)
     if best.method == "frequency":
         return (
@@ -325,10 +325,6 @@ def _reading(report) -> str:
         f"({best.vs_frequency * 100:+.1f}% vs frequency's {base.score.mean_devices:.2f}) at load CV "
         f"{best.score.mean_cv:.3f} (frequency {base.score.mean_cv:.3f}), on {_scored(report)}."
     )
-
-
-def _within(row, cv_margin: float, max_mean_margin: float) -> bool:
-    return row.cv_excess <= cv_margin and row.score.mean_max_mean - row.baseline.mean_max_mean <= max_mean_margin
 
 
 def _scored(report) -> str:

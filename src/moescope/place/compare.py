@@ -60,6 +60,12 @@ class PlacementRow:
         """Mean load CV minus frequency's (replica-free, same D)."""
         return self.score.mean_cv - self.baseline.mean_cv
 
+    def within(self, params: PlaceParams) -> bool:
+        """Within the stated constraint: mean load CV and mean max/mean load at most frequency's plus
+        ``params.cv_margin`` / ``params.max_mean_margin``."""
+        mm_excess = self.score.mean_max_mean - self.baseline.mean_max_mean
+        return self.cv_excess <= params.cv_margin and mm_excess <= params.max_mean_margin
+
     def to_dict(self, layers: bool = False) -> dict[str, Any]:
         score = self.score.to_dict()
         if not layers:

@@ -699,13 +699,7 @@ def _placement(trace: RoutingTrace, cards: list[Card], figures: list[Figure], su
     cvm, mmm = rep.params.cv_margin, rep.params.max_mean_margin
     for n_dev in devs:
         mine = [r for r in rep.rows if r.n_devices == n_dev and r.replicas == 0]
-        ok = [
-            r
-            for r in mine
-            if r.method != "frequency"
-            and r.cv_excess <= cvm
-            and r.score.mean_max_mean - r.baseline.mean_max_mean <= mmm
-        ] or [r for r in mine]
+        ok = [r for r in mine if r.method != "frequency" and r.within(rep.params)] or [r for r in mine]
         best = min(ok, key=lambda r: (r.score.mean_devices, r.method))
         picks.append(best)
         base = best.baseline
