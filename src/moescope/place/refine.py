@@ -319,7 +319,8 @@ def _descend(
                         dv2 += 2.0 * (mcov[e, b] - mcov[e, a] + mcov[g, a] - mcov[g, b]) + 2.0 * (
                             cov[e, e] + cov[g, g] - 2.0 * cov[e, g]
                         )
-                mm2 = _max_mean(dload, a, b, la, lb, i0, i1, i2, mean)
+                # the max/mean after the step, only where a cap reads it (phase 0 looks at the CV alone)
+                mm2 = _max_mean(dload, a, b, la, lb, i0, i1, i2, mean) if mm_cap >= 0 and phase > 0 else 0.0
                 if phase == 0:
                     score, ok = delta + 1e-9 * cv2, True
                 elif phase == 1:
