@@ -41,11 +41,6 @@ def _is_int(v: Any) -> bool:
 # one writer per store path
 
 
-def _pid_alive(pid: int) -> bool:
-    """False only when no process `pid` exists on this host (`moescope._atomic.pid_alive`)."""
-    return _atomic.pid_alive(pid)
-
-
 def _clock(t: float) -> str:
     """``14:02`` today, else ``2025-01-31 14:02`` (local time)."""
     fmt = "%H:%M" if time.localtime(t)[:3] == time.localtime()[:3] else "%Y-%m-%d %H:%M"
@@ -69,7 +64,7 @@ class WriterLock:
 
     @staticmethod
     def file_for(store: Path) -> Path:
-        return store.parent / f".{store.name}.lock"
+        return store.parent / _atomic.STORE_LOCK.format(name=store.name)
 
     @classmethod
     def _read(cls, file: Path) -> WriterLock | None:
@@ -88,7 +83,7 @@ class WriterLock:
     @property
     def live(self) -> bool:
         """Its process runs (or runs on another host, where this cannot be checked)."""
-        return self.host != socket.gethostname() or _pid_alive(self.pid)
+        return self.host != socket.gethostname() or _atomic.pid_alive(self.pid)
 
     @classmethod
     def holder(cls, store: Path) -> WriterLock | None:
@@ -190,7 +185,7 @@ class WriterLock:
             with contextlib.suppress(OSError, ValueError):
                 text = guard.read_text(encoding="ascii").strip()
                 # the guard of a remover that died (its pid written in it), or one abandoned for 10 s
-                if (text.isdigit() and not _pid_alive(int(text))) or time.time() - guard.stat().st_mtime > 10.0:
+                if (text.isdigit() and not _atomic.pid_alive(int(text))) or time.time() - guard.stat().st_mtime > 10.0:
                     guard.unlink()
             return False
         except OSError as exc:

@@ -279,8 +279,8 @@ def _print(report, src: Path) -> None:
         )
     con.print(table)
     for line in _calibration_lines(report):
-        con.print(line, markup=False, highlight=False)
-    con.print(_reading(report), markup=False, highlight=False)
+        con.print(line, highlight=False)
+    con.print(_reading(report), highlight=False)
 
 
 def _print_layers(report) -> None:
