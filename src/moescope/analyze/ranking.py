@@ -210,13 +210,14 @@ def read_groups_file(path: str | Path) -> list[dict[int, list[int]]]:
     """Expert subsets per layer from ``{"groups": [{"<layer>": [expert ids], ...}, ...]}`` (one object per
     group; layers are model layer ids, the GGUF block numbers): what `group_mass` scores and `moescope split
     --mode custom` writes. Checking the ids against a model or trace is the caller's."""
-    import json
+    from moescope.imports.registry import parse_json
 
     p = Path(path)
     try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:
-        raise UsageError(f"--groups-file {str(p)!r} is not readable JSON ({type(exc).__name__}: {exc})") from None
+        text = p.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"--groups-file {str(p)!r} cannot be read ({exc.strerror}); check the path") from None
+    doc = parse_json(text, f"--groups-file {str(p)!r}")  # UTF-8, valid, bounded nesting: else one FormatError
     raw = doc.get("groups") if isinstance(doc, dict) else None
     if not isinstance(raw, list) or not raw or not all(isinstance(g, dict) for g in raw):
         raise UsageError(
