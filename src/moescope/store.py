@@ -774,6 +774,7 @@ class TraceStore:
             self.path: Path | str = str(path)
             self._group, strict = _open_url(self.path)
             raw = self._group.attrs.get(ATTR_KEY)
+            held = None  # no write lock through a URL
         else:
             self.path = Path(path)
             if not self.path.exists():
@@ -781,6 +782,9 @@ class TraceStore:
                     f"trace store {str(self.path)!r} does not exist; give a store written by moescope capture or "
                     f"moescope trace convert"
                 )
+            # the writer before the commit record: a writer releases its lock only after its last commit, so a
+            # store seen without a live writer has its final record on disk when the attributes are read next
+            held = WriterLock.holder(self.path)
             raw, why = _group_attrs(self.path)
             if raw is None and why.startswith("no "):
                 name = self.path.name if self.path.suffix == ".zarr" else f"{self.path.stem or 'OUT'}.zarr"
@@ -844,9 +848,9 @@ class TraceStore:
                     f"{self._where}: seq_label_codes holds {bad} but there are {len(names)} label_names; {_FIX}"
                 )
             self.seq_labels = np.asarray(names, dtype=str)[codes]
-        if not is_url(path):
+        if not is_url(path):  # a store (checked above, so not a stub a dead writer's lock still marks)
             WriterLock.clear_dead(self.path)  # a killed writer's lock goes with the next read
-        self.writer = None if self.complete or is_url(path) else WriterLock.holder(self.path)
+        self.writer = None if self.complete or is_url(path) else held
         self.incomplete_notice: str | None = None
         if not self.complete:
             why, self.incomplete_notice = self._notice(a["meta"].get(INCOMPLETE_KEY))
