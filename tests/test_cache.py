@@ -26,7 +26,7 @@ from moescope.cache import (
 )
 from moescope.cache import kernels as K
 from moescope.errors import UsageError
-from moescope.imports import read_input
+from moescope.imports import read_input, write_output
 from moescope.trace import RoutingTrace
 
 
@@ -414,3 +414,55 @@ def test_misses_per_group_match_the_reference_group_by_group(name, seed):
         ]
         got = policy.misses_per_group(s, capacity)
         assert got.tolist() == np.diff(prefix_misses).tolist(), (name, seed, capacity)
+
+
+def test_gap_closed_and_transfers_vs_lru():
+    rng = np.random.default_rng(3)
+    experts = np.stack([rng.choice(8, 2, replace=False) for _ in range(300)]).astype(np.int16)[:, None, :]
+    tr = RoutingTrace(experts, 8)
+    r = simulate(tr, [4], ["lru", "fifo", "belady"], split="all")
+    rate = dict(zip(r.policies, r.miss_rate()[:, 0], strict=True))
+    rows = {row["policy"]: row for row in r.rows()}
+    gap = rate["lru"] - rate["belady"]
+    assert gap > 0
+    assert rows["lru"]["lru_gap_closed"] == 0 and rows["belady"]["lru_gap_closed"] == pytest.approx(1)
+    assert rows["fifo"]["lru_gap_closed"] == pytest.approx((rate["lru"] - rate["fifo"]) / gap)
+    assert rows["lru"]["transfers_vs_lru"] == 1
+    assert rows["belady"]["transfers_vs_lru"] == pytest.approx(rate["belady"] / rate["lru"])
+    # without LRU in the run there is nothing to close
+    assert all(row["lru_gap_closed"] is None for row in simulate(tr, [4], ["fifo", "belady"]).rows())
+
+
+def test_labels_protocol_fits_on_some_labels_and_replays_others():
+    # sequences labelled "a" use experts 0-3 only, "b" experts 4-7 only
+    rows, starts, labels = [], [], []
+    for i in range(6):
+        starts.append(len(rows))
+        base = 0 if i % 2 == 0 else 4
+        rows += [[base + (t % 2) * 2, base + (t % 2) * 2 + 1] for t in range(10)]
+        labels.append("a" if base == 0 else "b")
+    tr = RoutingTrace(np.array(rows, dtype=np.int16)[:, None, :], 8, seq_starts=starts, seq_labels=labels)
+    r = simulate(tr, [4], ["lfu-static", "lru"], fit_labels=["a"])
+    assert r.split == "labels" and r.fit_labels == ("a",) and r.score_labels == ("b",) and r.tokens == 30
+    rate = dict(zip(r.policies, r.miss_rate()[:, 0], strict=True))
+    assert rate["lfu-static"] == 1.0  # pinned a's experts 0-3; b uses 4-7
+    assert rate["lru"] == pytest.approx(4 / 60)
+    d = r.to_dict()
+    assert d["fit_labels"] == ["a"] and d["score_labels"] == ["b"] and d["split"] == "labels"
+    c = miss_curves(tr, ["lru"], score_labels=["a"])
+    assert c.split == "labels"
+    with pytest.raises(UsageError, match="two protocols"):
+        simulate(tr, [4], ["lru"], split="all", fit_labels=["a"])
+    with pytest.raises(UsageError, match="not in this trace"):
+        simulate(tr, [4], ["lru"], score_labels=["zz"])
+
+
+def test_cli_cache_score_labels(tmp_path, capsys):
+    tr = _halves_trace()
+    write_output(tr.replace(seq_labels=["x", "y", "z"] * 2), tmp_path / "l.npz")
+    code, out, _ = run(capsys, "cache", tmp_path / "l.npz", "--capacity", "4", "--score-labels", "z")
+    flat = " ".join(out.split())
+    assert code == 0 and "fitted on x+y sequences, scored on z" in flat and "gap closed" in flat
+    code, out, _ = run(capsys, "cache", tmp_path / "l.npz", "--capacity", "4", "--fit-labels", "x", "--json")
+    d = json.loads(out)["table"]
+    assert code == 0 and d["score_labels"] == ["y", "z"] and d["rows"][0]["transfers_vs_lru"] is not None

@@ -106,6 +106,35 @@ def select_labels(trace: RoutingTrace, labels: Sequence[str]) -> RoutingTrace:
     return out
 
 
+def label_protocol(
+    trace: RoutingTrace, fit_labels: Sequence[str] | None, score_labels: Sequence[str] | None
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The (fit, score) labels of the labels protocol: each side as given, or every label of `trace` the other
+    side does not name; `UsageError` for an unlabelled trace, an unknown label, a label on both sides or an
+    empty side."""
+    known = trace.labels()
+    if not known:
+        raise UsageError(
+            "--fit-labels / --score-labels need a trace with sequence labels (this one has none); "
+            "use --split test (halves of every sequence) instead"
+        )
+    given = [*(fit_labels or ()), *(score_labels or ())]
+    unknown = [lab for lab in given if lab not in known]
+    if unknown:
+        raise UsageError(f"label(s) {unknown} are not in this trace; its labels are {known}")
+    fit = tuple(dict.fromkeys(fit_labels or [lab for lab in known if lab not in (score_labels or ())]))
+    score = tuple(dict.fromkeys(score_labels or [lab for lab in known if lab not in fit]))
+    both = sorted(set(fit) & set(score))
+    if both:
+        raise UsageError(f"label(s) {both} are both fitted and scored; a label goes to one side only")
+    if not fit or not score:
+        raise UsageError(
+            f"nothing left to {'fit' if not fit else 'score'} on: the trace's labels are {known}; name the "
+            f"other side's labels explicitly"
+        )
+    return fit, score
+
+
 def select_layers(trace: RoutingTrace, layer_ids: Sequence[int]) -> RoutingTrace:
     """Keep the MoE layers with these model layer ids (in the given order)."""
     li = layer_positions(trace.layer_ids, layer_ids)

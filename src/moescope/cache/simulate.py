@@ -27,7 +27,7 @@ import numpy as np
 from moescope.cache import kernels as K
 from moescope.cache.policies import POLICIES, PolicyParams, Stream, make_policy
 from moescope.errors import UsageError
-from moescope.slicing import EVAL_SPLITS, split_part
+from moescope.slicing import EVAL_SPLITS, label_protocol, select_labels, split_part
 from moescope.trace import RoutingTrace
 
 
@@ -55,16 +55,32 @@ def build_streams(trace: RoutingTrace, *, pooled: bool = False, reset_per_sequen
 
 
 def split_streams(
-    trace: RoutingTrace, split: str, *, pooled: bool, reset_per_sequence: bool
+    trace: RoutingTrace,
+    split: str,
+    *,
+    pooled: bool,
+    reset_per_sequence: bool,
+    fit_labels: Sequence[str] | None = None,
+    score_labels: Sequence[str] | None = None,
 ) -> tuple[list[Stream], list[Stream], int]:
-    """(train streams, test streams, test tokens) for a split mode."""
+    """(train streams, test streams, test tokens) for a split mode, or for the labels protocol when
+    `fit_labels` or `score_labels` is given (fit on those labels' whole sequences, replay the others'; see
+    `moescope.slicing.label_protocol`)."""
     if split not in EVAL_SPLITS:
         raise UsageError(f"split {split!r}: expected one of {', '.join(EVAL_SPLITS)}")
-    if split == "all":
+    if fit_labels or score_labels:
+        if split != "test":
+            raise UsageError(f"--split {split} and --fit-labels / --score-labels are two protocols; give one of them")
+        fit_l, score_l = label_protocol(trace, fit_labels, score_labels)
+        train, test = select_labels(trace, fit_l), select_labels(trace, score_l)
+    elif split == "all":
         streams = build_streams(trace, pooled=pooled, reset_per_sequence=reset_per_sequence)
         return streams, streams, trace.n_tokens
-    train, test = split_part(trace, "train"), split_part(trace, "test")
+    else:
+        train, test = split_part(trace, "train"), split_part(trace, "test")
     if test.n_tokens == 0 or train.n_tokens == 0:
+        if fit_labels or score_labels:
+            raise UsageError(f"the {'fit' if train.n_tokens == 0 else 'scored'} labels hold no tokens")
         raise UsageError(
             f"the trace's sequences are too short to split into train and test halves ({trace.n_tokens} tokens in "
             f"{trace.n_sequences} sequences); use split='all' (--split all) to replay it in-sample"
@@ -127,6 +143,8 @@ class CacheResult:
     reset_per_sequence: bool
     split: str
     params: PolicyParams
+    fit_labels: tuple[str, ...] = ()  # the labels protocol (split "labels"): whole sequences fitted / replayed
+    score_labels: tuple[str, ...] = ()
 
     def totals(self) -> np.ndarray:
         """[policies, capacities, 4] summed over streams."""
@@ -139,10 +157,13 @@ class CacheResult:
         return np.divide(t[..., 1], acc, out=np.zeros(acc.shape), where=acc > 0)
 
     def rows(self, expert_bytes: float | None = None) -> list[dict[str, Any]]:
-        """One dict per (capacity, policy): rates per token (summed over layers) and the gap to Belady."""
+        """One dict per (capacity, policy): rates per token (summed over layers), the gap to Belady and, when
+        LRU and Belady both ran, the share of LRU's gap to Belady the policy closes (``lru_gap_closed``: 0 is
+        LRU, 1 is Belady; None where LRU is already at the floor) and its transfers per token over LRU's."""
         t = self.totals().astype(np.float64)
         rate = self.miss_rate()
         floor = self.policies.index("belady") if "belady" in self.policies else None
+        lru = self.policies.index("lru") if "lru" in self.policies else None
         tok = max(self.tokens, 1)
         out = []
         for ci, cap in enumerate(self.capacities):
@@ -157,8 +178,16 @@ class CacheResult:
                     "wasted_prefetches_per_token": wasted / tok,
                     "transfers_per_token": (misses + loads) / tok,
                     "gap_to_belady": None if floor is None else float(rate[pi, ci] - rate[floor, ci]),
+                    "lru_gap_closed": None,
+                    "transfers_vs_lru": None,
                     "below_floor_because": None,
                 }
+                if lru is not None:
+                    lru_t = t[lru, ci, 1] + t[lru, ci, 2]
+                    row["transfers_vs_lru"] = float((misses + loads) / lru_t) if lru_t > 0 else None
+                    gap = None if floor is None else rate[lru, ci] - rate[floor, ci]
+                    if gap is not None and gap > 1e-12:
+                        row["lru_gap_closed"] = float((rate[lru, ci] - rate[pi, ci]) / gap)
                 if row["gap_to_belady"] is not None and row["gap_to_belady"] < -1e-12:
                     cls = POLICIES[name]
                     why = "prefetches" if cls.prefetches else "bypass" if cls.bypass else None
@@ -179,6 +208,8 @@ class CacheResult:
             "pooled": self.pooled,
             "reset_per_sequence": self.reset_per_sequence,
             "split": self.split,
+            "fit_labels": list(self.fit_labels),
+            "score_labels": list(self.score_labels),
             "in_sample": self.split == "all",
             "params": dataclasses.asdict(self.params),
             "rows": self.rows(expert_bytes),
@@ -207,6 +238,8 @@ def simulate(
     params: PolicyParams | None = None,
     progress: Callable[[int, int], None] | None = None,
     scheduler: str | None = None,
+    fit_labels: Sequence[str] | None = None,
+    score_labels: Sequence[str] | None = None,
 ) -> CacheResult:
     """Replay `trace` through every policy at every capacity.
 
@@ -218,6 +251,9 @@ def simulate(
     pooled : one cache over all layers holding capacity x layers experts, instead of one per layer.
     reset_per_sequence : every sequence starts with an empty cache (otherwise one cache serves all).
     split : "test" (fit on first halves, replay second halves) or "all" (in-sample).
+    fit_labels, score_labels : the labels protocol instead of `split`: policies that learn are fitted on the
+        whole sequences labelled `fit_labels` and every policy replays those labelled `score_labels` (either
+        may be omitted for "every other label"); the result's split is then ``"labels"``.
     params : LFU aging, prefetch budget.
     progress : called with (jobs done, jobs) as replays finish.
     scheduler : run the replays as Dask tasks (``"local:N"`` or a scheduler address) instead of threads:
@@ -237,7 +273,11 @@ def simulate(
         raise UsageError(f"aging {params.aging} is negative; give 0 (off) or a number of tokens")
     if params.prefetch < 0:
         raise UsageError(f"prefetch {params.prefetch} is negative; give 0 (off) or the experts to prefetch")
-    train, test, tokens = split_streams(trace, split, pooled=pooled, reset_per_sequence=reset_per_sequence)
+    train, test, tokens = split_streams(
+        trace, split, pooled=pooled, reset_per_sequence=reset_per_sequence, fit_labels=fit_labels,
+        score_labels=score_labels,
+    )  # fmt: skip
+    fit_l, score_l = label_protocol(trace, fit_labels, score_labels) if fit_labels or score_labels else ((), ())
     scale = trace.n_layers if pooled else 1
     caps = check_capacities(list(capacities), trace.top_k, trace.n_experts)
     # one fitted policy object per (policy, stream): fitting is cheap next to the replays
@@ -270,8 +310,10 @@ def simulate(
         trace.n_experts,
         pooled,
         reset_per_sequence,
-        split,
+        "labels" if fit_l else split,
         params,
+        fit_l,
+        score_l,
     )
 
 
@@ -379,8 +421,11 @@ def miss_curves(
     split: str = "test",
     params: PolicyParams | None = None,
     progress: Callable[[int, int], None] | None = None,
+    fit_labels: Sequence[str] | None = None,
+    score_labels: Sequence[str] | None = None,
 ) -> MissCurves:
-    """Demand misses per layer at every capacity (default: top-k .. E), per policy (per-layer caches)."""
+    """Demand misses per layer at every capacity (default: top-k .. E), per policy (per-layer caches); the
+    split or labels protocol as `simulate`."""
     params = params or PolicyParams()
     names = list(dict.fromkeys(policies))
     for name in names:
@@ -393,7 +438,10 @@ def miss_curves(
         ),
         dtype=np.int64,
     )
-    train, test, tokens = split_streams(trace, split, pooled=False, reset_per_sequence=reset_per_sequence)
+    train, test, tokens = split_streams(
+        trace, split, pooled=False, reset_per_sequence=reset_per_sequence, fit_labels=fit_labels,
+        score_labels=score_labels,
+    )  # fmt: skip
     misses = np.zeros((len(names), len(test), caps.size), dtype=np.int64)
     jobs: list[tuple[int, int, int]] = []
     for pi, name in enumerate(names):
@@ -421,7 +469,8 @@ def miss_curves(
 
     _run_jobs(work, jobs, progress)
     accesses = np.array([st.req.size for st in test], dtype=np.int64)
-    return MissCurves(tuple(names), caps, tuple(int(x) for x in trace.layer_ids), misses, accesses, tokens, split)
+    return MissCurves(tuple(names), caps, tuple(int(x) for x in trace.layer_ids), misses, accesses, tokens,
+                      "labels" if fit_labels or score_labels else split)  # fmt: skip
 
 
 # -- budget allocation ----------------------------------------------------------------------------

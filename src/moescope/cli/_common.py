@@ -83,6 +83,22 @@ DenseBytesOpt = Annotated[
     str | None, typer.Option("--dense-bytes", help="Non-expert bytes read per token (default: --gguf's, or 0).")
 ]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the output if it exists.")]
+FitLabelsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--fit-labels",
+        help="Fit on the whole sequences with these labels (default with --score-labels: every other label), "
+        "e.g. intent,law.",
+    ),
+]
+ScoreLabelsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--score-labels",
+        help="Score on the whole sequences with these labels (default with --fit-labels: every other label): "
+        "a workload the fit has not seen.",
+    ),
+]
 SchedulerOpt = Annotated[
     str | None,
     typer.Option(

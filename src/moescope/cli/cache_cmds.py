@@ -35,6 +35,8 @@ def cache(
     split: Annotated[
         str, typer.Option("--split", help="'test': fit on first halves, replay second halves; 'all': in-sample.")
     ] = "test",
+    fit_labels: c.FitLabelsOpt = None,
+    score_labels: c.ScoreLabelsOpt = None,
     aging: Annotated[int, typer.Option("--aging", min=0, help="LFU halves its counts every N tokens (0: never).")] = 0,
     prefetch: Annotated[
         int, typer.Option("--prefetch", min=0, help="Experts coact-prefetch loads per token (capped at capacity - k).")
@@ -127,6 +129,8 @@ def cache(
             params=params,
             progress=bar,
             scheduler=scheduler,
+            fit_labels=c.names(fit_labels),
+            score_labels=c.names(score_labels),
         )
     mean_eb = None if eb is None else float(np.mean(eb))
     out: dict[str, Any] = {"table": result.to_dict(mean_eb)}
@@ -135,7 +139,14 @@ def cache(
         curve_names = list(dict.fromkeys(([*names] if curve else []) + ([budget_policy] if budget is not None else [])))
         with c.lazy_progress("curves") as bar:
             curves = miss_curves(
-                trace, curve_names, reset_per_sequence=reset_per_sequence, split=split, params=params, progress=bar
+                trace,
+                curve_names,
+                reset_per_sequence=reset_per_sequence,
+                split=split,
+                params=params,
+                progress=bar,
+                fit_labels=c.names(fit_labels),
+                score_labels=c.names(score_labels),
             )
         if curve:
             out["curves"] = curves.to_dict()
@@ -169,18 +180,24 @@ def _print(result, out: dict[str, Any], curves, mean_eb: float | None) -> None:
     con = c.console()
     where = "one pooled cache" if result.pooled else "one cache per layer"
     life = "reset per sequence" if result.reset_per_sequence else "shared across sequences"
-    split = "fitted on first halves, scored on second halves" if result.split == "test" else "IN-SAMPLE (--split all)"
+    split = {
+        "test": "fitted on first halves, scored on second halves",
+        "labels": f"fitted on {'+'.join(result.fit_labels)} sequences, scored on {'+'.join(result.score_labels)}",
+    }.get(result.split, "IN-SAMPLE (--split all)")
     table = Table(
         title=f"expert caches: {where}, {life}; {split}; {result.tokens:,} tokens x {len(result.layer_ids)} layers",
         min_width=60,
         title_justify="left",
     )
-    cols = ["capacity", "policy", "miss rate", "vs Belady", "prefetch", "transfers"]  # loads per token
+    # loads per token; gap closed: share of LRU's gap to Belady; vs LRU: transfers over LRU's
+    # the prefetch column only when a prefetcher ran (it is 0 for every other policy)
+    prefetch = any(POLICIES[name].prefetches for name in result.policies)
+    cols = ["cap", "policy", "miss", "vs Belady", "gap closed", *(["pf/tok"] * prefetch), "xfer", "vs LRU"]
     if mean_eb is not None:
         cols.append("bytes/tok")
     for col in cols:
         if col == "policy":  # names whole, with a footnote mark
-            table.add_column(col, no_wrap=True, min_width=max(map(len, POLICIES)) + 2)
+            table.add_column(col, no_wrap=True, min_width=max(map(len, result.policies)) + 2)
         else:
             table.add_column(col, justify="right")
     last_cap = None
@@ -197,9 +214,11 @@ def _print(result, out: dict[str, Any], curves, mean_eb: float | None) -> None:
             str(row["capacity"]),
             row["policy"] + ("" if why is None else "*" * notes[why]),
             f"{row['demand_miss_rate']:.1%}",
-            "" if gap is None else f"{gap * 100:+.1f} pt",
-            f"{row['prefetch_loads_per_token']:.2f}",
+            "" if gap is None else f"{gap * 100:+.1f}",
+            "" if row["lru_gap_closed"] is None else f"{row['lru_gap_closed']:.0%}",
+            *([f"{row['prefetch_loads_per_token']:.2f}"] * prefetch),
             f"{row['transfers_per_token']:.2f}",
+            "" if row["transfers_vs_lru"] is None else f"{row['transfers_vs_lru']:.2f}x",
         ]
         if mean_eb is not None:
             cells.append(format_bytes(row["bytes_per_token"]))
@@ -208,9 +227,11 @@ def _print(result, out: dict[str, Any], curves, mean_eb: float | None) -> None:
     for why, mark in notes.items():
         con.print(f"{'*' * mark} below the Belady floor because it {why}")
     con.print(
-        "Read: miss rate = demand misses (loads a token waits for) / accesses; prefetch and transfers (demand "
-        "misses + prefetch loads) are loads per token over all layers; Belady is the offline floor for demand "
-        "loading; a prefetcher trades transfers for misses."
+        "Read: miss = demand misses (loads a token waits for) / accesses; vs Belady in points of miss rate; "
+        "pf/tok (prefetch loads) and xfer (transfers: demand misses + prefetch loads) are loads per token over "
+        "all layers; Belady is the offline floor for demand loading; gap closed = share of LRU's miss-rate gap "
+        "to Belady a policy closes (LRU 0%, Belady 100%); "
+        "vs LRU = transfers over LRU's; a prefetcher trades transfers for misses."
     )
     if curves is not None and "curves" in out:
         ct = Table(

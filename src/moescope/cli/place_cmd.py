@@ -32,22 +32,8 @@ def place(
     split: Annotated[
         str, typer.Option("--split", help="'test': fit on first halves, score on second halves; 'all': in-sample.")
     ] = "test",
-    fit_labels: Annotated[
-        str | None,
-        typer.Option(
-            "--fit-labels",
-            help="Fit on the whole sequences with these labels (default with --score-labels: "
-            "every other label), e.g. intent,law.",
-        ),
-    ] = None,
-    score_labels: Annotated[
-        str | None,
-        typer.Option(
-            "--score-labels",
-            help="Score on the whole sequences with these labels (default with "
-            "--fit-labels: every other label): a workload the fit has not seen.",
-        ),
-    ] = None,
+    fit_labels: c.FitLabelsOpt = None,
+    score_labels: c.ScoreLabelsOpt = None,
     seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of random placement, local search, Mt-KaHyPar.")] = 0,
     cv_margin: Annotated[
         float,
