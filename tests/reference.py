@@ -477,3 +477,31 @@ def cache_coact_prefetch(req, reset, capacity, coact, n_experts, budget):
                 pending.add(y)
         wasted += len(pending)
     return hits, misses, loads, wasted
+
+
+def cache_lrfu(req, reset, capacity, lam):
+    """LRFU the plain way: CRF(t) = sum over past uses u of 2^(-lam (t - u)) recomputed at every eviction;
+    the victim is the smallest CRF not needed by the group, ties by the slot it was loaded into."""
+    hits = misses = 0
+    g = -1
+    for seg in _segments(req, reset):
+        uses: dict[int, list[int]] = {}
+        slots: list[int] = []
+        for group in seg:
+            g += 1
+            for x in group:
+                if x in slots:
+                    hits += 1
+            for x in group:
+                if x in slots:
+                    continue
+                misses += 1
+                if len(slots) < capacity:
+                    slots.append(x)
+                    continue
+                crf = [math.fsum(2.0 ** (-lam * (g - u)) for u in uses.get(y, [])) for y in slots]
+                best = min((i for i, y in enumerate(slots) if y not in group), key=lambda i: crf[i])
+                slots[best] = x
+            for x in group:
+                uses.setdefault(x, []).append(g)
+    return hits, misses, 0, 0

@@ -63,6 +63,8 @@ def _reference(name: str, s: Stream, capacity: int, policy) -> tuple[int, ...]:
         )
     if name == "belady":
         return reference.cache_belady(s.req, s.reset, capacity)
+    if name == "lrfu":
+        return reference.cache_lrfu(s.req, s.reset, capacity, policy.rate(capacity))
     raise AssertionError(f"policy {name!r} has no naive reference in tests/reference.py: add one")
 
 
@@ -466,3 +468,33 @@ def test_cli_cache_score_labels(tmp_path, capsys):
     code, out, _ = run(capsys, "cache", tmp_path / "l.npz", "--capacity", "4", "--fit-labels", "x", "--json")
     d = json.loads(out)["table"]
     assert code == 0 and d["score_labels"] == ["y", "z"] and d["rows"][0]["transfers_vs_lru"] is not None
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("seed", range(8))
+def test_lrfu_kernel_matches_reference_at_every_rate(seed):
+    from moescope.cache.policies import LRFU_GRID
+
+    s, _ = _stream(seed, groups=70)
+    for lam in LRFU_GRID:
+        for capacity in range(s.k, s.n_items + 1):
+            got = tuple(int(v) for v in K.lrfu(s.req, s.reset, s.n_items, capacity, lam))
+            assert got == reference.cache_lrfu(s.req, s.reset, capacity, lam), (seed, lam, capacity)
+            per = np.zeros(s.req.shape[0], dtype=np.int64)
+            K._lrfu(s.req, s.reset, s.n_items, capacity, lam, per)
+            assert per.sum() == got[1]
+
+
+def test_lrfu_rate_is_chosen_on_the_train_stream_only():
+    from moescope.cache.policies import LRFU_GRID
+
+    s, _ = _stream(5, n_items=9, k=2, groups=300)
+    other, _ = _stream(6, n_items=9, k=2, groups=300)
+    pol = make_policy("lrfu")
+    pol.fit(s)
+    for capacity in (3, 5):
+        misses = [K.lrfu(s.req, s.reset, 9, capacity, lam)[1] for lam in LRFU_GRID]
+        assert pol.rate(capacity) == LRFU_GRID[int(np.argmin(misses))]
+        before = pol.rate(capacity)
+        pol.run(other, capacity)  # replaying another stream does not move the fitted rate
+        assert pol.rate(capacity) == before

@@ -721,3 +721,68 @@ def allocate_slots(misses, caps, budget):
         out[i] = j
         b -= caps[j]
     return out
+
+
+# -- LRFU: a recency-weighted use count, one decay rate ------------------------------------------
+@njit
+def lrfu(req, reset, n_items, capacity, lam):
+    """LRFU (Lee et al., IEEE ToC 2001): every item's combined recency-frequency value is ``CRF(t) = sum over
+    its past uses u of 2^(-lam (t - u))`` (t in groups); evict the cached item with the smallest CRF that the
+    group does not need, ties by smallest slot. ``lam`` 0 is perfect LFU (counts), large ``lam`` tends to
+    LRU. Values restart with each segment.
+
+    Kept as ``key = log2 CRF(t) + lam t``, which orders items as CRF(t) does at any t and changes only on use
+    (``key = log2(2^key + 2^(lam t))``), so it needs no decay pass. Eviction scans the capacity's slots
+    (O(capacity) per miss: capacities are experts per layer, at most E).
+    """
+    return _lrfu(req, reset, n_items, capacity, lam, np.empty(0, dtype=np.int64))
+
+
+@njit
+def _lrfu(req, reset, n_items, capacity, lam, per_group):
+    """`lrfu`, also writing each group's demand misses to ``per_group [groups]`` when it is not empty."""
+    g_n, k = req.shape
+    key = np.full(n_items, -np.inf)
+    cached = np.zeros(n_items, dtype=np.bool_)
+    need = np.full(n_items, -1, dtype=np.int64)
+    slots = np.full(capacity, -1, dtype=np.int64)
+    size, hits, misses = 0, 0, 0
+    for g in range(g_n):
+        if reset[g]:
+            for i in range(size):
+                cached[slots[i]] = False
+            key[:] = -np.inf
+            size = 0
+        now = lam * g
+        m0 = misses
+        for j in range(k):
+            need[req[g, j]] = g
+        for j in range(k):
+            x = req[g, j]
+            if cached[x]:
+                hits += 1
+                continue
+            misses += 1
+            if size < capacity:
+                s = size
+                size += 1
+            else:
+                s, low = -1, np.inf
+                for i in range(capacity):
+                    y = slots[i]
+                    if need[y] != g and (s < 0 or key[y] < low):
+                        s, low = i, key[y]
+                cached[slots[s]] = False
+            slots[s] = x
+            cached[x] = True
+        for j in range(k):
+            x = req[g, j]
+            old = key[x]
+            if old == -np.inf:
+                key[x] = now
+            else:  # log2(2^old + 2^now), computed around the larger term
+                hi, lo = (old, now) if old > now else (now, old)
+                key[x] = hi + np.log2(1.0 + 2.0 ** (lo - hi))
+        if per_group.shape[0]:
+            per_group[g] = misses - m0
+    return np.array([hits, misses, 0, 0], dtype=np.int64)

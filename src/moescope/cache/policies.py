@@ -181,6 +181,41 @@ class ARC(CachePolicy):
         return out
 
 
+# LRFU's decay rates, log-evenly over the paper's range [0 (LFU), 1 (about LRU)], fixed before any data was
+# seen; which one a capacity uses is chosen on the train split only (`LRFU.fit`).
+LRFU_GRID = (0.0, 2.0**-12, 2.0**-10, 2.0**-8, 2.0**-6, 2.0**-4, 2.0**-2, 1.0)
+LRFU_FIT_GROUPS = 1 << 16  # train groups replayed per candidate rate, at most (bounds the fit's cost, not tuned)
+
+
+@register
+class LRFU(CachePolicy):
+    name = "lrfu"
+    summary = "recency-weighted use counts (LRFU), the decay rate per capacity chosen on the train split"
+    learns = True
+
+    def fit(self, train: Stream) -> None:
+        n = min(train.req.shape[0], LRFU_FIT_GROUPS)
+        self._train = Stream(train.req[:n], train.reset[:n], train.n_items, train.n_experts)
+        self._rates: dict[int, float] = {}
+
+    def rate(self, capacity: int) -> float:
+        """The decay rate for `capacity`: the `LRFU_GRID` value with the fewest demand misses replaying the
+        train stream at that capacity (ties: the smaller rate)."""
+        if capacity not in self._rates:
+            t = self._train
+            misses = [K.lrfu(t.req, t.reset, t.n_items, capacity, lam)[1] for lam in LRFU_GRID]
+            self._rates[capacity] = LRFU_GRID[int(np.argmin(misses))]
+        return self._rates[capacity]
+
+    def run(self, stream: Stream, capacity: int) -> np.ndarray:
+        return K.lrfu(stream.req, stream.reset, stream.n_items, capacity, self.rate(capacity))
+
+    def misses_per_group(self, stream: Stream, capacity: int) -> np.ndarray:
+        out = np.zeros(stream.req.shape[0], dtype=np.int64)
+        K._lrfu(stream.req, stream.reset, stream.n_items, capacity, self.rate(capacity), out)
+        return out
+
+
 @register
 class CoactPrefetch(CachePolicy):
     name = "coact-prefetch"
