@@ -505,3 +505,41 @@ def cache_lrfu(req, reset, capacity, lam):
             for x in group:
                 uses.setdefault(x, []).append(g)
     return hits, misses, 0, 0
+
+
+def cache_adaptive_lrfu(req, reset, capacity, rates, decay):
+    """Adaptive LRFU the plain way: one LRFU shadow per rate (CRF recomputed from use lists), a decayed miss
+    score each; before each group the real cache evicts by the CRF of the rate whose score is lowest (first on
+    ties)."""
+    hits = misses = 0
+    g = -1
+    m_n = len(rates)
+    for seg in _segments(req, reset):
+        uses: dict[int, list[int]] = {}
+        caches: list[list[int]] = [[] for _ in range(m_n + 1)]
+        score = [0.0] * m_n
+        for group in seg:
+            g += 1
+            lead = min(range(m_n), key=lambda m: score[m])
+            for m in range(m_n + 1):
+                lam = rates[lead if m == m_n else m]
+                if m < m_n:
+                    score[m] *= decay
+                slots = caches[m]
+                for x in group:
+                    if x in slots:
+                        hits += m == m_n
+                        continue
+                    if m == m_n:
+                        misses += 1
+                    else:
+                        score[m] += 1.0
+                    if len(slots) < capacity:
+                        slots.append(x)
+                        continue
+                    crf = [math.fsum(2.0 ** (-lam * (g - u)) for u in uses.get(y, [])) for y in slots]
+                    best = min((i for i, y in enumerate(slots) if y not in group), key=lambda i: crf[i])
+                    slots[best] = x
+            for x in group:
+                uses.setdefault(x, []).append(g)
+    return hits, misses, 0, 0

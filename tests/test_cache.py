@@ -65,6 +65,9 @@ def _reference(name: str, s: Stream, capacity: int, policy) -> tuple[int, ...]:
         return reference.cache_belady(s.req, s.reset, capacity)
     if name == "lrfu":
         return reference.cache_lrfu(s.req, s.reset, capacity, policy.rate(capacity))
+    if name == "adaptive-lrfu":
+        rates, decay = policy._args()
+        return reference.cache_adaptive_lrfu(s.req, s.reset, capacity, list(rates), decay)
     raise AssertionError(f"policy {name!r} has no naive reference in tests/reference.py: add one")
 
 
@@ -498,3 +501,18 @@ def test_lrfu_rate_is_chosen_on_the_train_stream_only():
         before = pol.rate(capacity)
         pol.run(other, capacity)  # replaying another stream does not move the fitted rate
         assert pol.rate(capacity) == before
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("seed", range(6))
+def test_adaptive_lrfu_follows_the_leading_rate(seed):
+    """With one rate it is that rate's LRFU; with a fast-forgetting score the kernel still matches the
+    reference (the leader changes often)."""
+    s, _ = _stream(seed, groups=70)
+    for capacity in range(s.k, s.n_items + 1):
+        for lam in (0.0, 0.25):
+            one = K.adaptive_lrfu(s.req, s.reset, s.n_items, capacity, np.array([lam]), 0.5)
+            assert one.tolist() == K.lrfu(s.req, s.reset, s.n_items, capacity, lam).tolist()
+        rates = np.array([0.0, 0.0625, 1.0])
+        got = tuple(int(v) for v in K.adaptive_lrfu(s.req, s.reset, s.n_items, capacity, rates, 0.5))
+        assert got == reference.cache_adaptive_lrfu(s.req, s.reset, capacity, list(rates), 0.5)

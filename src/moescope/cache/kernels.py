@@ -767,11 +767,7 @@ def _lrfu(req, reset, n_items, capacity, lam, per_group):
                 s = size
                 size += 1
             else:
-                s, low = -1, np.inf
-                for i in range(capacity):
-                    y = slots[i]
-                    if need[y] != g and (s < 0 or key[y] < low):
-                        s, low = i, key[y]
+                s = _lrfu_victim(slots, capacity, key, need, g)
                 cached[slots[s]] = False
             slots[s] = x
             cached[x] = True
@@ -783,6 +779,86 @@ def _lrfu(req, reset, n_items, capacity, lam, per_group):
             else:  # log2(2^old + 2^now), computed around the larger term
                 hi, lo = (old, now) if old > now else (now, old)
                 key[x] = hi + np.log2(1.0 + 2.0 ** (lo - hi))
+        if per_group.shape[0]:
+            per_group[g] = misses - m0
+    return np.array([hits, misses, 0, 0], dtype=np.int64)
+
+
+@njit
+def adaptive_lrfu(req, reset, n_items, capacity, rates, decay):
+    """LRFU whose decay rate follows the leader: one shadow LRFU cache per rate in ``rates`` replays the same
+    requests; before each group the real cache takes the rate whose shadow has the fewest recent demand
+    misses (each group's misses added to a score multiplied by ``decay`` per group; ties: the first rate)
+    and evicts by that rate's CRF. Only past requests steer it (the shadows see what the real cache saw).
+    Everything restarts with each segment. Cost: ``len(rates) + 1`` LRFU replays."""
+    return _adaptive_lrfu(req, reset, n_items, capacity, rates, decay, np.empty(0, dtype=np.int64))
+
+
+@njit
+def _lrfu_victim(slots, capacity, key, need, g):
+    """The slot of the smallest ``key`` among items the group ``g`` does not need (ties: smallest slot)."""
+    s, low = -1, np.inf
+    for i in range(capacity):
+        y = slots[i]
+        if need[y] != g and (s < 0 or key[y] < low):
+            s, low = i, key[y]
+    return s
+
+
+@njit
+def _adaptive_lrfu(req, reset, n_items, capacity, rates, decay, per_group):
+    """`adaptive_lrfu`, also writing each group's demand misses to ``per_group [groups]`` when not empty."""
+    g_n, k = req.shape
+    m_n = rates.shape[0]
+    key = np.full((m_n, n_items), -np.inf)
+    need = np.full(n_items, -1, dtype=np.int64)
+    cached = np.zeros((m_n + 1, n_items), dtype=np.bool_)  # row m_n: the real cache
+    slots = np.full((m_n + 1, capacity), -1, dtype=np.int64)
+    size = np.zeros(m_n + 1, dtype=np.int64)
+    score = np.zeros(m_n)
+    hits, misses = 0, 0
+    for g in range(g_n):
+        if reset[g]:
+            cached[:] = False
+            key[:] = -np.inf
+            size[:] = 0
+            score[:] = 0.0
+        m0 = misses
+        for j in range(k):
+            need[req[g, j]] = g
+        lead = int(np.argmin(score))
+        for m in range(m_n + 1):
+            kr = lead if m == m_n else m
+            if m < m_n:
+                score[m] *= decay
+            for j in range(k):
+                x = req[g, j]
+                if cached[m, x]:
+                    if m == m_n:
+                        hits += 1
+                    continue
+                if m == m_n:
+                    misses += 1
+                else:
+                    score[m] += 1.0
+                if size[m] < capacity:
+                    s = size[m]
+                    size[m] += 1
+                else:
+                    s = _lrfu_victim(slots[m], capacity, key[kr], need, g)
+                    cached[m, slots[m, s]] = False
+                slots[m, s] = x
+                cached[m, x] = True
+        for m in range(m_n):
+            now = rates[m] * g
+            for j in range(k):
+                x = req[g, j]
+                old = key[m, x]
+                if old == -np.inf:
+                    key[m, x] = now
+                else:
+                    hi, lo = (old, now) if old > now else (now, old)
+                    key[m, x] = hi + np.log2(1.0 + 2.0 ** (lo - hi))
         if per_group.shape[0]:
             per_group[g] = misses - m0
     return np.array([hits, misses, 0, 0], dtype=np.int64)
