@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 import reference
+import reference_adaptive
+import reference_queue
 from conftest import random_trace, run
 from moescope import fixture
 from moescope.cache import (
@@ -65,6 +67,14 @@ def _reference(name: str, s: Stream, capacity: int, policy) -> tuple[int, ...]:
         return reference.cache_belady(s.req, s.reset, capacity)
     if name == "lrfu":
         return reference.cache_lrfu(s.req, s.reset, capacity, policy.rate(capacity))
+    if name == "lirs":
+        return reference_adaptive.cache_lirs(s.req, s.reset, capacity)
+    if name == "w-tinylfu":
+        return reference_adaptive.cache_wtinylfu(s.req, s.reset, capacity)
+    if name == "lecar":
+        return reference_adaptive.cache_lecar(s.req, s.reset, capacity, policy.seed)
+    if name in reference_queue.REFERENCES:
+        return reference_queue.REFERENCES[name](s.req, s.reset, capacity)
     if name == "adaptive-lrfu":
         rates, decay = policy._args()
         return reference.cache_adaptive_lrfu(s.req, s.reset, capacity, list(rates), decay)

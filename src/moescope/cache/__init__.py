@@ -23,8 +23,9 @@ Semantics (what every number here means):
   loading them, "bypass") is not bound by it either, though in practice it is the worst. A row below the
   floor says which of the two it is (`BELOW_FLOOR_WHY`); a demand-loading policy below it is a bug.
 
-Modules: `kernels` (numba replays), `policies` (the registry `POLICIES`), `simulate` (tables, curves,
-budget allocation), `cost` (projected decode speed).
+Modules: `kernels` (numba replays), `policies` (the registry `POLICIES`; the queue family SIEVE, S3-FIFO,
+2Q, SLRU in `kernels_queue` / `policies_queue`, LIRS, W-TinyLFU, LeCaR in `kernels_adaptive` /
+`policies_adaptive`), `simulate` (tables, curves, budget allocation), `cost` (projected decode speed).
 
     >>> from moescope.cache import simulate
     >>> simulate(trace, [8, 16, 32], ["lru", "belady"]).rows()
@@ -32,6 +33,10 @@ budget allocation), `cost` (projected decode speed).
 
 from moescope.cache.cost import ASSUMPTIONS, Hardware, Projection, project_decode
 from moescope.cache.policies import POLICIES, CachePolicy, PolicyParams, Stream, make_policy
+
+# the policy families kept in their own modules register themselves on import (before the CLI reads POLICIES)
+from moescope.cache import policies_adaptive as _policies_adaptive  # noqa: F401  isort: skip
+from moescope.cache import policies_queue as _policies_queue  # noqa: F401  isort: skip
 from moescope.cache.simulate import (
     Allocation,
     CacheResult,

@@ -1,0 +1,60 @@
+"""Adaptive online cache policies (kernels in `moescope.cache.kernels_adaptive`), registered by name.
+
+Importing this module adds them to `moescope.cache.policies.POLICIES`; it does not validate streams (the
+simulator does) and learns nothing from the train split.
+
+    >>> import moescope.cache.policies_adaptive
+    >>> POLICIES["lirs"](PolicyParams()).run(stream, capacity=16)  # [hits, demand_misses, 0, 0]
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+
+from moescope.cache import kernels_adaptive as KA
+from moescope.cache.policies import CachePolicy, Stream, register
+
+
+@register
+class LIRS(CachePolicy):
+    name = "lirs"
+    summary = "low inter-reference recency set (LIR items kept, 1% of slots for HIR items; Jiang & Zhang 2002)"
+
+    def run(self, stream: Stream, capacity: int) -> np.ndarray:
+        return KA.lirs(stream.req, stream.reset, stream.n_items, capacity)
+
+    def misses_per_group(self, stream: Stream, capacity: int) -> np.ndarray:
+        out = np.zeros(stream.req.shape[0], dtype=np.int64)
+        KA._lirs(stream.req, stream.reset, stream.n_items, capacity, out)
+        return out
+
+
+@register
+class WTinyLFU(CachePolicy):
+    name = "w-tinylfu"
+    summary = "1% window LRU + main SLRU, admission by a count-min frequency sketch (Einziger et al. 2017)"
+
+    def run(self, stream: Stream, capacity: int) -> np.ndarray:
+        return KA.wtinylfu(stream.req, stream.reset, stream.n_items, capacity)
+
+    def misses_per_group(self, stream: Stream, capacity: int) -> np.ndarray:
+        out = np.zeros(stream.req.shape[0], dtype=np.int64)
+        KA._wtinylfu(stream.req, stream.reset, stream.n_items, capacity, out)
+        return out
+
+
+@register
+class LeCaR(CachePolicy):
+    name = "lecar"
+    summary = "LRU or LFU evicts by learned weights, regret from ghost hits (Vietri et al. 2018; seeded draws)"
+    seed: ClassVar[int] = 0  # the draws are hashes of (seed, access index): every run is reproducible
+
+    def run(self, stream: Stream, capacity: int) -> np.ndarray:
+        return KA.lecar(stream.req, stream.reset, stream.n_items, capacity, self.seed)
+
+    def misses_per_group(self, stream: Stream, capacity: int) -> np.ndarray:
+        out = np.zeros(stream.req.shape[0], dtype=np.int64)
+        KA._lecar(stream.req, stream.reset, stream.n_items, capacity, self.seed, out)
+        return out

@@ -1,0 +1,260 @@
+"""Slow, obviously-correct versions of the adaptive cache kernels (`moescope.cache.kernels_adaptive`).
+
+Plain lists and sets, one access at a time, groups served hits first (see `tests/reference.py`). Each
+function returns ``(hits, demand_misses, 0, 0)`` like the kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+from reference import SPLITMIX_GAMMA, SPLITMIX_M2, _segments, hash_uniform, splitmix64
+
+
+def lirs_split(capacity: int) -> tuple[int, int]:
+    """(LIR limit, HIR resident limit): 1% of the capacity for resident HIR items, at least 1 (libCacheSim)."""
+    hirs = max(1, int(0.01 * capacity))
+    return capacity - hirs, hirs
+
+
+def _lirs_prune(s: list[int], lir: set[int], resident: set[int], nh: list[int]) -> None:
+    """Stack pruning: drop HIR entries from the bottom of S (non-resident ones leave NH too)."""
+    while s and s[0] not in lir:
+        y = s.pop(0)
+        if y not in resident:
+            nh.remove(y)
+
+
+def _to_top(s: list[int], x: int) -> None:
+    if x in s:
+        s.remove(x)
+    s.append(x)
+
+
+def _lirs_demote(s: list[int], q: list[int], lir: set[int], resident: set[int], nh: list[int]) -> None:
+    """The bottom of S (an LIR item, S being pruned) becomes a resident HIR item at the end of Q."""
+    y = s.pop(0)
+    lir.discard(y)
+    q.append(y)
+    _lirs_prune(s, lir, resident, nh)
+
+
+def cache_lirs(req, reset, capacity):
+    """LIRS (Jiang & Zhang 2002) with stack S (bottom first), queue Q of resident HIR items (front first) and
+    the list NH of non-resident HIR items in S (oldest first), S bounded at 2 x capacity entries."""
+    lir_limit, _ = lirs_split(capacity)
+    hits = misses = 0
+    for seg in _segments(req, reset):
+        s: list[int] = []  # bottom .. top
+        q: list[int] = []  # front .. end
+        nh: list[int] = []  # oldest .. newest
+        lir: set[int] = set()
+        resident: set[int] = set()
+
+        for group in seg:
+            for x in group:
+                if x not in resident:
+                    continue
+                hits += 1
+                if x in lir:
+                    _to_top(s, x)
+                    _lirs_prune(s, lir, resident, nh)
+                elif x in s and lir_limit > 0:  # a resident HIR item with a short reuse distance: to LIR
+                    _to_top(s, x)
+                    q.remove(x)
+                    lir.add(x)
+                    if len(lir) > lir_limit:
+                        _lirs_demote(s, q, lir, resident, nh)
+                else:  # a resident HIR item not in S (or no LIR set): stays HIR, refreshed in S and Q
+                    _to_top(s, x)
+                    q.remove(x)
+                    q.append(x)
+            for x in group:
+                if x in resident:
+                    continue
+                misses += 1
+                if len(resident) == capacity:
+                    victims = [y for y in q if y not in group]
+                    if victims:
+                        v = victims[0]
+                        q.remove(v)
+                        if v in s:
+                            nh.append(v)
+                    else:  # every resident HIR item is needed: evict the bottom LIR item (not needed)
+                        v = s.pop(0)
+                        assert v not in group
+                        lir.discard(v)
+                        _lirs_prune(s, lir, resident, nh)
+                    resident.discard(v)
+                resident.add(x)
+                if x in s and lir_limit > 0:  # a non-resident HIR item in S: to LIR
+                    nh.remove(x)
+                    _to_top(s, x)
+                    lir.add(x)
+                    if len(lir) > lir_limit:
+                        _lirs_demote(s, q, lir, resident, nh)
+                elif len(lir) < lir_limit:
+                    if x in s:
+                        nh.remove(x)
+                    _to_top(s, x)
+                    lir.add(x)
+                else:
+                    if x in s:
+                        nh.remove(x)
+                    _to_top(s, x)
+                    q.append(x)
+            while len(s) > 2 * capacity and nh:
+                s.remove(nh.pop(0))
+    return hits, misses, 0, 0
+
+
+def wtinylfu_sizes(capacity: int) -> tuple[int, int, int]:
+    """(window, main, protected): a 1% window (at least 1), the main SLRU 80% protected."""
+    window = max(1, int(0.01 * capacity))
+    main = capacity - window
+    return window, main, int(0.8 * main)
+
+
+def _hash2(seed: int, i: int) -> int:
+    """`moescope._rng.hash2` on Python ints."""
+    return splitmix64(seed * SPLITMIX_GAMMA + (i + 1) * SPLITMIX_M2)
+
+
+def cache_wtinylfu(req, reset, capacity):
+    """W-TinyLFU: window LRU, main SLRU (probation, protected), a 4-row count-min sketch of 4-bit counters
+    with conservative update and a doorkeeper bit, halved (doorkeeper emptied) every 10 x capacity accesses;
+    a window victim enters probation only if its estimate beats main's victim's."""
+    n_win, n_main, n_prot = wtinylfu_sizes(capacity)
+    width = 16
+    while width < capacity:
+        width *= 2
+    rows = 4
+
+    def col(r: int, x: int) -> int:
+        return _hash2(r, x) & (width * (8 if r == rows else 1) - 1)
+
+    def est(cms: list[list[int]], door: set[int], x: int) -> int:
+        return min(cms[r][col(r, x)] for r in range(rows)) + (col(rows, x) in door)
+
+    hits = misses = 0
+    for seg in _segments(req, reset):
+        cms = [[0] * width for _ in range(rows)]
+        door: set[int] = set()
+        recorded = 0
+        window: list[int] = []  # least recent first
+        prob: list[int] = []
+        prot: list[int] = []
+
+        for group in seg:
+            for x in group:
+                if col(rows, x) not in door:
+                    door.add(col(rows, x))
+                else:
+                    m = min(cms[r][col(r, x)] for r in range(rows))
+                    for r in range(rows):
+                        if cms[r][col(r, x)] == m and m < 15:
+                            cms[r][col(r, x)] += 1
+                recorded += 1
+                if recorded == 10 * capacity:
+                    recorded = 0
+                    cms = [[v // 2 for v in row] for row in cms]
+                    door.clear()
+            for x in group:
+                if x in window:
+                    hits += 1
+                    window.remove(x)
+                    window.append(x)
+                elif x in prot or (x in prob and n_prot > 0):
+                    hits += 1
+                    if x in prot:
+                        prot.remove(x)
+                    else:
+                        prob.remove(x)
+                    prot.append(x)
+                    if len(prot) > n_prot:
+                        prob.append(prot.pop(0))
+                elif x in prob:
+                    hits += 1
+                    prob.remove(x)
+                    prob.append(x)
+            for x in group:
+                if x in window or x in prob or x in prot:
+                    continue
+                misses += 1
+                window.append(x)
+                cands = [y for y in window if y not in group]
+                if len(window) + len(prob) + len(prot) > capacity:
+                    victs = [y for y in prob if y not in group] + [y for y in prot if y not in group]
+                    if not cands or (victs and est(cms, door, cands[0]) > est(cms, door, victs[0])):
+                        v = victs[0]
+                        (prob if v in prob else prot).remove(v)
+                        if cands:
+                            window.remove(cands[0])
+                            prob.append(cands[0])
+                    else:
+                        window.remove(cands[0])
+                elif len(window) > n_win and len(prob) + len(prot) < n_main and cands:
+                    window.remove(cands[0])
+                    prob.append(cands[0])
+    return hits, misses, 0, 0
+
+
+def cache_lecar(req, reset, capacity, seed=0):
+    """LeCaR: on each eviction a uniform draw ``hash_uniform(seed, access index)`` below the LRU weight picks
+    the least recent item, else the least frequent (uses since load, earliest to reach them); evicted items
+    enter a history of `capacity` ghosts marked by who evicted them; a miss on a ghost shrinks that expert's
+    weight by exp(-0.45 * 0.005 ** (time since eviction / capacity)) (libCacheSim's formula)."""
+    dr = 0.005 ** (1.0 / capacity)
+    hits = misses = 0
+    g = 0
+    for seg in _segments(req, reset):
+        lru: list[int] = []  # least recent first
+        freq: dict[int, int] = {}
+        stamp: dict[int, int] = {}
+        ghosts: list[int] = []  # oldest first
+        ghost_by: dict[int, str] = {}
+        ghost_t: dict[int, int] = {}
+        w = {"lru": 0.5, "lfu": 0.5}
+        clock = 0
+        for group in seg:
+            for x in group:
+                if x in freq:
+                    hits += 1
+                    lru.remove(x)
+                    lru.append(x)
+                    freq[x] += 1
+                    stamp[x] = clock
+                    clock += 1
+            for j, x in enumerate(group):
+                if x in freq:
+                    continue
+                misses += 1
+                now = g * len(group) + j
+                if x in ghost_by:
+                    bad = ghost_by.pop(x)
+                    other = "lfu" if bad == "lru" else "lru"
+                    ghosts.remove(x)
+                    r = dr ** (now - ghost_t[x])
+                    wb = w[bad] * math.exp(-0.45 * r) + 1e-10
+                    total = wb + w[other] + 2e-10
+                    w[bad], w[other] = wb / total, (w[other] + 1e-10) / total
+                if len(freq) == capacity:
+                    if hash_uniform(seed, now) < w["lru"]:
+                        v = next(y for y in lru if y not in group)
+                        by = "lru"
+                    else:
+                        v = min((y for y in freq if y not in group), key=lambda y: (freq[y], stamp[y]))
+                        by = "lfu"
+                    lru.remove(v)
+                    del freq[v]
+                    ghosts.append(v)
+                    ghost_by[v] = by
+                    ghost_t[v] = now
+                    if len(ghosts) > capacity:
+                        del ghost_by[ghosts.pop(0)]
+                lru.append(x)
+                freq[x] = 1
+                stamp[x] = clock
+                clock += 1
+            g += 1
+    return hits, misses, 0, 0
