@@ -4,8 +4,10 @@ Input: a synthetic 1M-token x 1-layer stream over 128 experts, top-8 (teams, sti
 libCacheSim replays it flattened (one request per access, k = 1 semantics) from its oracleGeneral binary
 format; ours replays the same 8M accesses both flattened (k = 1, identical semantics: miss counts must
 agree) and grouped (k = 8, the token's experts needed together). Times are the best of 3 runs each,
-after a warm-up; ratios are ours / libCacheSim in accesses per second on one core. Then the whole-trace
-simulator on 1M tokens x 8 layers (64M accesses) with both cores.
+after a warm-up; ratios are ours / libCacheSim in accesses per second on one core. Then every other
+policy libCacheSim has (`ONLINE`), flattened at capacities 32 and 112 (W-TinyLFU's window needs 100+): ours
+and libCacheSim's accesses/s and the ratio, and ours grouped (k = 8). Then the whole-trace simulator on 1M
+tokens x 8 layers (64M accesses) with both cores.
 """
 
 from __future__ import annotations
@@ -36,6 +38,48 @@ def _ours(kernels, kind: str, req, reset, capacity: int) -> int:
     if kind == "lru":
         return int(kernels.lru(req, reset, 128, capacity)[1])
     return int(kernels.scan_policy(req, reset, 128, capacity, kernels.SCAN_BELADY, 0)[1])
+
+
+# (our registry name, libCacheSim class name): every online policy of ours that libCacheSim also has; the
+# flattened miss counts need not be equal for every one (see each policy's libCacheSim agreement test)
+ONLINE = (
+    ("fifo", "FIFO"),
+    ("arc", "ARC"),
+    ("lfu", "LFU"),
+    ("sieve", "Sieve"),
+    ("s3-fifo", "S3FIFO"),
+    ("2q", "TwoQ"),
+    ("slru", "SLRU"),
+    ("lirs", "LIRS"),
+    ("w-tinylfu", "WTinyLFU"),
+    ("lecar", "LeCaR"),
+    ("cacheus", "Cacheus"),
+)
+
+
+def _online(lcs, path: str, flat, f_reset, grouped, g_reset, n: int) -> dict:
+    """Ours (through the registry) vs libCacheSim for every `ONLINE` policy, best of 2 runs each."""
+    from moescope.cache import PolicyParams, Stream, make_policy
+
+    rows: dict = {}
+    f_stream, g_stream = Stream(flat, f_reset, 128, 128), Stream(grouped, g_reset, 128, 128)
+    for cap in (32, 112):
+        for name, cls_name in ONLINE:
+            cls = getattr(lcs, cls_name, None)
+            if cls is None or (name == "w-tinylfu" and cap < 100) or (name == "s3-fifo" and cap < 20):
+                continue  # libCacheSim refuses these sizes (its segment sizes round to 0)
+            pol = make_policy(name, PolicyParams())
+            pol.run(Stream(flat[:1000], f_reset[:1000], 128, 128), cap)  # JIT warm-up
+            t_lcs, _ = _best(_libcachesim, lcs, cls, path, cap, repeats=2)
+            t_flat, _ = _best(pol.run, f_stream, cap, repeats=2)
+            t_grp, _ = _best(pol.run, g_stream, cap, repeats=2)
+            rows[f"{name}@{cap}"] = {
+                "libcachesim_M_per_s": round(n / t_lcs / 1e6, 1),
+                "ours_flat_M_per_s": round(n / t_flat / 1e6, 1),
+                "ours_grouped_M_per_s": round(n / t_grp / 1e6, 1),
+                "ratio_flat": round(t_lcs / t_flat, 2),
+            }
+    return rows
 
 
 def measure() -> dict:
@@ -82,6 +126,7 @@ def measure() -> dict:
                     "grouped_miss_rate": round(grp_misses / n, 4),
                 }
             out["capacities"][cap] = row
+        out["online_policies"] = _online(lcs, path, flat, f_reset, grouped, g_reset, n)
     finally:
         os.unlink(path)
     multi = synth_trace(SynthSpec(n_tokens=1_000_000, n_layers=8, weights_dtype=None, **spec))

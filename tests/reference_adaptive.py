@@ -258,3 +258,166 @@ def cache_lecar(req, reset, capacity, seed=0):
                 clock += 1
             g += 1
     return hits, misses, 0, 0
+
+
+class _Cacheus:
+    """One segment of Cacheus: SR-LRU (lists SR and R, history H), CR-LFU (uses, the most recent to reach
+    the smallest count evicted), ghost lists of the two experts, weights and learning rate (libCacheSim's
+    Cacheus.c, SR_LRU.c, CR_LFU.c; see `moescope.cache.kernels_adaptive`)."""
+
+    def __init__(self, capacity: int, seed: int, t0: int) -> None:
+        self.c, self.seed = capacity, seed
+        self.sr: list[int] = []  # least recent first
+        self.r: list[int] = []
+        self.new: set[int] = set()  # entered SR on a miss outside H, not hit since
+        self.dem: set[int] = set()  # demoted from R to SR, not hit since
+        self.hist: list[int] = []  # oldest first
+        self.h_new: set[int] = set()
+        self.h_freq: dict[int, int] = {}
+        self.c_new = self.c_dem = 0
+        self.sr_size = capacity // 2
+        self.freq: dict[int, int] = {}
+        self.stamp: dict[int, int] = {}
+        self.clock = 0
+        self.lru_g: list[int] = []
+        self.lfu_g: list[int] = []
+        self.w_lru, self.w_lfu = 0.5, 0.5
+        self.lr = self._draw_lr(1, t0)
+        self.lr_prev = self.hr_prev = 0.0
+        self.unlearn = self.num_hit = self.nreq = 0
+
+    def _draw_lr(self, stream: int, t: int) -> float:
+        return 0.001 + int(hash_uniform(_hash2(self.seed, stream), t) * 1000) / 1000
+
+    def _demote(self, extra: int) -> None:
+        """R's least recent items to SR (marked demoted) until R has room for `extra` more."""
+        while len(self.r) + extra > self.c - self.sr_size:
+            y = self.r.pop(0)
+            self.sr.append(y)
+            self.dem.add(y)
+            self.c_dem += 1
+
+    def _to_history(self, y: int) -> None:
+        """y leaves the cache (SR or R, and CR-LFU) for H, with its flags and its count."""
+        (self.sr if y in self.sr else self.r).remove(y)
+        self.hist.append(y)
+        if y in self.new:
+            self.new.discard(y)
+            self.h_new.add(y)
+            self.c_new += 1
+        if y in self.dem:
+            self.dem.discard(y)
+            self.c_dem -= 1
+        self.h_freq[y] = self.freq.pop(y)
+        del self.stamp[y]
+        while len(self.hist) >= self.c:
+            z = self.hist.pop(0)
+            if z in self.h_new:
+                self.h_new.discard(z)
+                self.c_new -= 1
+            del self.h_freq[z]
+
+    def _tick(self, t: int) -> None:
+        self.nreq += 1
+        if self.nreq % self.c:
+            return
+        hr = self.num_hit / self.c
+        dhr, dlr = hr - self.hr_prev, self.lr - self.lr_prev
+        self.lr_prev, self.hr_prev = self.lr, hr
+        if dlr != 0:
+            sign = 1 if dhr / dlr > 0 else -1
+            step = sign * abs(self.lr * dlr)
+            self.lr = self.lr + step if self.lr + step > 0.001 else 0.0001
+            self.unlearn = 0
+        elif hr == 0 or dhr <= 0:
+            self.unlearn += 1
+        elif self.unlearn >= 10:
+            self.unlearn = 0
+            self.lr = self._draw_lr(2, t)
+        self.num_hit = 0
+
+    def hit(self, x: int, t: int) -> None:
+        if x in self.sr:
+            self.sr.remove(x)
+            self.r.append(x)
+            self.new.discard(x)
+            self._demote(0)
+            if x in self.dem:
+                delta = max(1.0, self.c_new // self.c_dem + 0.5)
+                self.sr_size = int(self.sr_size - delta) if self.sr_size - delta > 1 else min(self.sr_size, 1)
+                self.dem.discard(x)
+                self.c_dem -= 1
+        else:
+            self.r.remove(x)
+            self.r.append(x)
+        self.freq[x] += 1
+        self.stamp[x] = self.clock
+        self.clock += 1
+        self.num_hit += 1
+        self._tick(t)
+
+    def miss(self, x: int, t: int, group: list[int]) -> None:
+        if x in self.lru_g:
+            self.w_lru *= math.exp(-self.lr)
+            self.lru_g.remove(x)
+        elif x in self.lfu_g:
+            self.w_lfu *= math.exp(-self.lr)
+            self.lfu_g.remove(x)
+        self.w_lru = self.w_lru / (self.w_lru + self.w_lfu)
+        self.w_lfu = 1 - self.w_lru
+        full = len(self.freq) == self.c
+        if full:
+            free = [y for y in self.sr if y not in group] or [y for y in self.r if y not in group]
+            lru_v = free[0]
+            lfu_v = min((y for y in self.freq if y not in group), key=lambda y: (self.freq[y], -self.stamp[y]))
+            v = lru_v if hash_uniform(self.seed, t) < self.w_lru else lfu_v
+            self._to_history(v)
+            if lru_v != lfu_v and self.c // 2 > 0:
+                ghost = self.lru_g if v == lru_v else self.lfu_g
+                ghost.append(v)
+                if len(ghost) > self.c // 2:
+                    ghost.pop(0)
+        self.freq[x] = self.h_freq[x] + 1 if x in self.hist else 1
+        self.stamp[x] = self.clock
+        self.clock += 1
+        if x in self.hist:
+            self.hist.remove(x)
+            del self.h_freq[x]
+            self._demote(1)
+            self.r.append(x)
+            if x in self.h_new:
+                delta = max(1.0, self.c_dem // self.c_new + 0.5)
+                occ = len(self.sr) + len(self.r)
+                self.sr_size = occ - 1 if self.sr_size + delta > occ - 1 else int(self.sr_size + delta)
+                self.h_new.discard(x)
+                self.c_new -= 1
+        else:
+            self.sr.append(x)
+            self.new.add(x)
+        while full and len(self.sr) > self.sr_size:  # SR over its share of a full cache: unneeded items leave
+            free = [y for y in self.sr if y not in group]
+            if not free:
+                break
+            self._to_history(free[0])
+        self._tick(t)
+
+
+def cache_cacheus(req, reset, capacity, seed=0):
+    """Cacheus (Rodriguez et al. 2021) as libCacheSim's Cacheus.c with the paper's SR-LRU adaptation: each
+    eviction draws ``hash_uniform(seed, access index)``; below w_lru SR-LRU's victim goes, else CR-LFU's."""
+    hits = misses = 0
+    g = 0
+    for seg in _segments(req, reset):
+        k = len(seg[0])
+        c = _Cacheus(capacity, seed, g * k)
+        for group in seg:
+            for j, x in enumerate(group):
+                if x in c.freq:
+                    hits += 1
+                    c.hit(x, g * k + j)
+            for j, x in enumerate(group):
+                if x not in c.freq:
+                    misses += 1
+                    c.miss(x, g * k + j, group)
+            g += 1
+    return hits, misses, 0, 0

@@ -73,6 +73,8 @@ def _reference(name: str, s: Stream, capacity: int, policy) -> tuple[int, ...]:
         return reference_adaptive.cache_wtinylfu(s.req, s.reset, capacity)
     if name == "lecar":
         return reference_adaptive.cache_lecar(s.req, s.reset, capacity, policy.seed)
+    if name == "cacheus":
+        return reference_adaptive.cache_cacheus(s.req, s.reset, capacity, policy.seed)
     if name in reference_queue.REFERENCES:
         return reference_queue.REFERENCES[name](s.req, s.reset, capacity)
     if name == "adaptive-lrfu":
@@ -526,3 +528,17 @@ def test_adaptive_lrfu_follows_the_leading_rate(seed):
         rates = np.array([0.0, 0.0625, 1.0])
         got = tuple(int(v) for v in K.adaptive_lrfu(s.req, s.reset, s.n_items, capacity, rates, 0.5))
         assert got == reference.cache_adaptive_lrfu(s.req, s.reset, capacity, list(rates), 0.5)
+
+
+def test_layer_streams_are_built_on_access():
+    tr = random_trace(n_tokens=50, n_layers=3, n_experts=8, k=2, seed=1)
+    streams = build_streams(tr, reset_per_sequence=True)
+    assert len(streams) == 3 and len(streams[:2]) == 2
+    for i in (0, 2, -1):
+        s = streams[i]
+        assert s.req.dtype == np.int32 and s.req.flags.c_contiguous
+        assert np.array_equal(s.req, tr.experts[:, i, :]) and s.n_items == 8
+    assert streams[0] is not streams[0]  # nothing kept between accesses
+    with pytest.raises(IndexError):
+        streams[3]
+    assert [s.req.shape for s in streams] == [(50, 2)] * 3

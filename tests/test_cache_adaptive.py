@@ -20,7 +20,7 @@ from moescope.cache.policies import POLICIES
 from moescope.imports import read_input
 from test_cache import _oracle_general
 
-LECAR_SEED = 7  # any seed: kernel and reference draw the same uniforms
+LECAR_SEED = 7  # any seed: kernel and reference draw the same uniforms (LeCaR and Cacheus)
 ADAPTIVE = {
     "lirs": (KA.lirs, KA._lirs, RA.cache_lirs),
     "w-tinylfu": (KA.wtinylfu, KA._wtinylfu, RA.cache_wtinylfu),
@@ -28,6 +28,11 @@ ADAPTIVE = {
         lambda req, reset, n, c: KA.lecar(req, reset, n, c, LECAR_SEED),
         lambda req, reset, n, c, per: KA._lecar(req, reset, n, c, LECAR_SEED, per),
         lambda req, reset, c: RA.cache_lecar(req, reset, c, LECAR_SEED),
+    ),
+    "cacheus": (
+        lambda req, reset, n, c: KA.cacheus(req, reset, n, c, LECAR_SEED),
+        lambda req, reset, n, c, per: KA._cacheus(req, reset, n, c, LECAR_SEED, per),
+        lambda req, reset, c: RA.cache_cacheus(req, reset, c, LECAR_SEED),
     ),
 }
 
@@ -121,10 +126,19 @@ def test_registered_policies_keep_the_contract(name, seed):
 # 0.0013; on zipf libCacheSim is lower by 0.021, 0.012, 0.003 at 2, 8, 32 (over seeds 0-3, each below LRU).
 # The gap is not its 1/100 draw quantisation (which moves ours by 0.000 and 0.002) and was not traced further;
 # the bounds are set just above it, so a regression (LeCaR drifting to LRU) still fails.
+# Cacheus: libCacheSim draws its expert and learning rates unseeded (over 10 of its runs its miss ratio spans
+# 0.2994-0.3142 on zipf at capacity 32, 0.7340-0.7388 on esft at 8), so only the miss ratio can agree. Its
+# SR-LRU loses the new/demoted flags when items move between lists, so SR's size never adapts there, and it
+# computes the interval hit rate with integer division (module docstring of kernels_adaptive); we keep the
+# paper's adaptation and a float hit rate. Ours (seed 0) is within 0.004 of it at capacity 2, 0.007 / 0.016
+# (zipf / esft layer 5) at 8 and 0.014 / 0.004 at 32, mostly above it; with both differences disabled in the
+# reference the gap is about 0.01 or less. The bounds sit above that and still fail LRU on zipf (0.8402,
+# 0.5987, 0.3596 at 2, 8, 32).
 LIBCACHESIM = {
     "lirs": ((5,), {2: None, 8: 0.005, 32: 0.005}),
     "w-tinylfu": ((5, 6, 7), {100: 0.01, 128: 0.01, 150: 0.01}),
     "lecar": ((5,), {2: 0.03, 8: 0.015, 32: 0.005}),
+    "cacheus": ((5,), {2: 0.01, 8: 0.03, 32: 0.03}),
 }
 
 
@@ -142,7 +156,7 @@ def _lcs_ids(source: str, layers: tuple[int, ...], request) -> np.ndarray:
 @pytest.mark.parametrize("name", list(ADAPTIVE))
 def test_agrees_with_libcachesim(tmp_path, source, name, request):
     lcs = pytest.importorskip("libcachesim")
-    classes = {"lirs": lcs.LIRS, "w-tinylfu": lcs.WTinyLFU, "lecar": lcs.LeCaR}
+    classes = {"lirs": lcs.LIRS, "w-tinylfu": lcs.WTinyLFU, "lecar": lcs.LeCaR, "cacheus": lcs.Cacheus}
     layers, bounds = LIBCACHESIM[name]
     ids = _lcs_ids(source, layers, request)
     path = tmp_path / "t.oracleGeneral.bin"

@@ -24,7 +24,7 @@ Semantics (what every number here means):
   floor says which of the two it is (`BELOW_FLOOR_WHY`); a demand-loading policy below it is a bug.
 
 Modules: `kernels` (numba replays), `policies` (the registry `POLICIES`; the queue family SIEVE, S3-FIFO,
-2Q, SLRU in `kernels_queue` / `policies_queue`, LIRS, W-TinyLFU, LeCaR in `kernels_adaptive` /
+2Q, SLRU in `kernels_queue` / `policies_queue`, LIRS, W-TinyLFU, LeCaR, Cacheus in `kernels_adaptive` /
 `policies_adaptive`), `simulate` (tables, curves, budget allocation), `cost` (projected decode speed).
 
     >>> from moescope.cache import simulate

@@ -8,8 +8,7 @@ first (each updating the policy's state in slot order), then the misses are load
 victim is never an item the group needs (possible because capacity >= k). Kernels never allocate per access
 and do no scan over the cache: lists are doubly linked lists over item ids, LeCaR's LFU order a binary heap;
 a victim walk skips at most k - 1 needed items. Naive references: tests/reference_adaptive.py. This module
-does not validate (the callers do: `moescope.cache.simulate`). Not here yet: Cacheus (Rodriguez et al.,
-FAST 2021).
+does not validate (the callers do: `moescope.cache.simulate`).
 
 LIRS (Jiang & Zhang, "LIRS: an efficient low inter-reference recency set replacement policy", SIGMETRICS
 2002), parameters as libCacheSim's ``LIRS.c``:
@@ -72,6 +71,44 @@ LeCaR (Vietri et al., "Driving cache replacement with ML-based LeCaR", HotStorag
 - Group rule: LRU's victim is the least recent item the group does not need; LFU's the smallest
   (count, stamp) item it does not need (a heap; needed roots are parked until the group ends, as in
   `moescope.cache.kernels._heap_policy`). A group's hits update both experts in slot order first.
+
+Cacheus (Rodriguez et al., "Learning cache replacement with CACHEUS", FAST 2021; libCacheSim's ``Cacheus.c``,
+``SR_LRU.c``, ``CR_LFU.c``). No parameter is tuned on any trace; each is the paper's or libCacheSim's:
+
+- Two experts over the same cached items. SR-LRU (scan resistant): lists SR and R, SR's share ``sr_size``
+  starting at capacity // 2 (libCacheSim), R's limit capacity - sr_size, and a history H of evicted items
+  (at most capacity - 1: libCacheSim trims H while it holds >= capacity). A miss outside H enters SR
+  (marked new), one in H enters R; an SR hit moves to R; R's overflow moves from R's least recent end to
+  SR's most recent end (marked demoted); SR's victim is its least recent item, R's if SR is empty, and when
+  SR is over its share after a miss that had to evict, its least recent items leave the cache for H too
+  (libCacheSim; it does so with free room as well, so a cache that can hold every item misses more than the
+  cold misses there; ours never evicts with room to spare). A hit
+  on a demoted item shrinks SR by max(1, C_new // C_demoted + 0.5), a miss on a new item in H grows it by
+  max(1, C_demoted // C_new + 0.5) up to the occupancy - 1 (libCacheSim's formulas and truncation; C_new
+  counts new items in H, C_demoted demoted items cached). CR-LFU (churn resistant): fewest uses, ties by
+  the item that reached that count last (libCacheSim's bucket tail); an item back from H resumes its count
+  + 1 (libCacheSim keeps the count in H).
+- Each eviction draws u in (0, 1) and takes SR-LRU's victim if u < w_lru, else CR-LFU's; if the two differ
+  the victim enters the chosen expert's ghost list (capacity // 2 entries each, oldest dropped:
+  libCacheSim's ghost_list_factor 1). A miss on a ghost multiplies that expert's weight by exp(-lr); the
+  weights are renormalised on every miss (w_lfu = 1 - w_lru), 0.5 each at every reset.
+- Adaptive learning rate (libCacheSim's ``update_lr``, the paper's): every `capacity` accesses, with h the
+  interval's hit rate, lr moves by |lr x (lr - previous lr)|, up if h moved the same way as lr, else down
+  (to 0.0001 below 0.001); if lr did not change, 10 intervals without improvement re-draw it. The first lr
+  and re-draws are 0.001 + floor(1000 u) / 1000 (libCacheSim's ``0.001 + (rand % 1000) / 1000``).
+- Draws: eviction ``uniform(seed, access index)``, first lr ``uniform(hash2(seed, 1), index)``, re-draws
+  ``uniform(hash2(seed, 2), index)``; libCacheSim's draws are unseeded. Time is the access index ``g * k +
+  slot``; hits and misses each count one access towards the lr interval.
+- Group rule: SR-LRU's victim is SR's least recent unneeded item, else R's; CR-LFU's the smallest (uses,
+  -stamp) unneeded item (a heap, needed roots parked as in LeCaR); SR's overflow evicts only unneeded items
+  (it stops when SR holds only needed ones). A group's hits update both experts in slot order first.
+- Known differences from libCacheSim 0.3.5 (k = 1), from our reading of its C: (1) its SR-LRU moves an item
+  between SR, R and H by creating a new object, which loses the new and demoted flags, so SR's adaptation
+  never fires there and SR stays at capacity // 2; we carry the flags (the paper's SR-LRU). (2) It computes
+  the interval's hit rate with integer division (0 unless every access hit); we divide in floating point.
+  (3) For odd capacities it gives R capacity // 2 too (one slot unused); ours gets capacity - sr_size.
+  Disabling (1) and (2) in the reference moves ours to within about 0.01 of libCacheSim; the bounds are in
+  tests/test_cache_adaptive.py.
 """
 
 from __future__ import annotations
@@ -566,3 +603,299 @@ def _penalise(w_bad, w_other, r):
     w_bad = w_bad * np.exp(-LECAR_LEARNING_RATE * r) + 1e-10
     total = w_bad + w_other + 2e-10
     return w_bad / total, (w_other + 1e-10) / total
+
+
+# -- Cacheus --------------------------------------------------------------------------------------------
+CACHEUS_LR_MIN = 0.001  # lr draws are 0.001 + (a uniform in [0, 1) quantised to 1/1000) (libCacheSim)
+CACHEUS_LR_FLOOR = 0.0001  # where the learning rate lands when a step would take it below 0.001 (libCacheSim)
+CACHEUS_UNLEARN = 10  # update intervals without improvement before the learning rate is re-drawn (libCacheSim)
+_SR, _R, _H = 1, 2, 3  # SR-LRU's lists in `where` (node n_items + code - 1)
+
+
+@njit_inline
+def _cacheus_lr(state, t):
+    """A learning-rate draw: 0.001 + floor(1000 u) / 1000 (libCacheSim's ``0.001 + (rand % 1000) / 1000``)."""
+    return CACHEUS_LR_MIN + np.floor(uniform(state, t) * 1000.0) / 1000.0
+
+
+@njit
+def cacheus(req, reset, n_items, capacity, seed):
+    """Cacheus (see the module docstring): SR-LRU or CR-LFU evicts, drawn by weights learned from ghost hits."""
+    return _cacheus(req, reset, n_items, capacity, seed, np.empty(0, dtype=np.int64))
+
+
+@njit
+def _cacheus(req, reset, n_items, capacity, seed, per_group):
+    """`cacheus`, also writing each group's demand misses to ``per_group [groups]`` when it is not empty.
+
+    SR-LRU's lists SR, R and its history H are circular doubly linked lists through ``prv, nxt:
+    [n_items + 3]`` (sentinel n_items + code - 1, nxt[sentinel] the least recent; an item is in at most one);
+    the ghost lists of the two experts through ``g_prv, g_nxt: [n_items + 2]``. CR-LFU is a binary min-heap
+    of the cached items by (uses, -stamp of reaching that count), as in `_lecar` (needed roots and the
+    group's loads parked until the group ends). O(k log capacity) per miss, O(log capacity) per hit, O(1)
+    amortised list moves (each SR overflow or R demotion follows an insertion into that list).
+    """
+    g_n, k = req.shape
+    s_sr, s_r, s_h = n_items, n_items + 1, n_items + 2
+    gl_lru, gl_lfu = n_items, n_items + 1
+    n_ghost_max = capacity // 2  # libCacheSim: ghost_list_factor 1 x cache_size / 2 per expert
+    state = np.uint64(seed)
+    lr_first, lr_again = hash2(seed, 1), hash2(seed, 2)
+    prv = np.empty(n_items + 3, dtype=np.int64)
+    nxt = np.empty(n_items + 3, dtype=np.int64)
+    g_prv = np.empty(n_items + 2, dtype=np.int64)
+    g_nxt = np.empty(n_items + 2, dtype=np.int64)
+    where = np.zeros(n_items, dtype=np.int64)
+    ghost = np.zeros(n_items, dtype=np.int64)  # 0: no ghost, else _BY_LRU / _BY_LFU
+    is_new = np.zeros(n_items, dtype=np.bool_)  # cached: entered SR outside H, not hit since; in H: was so
+    is_dem = np.zeros(n_items, dtype=np.bool_)  # cached in SR, demoted from R, not hit since
+    h_x = np.empty(capacity, dtype=np.int64)
+    h_a = np.empty(capacity, dtype=np.int64)
+    h_b = np.empty(capacity, dtype=np.int64)
+    pos = np.full(n_items, -1, dtype=np.int64)
+    freq = np.zeros(n_items, dtype=np.int64)  # CR-LFU's uses (kept in H when an item leaves)
+    stamp = np.zeros(n_items, dtype=np.int64)  # when the item reached its count (heap key -stamp: latest first)
+    need = np.full(n_items + 3, -1, dtype=np.int64)  # -1 at the sentinels: a walk stops there
+    p_x = np.empty(k, dtype=np.int64)
+    n_sr, n_r, n_hist, n_lru_g, n_lfu_g, c_new, c_dem, sr_size = 0, 0, 0, 0, 0, 0, 0, 0
+    n_h, n_p, clock, nreq, num_hit, unlearn, hits, misses = 0, 0, 0, 0, 0, 0, 0, 0
+    w_lru, w_lfu, lr, lr_prev, hr_prev = 0.5, 0.5, 0.0, 0.0, 0.0
+    for g in range(g_n):
+        if reset[g]:
+            pos[:] = -1
+            where[:] = 0
+            ghost[:] = 0
+            is_new[:] = False
+            is_dem[:] = False
+            for z in range(s_sr, s_h + 1):
+                prv[z], nxt[z] = z, z
+            g_prv[gl_lru], g_nxt[gl_lru], g_prv[gl_lfu], g_nxt[gl_lfu] = gl_lru, gl_lru, gl_lfu, gl_lfu
+            n_sr, n_r, n_hist, n_lru_g, n_lfu_g, c_new, c_dem, sr_size = 0, 0, 0, 0, 0, 0, 0, capacity // 2
+            n_h, nreq, num_hit, unlearn = 0, 0, 0, 0
+            w_lru, w_lfu, lr, lr_prev, hr_prev = 0.5, 0.5, _cacheus_lr(lr_first, g * k), 0.0, 0.0
+        m0 = misses
+        for j in range(k):
+            x = req[g, j]
+            need[x] = g
+            if pos[x] < 0:
+                continue
+            hits += 1
+            if where[x] == _SR:  # an SR hit moves to R; R's overflow is demoted to SR
+                _unlink(prv, nxt, x)
+                _append(prv, nxt, s_r, x)
+                where[x] = _R
+                n_sr -= 1
+                n_r += 1
+                is_new[x] = False
+                n_sr, n_r, c_dem = _cacheus_demote(
+                    prv, nxt, where, is_dem, s_sr, s_r, n_sr, n_r, c_dem, capacity - sr_size
+                )
+                if is_dem[x]:  # a demoted item was reused: SR shrinks
+                    delta = max(1.0, c_new // c_dem + 0.5)
+                    sr_size = int(sr_size - delta) if sr_size - delta > 1 else min(sr_size, 1)
+                    is_dem[x] = False
+                    c_dem -= 1
+            else:
+                _unlink(prv, nxt, x)
+                _append(prv, nxt, s_r, x)
+            freq[x] += 1
+            stamp[x] = clock
+            clock += 1
+            _sift_down(h_x, h_a, h_b, pos, n_h, pos[x], x, freq[x], -stamp[x])
+            num_hit += 1
+            nreq += 1
+            if nreq % capacity == 0:
+                lr, lr_prev, hr_prev, unlearn = _cacheus_update_lr(
+                    lr, lr_prev, hr_prev, unlearn, num_hit / capacity, lr_again, g * k + j
+                )
+                num_hit = 0
+        n_p = 0
+        for j in range(k):
+            x = req[g, j]
+            if pos[x] != -1:
+                continue
+            misses += 1
+            now = g * k + j
+            if ghost[x] == _BY_LRU:  # a ghost hit: the expert that evicted x loses weight
+                w_lru *= np.exp(-lr)
+                _unlink(g_prv, g_nxt, x)
+                n_lru_g -= 1
+            elif ghost[x] == _BY_LFU:
+                w_lfu *= np.exp(-lr)
+                _unlink(g_prv, g_nxt, x)
+                n_lfu_g -= 1
+            ghost[x] = 0
+            w_lru = w_lru / (w_lru + w_lfu)
+            w_lfu = 1 - w_lru
+            full = n_sr + n_r == capacity
+            if full:
+                lru_v = nxt[s_sr]  # SR-LRU: SR's least recent unneeded item, else R's
+                while need[lru_v] == g:
+                    lru_v = nxt[lru_v]
+                if lru_v == s_sr:
+                    lru_v = nxt[s_r]
+                    while need[lru_v] == g:
+                        lru_v = nxt[lru_v]
+                while need[h_x[0]] == g:  # CR-LFU: fewest uses, the latest to reach them; needed roots parked
+                    p_x[n_p] = h_x[0]
+                    pos[h_x[0]] = _PARKED
+                    n_p += 1
+                    n_h -= 1
+                    _sift_down(h_x, h_a, h_b, pos, n_h, 0, h_x[n_h], h_a[n_h], h_b[n_h])
+                lfu_v = h_x[0]
+                v = lru_v if uniform(state, now) < w_lru else lfu_v
+                n_h = _heap_remove(h_x, h_a, h_b, pos, n_h, v)
+                n_sr, n_r, n_hist, c_new, c_dem = _cacheus_to_history(
+                    prv, nxt, where, is_new, is_dem, s_h, v, n_sr, n_r, n_hist, c_new, c_dem, capacity
+                )
+                if lru_v != lfu_v and n_ghost_max > 0:  # the chosen expert's ghost list remembers v
+                    if v == lru_v:
+                        _append(g_prv, g_nxt, gl_lru, v)
+                        ghost[v] = _BY_LRU
+                        n_lru_g += 1
+                        if n_lru_g > n_ghost_max:
+                            y = g_nxt[gl_lru]
+                            _unlink(g_prv, g_nxt, y)
+                            ghost[y] = 0
+                            n_lru_g -= 1
+                    else:
+                        _append(g_prv, g_nxt, gl_lfu, v)
+                        ghost[v] = _BY_LFU
+                        n_lfu_g += 1
+                        if n_lfu_g > n_ghost_max:
+                            y = g_nxt[gl_lfu]
+                            _unlink(g_prv, g_nxt, y)
+                            ghost[y] = 0
+                            n_lfu_g -= 1
+            if where[x] == _H:  # back from SR-LRU's history: to R, with CR-LFU's count restored
+                freq[x] += 1
+                _unlink(prv, nxt, x)
+                n_hist -= 1
+                n_sr, n_r, c_dem = _cacheus_demote(
+                    prv, nxt, where, is_dem, s_sr, s_r, n_sr, n_r + 1, c_dem, capacity - sr_size
+                )
+                n_r -= 1
+                _append(prv, nxt, s_r, x)
+                where[x] = _R
+                n_r += 1
+                if is_new[x]:  # a new item came back from history: SR grows
+                    delta = max(1.0, c_dem // c_new + 0.5)
+                    occ = n_sr + n_r
+                    sr_size = occ - 1 if sr_size + delta > occ - 1 else int(sr_size + delta)
+                    is_new[x] = False
+                    c_new -= 1
+            else:
+                freq[x] = 1
+                _append(prv, nxt, s_sr, x)
+                where[x] = _SR
+                n_sr += 1
+                is_new[x] = True
+            is_dem[x] = False
+            stamp[x] = clock
+            clock += 1
+            p_x[n_p] = x
+            pos[x] = _PARKED
+            n_p += 1
+            while full and n_sr > sr_size:  # SR over its share of a full cache: its least recent unneeded go
+                y = nxt[s_sr]
+                while need[y] == g:
+                    y = nxt[y]
+                if y == s_sr:
+                    break
+                n_h = _heap_remove(h_x, h_a, h_b, pos, n_h, y)
+                n_sr, n_r, n_hist, c_new, c_dem = _cacheus_to_history(
+                    prv, nxt, where, is_new, is_dem, s_h, y, n_sr, n_r, n_hist, c_new, c_dem, capacity
+                )
+            nreq += 1
+            if nreq % capacity == 0:
+                lr, lr_prev, hr_prev, unlearn = _cacheus_update_lr(
+                    lr, lr_prev, hr_prev, unlearn, num_hit / capacity, lr_again, now
+                )
+                num_hit = 0
+        for t in range(n_p):  # parked items rejoin the heap
+            y = p_x[t]
+            _sift_up(h_x, h_a, h_b, pos, n_h, y, freq[y], -stamp[y])
+            n_h += 1
+        if per_group.shape[0]:
+            per_group[g] = misses - m0
+    return np.array([hits, misses, 0, 0], dtype=np.int64)
+
+
+@njit_inline
+def _heap_remove(h_x, h_a, h_b, pos, n_h, v):
+    """Take item v out of the heap (the last entry fills its hole, sifting up or down); returns the size."""
+    i = pos[v]
+    n_h -= 1
+    if i < n_h:
+        lx, la, lb = h_x[n_h], h_a[n_h], h_b[n_h]
+        _sift_up(h_x, h_a, h_b, pos, i, lx, la, lb)
+        if pos[lx] == i:
+            _sift_down(h_x, h_a, h_b, pos, n_h, i, lx, la, lb)
+    pos[v] = -1
+    return n_h
+
+
+@njit_inline
+def _cacheus_demote(prv, nxt, where, is_dem, s_sr, s_r, n_sr, n_r, c_dem, r_limit):
+    """SR-LRU: R's least recent items move to SR's most recent end, marked demoted, while R holds more than
+    `r_limit`. Returns (|SR|, |R|, demoted count)."""
+    while n_r > r_limit:
+        y = nxt[s_r]
+        _unlink(prv, nxt, y)
+        _append(prv, nxt, s_sr, y)
+        where[y] = _SR
+        is_dem[y] = True
+        n_r -= 1
+        n_sr += 1
+        c_dem += 1
+    return n_sr, n_r, c_dem
+
+
+@njit_inline
+def _cacheus_to_history(prv, nxt, where, is_new, is_dem, s_h, y, n_sr, n_r, n_hist, c_new, c_dem, capacity):
+    """SR-LRU: cached item y (already out of CR-LFU's heap, its count kept) leaves SR or R for the newest end
+    of H with its new flag; H keeps its newest capacity - 1 entries (libCacheSim trims while |H| >= size).
+    Returns (|SR|, |R|, |H|, new count in H, demoted count in cache)."""
+    if where[y] == _SR:
+        n_sr -= 1
+    else:
+        n_r -= 1
+    _unlink(prv, nxt, y)
+    _append(prv, nxt, s_h, y)
+    where[y] = _H
+    n_hist += 1
+    if is_new[y]:
+        c_new += 1
+    if is_dem[y]:
+        is_dem[y] = False
+        c_dem -= 1
+    while n_hist >= capacity:
+        z = nxt[s_h]
+        _unlink(prv, nxt, z)
+        where[z] = 0
+        n_hist -= 1
+        if is_new[z]:
+            is_new[z] = False
+            c_new -= 1
+    return n_sr, n_r, n_hist, c_new, c_dem
+
+
+@njit_inline
+def _cacheus_update_lr(lr, lr_prev, hr_prev, unlearn, hr, lr_again, t):
+    """libCacheSim's Cacheus ``update_lr`` at the end of an interval with hit rate hr: lr steps by |lr x its
+    last change|, up if the hit rate moved the same way as lr, else down (floor 0.0001 below 0.001); with
+    no change, after 10 intervals without improvement it is re-drawn. Returns (lr, lr_prev, hr_prev,
+    unlearn)."""
+    dhr = hr - hr_prev
+    dlr = lr - lr_prev
+    lr_prev = lr
+    if dlr != 0:
+        step = abs(lr * dlr) if dhr / dlr > 0 else -abs(lr * dlr)
+        lr = lr + step if lr + step > CACHEUS_LR_MIN else CACHEUS_LR_FLOOR
+        unlearn = 0
+    elif hr == 0 or dhr <= 0:
+        unlearn += 1
+    elif unlearn >= CACHEUS_UNLEARN:
+        unlearn = 0
+        lr = _cacheus_lr(lr_again, t)
+    return lr, lr_prev, hr, unlearn

@@ -195,7 +195,8 @@ class LRFU(CachePolicy):
 
     def fit(self, train: Stream) -> None:
         n = min(train.req.shape[0], LRFU_FIT_GROUPS)
-        self._train = Stream(train.req[:n], train.reset[:n], train.n_items, train.n_experts)
+        # copies, so the fitted policy does not keep the whole train stream alive
+        self._train = Stream(train.req[:n].copy(), train.reset[:n].copy(), train.n_items, train.n_experts)
         self._rates: dict[int, float] = {}
 
     def rate(self, capacity: int) -> float:

@@ -58,3 +58,18 @@ class LeCaR(CachePolicy):
         out = np.zeros(stream.req.shape[0], dtype=np.int64)
         KA._lecar(stream.req, stream.reset, stream.n_items, capacity, self.seed, out)
         return out
+
+
+@register
+class Cacheus(CachePolicy):
+    name = "cacheus"
+    summary = "SR-LRU or CR-LFU evicts by learned weights, adaptive learning rate (Rodriguez et al. 2021; seeded)"
+    seed: ClassVar[int] = 0  # eviction and learning-rate draws are hashes of (seed, access index): reproducible
+
+    def run(self, stream: Stream, capacity: int) -> np.ndarray:
+        return KA.cacheus(stream.req, stream.reset, stream.n_items, capacity, self.seed)
+
+    def misses_per_group(self, stream: Stream, capacity: int) -> np.ndarray:
+        out = np.zeros(stream.req.shape[0], dtype=np.int64)
+        KA._cacheus(stream.req, stream.reset, stream.n_items, capacity, self.seed, out)
+        return out

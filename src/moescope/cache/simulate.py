@@ -20,7 +20,7 @@ import itertools
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
@@ -41,8 +41,33 @@ def _reset_flags(trace: RoutingTrace, per_sequence: bool) -> np.ndarray:
     return reset
 
 
-def build_streams(trace: RoutingTrace, *, pooled: bool = False, reset_per_sequence: bool = False) -> list[Stream]:
-    """One `Stream` per MoE layer (in layer order), or a single pooled stream."""
+class LayerStreams(Sequence[Stream]):
+    """The per-layer `Stream` s of a trace, each built when indexed and not kept: a replay holds one layer's
+    ``[tokens, k]`` int32 copy at a time per worker instead of every layer's at once (on 1M tokens x 48
+    layers x top-8 that is 32 MB per worker instead of 1.5 GB)."""
+
+    def __init__(self, trace: RoutingTrace, reset: np.ndarray) -> None:
+        self._experts, self._reset, self._e = trace.experts, reset, trace.n_experts
+
+    def __len__(self) -> int:
+        return int(self._experts.shape[1])
+
+    @overload
+    def __getitem__(self, i: int) -> Stream: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Stream]: ...
+    def __getitem__(self, i: int | slice) -> Stream | list[Stream]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        req = np.ascontiguousarray(self._experts[:, i, :], dtype=np.int32)
+        return Stream(req, self._reset, self._e, self._e)
+
+
+def build_streams(trace: RoutingTrace, *, pooled: bool = False, reset_per_sequence: bool = False) -> Sequence[Stream]:
+    """One `Stream` per MoE layer (in layer order; built on access, `LayerStreams`), or a single pooled
+    stream."""
     e, n_layers = trace.n_experts, trace.n_layers
     reset = _reset_flags(trace, reset_per_sequence)
     if pooled:
@@ -51,7 +76,7 @@ def build_streams(trace: RoutingTrace, *, pooled: bool = False, reset_per_sequen
         pooled_reset = np.zeros(req.shape[0], dtype=np.bool_)
         pooled_reset[::n_layers] = reset
         return [Stream(np.ascontiguousarray(req), pooled_reset, e * n_layers, e)]
-    return [Stream(np.ascontiguousarray(trace.experts[:, i, :], dtype=np.int32), reset, e, e) for i in range(n_layers)]
+    return LayerStreams(trace, reset)
 
 
 def split_streams(
@@ -62,7 +87,7 @@ def split_streams(
     reset_per_sequence: bool,
     fit_labels: Sequence[str] | None = None,
     score_labels: Sequence[str] | None = None,
-) -> tuple[list[Stream], list[Stream], int]:
+) -> tuple[Sequence[Stream], Sequence[Stream], int]:
     """(train streams, test streams, test tokens) for a split mode, or for the labels protocol when
     `fit_labels` or `score_labels` is given (fit on those labels' whole sequences, replay the others'; see
     `moescope.slicing.label_protocol`)."""
@@ -280,14 +305,7 @@ def simulate(
     fit_l, score_l = label_protocol(trace, fit_labels, score_labels) if fit_labels or score_labels else ((), ())
     scale = trace.n_layers if pooled else 1
     caps = check_capacities(list(capacities), trace.top_k, trace.n_experts)
-    # one fitted policy object per (policy, stream): fitting is cheap next to the replays
-    fitted: dict[tuple[str, int], Any] = {}
-    for name in names:
-        for s, tr_stream in enumerate(train):
-            pol = make_policy(name, params) if s else instances[name]
-            if pol.learns:
-                pol.fit(tr_stream)
-            fitted[name, s] = pol
+    fitted = _fit_all(names, params, train, instances)
     stats = np.zeros((len(names), len(caps), len(test), 4), dtype=np.int64)
     if scheduler is not None:
         _simulate_dask(scheduler, names, params, train, test, [c * scale for c in caps], reset_per_sequence, stats,
@@ -315,6 +333,24 @@ def simulate(
         fit_l,
         score_l,
     )
+
+
+def _fit_all(
+    names: Sequence[str], params: PolicyParams, train: Sequence[Stream], first: dict[str, Any] | None = None
+) -> dict[tuple[str, int], Any]:
+    """One policy object per (policy, stream), fitted on its train stream if it learns (``first``: objects to
+    use for stream 0). Each train stream is built once, and only when some policy learns; fitting is cheap
+    next to the replays."""
+    fitted: dict[tuple[str, int], Any] = {}
+    learns = any(POLICIES[name].learns for name in names)
+    for s in range(len(train)):
+        tr_stream = train[s] if learns else None
+        for name in names:
+            pol = first[name] if first is not None and s == 0 else make_policy(name, params)
+            if pol.learns:
+                pol.fit(tr_stream)
+            fitted[name, s] = pol
+    return fitted
 
 
 def replay(name: str, params: PolicyParams, train: Stream, test: Stream, capacities: Sequence[int]) -> np.ndarray:
@@ -450,18 +486,13 @@ def miss_curves(
                 jobs.append((pi, s, -1))
             else:
                 jobs.extend((pi, s, ci) for ci in range(caps.size))
-    fitted = {}
-    for name in names:
-        for s, tr_stream in enumerate(train):
-            pol = make_policy(name, params)
-            if pol.learns:
-                pol.fit(tr_stream)
-            fitted[name, s] = pol
+    fitted = _fit_all(names, params, train)
 
     def work(job: tuple[int, int, int]) -> None:
         pi, s, ci = job
         if ci < 0:
-            hist = K.lru_depths(test[s].req, test[s].reset, test[s].n_items)
+            stream = test[s]
+            hist = K.lru_depths(stream.req, stream.reset, stream.n_items)
             beyond = np.cumsum(hist[::-1])[::-1]  # beyond[d] = accesses at depth >= d (cold included)
             misses[pi, s] = beyond[caps]
         else:
