@@ -25,7 +25,7 @@ from typing import Any, overload
 import numpy as np
 
 from moescope.cache import kernels as K
-from moescope.cache.policies import POLICIES, PolicyParams, Stream, make_policy
+from moescope.cache.policies import POLICIES, PolicyParams, Stream, default_policies, make_policy
 from moescope.errors import UsageError
 from moescope.slicing import EVAL_SPLITS, label_protocol, select_labels, split_part
 from moescope.trace import RoutingTrace
@@ -255,7 +255,7 @@ class CacheResult:
 def simulate(
     trace: RoutingTrace,
     capacities: Sequence[int],
-    policies: Sequence[str] = tuple(POLICIES),
+    policies: Sequence[str] | None = None,
     *,
     pooled: bool = False,
     reset_per_sequence: bool = False,
@@ -272,7 +272,7 @@ def simulate(
     ----------
     trace : the routing to replay.
     capacities : experts per layer that fit in fast memory (each >= top-k; values above E act as E).
-    policies : names from `POLICIES`.
+    policies : names from `POLICIES` (None: `default_policies`).
     pooled : one cache over all layers holding capacity x layers experts, instead of one per layer.
     reset_per_sequence : every sequence starts with an empty cache (otherwise one cache serves all).
     split : "test" (fit on first halves, replay second halves) or "all" (in-sample).
@@ -290,7 +290,7 @@ def simulate(
     CacheResult
     """
     params = params or PolicyParams()
-    names = list(dict.fromkeys(policies))
+    names = list(dict.fromkeys(default_policies() if policies is None else policies))
     if not names:
         raise UsageError("no cache policy given; choose from " + ", ".join(POLICIES))
     instances = {name: make_policy(name, params) for name in names}

@@ -12,7 +12,13 @@ from rich.table import Table
 from moescope.cache.policies import POLICIES, check_policies
 from moescope.cli import _common as c
 
-_POLICY_HELP = "Policies, comma-separated (default: all): " + ", ".join(POLICIES) + "."
+_POLICY_HELP = (
+    "Policies, comma-separated (default: all but "
+    + ", ".join(n for n, cls in POLICIES.items() if not cls.default)
+    + ", run when named): "
+    + ", ".join(POLICIES)
+    + "."
+)
 
 
 @c.with_inputs

@@ -40,7 +40,7 @@ def simulate(
         float | None, typer.Option("--latency-us", help="PCIe latency per expert transfer, microseconds.")
     ] = None,
     policy: Annotated[
-        str | None, typer.Option("--policy", help="Cache policies, comma-separated (default: every registered one).")
+        str | None, typer.Option("--policy", help="Cache policies, comma-separated (default: as moescope cache).")
     ] = None,
     predictor: Annotated[
         str,
