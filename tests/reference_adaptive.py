@@ -357,13 +357,16 @@ class _Cacheus:
         self._tick(t)
 
     def miss(self, x: int, t: int, group: list[int]) -> None:
+        w_old = self.w_lru
         if x in self.lru_g:
             self.w_lru *= math.exp(-self.lr)
             self.lru_g.remove(x)
         elif x in self.lfu_g:
             self.w_lfu *= math.exp(-self.lr)
             self.lfu_g.remove(x)
-        self.w_lru = self.w_lru / (self.w_lru + self.w_lfu)
+        # exp(-lr) may underflow (lr is unbounded): 0 / 0 normalises to the unchanged weights, as in exact arithmetic
+        total = self.w_lru + self.w_lfu
+        self.w_lru = self.w_lru / total if total > 0 else w_old
         self.w_lfu = 1 - self.w_lru
         full = len(self.freq) == self.c
         if full:

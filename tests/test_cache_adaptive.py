@@ -173,3 +173,36 @@ def test_agrees_with_libcachesim(tmp_path, source, name, request):
             assert theirs <= ours <= make_policy("lru").run(stream, capacity)[1] / ids.size, (capacity, ours, theirs)
         else:
             assert abs(ours - theirs) <= tol, (name, source, capacity, ours, theirs)
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("seed", range(64))
+def test_cacheus_survives_weight_underflow(seed):
+    """Regression: Cacheus' learning rate is unbounded, and on long streams it reaches the thousands, where
+    exp(-lr) underflows; a ghost hit on the expert holding all the weight then normalised 0 / 0 (the kernel
+    raised ZeroDivisionError). 3000-group k = 2 streams reach it (seeds 19 and 52 here did); kernel and
+    reference must run and agree."""
+    k = 2
+    n_items = int(np.random.default_rng(seed).integers(k + 2, 40))
+    s = _stream(seed, k, n_items, 3000)
+    kernel, _, ref = ADAPTIVE["cacheus"]
+    for capacity in sorted({k, k + 1, (k + n_items) // 2, n_items - 1, n_items}):
+        got = kernel(s.req, s.reset, n_items, capacity)
+        assert tuple(int(v) for v in got) == ref(s.req, s.reset, capacity), (seed, capacity)
+
+
+@pytest.mark.kernels
+def test_cacheus_runs_on_the_law_task(realdata):
+    """Regression: per-layer streams of the esft law task (k = 6, 64 experts) at capacities 16 and 32 drove
+    the weights to 0 / 0 (layer 8 at capacity 16 first); every layer now runs, kernel equal to reference."""
+    from moescope.slicing import select_labels
+
+    tr = select_labels(read_input(realdata / "esft-dsv2lite" / "trace.npz"), ["law"])
+    reset = np.zeros(tr.experts.shape[0], dtype=bool)
+    reset[0] = True
+    kernel, _, ref = ADAPTIVE["cacheus"]
+    for layer in range(tr.experts.shape[1]):
+        req = np.ascontiguousarray(tr.experts[:, layer, :], dtype=np.int32)
+        for capacity in (16, 32):
+            got = kernel(req, reset, tr.n_experts, capacity)
+            assert tuple(int(v) for v in got) == ref(req, reset, capacity), (layer, capacity)

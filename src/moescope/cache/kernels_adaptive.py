@@ -716,6 +716,7 @@ def _cacheus(req, reset, n_items, capacity, seed, per_group):
                 continue
             misses += 1
             now = g * k + j
+            w_old = w_lru
             if ghost[x] == _BY_LRU:  # a ghost hit: the expert that evicted x loses weight
                 w_lru *= np.exp(-lr)
                 _unlink(g_prv, g_nxt, x)
@@ -725,7 +726,10 @@ def _cacheus(req, reset, n_items, capacity, seed, per_group):
                 _unlink(g_prv, g_nxt, x)
                 n_lfu_g -= 1
             ghost[x] = 0
-            w_lru = w_lru / (w_lru + w_lfu)
+            # The learning rate is unbounded (it can reach the thousands), so exp(-lr) may underflow: a
+            # penalised weight of 1 against a weight of 0 then becomes 0 / 0. In exact arithmetic the
+            # normalised weights are unchanged (positive / positive = 1, 0 / positive = 0): keep them.
+            w_lru = w_lru / (w_lru + w_lfu) if w_lru + w_lfu > 0.0 else w_old
             w_lfu = 1 - w_lru
             full = n_sr + n_r == capacity
             if full:
