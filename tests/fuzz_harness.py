@@ -83,6 +83,7 @@ COUNTS_COMMANDS = (
 GGUF_COMMANDS = (
     ("gguf", "inspect", "{in}", "--json"),
     ("plan", "offload", "{in}", "--vram", "8MiB"),
+    ("plan", "offload", "{in}", "--vram", "4MiB,4MiB", "--flavor", "ik_llama.cpp", "--json"),
     ("split", "{in}", "-g", "2", "-o", "{out}/parts"),
 )
 
@@ -99,6 +100,8 @@ FORMATS = {
         Format("counts-json", Path("counts.json"), (), COUNTS_COMMANDS),
         Format("imatrix", Path("tiny-moe.imatrix.gguf"), (), COUNTS_COMMANDS),
         Format("gguf", MODEL_GGUF, (), GGUF_COMMANDS),
+        Format("plan-json", Path("plan.json"), (), (("plan", "offload", "--from", "{in}"),
+                                                   ("plan", "offload", "--from", "{in}", "--json"))),
         Format("ranking-csv", Path("ranking.csv"), (), (("split", str(MODEL_GGUF), "-g", "2", "--mode", "ranked",
                                                          "--ranking", "{in}", "-o", "{out}/parts"),)),
         Format("groups-json", Path("groups.json"), (), (("split", str(MODEL_GGUF), "--mode", "custom",
@@ -374,7 +377,7 @@ def make_cases(n: int, seed: int = 0, formats: Iterable[str] | None = None, cli_
 def _pick_mutation(rng: random.Random, fmt: Format) -> str:
     if fmt.name == "npz":
         return rng.choice(("npz",) * 3 + tuple(BYTE_MUTATORS))
-    if fmt.name in ("counts-json", "groups-json"):
+    if fmt.name in ("counts-json", "groups-json", "plan-json"):
         return rng.choice(("json",) * 3 + tuple(BYTE_MUTATORS))
     if fmt.name in ("zarr", "esft"):
         return rng.choice(("folder-file",) * 4 + ("folder-delete", "folder-json"))

@@ -109,9 +109,9 @@ def test_cli_plan_offload(capsys):
     code, out, _ = run(
         capsys, "plan", "offload", gguf_path, "--vram", "4.2MiB", "--compute-buffer", "1MiB", "--ctx", "1024"
     )
-    assert code == 0 and "--n-cpu-moe" in out and "same tensors: yes" in out
+    assert code == 0 and "--n-cpu-moe" in out and "every tensor where planned: yes" in out
     code, _, err = run(capsys, "plan", "offload", gguf_path, "--vram", "1MiB")
-    assert code == 2 and "does not hold" in err
+    assert code == 2 and "not hold even the non-expert" in err
 
 
 def test_verify_in_llama_cpp(capsys):

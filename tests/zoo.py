@@ -212,19 +212,26 @@ def llama_source() -> Path:
 
     version = llama_cpp.__version__
     root = cache_dir() / f"llama-cpp-python-{version}"
-    if not (root / "common" / "common.h").is_file():
+    if not (root / "common" / "fit.cpp").is_file():
         with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
             # the sdist of llama-cpp-python only: --no-binary :all: would also build its build backend's
             # dependencies from source to prepare the metadata (3.7 minutes here, against 5 seconds)
             cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-binary", "llama-cpp-python", "--no-deps"]
             subprocess.run([*cmd, f"llama-cpp-python=={version}", "-d", tmp], check=True)
             (sdist,) = Path(tmp).glob("llama_cpp_python-*.tar.gz")
-            keep = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "common/common.h")
+            keep = (
+                "convert_hf_to_gguf.py",
+                "conversion/",
+                "gguf-py/",
+                "common/common.h",
+                "common/fit.cpp",
+                "src/llama-model.cpp",
+            )
             with tarfile.open(sdist) as tar:
                 members = [m for m in tar.getmembers() if m.name.partition("/vendor/llama.cpp/")[2].startswith(keep)]
                 tar.extractall(tmp, members=members, filter="data")
             (src,) = Path(tmp).glob("*/vendor/llama.cpp")
-            if root.exists():  # an older extract, without common.h
+            if root.exists():  # an older extract, without the files kept since
                 shutil.rmtree(root)
             os.replace(src, root)
     return root

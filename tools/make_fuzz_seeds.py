@@ -46,8 +46,34 @@ def main() -> None:
         json.dumps({"groups": [{str(b): list(range(8)) for b in trace.layer_ids.tolist()},
                                {str(b): list(range(8, 16)) for b in trace.layer_ids.tolist()}]}) + "\n"
     )  # fmt: skip
+    _plan_json(OUT / "plan.json")
     total = sum(f.stat().st_size for f in OUT.rglob("*") if f.is_file())
     print(f"wrote {OUT} ({total:,} bytes)")
+
+
+def _plan_json(path: Path) -> None:
+    """A two-GPU offload plan file of the fixture model (what `plan offload --json` prints), with its
+    baseline and projections; the model path relative to the checkout."""
+    import os
+
+    from moescope.cli import main as cli
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        import contextlib
+        import io
+
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            try:
+                cli(["plan", "offload", "src/moescope/data/tiny-moe/tiny-moe-f32.gguf", "--vram", "3MiB,3MiB",
+                     "--ctx", "256", "--compute-buffer", "1MiB", "--json"])  # fmt: skip
+            except SystemExit as exc:
+                assert not exc.code, exc.code
+    finally:
+        os.chdir(cwd)
+    path.write_text(buf.getvalue())
 
 
 def _sglang_csv(trace, path: Path) -> None:

@@ -281,14 +281,40 @@ plan_app = typer.Typer(
 
 @plan_app.command("offload")
 def offload(
-    model: ModelArg,
-    vram: Annotated[str, typer.Option("--vram", help="GPU memory to use, e.g. 10GiB.")],
+    model: Annotated[
+        Path | None,
+        typer.Argument(help="A GGUF model file (read through a memory map, never modified); not with --from."),
+    ] = None,
+    vram: Annotated[
+        str | None,
+        typer.Option("--vram", help="GPU memory to use, one budget per GPU in device order: 10GiB or 24GiB,12GiB."),
+    ] = None,
     ctx: Annotated[int, typer.Option("--ctx", min=1, help="Context length (KV cache size).")] = 4096,
     kv_type: Annotated[str, typer.Option("--kv-type", help="KV cache type: f16, q8_0, q4_0, f32, ...")] = "f16",
     compute_buffer: Annotated[
-        str | None, typer.Option("--compute-buffer", help="Compute buffer allowance (default 512MiB + logits).")
+        str | None,
+        typer.Option("--compute-buffer", help="Compute buffer allowance per GPU (default 512MiB + logits)."),
     ] = None,
     ubatch: Annotated[int, typer.Option("--ubatch", min=1, help="llama.cpp -ub (prefill batch).")] = 512,
+    flavor: Annotated[
+        str,
+        typer.Option(
+            "--flavor",
+            help="Engine whose flags to print: llama.cpp (--n-cpu-moe N: blocks 0..N-1 on CPU) or ik_llama.cpp "
+            "(-ncmoe N: the last N expert blocks on CPU, one GPU).",
+        ),
+    ] = "llama.cpp",
+    device_prefix: Annotated[
+        str,
+        typer.Option(
+            "--device-prefix",
+            help="Device buffer names without the number: CUDA, ROCm, MUSA, Vulkan, SYCL, MTL (Metal), CANN.",
+        ),
+    ] = "CUDA",
+    fit_target: Annotated[
+        str,
+        typer.Option("--fit-target", help="Free memory per GPU that llama.cpp's --fit keeps (the baseline row)."),
+    ] = "1024MiB",
     trace: Annotated[
         Path | None,
         typer.Option("--trace", help="A trace of this model: expert use per ubatch and a cache projection."),
@@ -300,29 +326,56 @@ def offload(
         bool,
         typer.Option(
             "--verify",
-            help="Apply both forms through llama.cpp's own tensor-override hook (llama-cpp-python, metadata "
-            "only) and check each moves exactly the planned tensors; exit 1 if not.",
+            help="Apply the printed forms through llama.cpp's own tensor-override hook (llama-cpp-python, "
+            "metadata only; GPU buffer names emulated on a CPU build) and check each puts exactly the planned "
+            "tensors on each named buffer; exit 1 if not.",
         ),
     ] = False,
-    as_json: c.JsonOpt = False,
+    from_plan: Annotated[
+        Path | None,
+        typer.Option("--from", help="A plan file written by --json: print its flags and accounting again."),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the versioned plan file (JSON) other tools can consume.")
+    ] = False,
 ) -> None:
-    """Which MoE layers' experts fit in VRAM, as llama.cpp flags, and what speed to expect.
+    """Which MoE layers' experts fit in VRAM on one or several GPUs, as engine flags, and what speed to expect.
 
-    Accounts for the non-expert weights, the KV cache at `--ctx` / `--kv-type` and a compute-buffer
-    allowance, then fits whole layers' experts into the rest. Prints both `--n-cpu-moe N` (the experts of
-    blocks 0..N-1 stay on the CPU, leading dense blocks counted) and the equivalent `-ot` rule, after
-    checking they move exactly the same tensors. llama.cpp's automatic `--fit` would move the LAST layers
-    instead and is off when `-ngl` / `-ot` are given. Projects decode tokens/s (CPU-resident experts run
-    on the CPU) and the PCIe bound on prefill (ubatches of >= 32 tokens stream CPU-resident experts to the
-    GPU); with `--trace`, also decode tokens/s for a per-expert cache in the same VRAM (cache simulator).
+    Accounts, per GPU, for its blocks' non-expert weights and KV cache at `--ctx` / `--kv-type`, a
+    compute-buffer allowance and (last GPU) the output head, then keeps as many whole layers' experts in
+    VRAM as fit; the rest stay on the CPU. One GPU: prints `-ngl 999 --n-cpu-moe N` and the equivalent
+    `-ot` rule. Several GPUs (`--vram 24GiB,12GiB`): adds `-ts` (layers per GPU) and `-ot` rules naming
+    each GPU's buffer (CUDA0, CUDA1, ...). `--flavor ik_llama.cpp` follows ik's `-ncmoe` (the last N
+    expert blocks). Beside it, what llama.cpp's automatic `--fit` would choose under its rule (the last
+    layers' experts to the CPU, 1 GiB kept free per GPU), with both projections: decode tokens/s
+    (CPU-resident experts run on the CPU) and the PCIe bound on prefill; with `--trace`, also a per-expert
+    cache in the same VRAM (one GPU).
 
-    Example: `moescope plan offload Qwen3-30B-A3B-Q4_K_M.gguf --vram 10GiB --ctx 32768 --kv-type q8_0`
+    Examples: `moescope plan offload Qwen3-30B-A3B-Q4_K_M.gguf --vram 10GiB --ctx 32768 --kv-type q8_0`;
+    `moescope plan offload model.gguf --vram 24GiB,12GiB --json > plan.json`; `moescope plan offload --from plan.json`
     """
-    from moescope._units import format_bytes, parse_bytes
+    from moescope._units import parse_bytes
+    from moescope.gguf import planfile
+
+    if from_plan is not None:
+        if model is not None or vram is not None or verify or trace is not None:
+            raise UsageError("--from prints a saved plan again: give no MODEL, --vram, --trace or --verify with it")
+        doc = planfile.read_plan(from_plan)
+        if as_json:
+            c.print_json(doc)
+        else:
+            con = c.console()
+            for line in planfile.render(doc):
+                con.print(line, soft_wrap=True)
+        return
+    if model is None or vram is None:
+        raise UsageError("give a MODEL and --vram (e.g. --vram 24GiB,12GiB), or --from plan.json")
     from moescope.cache import Hardware
-    from moescope.gguf.plan import experts_per_window, plan_offload, project_plan
+    from moescope.gguf.offload import fit_baseline, plan_devices
+    from moescope.gguf.plan import experts_per_window, project_plan
 
     hw = Hardware(pcie_gbps, gpu_gbps, cpu_gbps)
+    budgets = [parse_bytes(v, "--vram") for v in vram.split(",")]
     m = inspect_gguf(model)
     tr = None
     if trace is not None:
@@ -331,60 +384,50 @@ def offload(
         tr = as_trace(read_input(trace), "--trace")
         m.expert_bytes_at(tr.layer_ids, tr.n_experts, "--trace")  # refused here unless the trace is of this model
     compute = None if compute_buffer is None else parse_bytes(compute_buffer, "--compute-buffer")
-    p = plan_offload(m, parse_bytes(vram, "--vram"), ctx=ctx, kv_type=kv_type, compute=compute, ubatch=ubatch)
+    margin = parse_bytes(fit_target, "--fit-target")
+    kw = {"ctx": ctx, "kv_type": kv_type, "compute": compute, "ubatch": ubatch}
+    p = plan_devices(m, budgets, flavor=flavor, prefix=device_prefix, **kw)
     used = None if tr is None else experts_per_window(tr, ubatch)
     proj = project_plan(p, m, top_k=m.top_k, hw=hw, experts_per_ubatch=used, ubatch=ubatch)
-    out: dict[str, Any] = {"plan": p.to_dict(), "projection": proj}
-    if tr is not None:
-        out["cache"] = _cache_same_vram(tr, m, p, hw)
+    fit = fit_baseline(m, budgets, prefix=device_prefix, margin=margin, **kw)
+    baseline: dict[str, Any] = {"margin": margin}
+    if fit is None:
+        baseline["reason"] = f"does not fit even with every expert on the CPU and {fit_target} kept free per GPU"
+    else:
+        baseline["plan"] = fit.to_dict(m)
+        baseline["projection"] = project_plan(fit, m, top_k=m.top_k, hw=hw, experts_per_ubatch=used, ubatch=ubatch)
+    assumptions = {
+        "ctx": ctx,
+        "kv_type": kv_type,
+        "ubatch": ubatch,
+        "compute_buffer": compute,
+        "hardware": {"pcie_gbps": pcie_gbps, "gpu_gbps": gpu_gbps, "cpu_gbps": cpu_gbps},
+        "accounting": planfile.ACCOUNTING,
+    }
+    cache = _cache_same_vram(tr, m, p, hw) if tr is not None and len(budgets) == 1 else None
+    verified = None
     if verify:
-        from moescope.gguf.verify import verify_plan
+        from moescope.gguf.verify import verify_devices
 
-        out["verified"] = verify_plan(m, p)
+        verified = verify_devices(m, p)
+    doc = planfile.plan_document(
+        m, p, assumptions=assumptions, projection=proj, baseline=baseline, cache=cache, verified=verified
+    )
     if as_json:
-        c.print_json(out)
-        if verify and not out["verified"]["ok"]:
-            raise typer.Exit(1)
-        return
-    con = c.console()
-    con.print(
-        f"VRAM {format_bytes(p.vram)}: weights {format_bytes(p.weights)} + KV {format_bytes(p.kv_cache)} "
-        f"(ctx {p.ctx}, {p.kv_type}) + compute {format_bytes(p.compute)} -> {format_bytes(p.free_for_experts)} "
-        f"for experts; {len(p.gpu_blocks)} of {len(m.layer_ids)} MoE layers' experts fit "
-        f"({format_bytes(p.experts_in_vram)})"
-    )
-    for name, flag in p.flags().items():
-        con.print(f"  {name}: {flag}", soft_wrap=True)
-    con.print(f"  both forms move the same tensors: {'yes' if p.forms_agree else 'NO'}")
-    if verify:
-        v = out["verified"]
-        for form, r in v["forms"].items():
+        c.print_json(doc)
+    else:
+        con = c.console()
+        for line in planfile.render(doc):
+            con.print(line, soft_wrap=True)
+        if cache:
             con.print(
-                f"  verified in llama.cpp, {form}: "
-                + (
-                    f"moves exactly the {v['planned']} planned expert tensors to CPU ({', '.join(r['buffers'])})"
-                    if r["ok"]
-                    else f"NO: {r['moved']} moved; missing {r['missing']}, extra {r['extra']}, "
-                    f"not to CPU {r['elsewhere']}"
-                ),
-                soft_wrap=True,
+                f"a per-expert cache in the same VRAM ({cache['slots']} slots): decode "
+                f"~{cache['tokens_per_second']:.1f} tok/s (demand miss rate {cache['miss_rate']:.1%}, LRU, per-layer "
+                f"sizes chosen for the budget)"
+                if cache.get("slots")
+                else f"a per-expert cache does not fit: {cache['reason']}"
             )
-    for note in p.notes:
-        con.print(f"  note: {note}")
-    pre = proj["prefill_pcie_bound_tokens_per_s"]
-    con.print(
-        f"decode ~{proj['decode_tokens_per_s']:.1f} tok/s; prefill "
-        + (f"<= {pre:.0f} tok/s (PCIe streaming of CPU-resident experts)" if pre else "not PCIe-bound")
-    )
-    if "cache" in out:
-        cc = out["cache"]
-        con.print(
-            f"a per-expert cache in the same VRAM ({cc['slots']} slots): decode ~{cc['tokens_per_second']:.1f} tok/s "
-            f"(demand miss rate {cc['miss_rate']:.1%}, LRU, per-layer sizes chosen for the budget)"
-            if cc.get("slots")
-            else f"a per-expert cache does not fit: {cc['reason']}"
-        )
-    if verify and not out["verified"]["ok"]:
+    if verify and not verified["ok"]:
         raise typer.Exit(1)
 
 
@@ -393,7 +436,8 @@ def _cache_same_vram(tr: Any, m: Any, p: Any, hw: Any) -> dict[str, Any]:
     from moescope.cache import budget_projection, miss_curves
 
     eb = np.array(m.expert_bytes_at(tr.layer_ids, tr.n_experts, "--trace"), dtype=np.float64)
-    slots = int(max(p.free_for_experts, 0) // eb.max())
+    free = p.devices[0].budget - p.devices[0].weights - p.devices[0].kv_cache - p.devices[0].compute
+    slots = int(max(free, 0) // eb.max())
     if slots < tr.top_k * tr.n_layers:
         return {"slots": 0, "reason": f"{slots} expert slots < top-k x layers = {tr.top_k * tr.n_layers}"}
     alloc, proj = budget_projection(

@@ -118,10 +118,15 @@ class OffloadPlan:
 
 def kv_cache_bytes(model: GGUFModel, reader: Any, ctx: int, kv_type: str) -> int:
     """KV cache bytes for `ctx` tokens (see the module docstring for MLA and sliding windows)."""
-    from gguf import Keys
-
     if kv_type not in KV_BYTES:
         raise UsageError(f"--kv-type {kv_type!r}: expected one of {', '.join(KV_BYTES)}")
+    return int(ctx * int(kv_elements_per_block(model, reader).sum()) * KV_BYTES[kv_type])
+
+
+def kv_elements_per_block(model: GGUFModel, reader: Any) -> np.ndarray:
+    """[n_trunk] int64: KV cache elements one token adds in each trunk block (K + V; MLA: the latent)."""
+    from gguf import Keys
+
     arch = model.architecture
     n_embd = int(field(reader, Keys.LLM.EMBEDDING_LENGTH.format(arch=arch)) or 0)
     heads = field(reader, Keys.Attention.HEAD_COUNT.format(arch=arch)) or 1
@@ -134,15 +139,13 @@ def kv_cache_bytes(model: GGUFModel, reader: Any, ctx: int, kv_type: str) -> int
     lora = field(reader, Keys.Attention.KV_LORA_RANK.format(arch=arch))
     if lora:
         rope = int(field(reader, Keys.Rope.DIMENSION_COUNT.format(arch=arch)) or 64)
-        per_token = n_layers * (int(lora) + rope)
-    else:
-        k_len = field(reader, Keys.Attention.KEY_LENGTH.format(arch=arch))
-        v_len = field(reader, Keys.Attention.VALUE_LENGTH.format(arch=arch))
-        head_dim = n_embd // np.maximum(heads_l, 1)
-        k = np.full(n_layers, k_len) if k_len else head_dim
-        v = np.full(n_layers, v_len) if v_len else head_dim
-        per_token = int((heads_kv_l * (k + v)).sum())
-    return int(ctx * per_token * KV_BYTES[kv_type])
+        return np.full(n_layers, int(lora) + rope, dtype=np.int64)
+    k_len = field(reader, Keys.Attention.KEY_LENGTH.format(arch=arch))
+    v_len = field(reader, Keys.Attention.VALUE_LENGTH.format(arch=arch))
+    head_dim = n_embd // np.maximum(heads_l, 1)
+    k = np.full(n_layers, k_len) if k_len else head_dim
+    v = np.full(n_layers, v_len) if v_len else head_dim
+    return np.asarray(heads_kv_l * (k + v), dtype=np.int64)
 
 
 def _per_block(value: Any, n_layers: int, key: str) -> np.ndarray:

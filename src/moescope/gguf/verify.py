@@ -328,3 +328,64 @@ def verify_plan(model: Any, plan: Any) -> dict[str, Any]:
         }
     out["ok"] = all(f["ok"] for f in out["forms"].values())
     return out
+
+
+def verify_devices(model: Any, plan: Any) -> dict[str, Any]:
+    """Check a `moescope.gguf.offload.DevicePlan`'s printed forms in llama.cpp's own override matching, the
+    plan's GPU buffers emulated where this build lacks them (`llama_placement`).
+
+    - ``override_tensor`` (the ``-ot`` form) must put exactly the planned tensors on each named buffer: on
+      one GPU the experts of the CPU blocks on a host buffer; on several, every tensor of every block on its
+      planned buffer (the rules pin blocks to GPUs), and nothing else.
+    - ``n_cpu_moe`` (the flavour's ``--n-cpu-moe N``, expanded as `moescope.gguf.offload.n_cpu_moe_rules`
+      mirrors the engine) must move exactly the CPU blocks' expert tensors to a host buffer; on several GPUs
+      the ``-ts`` values must also put each block's layer on its GPU under llama.cpp's layer rule
+      (`moescope.gguf.offload.check_split`, a mirror of ``get_layer_buft_list``: no GPU here to load onto).
+
+    Returns ``{"forms": {form: {"ok", "planned": {buffer: tensors}, "moved", "missing", "extra", "wrong",
+    "buffers"}}, "split": bool | None, "ok"}``; missing / extra / wrong list at most 8 names each (planned
+    but not moved, moved but not planned, moved to another buffer than planned); split: None on one GPU and
+    for ik_llama.cpp (see `check_split`).
+    """
+    from moescope.gguf.offload import check_split, n_cpu_moe_rules
+    from moescope.gguf.runtime import llama_cpp
+
+    lib = llama_cpp()
+    host = host_buffer_types(lib)
+    real = set(buffer_types(lib))
+    where = plan.placement(model)
+    gpus = [d.name for d in plan.devices]
+    cpu_experts = {n: "CPU" for n, b in where.items() if b == "CPU" and not n.startswith("token_embd.")}
+    pinned = {t.name: where[t.name] for t in model.tensors if t.block >= 0 and not t.mtp}
+    forms: dict[str, tuple[list[tuple[str, str]], dict[str, str]]] = {
+        "override_tensor": (list(plan.rules), cpu_experts if len(gpus) == 1 else pinned)
+    }
+    if plan.n_cpu_moe is not None:
+        forms["n_cpu_moe"] = (n_cpu_moe_rules(plan.flavor, model, plan.n_cpu_moe), cpu_experts)
+    emulate = [g for g in gpus if g not in real]
+    out: dict[str, Any] = {"forms": {}}
+    for form, (rules, expected) in forms.items():
+        counts: dict[str, int] = {}
+        for b in expected.values():
+            counts[b] = counts.get(b, 0) + 1
+        used = {b for _, b in rules}
+        moved = llama_placement(model.path, rules, emulate=[g for g in emulate if g in used])
+        missing = sorted(t for t in expected if t not in moved)
+        extra = sorted(t for t in moved if t not in expected)
+        wrong = sorted(
+            t
+            for t, b in moved.items()
+            if t in expected and not (b == expected[t] or (expected[t] == "CPU" and b in host))
+        )
+        out["forms"][form] = {
+            "ok": not (missing or extra or wrong),
+            "planned": counts,
+            "moved": len(moved),
+            "missing": missing[:8],
+            "extra": extra[:8],
+            "wrong": wrong[:8],
+            "buffers": sorted(set(moved.values())),
+        }
+    out["split"] = check_split(plan)
+    out["ok"] = all(f["ok"] for f in out["forms"].values()) and out["split"] is not False
+    return out
