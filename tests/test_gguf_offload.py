@@ -129,13 +129,25 @@ def _feasible(m, budgets, cpu, compute, flavor):
     return False
 
 
+def _best_subset_bytes(sizes, room):
+    """Brute force: the most bytes of a subset of `sizes` within `room`."""
+    best = 0
+    for r in range(len(sizes) + 1):
+        for combo in itertools.combinations(sizes, r):
+            if sum(combo) <= room:
+                best = max(best, sum(combo))
+    return best
+
+
 @pytest.mark.parametrize("flavor", list(FLAVORS))
-def test_two_gpus_fit_and_are_fewest(models, flavor):
-    """Every GPU holds its share, blocks are contiguous and cover the trunk, CPU blocks follow the flavour's
-    convention, and one CPU block fewer under that convention fits no split (brute force)."""
+def test_two_gpus_fit_and_keep_the_most(models, flavor):
+    """Every GPU holds its share, blocks are contiguous and cover the trunk, no convention cut with fewer
+    CPU blocks fits any split (brute force), each GPU keeps the most expert bytes its room allows (brute
+    force over subsets), and --n-cpu-moe is printed only when it moves exactly the CPU blocks."""
     rng = np.random.default_rng(1)
     for name, m in models.items():
         light, experts = _need(m, flavor)
+        bb = block_bytes(m, 64, "f16", FLAVORS[flavor])
         planned = 0
         for _ in range(25):
             total = int(light * rng.uniform(1.1, 1.0 + 1.4 * experts / light))
@@ -151,16 +163,45 @@ def test_two_gpus_fit_and_are_fewest(models, flavor):
             blocks = [b for d in p.devices for b in d.blocks]
             assert blocks == list(range(m.trunk_blocks)) and p.devices[-1].output
             moe = list(m.layer_ids)
-            k = len(p.cpu_blocks)
-            assert list(p.cpu_blocks) == (moe[:k] if flavor == "llama.cpp" else moe[len(moe) - k :])
-            if k:
-                fewer = set(moe[: k - 1] if flavor == "llama.cpp" else moe[len(moe) - k + 1 :])
-                assert not _feasible(m, budgets, fewer, 100 * KiB, flavor)
+            # the convention cut the packing started from is the fewest that fits any split
+            kept = len(p.gpu_blocks)
+            for k in range(len(moe) - kept):
+                fewer = set(moe[:k] if flavor == "llama.cpp" else moe[len(moe) - k :])
+                assert not _feasible(m, budgets, fewer, 100 * KiB, flavor), (name, k, p.cpu_blocks)
+            for d in p.devices:
+                room = d.budget - d.compute - d.weights - d.kv_cache
+                sizes = [int(bb.experts[b]) for b in d.blocks if b in m.layer_ids]
+                assert d.experts == _best_subset_bytes(sizes, room), (name, d)
+            if p.n_cpu_moe is not None:
+                assert p.cpu_blocks == n_cpu_moe_blocks(m, FLAVORS[flavor], p.n_cpu_moe)
+            else:
+                assert "n_cpu_moe" not in p.flags()
             assert forms_agree(p, m)
             assert check_split(p) is (True if flavor == "llama.cpp" else None)
             if flavor == "ik_llama.cpp":
-                assert p.n_cpu_moe is None and "n_cpu_moe" not in p.flags()
+                assert p.n_cpu_moe is None
         assert planned >= 5, name
+
+
+def test_mixed_bytes_keep_more_than_the_convention(models):
+    """Layers of different bytes (f16 experts in blocks 1-3, f32 after): the knapsack keeps more bytes in VRAM
+    than the fewest-first-blocks convention, and says --n-cpu-moe cannot express it; a trace's prefill use
+    picks among equal layers."""
+    m = models["mixed"]
+    bb = block_bytes(m, 64, "f16")
+    light, _ = _need(m)
+    f16, f32 = int(bb.experts[1]), int(bb.experts[7])
+    assert f32 > f16
+    p = plan_devices(m, [light + f32 + f16], ctx=64, compute=100 * KiB)  # room for one f32 and one f16 layer
+    assert p.devices[0].experts == f32 + f16 and p.n_cpu_moe is None
+    assert any("only the -ot form" in n for n in p.notes) and forms_agree(p, m)
+    conv = plan_offload(m, light + f32 + f16, ctx=64, compute=100 * KiB)
+    assert conv.experts_in_vram < p.devices[0].experts
+    use = {b: float(b) for b in m.layer_ids}  # block 3 streams the most of the f16 ones
+    q = plan_devices(m, [light + f16], ctx=64, compute=100 * KiB, prefill_use=use)
+    assert q.gpu_blocks == (3,)
+    use[1] = 99.0
+    assert plan_devices(m, [light + f16], ctx=64, compute=100 * KiB, prefill_use=use).gpu_blocks == (1,)
 
 
 def test_mtp_blocks_count_in_the_split_not_in_vram(models):

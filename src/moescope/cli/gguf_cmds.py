@@ -346,7 +346,10 @@ def offload(
     VRAM as fit; the rest stay on the CPU. One GPU: prints `-ngl 999 --n-cpu-moe N` and the equivalent
     `-ot` rule. Several GPUs (`--vram 24GiB,12GiB`): adds `-ts` (layers per GPU) and `-ot` rules naming
     each GPU's buffer (CUDA0, CUDA1, ...). `--flavor ik_llama.cpp` follows ik's `-ncmoe` (the last N
-    expert blocks). Beside it, what llama.cpp's automatic `--fit` would choose under its rule (the last
+    expert blocks). When layers differ in bytes (mixed quant types), each GPU keeps the set of layers with
+    the most expert bytes (then, with `--trace`, the layers whose ubatches use the most experts: what
+    prefill streams), printed as `-ot` when `--n-cpu-moe` cannot express it. Beside it, what llama.cpp's
+    automatic `--fit` would choose under its rule (the last
     layers' experts to the CPU, 1 GiB kept free per GPU), with both projections: decode tokens/s
     (CPU-resident experts run on the CPU) and the PCIe bound on prefill; with `--trace`, also a per-expert
     cache in the same VRAM (one GPU).
@@ -372,7 +375,7 @@ def offload(
         raise UsageError("give a MODEL and --vram (e.g. --vram 24GiB,12GiB), or --from plan.json")
     from moescope.cache import Hardware
     from moescope.gguf.offload import fit_baseline, plan_devices
-    from moescope.gguf.plan import experts_per_window, project_plan
+    from moescope.gguf.plan import experts_per_window_by_layer, project_plan
 
     hw = Hardware(pcie_gbps, gpu_gbps, cpu_gbps)
     budgets = [parse_bytes(v, "--vram") for v in vram.split(",")]
@@ -386,8 +389,8 @@ def offload(
     compute = None if compute_buffer is None else parse_bytes(compute_buffer, "--compute-buffer")
     margin = parse_bytes(fit_target, "--fit-target")
     kw = {"ctx": ctx, "kv_type": kv_type, "compute": compute, "ubatch": ubatch}
-    p = plan_devices(m, budgets, flavor=flavor, prefix=device_prefix, **kw)
-    used = None if tr is None else experts_per_window(tr, ubatch)
+    used = None if tr is None else experts_per_window_by_layer(tr, ubatch)
+    p = plan_devices(m, budgets, flavor=flavor, prefix=device_prefix, prefill_use=used, **kw)
     proj = project_plan(p, m, top_k=m.top_k, hw=hw, experts_per_ubatch=used, ubatch=ubatch)
     fit = fit_baseline(m, budgets, prefix=device_prefix, margin=margin, **kw)
     baseline: dict[str, Any] = {"margin": margin}

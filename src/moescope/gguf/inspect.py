@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from moescope.errors import FormatError, UsageError
-from moescope.imports.gguf_header import gguf_errors, read_header
+from moescope.imports.gguf_header import RawString, gguf_errors, read_header
 
 GGUF_MAGIC = b"GGUF"
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
@@ -144,7 +144,8 @@ class GGUFModel:
 def open_gguf(path: str | os.PathLike) -> Any:
     """A `gguf.GGUFReader` over `path` (memory-mapped), after checking it exists, is a GGUF, and that its
     header is sound (`moescope.imports.gguf_header.read_header`: no count, offset or type that would make gguf-py
-    loop, allocate without bound or raise).
+    loop, allocate without bound or raise). gguf-py decodes every header array (a real vocabulary takes it
+    10-20 s); `open_header` is the fast reader of metadata and tensor infos.
 
     Raises
     ------
@@ -153,6 +154,14 @@ def open_gguf(path: str | os.PathLike) -> Any:
     """
     from gguf import GGUFReader
 
+    p = _checked(path)
+    read_header(p)
+    with gguf_errors(p):
+        return GGUFReader(p, "r")
+
+
+def _checked(path: str | os.PathLike) -> Path:
+    """`path`, after checking it is a readable file that starts with the GGUF magic."""
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"model {str(p)!r} does not exist or is not a file; give a local .gguf file")
@@ -166,9 +175,58 @@ def open_gguf(path: str | os.PathLike) -> Any:
             f"{str(p)!r} starts with {magic!r}, not the GGUF magic {GGUF_MAGIC!r}; give a .gguf model "
             f"(convert a transformers folder with llama.cpp's convert_hf_to_gguf.py)"
         )
-    read_header(p)
-    with gguf_errors(p):
-        return GGUFReader(p, "r")
+    return p
+
+
+@dataclasses.dataclass(frozen=True)
+class _Field:
+    value: Any
+
+    def contents(self) -> Any:
+        if isinstance(self.value, RawString):
+            return bytes(self.value).decode("utf-8")  # raises UnicodeDecodeError, as gguf-py would
+        return self.value
+
+
+@dataclasses.dataclass(frozen=True)
+class _HeaderTensor:
+    """A tensor info as `inspect_gguf` reads it (the attributes of gguf-py's ``ReaderTensor`` it uses)."""
+
+    name: str
+    shape: tuple[int, ...]
+    tensor_type: Any
+    n_bytes: int
+
+
+class HeaderReader:
+    """Metadata and tensor infos from moescope's bounded header walk, with the part of `gguf.GGUFReader`'s
+    interface `field` and `inspect_gguf` use (``get_field(key).contents()``, ``tensors``). Keeps scalars,
+    strings and arrays of up to `moescope.imports.gguf_header.MAX_KEPT_ARRAY` numbers: a key holding a
+    longer array (a vocabulary) reads as absent. Milliseconds where gguf-py takes seconds on a real model."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        from gguf import GGMLQuantizationType
+
+        self.path = str(path)
+        self.header = read_header(_checked(path))
+        self.tensors = tuple(
+            _HeaderTensor(t.name, tuple(t.dims), GGMLQuantizationType(t.ggml_type), t.n_bytes)
+            for t in self.header.tensors
+        )
+
+    def get_field(self, key: str) -> _Field | None:
+        return _Field(self.header.values[key]) if key in self.header.values else None
+
+
+def open_header(path: str | os.PathLike) -> HeaderReader:
+    """A `HeaderReader` over `path`, after the checks of `open_gguf`.
+
+    Raises
+    ------
+    UsageError : `path` is not a file.
+    FormatError : not a GGUF, or a truncated or corrupt one.
+    """
+    return HeaderReader(path)
 
 
 def field(reader: Any, key: str) -> Any:
@@ -181,7 +239,8 @@ def field(reader: Any, key: str) -> Any:
     f = reader.get_field(key)
     if f is None:
         return None
-    with gguf_errors(getattr(reader.data, "filename", None) or "the GGUF"):
+    name = getattr(reader, "path", None) or getattr(getattr(reader, "data", None), "filename", None)
+    with gguf_errors(name or "the GGUF"):
         return f.contents()
 
 
@@ -197,7 +256,7 @@ def inspect_gguf(path: str | os.PathLike) -> GGUFModel:
     """
     from gguf import Keys
 
-    reader = open_gguf(path)
+    reader = open_header(path)
     p = str(Path(path))
     arch = field(reader, "general.architecture")
     if not isinstance(arch, str) or not arch:

@@ -44,7 +44,7 @@ import numpy as np
 
 from moescope._units import format_bytes
 from moescope.errors import UsageError
-from moescope.gguf.inspect import GGUFModel, open_gguf
+from moescope.gguf.inspect import GGUFModel, open_header
 from moescope.gguf.plan import EXPS_REGEX, KV_BYTES, kv_elements_per_block
 
 DEFAULT_COMPUTE = 512 * 2**20  # compute-buffer allowance per GPU; the output device adds ubatch x vocab x 4
@@ -149,7 +149,7 @@ def kv_per_block(model: GGUFModel, ctx: int, kv_type: str) -> np.ndarray:
     key = (str(model.path), model.architecture, model.trunk_blocks, st.st_mtime_ns, st.st_size)
     elements = _KV_ELEMENTS.get(key)
     if elements is None:  # gguf-py parses the whole header (about 0.5 s with a large vocabulary): once per file
-        elements = kv_elements_per_block(model, open_gguf(model.path))
+        elements = kv_elements_per_block(model, open_header(model.path))
         _KV_ELEMENTS.clear()
         _KV_ELEMENTS[key] = elements
     total = int(ctx * int(elements.sum()) * KV_BYTES[kv_type])  # kv_cache_bytes' own rounding
@@ -365,6 +365,7 @@ def plan_devices(
     kv_type: str = "f16",
     compute: int | None = None,
     ubatch: int = 512,
+    prefill_use: dict[int, float] | None = None,
 ) -> DevicePlan:
     """Place `model` on GPUs with `budgets` bytes each (engine order) and the CPU.
 
@@ -375,6 +376,14 @@ def plan_devices(
     fewest that let every GPU hold its share. Each GPU reserves `compute` (default `DEFAULT_COMPUTE`; the
     output GPU also ubatch x vocab x 4 bytes of logits). Packing blocks greedily in order is optimal for
     feasibility: giving each GPU as many blocks as fit leaves the least for the ones after it.
+
+    Then, on each GPU, the experts it keeps are chosen again among its blocks (`choose_experts`): the most
+    expert bytes that fit (decode reads top-k experts of every layer per token, so each byte kept in VRAM
+    saves the same decode time), which differs from the convention when layers differ in bytes (mixed
+    quant types); among equal choices, the layers with the most distinct experts per ubatch
+    (`prefill_use`, MoE block -> experts, measured on a trace: what prefill streams over PCIe for a
+    CPU-resident layer), else the convention's layers. When the result is not the flavour's convention,
+    ``--n-cpu-moe`` cannot express it and only the ``-ot`` form is printed.
 
     Raises
     ------
@@ -418,11 +427,20 @@ def plan_devices(
             f"{ctx}, {kv_type}) besides "
             f"{format_bytes(sum(computes))} of compute buffers; lower --ctx, use --kv-type q8_0, or run all on CPU"
         )
-    cpu_blocks = tuple(sorted(cpu))
+    order = list(bb.moe_blocks)[:: -1 if fl.cpu_moe_from == "first" else 1]  # the convention keeps these first
+    rank = {b: i for i, b in enumerate(order)}
     devices = []
     for i, (name, budget, blocks) in enumerate(zip(names, budgets, packed, strict=True)):
         last = i == len(names) - 1
-        eb = tuple(b for b in blocks if b in bb.moe_blocks and b not in cpu)
+        moe_here = [b for b in blocks if b in bb.moe_blocks]
+        room = budget - computes[i] - int((bb.dense + bb.kv)[blocks].sum()) - (bb.output if last else 0)
+        value = {b: (prefill_use or {}).get(b, 0.0) * int(bb.experts[b]) for b in moe_here}
+        kept = choose_experts(room, {b: int(bb.experts[b]) for b in moe_here}, value, rank)
+        conv = [b for b in moe_here if b not in cpu]
+        if sum(int(bb.experts[b]) for b in conv) == sum(int(bb.experts[b]) for b in kept) and not prefill_use:
+            kept = conv  # equal bytes and nothing measured: keep the convention's layers
+        cpu = (cpu - set(kept)) | (set(moe_here) - set(kept))
+        eb = tuple(b for b in blocks if b in kept)
         devices.append(
             DeviceLoad(
                 name,
@@ -436,6 +454,7 @@ def plan_devices(
                 last,
             )
         )
+    cpu_blocks = tuple(sorted(cpu))
     notes = list(fl.notes)
     n_all = model.n_blocks
     tensor_split = None
@@ -457,7 +476,16 @@ def plan_devices(
             )
     gpu_blocks = tuple(b for b in bb.moe_blocks if b not in cpu)
     n_cpu_moe: int | None = None
-    if fl.cpu_moe_from == "first":
+    conventional = cpu_blocks == n_cpu_moe_blocks(
+        model, fl, (cpu_blocks[-1] + 1 if cpu_blocks else 0) if fl.cpu_moe_from == "first" else len(cpu_blocks)
+    )
+    if not conventional:
+        notes.append(
+            f"the experts kept in VRAM are not the {'last' if fl.cpu_moe_from == 'first' else 'first'} layers "
+            f"{fl.n_cpu_moe_flag} keeps (layers differ in bytes, or a trace ranked them by prefill use): "
+            f"only the -ot form places them"
+        )
+    elif fl.cpu_moe_from == "first":
         n_cpu_moe = 0 if not cpu_blocks else cpu_blocks[-1] + 1
         if model.leading_dense_blocks and cpu_blocks:
             notes.append(f"--n-cpu-moe counts the {model.leading_dense_blocks} leading dense block(s) too")
@@ -492,6 +520,58 @@ def plan_devices(
         ubatch,
         tuple(notes),
     )
+
+
+MAX_CHOICES = 2_000_000  # count vectors `choose_experts` enumerates before it falls back to a greedy choice
+
+
+def choose_experts(room: int, sizes: dict[int, int], value: dict[int, float], rank: dict[int, int]) -> list[int]:
+    """The MoE blocks whose experts one GPU keeps: the most bytes within `room` (0/1 knapsack, exact), then
+    the most `value`, then the lowest `rank` (the convention's order).
+
+    Blocks of equal size are interchangeable for the bytes, so the search enumerates how many of each size
+    to keep (the best of a size by value, then rank), not subsets: a few quant types give a few sizes. Past
+    `MAX_CHOICES` count vectors it keeps the largest blocks first (greedy), which is exact for equal sizes.
+    """
+    groups: dict[int, list[int]] = {}
+    for b, n in sizes.items():
+        groups.setdefault(n, []).append(b)
+    for members in groups.values():
+        members.sort(key=lambda b: (-value.get(b, 0.0), rank.get(b, 0)))
+    keys = sorted(groups, reverse=True)
+    n_vectors = 1
+    for k in keys:
+        n_vectors *= len(groups[k]) + 1
+    if n_vectors > MAX_CHOICES:
+        kept, used = [], 0
+        for k in keys:
+            for b in groups[k]:
+                if used + k <= room:
+                    kept.append(b)
+                    used += k
+        return sorted(kept)
+    best: tuple[int, float, int] | None = None
+    best_counts: tuple[int, ...] = ()
+
+    def walk(i: int, used: int, val: float, rk: int, counts: tuple[int, ...]) -> None:
+        nonlocal best, best_counts
+        if i == len(keys):
+            score = (used, val, -rk)
+            if best is None or score > best:
+                best, best_counts = score, counts
+            return
+        members = groups[keys[i]]
+        v, r = 0.0, 0
+        for c in range(len(members) + 1):
+            if c:
+                v += value.get(members[c - 1], 0.0)
+                r += rank.get(members[c - 1], 0)
+            if used + c * keys[i] > room:
+                break
+            walk(i + 1, used + c * keys[i], val + v, rk + r, (*counts, c))
+
+    walk(0, 0, 0.0, 0, ())
+    return sorted(b for k, c in zip(keys, best_counts, strict=True) for b in groups[k][:c])
 
 
 def _pack(weights: np.ndarray, capacity: Sequence[int], output: int) -> list[list[int]] | None:

@@ -35,7 +35,7 @@ import numpy as np
 
 from moescope._units import format_bytes
 from moescope.errors import FormatError, UsageError
-from moescope.gguf.inspect import GGUFModel, field, open_gguf
+from moescope.gguf.inspect import GGUFModel, field, open_header
 
 # bytes per element of the KV cache types llama.cpp accepts (block types: block bytes / 32 values)
 KV_BYTES = {
@@ -171,7 +171,7 @@ def plan_offload(
     """Fit whole MoE layers' experts into `vram` after weights, KV cache and compute buffer (first N on CPU)."""
     if ctx < 1:
         raise UsageError(f"--ctx {ctx}: expected a positive context length")
-    reader = open_gguf(model.path)
+    reader = open_header(model.path)
     names = [t.name for t in model.tensors]
     weights = model.dense_bytes_per_token
     kv = kv_cache_bytes(model, reader, ctx, kv_type)
@@ -220,27 +220,36 @@ def plan_offload(
 
 
 def prefill_pcie_seconds_per_token(
-    plan: OffloadPlan, experts_used_per_ubatch: float, n_experts: int, ubatch: int, pcie_gbps: float
+    plan: OffloadPlan, experts_used_per_ubatch: float | dict[int, float], n_experts: int, ubatch: int, pcie_gbps: float
 ) -> float:
-    """PCIe seconds per prefill token: each ubatch streams every CPU-resident expert it uses to the GPU."""
+    """PCIe seconds per prefill token: each ubatch streams every CPU-resident expert it uses to the GPU
+    (`experts_used_per_ubatch`: one mean for every layer, or per MoE block)."""
     if ubatch < OFFLOAD_MIN_BATCH:
         return 0.0
+    used = experts_used_per_ubatch
     per_expert = {b: plan.expert_layer_bytes[b] / n_experts for b in plan.cpu_blocks}
-    total = sum(per_expert[b] * experts_used_per_ubatch for b in plan.cpu_blocks)
+    total = sum(per_expert[b] * (used[b] if isinstance(used, dict) else used) for b in plan.cpu_blocks)
     return total / (pcie_gbps * 1e9) / ubatch
 
 
 def experts_per_window(trace: Any, window: int) -> float:
     """Mean distinct experts per layer used by `window` consecutive tokens of `trace` (whole windows only;
     the mean over layers and windows; all of a shorter trace as one window)."""
+    by_layer = experts_per_window_by_layer(trace, window)
+    return float(np.mean(list(by_layer.values()))) if by_layer else 0.0
+
+
+def experts_per_window_by_layer(trace: Any, window: int) -> dict[int, float]:
+    """MoE block id -> mean distinct experts used by `window` consecutive tokens of `trace` in that layer
+    (whole windows only; all of a shorter trace as one window)."""
     n = trace.n_tokens
     w = min(window, n)
-    out = []
-    for i in range(trace.n_layers):
+    out = {}
+    for i, lid in enumerate(trace.layer_ids):
         ex = trace.experts[:, i, :]
-        for a in range(0, n - w + 1, w):
-            out.append(np.unique(ex[a : a + w]).size)
-    return float(np.mean(out)) if out else 0.0
+        counts = [np.unique(ex[a : a + w]).size for a in range(0, n - w + 1, w)]
+        out[int(lid)] = float(np.mean(counts)) if counts else 0.0
+    return out
 
 
 def project_plan(
@@ -249,19 +258,23 @@ def project_plan(
     *,
     top_k: int,
     hw: Any,
-    experts_per_ubatch: float | None = None,
+    experts_per_ubatch: float | dict[int, float] | None = None,
     ubatch: int = 512,
 ) -> dict[str, Any]:
     """Decode tokens/s of the plan (CPU-resident experts computed on the CPU) and the PCIe bound on prefill
-    tokens/s (CPU-resident experts streamed to the GPU per ubatch), with the cost model's assumptions."""
+    tokens/s (CPU-resident experts streamed to the GPU per ubatch), with the cost model's assumptions.
+    `experts_per_ubatch`: distinct experts a ubatch uses per layer (a mean, or per MoE block from a trace);
+    None: every expert."""
     eb = {b: model.expert_bytes[b] for b in model.layer_ids}
     gpu, cpu = hw.gpu_gbps * 1e9, hw.cpu_gbps * 1e9
     dense = model.dense_bytes_per_token / gpu
     t_decode = (
         dense + sum(top_k * eb[b] for b in plan.gpu_blocks) / gpu + sum(top_k * eb[b] for b in plan.cpu_blocks) / cpu
     )
-    used = float(model.n_experts if experts_per_ubatch is None else experts_per_ubatch)
+    used = float(model.n_experts) if experts_per_ubatch is None else experts_per_ubatch
     t_stream = prefill_pcie_seconds_per_token(plan, used, model.n_experts, ubatch, hw.pcie_gbps)
+    if isinstance(used, dict):  # the mean over the CPU-resident layers (what is streamed)
+        used = float(np.mean([used[b] for b in plan.cpu_blocks])) if plan.cpu_blocks else 0.0
     return {
         "decode_tokens_per_s": 1.0 / t_decode,
         "decode_ms_per_token": t_decode * 1e3,

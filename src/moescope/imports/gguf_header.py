@@ -47,6 +47,7 @@ MAX_KV = 2**16
 MAX_NAME_BYTES = 2**16  # a key or tensor name (llama.cpp itself refuses tensor names of 64 bytes or more)
 MAX_NESTING = 8  # arrays of arrays (gguf-py parses them recursively)
 MAX_KEPT_STRING = 4096  # longer string values are walked over, not kept in GGUFHeader.values
+MAX_KEPT_ARRAY = 4096  # arrays of numbers up to this length (per-layer values) are kept; longer ones walked over
 INT64_MAX = 2**63 - 1
 FIX = "re-download or re-convert it"
 
@@ -73,6 +74,10 @@ PARSE_ERRORS = (
 )
 
 
+class RawString(bytes):
+    """A string value that is not UTF-8, kept as its bytes (a reader decoding it raises, as gguf-py does)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorSpan:
     """One tensor's info: name, ggml type code, dims in GGUF order (innermost first), absolute data range."""
@@ -93,7 +98,9 @@ class GGUFHeader:
     alignment (``general.alignment``, 32 when absent); tensor_info_offset : where the tensor infos start
     (the key/value section ends); data_offset : where tensor data starts (header end rounded up to the
     alignment); array_items : values in all header arrays (nested ones included); values : key -> value of
-    the scalar and string keys (strings over `MAX_KEPT_STRING` bytes left out; arrays never kept).
+    the scalar and string keys (strings over `MAX_KEPT_STRING` bytes left out, non-UTF-8 ones as
+    `RawString`) and of arrays of at most
+    `MAX_KEPT_ARRAY` numbers (per-layer metadata), as lists; other arrays (vocabularies) are not kept.
     """
 
     path: str
@@ -284,14 +291,30 @@ class _Walker:
             elif vtype == STRING:
                 raw = self.raw_string(f"the string value of key {key!r}")
                 if len(raw) <= MAX_KEPT_STRING:
-                    values[key] = raw.decode("utf-8", errors="replace")
+                    try:
+                        values[key] = raw.decode("utf-8")
+                    except UnicodeDecodeError:
+                        values[key] = RawString(raw)
             else:
+                start = self.pos
                 self._skip(vtype, f"key {key!r}", 0)
+                kept = self._numbers(start)
+                if kept is not None:
+                    values[key] = kept
             if key == ALIGNMENT_KEY:
                 alignment = values.get(key, 0)
                 if vtype != UINT32 or alignment <= 0 or alignment & (alignment - 1):
                     self.fail(f"{ALIGNMENT_KEY} is {alignment!r} (value type {vtype}); expected a u32 power of two")
         return values, alignment
+
+    def _numbers(self, start: int) -> list[Any] | None:
+        """The array of numbers walked over from `start` as a list, when it has at most `MAX_KEPT_ARRAY`."""
+        item = self.structs["I"].unpack_from(self.buf, start)[0]
+        n = self.structs["Q"].unpack_from(self.buf, start + 4)[0]
+        if item not in SCALARS or n > MAX_KEPT_ARRAY:
+            return None
+        code = SCALARS[item]
+        return list(struct.unpack_from(f"{self.order}{n}{code}", self.buf, start + 12))
 
     def _skip(self, vtype: int, what: str, depth: int) -> None:
         """Walk over one value of type `vtype` (an array, or an item of one)."""
