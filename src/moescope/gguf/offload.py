@@ -377,7 +377,9 @@ def plan_devices(
     output GPU also ubatch x vocab x 4 bytes of logits). Packing blocks greedily in order is optimal for
     feasibility: giving each GPU as many blocks as fit leaves the least for the ones after it.
 
-    Then, on each GPU, the experts it keeps are chosen again among its blocks (`choose_experts`): the most
+    Then the boundaries between GPUs move to where the GPUs keep the most expert bytes together (the packing
+    leaves the last GPU slack), and on each GPU the experts it keeps are chosen among its blocks
+    (`choose_experts`): the most
     expert bytes that fit (decode reads top-k experts of every layer per token, so each byte kept in VRAM
     saves the same decode time), which differs from the convention when layers differ in bytes (mixed
     quant types); among equal choices, the layers with the most distinct experts per ubatch
@@ -429,26 +431,67 @@ def plan_devices(
         )
     order = list(bb.moe_blocks)[:: -1 if fl.cpu_moe_from == "first" else 1]  # the convention keeps these first
     rank = {b: i for i, b in enumerate(order)}
-    devices = []
-    for i, (name, budget, blocks) in enumerate(zip(names, budgets, packed, strict=True)):
-        last = i == len(names) - 1
-        moe_here = [b for b in blocks if b in bb.moe_blocks]
-        room = budget - computes[i] - int((bb.dense + bb.kv)[blocks].sum()) - (bb.output if last else 0)
-        value = {b: (prefill_use or {}).get(b, 0.0) * int(bb.experts[b]) for b in moe_here}
-        kept = choose_experts(room, {b: int(bb.experts[b]) for b in moe_here}, value, rank)
-        conv = [b for b in moe_here if b not in cpu]
-        if sum(int(bb.experts[b]) for b in conv) == sum(int(bb.experts[b]) for b in kept) and not prefill_use:
+    use = prefill_use or {}
+    moe_set = set(bb.moe_blocks)
+    conv_cpu = set(cpu)  # the convention's CPU blocks, from the packing
+
+    def keep(d: int, blocks: list[int]) -> tuple[list[int], int, float] | None:
+        """The experts GPU `d` keeps among `blocks` (None: the blocks' layers alone do not fit)."""
+        room = budgets[d] - computes[d] - int((bb.dense + bb.kv)[blocks].sum()) - (bb.output if d == nd - 1 else 0)
+        if room < 0:
+            return None
+        here = [b for b in blocks if b in moe_set]
+        kept = choose_experts(room, {b: int(bb.experts[b]) for b in here}, {b: use.get(b, 0.0) for b in here}, rank)
+        conv = [b for b in here if b not in conv_cpu]
+        size = sum(int(bb.experts[b]) for b in kept)
+        if not use and sum(int(bb.experts[b]) for b in conv) == size:
             kept = conv  # equal bytes and nothing measured: keep the convention's layers
-        cpu = (cpu - set(kept)) | (set(moe_here) - set(kept))
-        eb = tuple(b for b in blocks if b in kept)
+        return kept, size, sum(use.get(b, 0.0) for b in kept)
+
+    def score(bounds: list[int]) -> tuple[tuple[int, float], list[list[int]]] | None:
+        chosen, total, value = [], 0, 0.0
+        for d in range(nd):
+            k = keep(d, list(range(bounds[d], bounds[d + 1])))
+            if k is None:
+                return None
+            chosen.append(k[0])
+            total += k[1]
+            value += k[2]
+        return (total, value), chosen
+
+    # the packing's ranges, then each boundary moved to where the GPUs together keep the most expert bytes
+    # (coordinate ascent; the packing leaves the last GPUs slack that a shifted boundary can fill)
+    nd = len(budgets)
+    bounds = [0]
+    for blocks in packed:
+        bounds.append(bounds[-1] + len(blocks))
+    best = score(bounds)
+    assert best is not None  # the packing fits
+    for _ in range(4 * nd):
+        improved = False
+        for i in range(1, nd):
+            for pos in range(bounds[i - 1], bounds[i + 1] + 1):
+                trial = [*bounds[:i], pos, *bounds[i + 1 :]]
+                got = score(trial)
+                if got is not None and got[0] > best[0]:
+                    best, bounds, improved = got, trial, True
+        if not improved:
+            break
+    kept_by_device = best[1]
+    cpu = moe_set - {b for kept in kept_by_device for b in kept}
+    devices = []
+    for i, name in enumerate(names):
+        last = i == nd - 1
+        blocks = list(range(bounds[i], bounds[i + 1]))
+        eb = tuple(kept_by_device[i])
         devices.append(
             DeviceLoad(
                 name,
-                int(budget),
+                int(budgets[i]),
                 tuple(blocks),
                 eb,
-                int(bb.dense[list(blocks)].sum()) + (bb.output if last else 0),
-                int(bb.kv[list(blocks)].sum()),
+                int(bb.dense[blocks].sum()) + (bb.output if last else 0),
+                int(bb.kv[blocks].sum()),
                 computes[i],
                 int(bb.experts[list(eb)].sum()),
                 last,

@@ -101,6 +101,7 @@ def read_plan(path: str | os.PathLike) -> dict[str, Any]:
     for key in ("gpu_blocks", "cpu_blocks"):
         _ints(plan.get(key, []), f"{what}: plan.{key}")
     _check(plan, "flavor", str, what, "plan")
+    _check(plan, "flavor_source", str, what, "plan")
     _check(plan, "forms_agree", bool, what, "plan")
     _check(plan, "tensor_split", list, what, "plan")
     notes = plan.get("notes", [])
@@ -242,7 +243,11 @@ def render(doc: dict[str, Any]) -> list[str]:
     if "forms_agree" in plan:
         lines.append(
             f"  the forms put every tensor where planned: {'yes' if plan['forms_agree'] else 'NO'}"
-            + (" (-ts checked against llama.cpp's layer rule)" if plan.get("tensor_split") else "")
+            + (
+                " (-ts checked against llama.cpp's layer rule)"
+                if plan.get("tensor_split") and plan.get("flavor", "llama.cpp") == "llama.cpp"
+                else ""
+            )
         )
     v = doc.get("verified")
     if v:
@@ -260,6 +265,8 @@ def render(doc: dict[str, Any]) -> list[str]:
             lines.append(f"  -ts under llama.cpp's layer rule: {'as planned' if v['split'] else 'NOT as planned'}")
     for note in plan.get("notes") or []:
         lines.append(f"  note: {note}")
+    if plan.get("flavor_source"):
+        lines.append(f"  flag semantics from: {plan['flavor_source']}")
     proj = doc.get("projection")
     base = doc.get("baseline")
     if proj:
