@@ -367,3 +367,16 @@ def test_verified_in_llama_cpp(capsys, flavor, vram):
     )
     assert code == 0, err
     assert json.loads(out)["verified"]["ok"]
+
+
+def test_fit_target_reads_like_llama_cpp(capsys):
+    """--fit-target is MiB when bare (as llama.cpp's), 0 allowed; a size with a unit is taken as written."""
+    base = ("plan", "offload", fixture.GGUF, "--vram", "6MiB", "--ctx", "256", "--compute-buffer", "1MiB", "--json")
+    margins = {}
+    for value in ("0", "1", "1MiB", "2048KiB"):
+        code, out, err = run(capsys, *base, "--fit-target", value)
+        assert code == 0, err
+        margins[value] = json.loads(out)["baseline"]["margin"]
+    assert margins == {"0": 0, "1": MiB, "1MiB": MiB, "2048KiB": 2 * MiB}
+    code, _, err = run(capsys, *base, "--fit-target", "lots")
+    assert code == 2 and "--fit-target 'lots'" in err

@@ -313,8 +313,12 @@ def offload(
     ] = "CUDA",
     fit_target: Annotated[
         str,
-        typer.Option("--fit-target", help="Free memory per GPU that llama.cpp's --fit keeps (the baseline row)."),
-    ] = "1024MiB",
+        typer.Option(
+            "--fit-target",
+            help="Free memory per GPU that llama.cpp's --fit keeps, for the baseline row: MiB as llama.cpp's "
+            "--fit-target takes it (1024), or a size (1GiB).",
+        ),
+    ] = "1024",
     trace: Annotated[
         Path | None,
         typer.Option("--trace", help="A trace of this model: expert use per ubatch and a cache projection."),
@@ -349,15 +353,14 @@ def offload(
     expert blocks). When layers differ in bytes (mixed quant types), each GPU keeps the set of layers with
     the most expert bytes (then, with `--trace`, the layers whose ubatches use the most experts: what
     prefill streams), printed as `-ot` when `--n-cpu-moe` cannot express it. Beside it, what llama.cpp's
-    automatic `--fit` would choose under its rule (the last
-    layers' experts to the CPU, 1 GiB kept free per GPU), with both projections: decode tokens/s
-    (CPU-resident experts run on the CPU) and the PCIe bound on prefill; with `--trace`, also a per-expert
-    cache in the same VRAM (one GPU).
+    automatic `--fit` would choose under its rule (the last layers' experts to the CPU, 1 GiB kept free
+    per GPU), with both projections: decode tokens/s (CPU-resident experts run on the CPU) and the PCIe
+    bound on prefill; with `--trace`, also a per-expert cache in the same VRAM (one GPU).
 
     Examples: `moescope plan offload Qwen3-30B-A3B-Q4_K_M.gguf --vram 10GiB --ctx 32768 --kv-type q8_0`;
     `moescope plan offload model.gguf --vram 24GiB,12GiB --json > plan.json`; `moescope plan offload --from plan.json`
     """
-    from moescope._units import parse_bytes
+    from moescope._units import format_bytes, parse_bytes
     from moescope.gguf import planfile
 
     if from_plan is not None:
@@ -387,7 +390,13 @@ def offload(
         tr = as_trace(read_input(trace), "--trace")
         m.expert_bytes_at(tr.layer_ids, tr.n_experts, "--trace")  # refused here unless the trace is of this model
     compute = None if compute_buffer is None else parse_bytes(compute_buffer, "--compute-buffer")
-    margin = parse_bytes(fit_target, "--fit-target")
+    # llama.cpp's --fit-target is a number of MiB (0 allowed); a size with a unit is taken as written
+    bare = fit_target.strip()
+    margin = (
+        int(float(bare) * 2**20)
+        if bare.replace(".", "", 1).isdigit() and float(bare) <= 2**40
+        else parse_bytes(fit_target, "--fit-target")
+    )
     kw = {"ctx": ctx, "kv_type": kv_type, "compute": compute, "ubatch": ubatch}
     used = None if tr is None else experts_per_window_by_layer(tr, ubatch)
     p = plan_devices(m, budgets, flavor=flavor, prefix=device_prefix, prefill_use=used, **kw)
@@ -395,7 +404,9 @@ def offload(
     fit = fit_baseline(m, budgets, prefix=device_prefix, margin=margin, **kw)
     baseline: dict[str, Any] = {"margin": margin}
     if fit is None:
-        baseline["reason"] = f"does not fit even with every expert on the CPU and {fit_target} kept free per GPU"
+        baseline["reason"] = (
+            f"does not fit even with every expert on the CPU and {format_bytes(margin)} kept free per GPU"
+        )
     else:
         baseline["plan"] = fit.to_dict(m)
         baseline["projection"] = project_plan(fit, m, top_k=m.top_k, hw=hw, experts_per_ubatch=used, ubatch=ubatch)
