@@ -13,11 +13,11 @@ from conftest import run
 from moescope import fixture
 from moescope.errors import UsageError
 from moescope.gguf import inspect_gguf
+from moescope.gguf.fit import fit_baseline
 from moescope.gguf.offload import (
     FLAVORS,
     block_bytes,
     check_split,
-    fit_baseline,
     form_placement,
     forms_agree,
     layer_devices,

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from moescope.gguf import inspect_gguf
-from moescope.gguf.offload import block_bytes, fit_baseline, forms_agree, plan_devices
+from moescope.gguf.fit import fit_baseline
+from moescope.gguf.offload import block_bytes, forms_agree, plan_devices
 from sparse_gguf import QWEN3_30B_A3B, sparse_qwen3_moe
 
 pytestmark = pytest.mark.slow

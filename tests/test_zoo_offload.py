@@ -15,14 +15,8 @@ pytest.importorskip("transformers")
 
 from moescope.errors import UsageError  # noqa: E402
 from moescope.gguf import inspect_gguf  # noqa: E402
-from moescope.gguf.offload import (  # noqa: E402
-    FIT_EXPS_REGEX,
-    FIT_MARGIN,
-    FLAVORS,
-    block_bytes,
-    fit_baseline,
-    plan_devices,
-)
+from moescope.gguf.fit import FIT_EXPS_REGEX, FIT_MARGIN, fit_baseline  # noqa: E402
+from moescope.gguf.offload import FLAVORS, block_bytes, plan_devices  # noqa: E402
 from moescope.gguf.planfile import plan_document, read_plan, render  # noqa: E402
 from moescope.gguf.verify import verify_devices  # noqa: E402
 from zoo import QUANTIZED, ZOO, llama_source, zoo_model  # noqa: E402

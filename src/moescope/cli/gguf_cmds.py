@@ -377,7 +377,8 @@ def offload(
     if model is None or vram is None:
         raise UsageError("give a MODEL and --vram (e.g. --vram 24GiB,12GiB), or --from plan.json")
     from moescope.cache import Hardware
-    from moescope.gguf.offload import fit_baseline, plan_devices
+    from moescope.gguf.fit import fit_baseline
+    from moescope.gguf.offload import plan_devices
     from moescope.gguf.plan import experts_per_window_by_layer, project_plan
 
     hw = Hardware(pcie_gbps, gpu_gbps, cpu_gbps)
