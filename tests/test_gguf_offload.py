@@ -301,6 +301,15 @@ def test_plan_file_round_trips(tmp_path, capsys):
     code, text, _ = run(capsys, *args)
     code2, text2, _ = run(capsys, "plan", "offload", "--from", path)
     assert code == code2 == 0 and text == text2 and "-ts 3,2" in text
+    # with a trace the plan file carries the cache projection, and --from prints it as the plan did
+    traced = ("plan", "offload", g, "--vram", "4.2MiB", "--ctx", "1024", "--compute-buffer", "1MiB")
+    traced += ("--trace", fixture.FIXTURE_DIR / fixture.TRACE)
+    code, out, err = run(capsys, *traced, "--json")
+    assert code == 0 and json.loads(out)["cache"]["slots"] > 0, err
+    path.write_text(out)
+    code, text, _ = run(capsys, *traced)
+    code2, text2, _ = run(capsys, "plan", "offload", "--from", path)
+    assert code == code2 == 0 and text == text2 and "a per-expert cache in the same VRAM" in text
 
 
 @pytest.mark.parametrize(
@@ -315,6 +324,12 @@ def test_plan_file_round_trips(tmp_path, capsys):
             "devices",
         ),
         ("not json", "not valid JSON"),
+        (
+            '{"format": "moescope.offload-plan", "version": 1, "plan": {"flags": {"a": "-ngl 1"}, "devices": [{"name":'
+            ' "CUDA0", "budget": 1, "blocks": [], "expert_blocks": [], "bytes": {"weights": 0, "kv_cache": 0, '
+            '"compute": 0, "experts": 0, "used": 0}}]}, "cache": {"slots": 3, "tokens_per_second": "fast"}}',
+            "cache.tokens_per_second",
+        ),
     ],
 )
 def test_bad_plan_files(tmp_path, capsys, content, message):

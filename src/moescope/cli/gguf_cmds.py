@@ -366,13 +366,7 @@ def offload(
     if from_plan is not None:
         if model is not None or vram is not None or verify or trace is not None:
             raise UsageError("--from prints a saved plan again: give no MODEL, --vram, --trace or --verify with it")
-        doc = planfile.read_plan(from_plan)
-        if as_json:
-            c.print_json(doc)
-        else:
-            con = c.console()
-            for line in planfile.render(doc):
-                con.print(line, soft_wrap=True)
+        _print_plan(planfile.read_plan(from_plan), as_json)
         return
     if model is None or vram is None:
         raise UsageError("give a MODEL and --vram (e.g. --vram 24GiB,12GiB), or --from plan.json")
@@ -428,22 +422,21 @@ def offload(
     doc = planfile.plan_document(
         m, p, assumptions=assumptions, projection=proj, baseline=baseline, cache=cache, verified=verified
     )
-    if as_json:
-        c.print_json(doc)
-    else:
-        con = c.console()
-        for line in planfile.render(doc):
-            con.print(line, soft_wrap=True)
-        if cache:
-            con.print(
-                f"a per-expert cache in the same VRAM ({cache['slots']} slots): decode "
-                f"~{cache['tokens_per_second']:.1f} tok/s (demand miss rate {cache['miss_rate']:.1%}, LRU, per-layer "
-                f"sizes chosen for the budget)"
-                if cache.get("slots")
-                else f"a per-expert cache does not fit: {cache['reason']}"
-            )
+    _print_plan(doc, as_json)
     if verify and not verified["ok"]:
         raise typer.Exit(1)
+
+
+def _print_plan(doc: dict[str, Any], as_json: bool) -> None:
+    """A plan file as JSON, or as the lines `moescope.gguf.planfile.render` gives."""
+    from moescope.gguf import planfile
+
+    if as_json:
+        c.print_json(doc)
+        return
+    con = c.console()
+    for line in planfile.render(doc):
+        con.print(line, soft_wrap=True)
 
 
 def _cache_same_vram(tr: Any, m: Any, p: Any, hw: Any) -> dict[str, Any]:

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from moescope._units import format_bytes
 from moescope.gguf.inspect import GGUFModel
 from moescope.gguf.offload import (
-    DEFAULT_COMPUTE,
     FLAVORS,
     DeviceLoad,
     DevicePlan,
@@ -23,6 +22,7 @@ from moescope.gguf.offload import (
     block_bytes,
     device_names,
 )
+from moescope.gguf.plan import compute_allowances
 
 FIT_MARGIN = 1024 * 2**20  # llama.cpp --fit-target default per device (common/common.h fit_params_target)
 FIT_EXPS_REGEX = r"\.ffn_(up|down|gate_up|gate)_(ch|)exps"  # common/fit.cpp get_overflow_pattern (MOE)
@@ -54,9 +54,7 @@ def fit_baseline(
     """
     names = device_names(len(budgets), prefix)
     bb = block_bytes(model, ctx, kv_type)
-    vocab = next((t.shape[-1] for t in model.tensors if t.name == "token_embd.weight"), 0)
-    computes = [(DEFAULT_COMPUTE if compute is None else compute) + margin] * len(budgets)
-    computes[-1] += 0 if compute is not None else ubatch * vocab * 4
+    computes = [c + margin for c in compute_allowances(model, len(budgets), compute, ubatch)]
     caps = [b - c for b, c in zip(budgets, computes, strict=True)]
     n, nd = len(bb.dense), len(budgets)
     light = bb.dense + bb.kv
@@ -106,23 +104,18 @@ def fit_baseline(
         ranges.append(list(range(nxt, nxt + f + p_)))
         cpu.update(b for b in range(nxt + f, nxt + f + p_) if b in bb.moe_blocks)
         nxt += f + p_
-    devices = []
-    for i, (name, budget, blocks) in enumerate(zip(names, budgets, ranges, strict=True)):
-        last = i == len(names) - 1
-        eb = tuple(b for b in blocks if b in bb.moe_blocks and b not in cpu)
-        devices.append(
-            DeviceLoad(
-                name,
-                int(budget),
-                tuple(blocks),
-                eb,
-                int(bb.dense[blocks].sum()) + (bb.output if last else 0),
-                int(bb.kv[blocks].sum()),
-                computes[i],
-                int(bb.experts[list(eb)].sum()),
-                last,
-            )
+    devices = [
+        DeviceLoad.of(
+            bb,
+            name,
+            budget,
+            blocks,
+            [b for b in blocks if b in bb.moe_blocks and b not in cpu],
+            computes[i],
+            i == len(names) - 1,
         )
+        for i, (name, budget, blocks) in enumerate(zip(names, budgets, ranges, strict=True))
+    ]
     cpu_blocks = tuple(sorted(cpu))
     counts = [len(r) for r in ranges]
     counts[-1] += model.n_blocks - model.trunk_blocks + 1

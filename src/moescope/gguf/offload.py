@@ -35,7 +35,6 @@ How the engines place tensors (the flags printed follow these rules; each is cit
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -45,11 +44,9 @@ import numpy as np
 from moescope._units import format_bytes
 from moescope.errors import UsageError
 from moescope.gguf.inspect import GGUFModel, open_header
-from moescope.gguf.plan import EXPS_REGEX, KV_BYTES, kv_elements_per_block
+from moescope.gguf.plan import EXPS_REGEX, compute_allowances, kv_bytes_per_block
 
-DEFAULT_COMPUTE = 512 * 2**20  # compute-buffer allowance per GPU; the output device adds ubatch x vocab x 4
 DEVICE_PREFIX = re.compile(r"^[A-Za-z][A-Za-z_]*$")
-_KV_ELEMENTS: dict[tuple, np.ndarray] = {}  # the last model file's per-block KV elements (see kv_per_block)
 MAX_DEVICES = 16  # GGML_SCHED_MAX_BACKENDS less the CPU would be 15; llama.cpp's -ts takes 16 values
 
 
@@ -141,21 +138,9 @@ def block_bytes(model: GGUFModel, ctx: int, kv_type: str, flavor: Flavor | None 
 
 
 def kv_per_block(model: GGUFModel, ctx: int, kv_type: str) -> np.ndarray:
-    """[n_trunk] int64 KV-cache bytes per block; their sum is `kv_cache_bytes` (the remainder of its rounding
-    goes to the last block)."""
-    if kv_type not in KV_BYTES:
-        raise UsageError(f"--kv-type {kv_type!r}: expected one of {', '.join(KV_BYTES)}")
-    st = os.stat(model.path)
-    key = (str(model.path), model.architecture, model.trunk_blocks, st.st_mtime_ns, st.st_size)
-    elements = _KV_ELEMENTS.get(key)
-    if elements is None:  # gguf-py parses the whole header (about 0.5 s with a large vocabulary): once per file
-        elements = kv_elements_per_block(model, open_header(model.path))
-        _KV_ELEMENTS.clear()
-        _KV_ELEMENTS[key] = elements
-    total = int(ctx * int(elements.sum()) * KV_BYTES[kv_type])  # kv_cache_bytes' own rounding
-    per = (ctx * elements * KV_BYTES[kv_type]).astype(np.int64)
-    per[-1] += total - int(per.sum())
-    return per
+    """[n_trunk] int64 KV-cache bytes per block (`moescope.gguf.plan.kv_bytes_per_block`): they sum to
+    `kv_cache_bytes`."""
+    return kv_bytes_per_block(model, open_header(model.path), ctx, kv_type)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +157,31 @@ class DeviceLoad:
     compute: int
     experts: int
     output: bool
+
+    @classmethod
+    def of(
+        cls,
+        bb: BlockBytes,
+        name: str,
+        budget: int,
+        blocks: Sequence[int],
+        kept: Sequence[int],
+        compute: int,
+        last: bool,
+    ) -> DeviceLoad:
+        """The load of a GPU holding `blocks`' layers and `kept` blocks' experts (the output layer if `last`)."""
+        blocks, kept = list(blocks), list(kept)
+        return cls(
+            name,
+            int(budget),
+            tuple(blocks),
+            tuple(kept),
+            int(bb.dense[blocks].sum()) + (bb.output if last else 0),
+            int(bb.kv[blocks].sum()),
+            compute,
+            int(bb.experts[kept].sum()),
+            last,
+        )
 
     @property
     def used(self) -> int:
@@ -239,22 +249,26 @@ class DevicePlan:
         out["override_tensor"] = base + (f' -ot "{ot}"' if ot else "")
         return out
 
-    def placement(self, model: GGUFModel) -> dict[str, str]:
-        """Tensor name -> planned buffer (a GPU name or ``CPU``) for every tensor the engine loads (MTP
-        blocks are not loaded): the token embedding on the CPU, output tensors on the last GPU."""
+    def layer_buffers(self, model: GGUFModel) -> dict[str, str]:
+        """Tensor name -> the buffer of its layer, where no rule moves it, for every tensor the engine loads
+        (MTP blocks are not loaded): a block's on its GPU, the token embedding on the CPU (the input layer),
+        other tensors on the last GPU (the output layer)."""
         layer = self.block_device()
-        experts = self.expert_device()
         last = self.devices[-1].name
-        out = {}
+        return {
+            t.name: layer[t.block] if t.block >= 0 else ("CPU" if t.name.startswith("token_embd.") else last)
+            for t in model.tensors
+            if not t.mtp
+        }
+
+    def placement(self, model: GGUFModel) -> dict[str, str]:
+        """Tensor name -> planned buffer (a GPU name or ``CPU``) for every tensor the engine loads: its
+        layer's (`layer_buffers`), the routed experts where the plan keeps them."""
+        experts = self.expert_device()
+        out = self.layer_buffers(model)
         for t in model.tensors:
-            if t.mtp:
-                continue
-            if t.block < 0:
-                out[t.name] = "CPU" if t.name.startswith("token_embd.") else last
-            elif t.per_expert and t.block in experts and self.flavor.is_expert(t.name):
+            if t.name in out and t.per_expert and t.block in experts and self.flavor.is_expert(t.name):
                 out[t.name] = experts[t.block]
-            else:
-                out[t.name] = layer[t.block]
         return out
 
     def to_dict(self, model: GGUFModel) -> dict[str, Any]:
@@ -374,8 +388,8 @@ def plan_devices(
     (contiguous ranges, as the engines split layers); the output layer to the last GPU. Routed experts stay
     with their block's GPU unless they do not fit: then whole MoE layers' experts go to the CPU, chosen by
     the flavour's ``--n-cpu-moe`` convention (llama.cpp: the first blocks; ik_llama.cpp: the last), the
-    fewest that let every GPU hold its share. Each GPU reserves `compute` (default `DEFAULT_COMPUTE`; the
-    output GPU also ubatch x vocab x 4 bytes of logits). Packing blocks greedily in order is optimal for
+    fewest that let every GPU hold its share. Each GPU reserves `compute`
+    (`moescope.gguf.plan.compute_allowances`). Packing blocks greedily in order is optimal for
     feasibility: giving each GPU as many blocks as fit leaves the least for the ones after it.
 
     Then the boundaries between GPUs move to where the GPUs keep the most expert bytes together (the packing
@@ -399,15 +413,9 @@ def plan_devices(
         raise UsageError(f"--vram has {len(budgets)} budgets; expected 1 to {MAX_DEVICES}, one per GPU in order")
     if ctx < 1:
         raise UsageError(f"--ctx {ctx}: expected a positive context length")
-    if kv_type not in KV_BYTES:
-        raise UsageError(f"--kv-type {kv_type!r}: expected one of {', '.join(KV_BYTES)}")
     names = device_names(len(budgets), prefix)
-    bb = block_bytes(model, ctx, kv_type, fl)
-    vocab = next((t.shape[-1] for t in model.tensors if t.name == "token_embd.weight"), 0)
-    base = DEFAULT_COMPUTE if compute is None else compute
-    logits = 0 if compute is not None else ubatch * vocab * 4
-    computes = [base] * len(budgets)
-    computes[-1] += logits
+    bb = block_bytes(model, ctx, kv_type, fl)  # refuses an unknown --kv-type
+    computes = compute_allowances(model, len(budgets), compute, ubatch)
     moe = list(bb.moe_blocks)
     if fl.cpu_moe_from == "last":
         moe = moe[::-1]
@@ -432,6 +440,7 @@ def plan_devices(
         )
     order = list(bb.moe_blocks)[:: -1 if fl.cpu_moe_from == "first" else 1]  # the convention keeps these first
     rank = {b: i for i, b in enumerate(order)}
+    nd = len(budgets)
     use = prefill_use or {}
     moe_set = set(bb.moe_blocks)
     conv_cpu = set(cpu)  # the convention's CPU blocks, from the packing
@@ -462,7 +471,6 @@ def plan_devices(
 
     # the packing's ranges, then each boundary moved to where the GPUs together keep the most expert bytes
     # (coordinate ascent; the packing leaves the last GPUs slack that a shifted boundary can fill)
-    nd = len(budgets)
     bounds = [0]
     for blocks in packed:
         bounds.append(bounds[-1] + len(blocks))
@@ -480,24 +488,10 @@ def plan_devices(
             break
     kept_by_device = best[1]
     cpu = moe_set - {b for kept in kept_by_device for b in kept}
-    devices = []
-    for i, name in enumerate(names):
-        last = i == nd - 1
-        blocks = list(range(bounds[i], bounds[i + 1]))
-        eb = tuple(kept_by_device[i])
-        devices.append(
-            DeviceLoad(
-                name,
-                int(budgets[i]),
-                tuple(blocks),
-                eb,
-                int(bb.dense[blocks].sum()) + (bb.output if last else 0),
-                int(bb.kv[blocks].sum()),
-                computes[i],
-                int(bb.experts[list(eb)].sum()),
-                last,
-            )
-        )
+    devices = [
+        DeviceLoad.of(bb, name, budgets[i], range(bounds[i], bounds[i + 1]), kept, computes[i], i == nd - 1)
+        for i, (name, kept) in enumerate(zip(names, kept_by_device, strict=True))
+    ]
     cpu_blocks = tuple(sorted(cpu))
     notes = list(fl.notes)
     n_all = model.n_blocks
@@ -653,17 +647,9 @@ def form_placement(plan: DevicePlan, model: GGUFModel, rules: Sequence[tuple[str
     """Where a form puts each loaded tensor, in Python: the first matching rule (``re.search``, as the
     engines' ``std::regex_search`` on these patterns), else its layer's device (the plan's own split)."""
     compiled = [(re.compile(p), b) for p, b in rules]
-    layer = plan.block_device()
-    last = plan.devices[-1].name
-    out = {}
-    for t in model.tensors:
-        if t.mtp:
-            continue
-        buf = next((b for p, b in compiled if p.search(t.name)), None)
-        if buf is None:
-            buf = layer[t.block] if t.block >= 0 else ("CPU" if t.name.startswith("token_embd.") else last)
-        out[t.name] = buf
-    return out
+    return {
+        name: next((b for p, b in compiled if p.search(name)), home) for name, home in plan.layer_buffers(model).items()
+    }
 
 
 def forms_agree(plan: DevicePlan, model: GGUFModel) -> bool:

@@ -51,6 +51,7 @@ KV_BYTES = {
 }
 EXPS_REGEX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"  # llama.cpp common.h LLM_FFN_EXPS_REGEX
 OFFLOAD_MIN_BATCH = 32
+DEFAULT_COMPUTE = 512 * 2**20  # compute-buffer allowance per GPU (the output GPU adds the logits)
 
 
 def block_regex(i: int) -> str:
@@ -118,9 +119,30 @@ class OffloadPlan:
 
 def kv_cache_bytes(model: GGUFModel, reader: Any, ctx: int, kv_type: str) -> int:
     """KV cache bytes for `ctx` tokens (see the module docstring for MLA and sliding windows)."""
+    return int(kv_bytes_per_block(model, reader, ctx, kv_type).sum())
+
+
+def kv_bytes_per_block(model: GGUFModel, reader: Any, ctx: int, kv_type: str) -> np.ndarray:
+    """[n_trunk] int64 KV-cache bytes per trunk block for `ctx` tokens; they sum to the whole cache's bytes
+    rounded down once (block types such as q8_0 are fractional bytes per element: the remainder of that
+    rounding goes to the last block)."""
     if kv_type not in KV_BYTES:
         raise UsageError(f"--kv-type {kv_type!r}: expected one of {', '.join(KV_BYTES)}")
-    return int(ctx * int(kv_elements_per_block(model, reader).sum()) * KV_BYTES[kv_type])
+    elements = kv_elements_per_block(model, reader)
+    per = (ctx * elements * KV_BYTES[kv_type]).astype(np.int64)
+    per[-1] += int(ctx * int(elements.sum()) * KV_BYTES[kv_type]) - int(per.sum())
+    return per
+
+
+def compute_allowances(model: GGUFModel, n_devices: int, compute: int | None = None, ubatch: int = 512) -> list[int]:
+    """Compute-buffer bytes each of `n_devices` GPUs reserves: `compute` when given; else `DEFAULT_COMPUTE`,
+    and the last GPU (the output layer's) also ubatch x vocab x 4 bytes of logits."""
+    if compute is not None:
+        return [compute] * n_devices
+    vocab = next((t.shape[-1] for t in model.tensors if t.name == "token_embd.weight"), 0)
+    out = [DEFAULT_COMPUTE] * n_devices
+    out[-1] += ubatch * vocab * 4
+    return out
 
 
 def kv_elements_per_block(model: GGUFModel, reader: Any) -> np.ndarray:
@@ -175,9 +197,7 @@ def plan_offload(
     names = [t.name for t in model.tensors]
     weights = model.dense_bytes_per_token
     kv = kv_cache_bytes(model, reader, ctx, kv_type)
-    vocab = next((t.shape[-1] for t in model.tensors if t.name == "token_embd.weight"), 0)
-    if compute is None:
-        compute = 512 * 2**20 + ubatch * vocab * 4
+    compute = compute_allowances(model, 1, compute, ubatch)[0]
     notes = []
     free = vram - weights - kv - compute
     if free < 0:

@@ -94,9 +94,7 @@ def read_plan(path: str | os.PathLike) -> dict[str, Any]:
     plan = doc.get("plan")
     if not isinstance(plan, dict):
         raise FormatError(f"{what} has no 'plan' object; the file is incomplete, write it again with --json")
-    flags = plan.get("flags")
-    if not isinstance(flags, dict) or not flags or not all(isinstance(v, str) for v in flags.values()):
-        raise FormatError(f"{what}: plan.flags is {short(flags)}, expected an object of flag strings")
+    _check_flags(plan.get("flags"), f"{what}: plan.flags")
     _check_devices(plan.get("devices"), f"{what}: plan.devices")
     for key in ("gpu_blocks", "cpu_blocks"):
         _ints(plan.get(key, []), f"{what}: plan.{key}")
@@ -123,14 +121,16 @@ def read_plan(path: str | os.PathLike) -> dict[str, Any]:
         _check(base, "reason", str, what, "baseline")
         if "plan" in base:
             bp = _check(base, "plan", dict, what, "baseline")
-            bflags = bp.get("flags")
-            if not isinstance(bflags, dict) or not bflags or not all(isinstance(v, str) for v in bflags.values()):
-                raise FormatError(f"{what}: baseline.plan.flags is {short(bflags)}, expected an object of flag strings")
+            _check_flags(bp.get("flags"), f"{what}: baseline.plan.flags")
             _ints(bp.get("gpu_blocks", []), f"{what}: baseline.plan.gpu_blocks")
             _check_projection(base.get("projection"), f"{what}: baseline.projection")
         elif "reason" not in base:
             raise FormatError(f"{what}: baseline has neither a plan nor a reason; write the plan again with --json")
     _check_verified(doc.get("verified"), f"{what}: verified")
+    cache = _check(doc, "cache", dict, what, "")
+    if cache and json_int(cache.get("slots", 0), f"{what}: cache.slots"):
+        _number(cache.get("tokens_per_second"), f"{what}: cache.tokens_per_second")
+        _number(cache.get("miss_rate"), f"{what}: cache.miss_rate")
     return doc
 
 
@@ -141,6 +141,11 @@ def _check(obj: dict[str, Any], key: str, kind: type, what: str, where: str) -> 
         name = f"{where}.{key}" if where else key
         raise FormatError(f"{what}: {name} is {short(value)}, expected a {kind.__name__}; fix or rewrite the file")
     return value
+
+
+def _check_flags(flags: Any, what: str) -> None:
+    if not isinstance(flags, dict) or not flags or not all(isinstance(v, str) for v in flags.values()):
+        raise FormatError(f"{what} is {short(flags)}, expected an object of flag strings")
 
 
 def _ints(value: Any, what: str) -> list[int]:
@@ -285,4 +290,13 @@ def render(doc: dict[str, Any]) -> list[str]:
             )
         else:
             lines.append(f"baseline, llama.cpp --fit: {base.get('reason')}")
+    cache = doc.get("cache")
+    if cache:
+        lines.append(
+            f"a per-expert cache in the same VRAM ({cache['slots']} slots): decode "
+            f"~{cache['tokens_per_second']:.1f} tok/s (demand miss rate {cache['miss_rate']:.1%}, LRU, per-layer "
+            f"sizes chosen for the budget)"
+            if cache.get("slots")
+            else f"a per-expert cache does not fit: {cache.get('reason')}"
+        )
     return lines
