@@ -84,6 +84,20 @@ def test_route_matches_reference(n_devices, replicas, k):
 
 
 @pytest.mark.kernels
+def test_replica_free_route_in_token_blocks_matches_reference():
+    """The replica-free path counts in parallel token blocks (`DISTINCT_BLOCK`): three blocks and a partial."""
+    from moescope.place.metrics import DISTINCT_BLOCK
+
+    n = 2 * DISTINCT_BLOCK + 777
+    tr = random_trace(n_tokens=n, n_layers=3, n_experts=10, k=3, seed=9, weights=None)
+    table = _random_table(np.random.default_rng(4), 3, 10, 4, 0)
+    hist, load = route(table, tr.experts, 10)
+    want_hist, want_load = ref.route(table, tr.experts)
+    np.testing.assert_array_equal(hist, want_hist)
+    np.testing.assert_array_equal(load, want_load)
+
+
+@pytest.mark.kernels
 def test_route_greedy_fallback_keeps_invariants():
     """Past `max_enum` combinations the greedy cover still serves every selection from a holding device."""
     tr = random_trace(n_tokens=60, n_layers=1, n_experts=6, k=3, seed=3)

@@ -119,3 +119,23 @@ def test_train_data_protocol(protocol):
     assert TrainData(tr, protocol).protocol == protocol
     with pytest.raises(ValueError, match="protocol"):
         TrainData(tr, "test")
+
+
+def test_refine_batch_is_refine_for_each_candidate():
+    """The calibration refines every candidate in one kernel call: each result is what `refine` gives alone,
+    drift cap on or off beside each other (a cap < 0 leaves a layer unconstrained even with the covariance)."""
+    from moescope.place.methods import CoactRefined, refine, refine_batch
+
+    train, _ = split_halves(_planted(seed=5, n_layers=4))
+    data = TrainData(train)
+    base = PlaceParams(kicks=3)
+    starts = [m(base).fit(data, 4, 0, {}) for m in CoactRefined.starts]
+    cands = [
+        dataclasses.replace(base, balance_margin=b, drift_margin=dm)
+        for b, dm in ((-0.05, None), (0.05, 0.25), (0.0, None), (0.15, 0.1))
+    ]
+    got = refine_batch(data, starts, 4, cands, seed=2)
+    for p, g in zip(cands, got, strict=True):
+        np.testing.assert_array_equal(g, refine(data, starts, 4, p, seed=2))
+    with pytest.raises(ValueError, match="differ only"):
+        refine_batch(data, starts, 4, [cands[0], dataclasses.replace(cands[1], kicks=1)], seed=2)

@@ -145,7 +145,7 @@ def calibrate(train: RoutingTrace, n_devices: int, params: Any, protocol: str = 
     token most while keeping the stated margins of `params` (`PlaceParams`) on validation data split from
     `train` per `protocol` (module docstring); a candidate passes when each validated excess plus its
     standard error is within its margin."""
-    from moescope.place.methods import CoactRefined, FrequencyPlacement, refine
+    from moescope.place.methods import CoactRefined, FrequencyPlacement, refine_batch
 
     t0 = time.perf_counter()
     n_lay = train.n_layers
@@ -170,13 +170,18 @@ def calibrate(train: RoutingTrace, n_devices: int, params: Any, protocol: str = 
     small = dataclasses.replace(
         params, kicks=min(params.kicks, CAL_KICKS), max_tokens=min(params.max_tokens, CAL_TOKENS)
     )
+    cands = [
+        dataclasses.replace(small, balance_margin=round(params.cv_margin + off, 6), drift_margin=dm) for off, dm in GRID
+    ]
+    # every candidate's refinement of a fold in one kernel call (each (candidate, layer) pair a parallel task)
+    refined = [refine_batch(data, starts, n_devices, cands, seed) for data, _, starts, _ in prepared]
     trials = []
-    for off, dm in GRID:
-        b = round(params.cv_margin + off, 6)
-        p = dataclasses.replace(small, balance_margin=b, drift_margin=dm)
+    for ci, p in enumerate(cands):
+        b, dm = p.balance_margin, p.drift_margin
+        assert b is not None
         dpt, cvx, mmx = [], [], []
-        for data, val, starts, base in prepared:
-            d, cv, mm = _score(refine(data, starts, n_devices, p, seed), data, val, n_devices)
+        for fi, (data, val, _, base) in enumerate(prepared):
+            d, cv, mm = _score(refined[fi][ci], data, val, n_devices)
             dpt.append(d.mean() / base[0].mean() - 1.0)
             cvx.append(cv - base[1])
             mmx.append(mm - base[2])

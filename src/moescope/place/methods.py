@@ -48,6 +48,7 @@ No I/O.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import ClassVar
 
 import numpy as np
@@ -367,45 +368,61 @@ def refine(data: TrainData, starts: list[np.ndarray], n_devices: int, params: Pl
     the second half of their sequence ``params.late_weight`` times (held-out tokens come later in the same
     sequences).
     """
-    if params.balance_margin is None:
-        raise ValueError("refine needs a balance margin: calibrate first (RefinedPlacement.fit does)")
+    return refine_batch(data, starts, n_devices, [params], seed)[0]
+
+
+def refine_batch(
+    data: TrainData, starts: list[np.ndarray], n_devices: int, params: Sequence[PlaceParams], seed: int
+) -> list[np.ndarray]:
+    """`refine` under each of `params` (which may differ only in their margins and drift cap), in one parallel
+    kernel call over every (params, layer) pair: what `refine` gives for each, with the threads kept busy
+    (the calibration's candidates, `moescope.place.calibrate`)."""
+    first = params[0]
+    for p in params:
+        if p.balance_margin is None:
+            raise ValueError("refine needs a balance margin: calibrate first (RefinedPlacement.fit does)")
+        if (p.max_tokens, p.late_weight, p.kicks) != (first.max_tokens, first.late_weight, first.kicks):
+            raise ValueError("refine_batch: params may differ only in their margins and drift cap")
     freq = FrequencyPlacement().fit(data, n_devices)
     fload = device_loads(freq, data.load, n_devices)
-    b = params.balance_margin
-    # a cap < 0 would switch the cap off in the kernels: 0 is the tightest (no step may raise the CV)
-    cap = np.maximum(load_cv(fload) + b, 0.0)
-    mm_cap = np.maximum(max_mean(fload) + b + params.max_mean_margin - params.cv_margin, 1.0)
-    if params.drift_margin is not None:
-        cov = data.drift_cov
-        dcap = drift_cv(freq, cov, data.load, n_devices) * (1.0 + params.drift_margin)
-    else:
-        cov, dcap = np.zeros((data.n_layers, 0, 0)), np.full(data.n_layers, -1.0)
-    stack = np.ascontiguousarray(np.stack(starts), dtype=np.int64)
+    n_lay, n_par = data.n_layers, len(params)
+    drift = any(p.drift_margin is not None for p in params)
+    caps, mm_caps, dcaps = [], [], []
+    for p in params:
+        b = p.balance_margin
+        assert b is not None
+        # a cap < 0 would switch the cap off in the kernels: 0 is the tightest (no step may raise the CV)
+        caps.append(np.maximum(load_cv(fload) + b, 0.0))
+        mm_caps.append(np.maximum(max_mean(fload) + b + p.max_mean_margin - p.cv_margin, 1.0))
+        if p.drift_margin is not None:
+            dcaps.append(drift_cv(freq, data.drift_cov, data.load, n_devices) * (1.0 + p.drift_margin))
+        else:  # with the covariance passed for another candidate, a cap < 0 leaves this one unconstrained
+            dcaps.append(np.full(n_lay, -1.0))
+    cov = np.tile(data.drift_cov, (n_par, 1, 1)) if drift else np.zeros((n_lay * n_par, 0, 0))
+    stack = np.ascontiguousarray(np.tile(np.stack(starts), (1, n_par, 1)), dtype=np.int64)
     out = np.empty_like(stack[0])
-    stats = np.zeros((data.n_layers, stack.shape[0] + 1, 3), dtype=np.int64)
-    slots = slot_capacity(data.n_experts, n_devices)
-    experts, tw = data.sample(params.max_tokens, params.late_weight)
-    load = data.load.astype(np.float64)
-    keys = np.ascontiguousarray(data.layer_ids, dtype=np.int64)
+    stats = np.zeros((n_lay * n_par, stack.shape[0] + 1, 3), dtype=np.int64)
+    experts, tw = data.sample(first.max_tokens, first.late_weight)
+    keys = np.tile(np.ascontiguousarray(data.layer_ids, dtype=np.int64), n_par)
     refine_all(
-        experts,
+        np.ascontiguousarray(np.tile(experts, (1, n_par, 1))),
         tw,
         stack,
-        load,
+        np.tile(data.load.astype(np.float64), (n_par, 1)),
         n_devices,
-        slots,
-        cap,
+        slot_capacity(data.n_experts, n_devices),
+        np.concatenate(caps),
         1 << 30,
-        params.kicks,
+        first.kicks,
         seed,
         keys,
         cov,
-        dcap,
-        mm_cap,
+        np.concatenate(dcaps),
+        np.concatenate(mm_caps),
         out,
         stats,
     )
-    return out
+    return [out[i * n_lay : (i + 1) * n_lay].copy() for i in range(n_par)]
 
 
 class RefinedPlacement(PlacementMethod):

@@ -230,22 +230,38 @@ def _route(experts, cand, ncand, max_enum, hist, load):
         _route_layer(experts, layer, cand, ncand, max_enum, hist[layer], load[layer])
 
 
+DISTINCT_BLOCK = 1 << 13  # tokens per parallel block of `_distinct_single` (bounds its partial counts, not results)
+
+
 @njit_parallel
 def _distinct_single(experts, dev, hist, load):
-    """Replica-free fast path: ``dev [layers, E]`` device of each expert; fills ``hist`` and ``load``."""
+    """Replica-free fast path: ``dev [layers, E]`` device of each expert; fills ``hist`` and ``load``.
+
+    Token blocks run in parallel, each reading its tokens' rows whole (all layers of a token are adjacent in
+    memory; a pass per layer would stream the whole array once per layer), into per-block counts summed at
+    the end."""
     n_tok, n_lay, k = experts.shape
     n_dev = load.shape[1]
-    for layer in prange(n_lay):
+    n_blk = (n_tok + DISTINCT_BLOCK - 1) // DISTINCT_BLOCK
+    part_h = np.zeros((n_blk, n_lay, hist.shape[1]), dtype=np.int64)
+    part_l = np.zeros((n_blk, n_lay, n_dev), dtype=np.int64)
+    for b in prange(n_blk):
         seen = np.zeros(n_dev, dtype=np.int64)
-        for t in range(n_tok):
-            nd = 0
-            for j in range(k):
-                d = dev[layer, experts[t, layer, j]]
-                load[layer, d] += 1
-                if seen[d] != t + 1:
-                    seen[d] = t + 1
-                    nd += 1
-            hist[layer, nd] += 1
+        stamp = 0
+        for t in range(b * DISTINCT_BLOCK, min((b + 1) * DISTINCT_BLOCK, n_tok)):
+            for layer in range(n_lay):
+                stamp += 1
+                nd = 0
+                for j in range(k):
+                    d = dev[layer, experts[t, layer, j]]
+                    part_l[b, layer, d] += 1
+                    if seen[d] != stamp:
+                        seen[d] = stamp
+                        nd += 1
+                part_h[b, layer, nd] += 1
+    for b in range(n_blk):
+        hist += part_h[b]
+        load += part_l[b]
 
 
 def route(table: np.ndarray, experts: np.ndarray, n_experts: int, max_enum: int = MAX_ENUM) -> tuple[np.ndarray, ...]:
