@@ -309,6 +309,14 @@ def bench_cache_replay(tmp: Path) -> dict:
     return _bench_module("cache_speed")
 
 
+def bench_cache_e2e(tmp: Path) -> dict:
+    """`moescope cache` with its defaults on a 1M x 48 x top-8 store, time and memory (see bench/cache_e2e.py)."""
+    return _child(
+        f"import sys\nsys.path.insert(0, {str(ROOT / 'bench')!r})\n"
+        f"import cache_e2e\nout = cache_e2e.measure({SCALE!r})\n"
+    )
+
+
 def bench_split_gguf(tmp: Path) -> dict:
     """GGUF split throughput vs a plain copy of the same file (see bench/split_speed.py)."""
     return _bench_module("split_speed")

@@ -27,6 +27,7 @@ from moescope.cache import (
     simulate,
 )
 from moescope.cache import kernels as K
+from moescope.cache.policies import DEFAULT_POLICIES
 from moescope.errors import UsageError
 from moescope.imports import read_input, write_output
 from moescope.trace import RoutingTrace
@@ -290,8 +291,8 @@ def test_cli_cache_on_fixture(capsys, tmp_path):
     )
     assert code == 0, err
     d = json.loads(out)
-    assert {r["policy"] for r in d["table"]["rows"]} == {n for n, cls in POLICIES.items() if cls.default}
-    assert "adaptive-lrfu" in POLICIES and not POLICIES["adaptive-lrfu"].default  # run only when named
+    assert {r["policy"] for r in d["table"]["rows"]} == set(DEFAULT_POLICIES) <= set(POLICIES)
+    assert "adaptive-lrfu" in POLICIES and "adaptive-lrfu" not in DEFAULT_POLICIES  # run only when named
     assert d["table"]["split"] == "test" and len(d["curves"]["capacities"]) == 16 - 2 + 1
     alloc = d["allocation"]
     assert alloc["budget_slots"] == 1 * 2**20 // 49152 and sum(alloc["capacities"]) <= alloc["budget_slots"]

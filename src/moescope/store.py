@@ -985,6 +985,28 @@ class TraceStore:
         for lo in range(0, self.n_tokens, step):
             yield self.read(lo, lo + step, layers=layers)
 
+    def routing_at(self, layers: Sequence[int]) -> RoutingTrace:
+        """Every token's expert ids at model layers `layers` only, with the sequences and labels: no gate
+        weights, token ids or extras. Read 8 chunks at a time (decoded in parallel), so memory is the result
+        (tokens x len(layers) x k int16) plus those chunks; a command that works layer by layer reads a long
+        trace in layer groups this way (`moescope.cache.simulate_store`) instead of loading it whole."""
+        li = self._layer_index(layers)
+        assert li is not None
+        out = np.empty((self.n_tokens, li.size, self.top_k), dtype=EXPERT_DTYPE)
+        step = self.chunk_tokens * 8
+        for lo in range(0, self.n_tokens, step):
+            hi = min(lo + step, self.n_tokens)
+            out[lo:hi] = self._load("experts", self._experts, lo, hi)[:, li]
+        return RoutingTrace(
+            out,
+            self.n_experts,
+            seq_starts=self.seq_starts,
+            seq_labels=self.seq_labels,
+            layer_ids=self.layer_ids[li],
+            phase=self.phase,
+            meta=self.meta,
+        )
+
     def to_trace(self, *, layers: Sequence[int] | None = None) -> RoutingTrace:
         """The whole committed trace in memory."""
         return self.read(0, self.n_tokens, layers=layers).trace

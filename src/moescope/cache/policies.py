@@ -63,7 +63,6 @@ class CachePolicy:
     prefetches: ClassVar[bool] = False
     offline: ClassVar[bool] = False
     bypass: ClassVar[bool] = False  # misses are served from slow memory without entering the cache
-    default: ClassVar[bool] = True  # run when no policy is named (False: only when named, for its cost)
 
     def __init__(self, params: PolicyParams) -> None:
         self.params = params
@@ -89,14 +88,29 @@ def register(cls: type[CachePolicy]) -> type[CachePolicy]:
     return cls
 
 
+# The policies `cache` and `simulate` run when none is named, chosen by cost alone, never by their results:
+# the LRU baseline and the Belady floor (every gap is measured between them), then the other policies
+# cheapest first while ``moescope cache`` with the defaults at three capacities on 1M tokens x 48 layers x
+# top-8 stays under 60 s on 2 cores with 10% to spare (`bench/cache_e2e.py`). Its CPU seconds per policy
+# (one layer's fit and three replays, one thread, x 48): LFU-static 5, LRU 8, FIFO 9, SIEVE 13, 2Q 15, ARC 16,
+# SLRU 18, LIRS 18, LFU 25, S3-FIFO 30, Belady 33, W-TinyLFU 34, LeCaR 40, Cacheus 74, LRFU 89 (its fit
+# included), coact-prefetch 147, adaptive LRFU 433. End to end (wall, with reading the store): LRU + FIFO +
+# LFU-static + Belady 53 s; with SIEVE too 62-64 s. Every other policy runs when named, or with
+# ``--policy all``.
+DEFAULT_POLICIES = ("lru", "fifo", "lfu-static", "belady")
+
+
 def default_policies() -> list[str]:
-    """The policies run when none is named: every registered one not marked ``default = False``."""
-    return [name for name, cls in POLICIES.items() if cls.default]
+    """The policies run when none is named (`DEFAULT_POLICIES`), in registry order."""
+    return [name for name in POLICIES if name in DEFAULT_POLICIES]
 
 
 def check_policies(names: Sequence[str] | None, flag: str = "--policy") -> list[str]:
-    """`names` (None: `default_policies`), checked: `UsageError` naming the unknown ones and the choices."""
+    """`names` (None: `default_policies`; ``all``: every registered policy), checked: `UsageError` naming the
+    unknown ones and the choices."""
     chosen = default_policies() if names is None else list(names)
+    if "all" in chosen:
+        chosen = list(dict.fromkeys(n for x in chosen for n in (POLICIES if x == "all" else [x])))
     unknown = [p for p in chosen if p not in POLICIES]
     if unknown:
         raise UsageError(f"{flag} {', '.join(unknown)}: unknown; choose from {', '.join(POLICIES)}")
@@ -233,8 +247,6 @@ ADAPTIVE_HALF_LIFE = 1024
 class AdaptiveLRFU(CachePolicy):
     name = "adaptive-lrfu"
     summary = "LRFU following, online, the decay rate whose shadow cache missed least lately (no fit; when named)"
-    # nine LRFU replays per access: about 35x LRU's time (1.2-1.5M accesses/s on 2 cores), so not a default
-    default = False
 
     def _args(self) -> tuple[np.ndarray, float]:
         return np.asarray(LRFU_GRID), 2.0 ** (-1.0 / ADAPTIVE_HALF_LIFE)

@@ -149,6 +149,19 @@ class Inputs:
         counts_source = reader is not None and reader.produces == "counts"
         return read_input(src, name, self.options(model=model, mass=mass if counts_source else None))
 
+    def store(self, src: Path) -> Any:
+        """`src` opened as a `TraceStore` when it is a moescope trace store read with no other input option
+        (None otherwise: the caller reads it whole with `read_trace`, which also reports misused options), for
+        commands that read a long trace in parts instead of loading it."""
+        from moescope import _atomic
+        from moescope.store import TraceStore, is_store
+
+        others = any(getattr(self, f.name) is not None for f in dataclasses.fields(self) if f.name != "fmt")
+        if self.fmt not in (None, "zarr") or others or "://" in str(src):
+            return None
+        _atomic.recover(src)  # as read_input does: a writer killed mid-replace gets its old version back
+        return TraceStore(src) if src.is_dir() and is_store(src) else None
+
     def read_trace(self, src: Path, purpose: str, layers: str | None = None) -> Any:
         """The per-token trace a command analyses: refused with `purpose` in the message when `src` holds only
         counts, then cut to ``--layers`` (model layer ids) when given."""

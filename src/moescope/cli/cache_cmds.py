@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -9,13 +10,13 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from moescope.cache.policies import POLICIES, check_policies
+from moescope.cache.policies import DEFAULT_POLICIES, POLICIES, check_policies
 from moescope.cli import _common as c
 
 _POLICY_HELP = (
-    "Policies, comma-separated (default: all but "
-    + ", ".join(n for n, cls in POLICIES.items() if not cls.default)
-    + ", run when named): "
+    "Policies, comma-separated, or 'all' (default, chosen by cost: "
+    + ", ".join(DEFAULT_POLICIES)
+    + "; the others run when named): "
     + ", ".join(POLICIES)
     + "."
 )
@@ -79,7 +80,8 @@ def cache(
     `--pooled`); a token's k experts are needed together and are never evicted for each other; misses are
     loads the token waits for, prefetch loads are issued ahead; Belady (offline optimum) is the floor.
     Policies that learn are fitted on the first half of every sequence and all are scored on the second
-    halves (`--split test`). `--curve` adds miss-rate curves over every capacity; `--slots` / `--vram`
+    halves (`--split test`). A trace store is read a group of layers at a time, so memory grows with one
+    layer's ids, not the whole trace. `--curve` adds miss-rate curves over every capacity; `--slots` / `--vram`
     chooses per-layer capacities for a budget (exact, from the curves) and, with `--expert-bytes` or
     `--gguf`, projects decode tokens/s for all-experts-on-CPU, whole layers in VRAM, and the cache.
 
@@ -100,6 +102,7 @@ def cache(
         miss_curves,
         simulate,
     )
+    from moescope.cache.streamed import miss_curves_store, simulate_store
     from moescope.errors import UsageError
     from moescope.slicing import parse_ranges
 
@@ -108,7 +111,12 @@ def cache(
     check_policies([budget_policy], "--budget-policy")
     if slots is not None and vram is not None:
         raise UsageError("give --slots or --vram, not both")
-    trace = inputs.read_trace(src, "the cache simulator", layers)
+    store = inputs.store(src)  # a store is read in layer groups (memory: one group's ids), anything else whole
+    layer_list = None if layers is None else parse_ranges(layers, "--layers")
+    if store is not None:
+        trace = store.read(0, 0, layers=layer_list).trace  # no tokens: the shape, layers and ids to check flags
+    else:
+        trace = inputs.read_trace(src, "the cache simulator", layers)
     eb, dense = c.expert_sizes(trace, expert_bytes, gguf, dense_bytes)
     caps = (
         default_capacities(trace.top_k, trace.n_experts) if capacity is None else parse_ranges(capacity, "--capacity")
@@ -125,8 +133,10 @@ def cache(
             f"{trace.n_layers} layers, the least a per-expert cache needs; raise the budget or pick --layers"
         )
     with c.lazy_progress("replaying") as bar:
-        result = simulate(
-            trace,
+        source = trace if store is None else store
+        run = simulate if store is None else functools.partial(simulate_store, layers=layer_list)
+        result = run(
+            source,
             caps,
             names,
             pooled=pooled,
@@ -144,8 +154,9 @@ def cache(
     if curve or budget is not None:
         curve_names = list(dict.fromkeys(([*names] if curve else []) + ([budget_policy] if budget is not None else [])))
         with c.lazy_progress("curves") as bar:
-            curves = miss_curves(
-                trace,
+            curves_of = miss_curves if store is None else functools.partial(miss_curves_store, layers=layer_list)
+            curves = curves_of(
+                source,
                 curve_names,
                 reset_per_sequence=reset_per_sequence,
                 split=split,

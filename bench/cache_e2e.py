@@ -1,0 +1,103 @@
+"""`moescope cache` end to end on a long trace store (called by `bench/run.py cache_e2e`).
+
+Input: the synthetic 1M-token x 48-layer x 128-expert top-8 trace of `bench/run.py`'s SCALE (teams,
+stickiness, two domains; no gate weights), written as a store. Timed: ``moescope cache STORE --json`` with
+its default policies at its default capacities (16, 32, 64), run in a fresh interpreter after a JIT warm-up
+on a small store; ``seconds`` is its wall time and ``peak_rss_mib`` its peak resident memory, the store read
+in layer groups (`moescope.cache.streamed`). Then each policy's cost on one layer of the same store (fit on
+its train halves if it learns, replayed at the three capacities, one thread), times 48: the CPU seconds the
+default set is chosen from (`moescope.cache.policies.DEFAULT_POLICIES`). Goals (issue 20): under 60 s and
+under 2 GB on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MOESCOPE = [sys.executable, "-m", "moescope.cli"]
+
+
+def _cli(args: list[str]) -> dict:
+    """Run the CLI in a fresh interpreter: wall seconds, peak RSS (MiB) of that interpreter, and its JSON."""
+    code = (
+        "import json, resource, sys, time\n"
+        "from moescope.cli import main\n"
+        "t = time.perf_counter()\n"
+        "try:\n"
+        f"    main({args!r})\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "dt = time.perf_counter() - t\n"
+        "rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+        "print('\\n' + json.dumps({'seconds': round(dt, 2), 'peak_rss_mib': round(rss, 1)}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    timing = json.loads(lines[-1])
+    body = "\n".join(lines[:-1]).strip()
+    return timing | {"output": json.loads(body) if body.startswith("{") else None}
+
+
+def _per_policy(store_path: Path) -> dict:
+    """CPU seconds per policy for 48 layers: one layer's fit and replays at 16, 32 and 64, one thread, x 48."""
+    from moescope.cache import make_policy
+    from moescope.cache.policies import POLICIES, Stream
+    from moescope.cache.simulate import build_streams
+    from moescope.slicing import split_halves
+    from moescope.store import TraceStore
+
+    train, test = (build_streams(t)[0] for t in split_halves(TraceStore(store_path).routing_at([5])))
+    warm = Stream(test.req[:2000], test.reset[:2000], test.n_items, test.n_experts)
+    out = {}
+    for name in POLICIES:
+        p = make_policy(name)
+        if p.learns:
+            p.fit(warm)
+        p.run(warm, 16)  # JIT warm-up
+        p = make_policy(name)
+        t0 = time.process_time()
+        if p.learns:
+            p.fit(train)
+        for c in (16, 32, 64):
+            p.run(test, c)
+        out[name] = round((time.process_time() - t0) * 48, 1)
+    return dict(sorted(out.items(), key=lambda kv: kv[1]))
+
+
+def measure(scale: dict) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="moescope-cache-e2e-"))
+    try:
+        return _measure(scale, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _measure(scale: dict, tmp: Path) -> dict:
+    from moescope.cache.policies import default_policies
+    from moescope.synth import SynthSpec, save_synth
+
+    small, big = tmp / "small.zarr", tmp / "big.zarr"
+    save_synth(SynthSpec(**(scale | {"n_tokens": 4000, "n_layers": 2})), small)
+    _cli(["cache", str(small), "--json", "--policy", "all"])  # JIT warm-up (and cache load) of every kernel
+    t0 = time.perf_counter()
+    save_synth(SynthSpec(**scale), big)
+    out: dict = {"shape": [scale["n_tokens"], scale["n_layers"], scale["top_k"]], "write_s": 0.0}
+    out["write_s"] = round(time.perf_counter() - t0, 2)
+    run = _cli(["cache", str(big), "--json"])
+    rows = run.pop("output")["table"]["rows"]
+    out["default_policies"] = default_policies()
+    out["end_to_end"] = run | {
+        "rows": [
+            {k: r[k] for k in ("capacity", "policy", "demand_miss_rate", "lru_gap_closed", "transfers_vs_lru")}
+            for r in rows
+        ]
+    }
+    out["per_policy_cpu_s_48_layers"] = _per_policy(big)
+    out["goal"] = "moescope cache, default policies at 3 capacities, 1M x 48 x top-8: under 60 s and 2 GB on 2 cores"
+    return out
