@@ -11,6 +11,7 @@ import pytest
 
 import reference
 import reference_adaptive
+import reference_learned
 import reference_queue
 from conftest import random_trace, run
 from moescope import fixture
@@ -27,6 +28,7 @@ from moescope.cache import (
     simulate,
 )
 from moescope.cache import kernels as K
+from moescope.cache import kernels_learned as KL
 from moescope.cache.policies import DEFAULT_POLICIES
 from moescope.errors import UsageError
 from moescope.imports import read_input, write_output
@@ -78,6 +80,8 @@ def _reference(name: str, s: Stream, capacity: int, policy) -> tuple[int, ...]:
         return reference_adaptive.cache_cacheus(s.req, s.reset, capacity, policy.seed)
     if name in reference_queue.REFERENCES:
         return reference_queue.REFERENCES[name](s.req, s.reset, capacity)
+    if name == "learned":
+        return reference_learned.cache_learned(s.req, s.reset, capacity, KL.RATES.tolist(), policy.coef.tolist())
     if name == "adaptive-lrfu":
         rates, decay = policy._args()
         return reference.cache_adaptive_lrfu(s.req, s.reset, capacity, list(rates), decay)
@@ -544,3 +548,36 @@ def test_layer_streams_are_built_on_access():
     with pytest.raises(IndexError):
         streams[3]
     assert [s.req.shape for s in streams] == [(50, 2)] * 3
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("seed", range(8))
+def test_learned_fit_rows_match_reference(seed):
+    """The fit rows: features of every item seen in the segment at every `every`-th group, labelled with
+    log2 of the groups to its next use (the horizon when none), as a naive recomputation gives them."""
+    s, rng = _stream(seed, groups=120)
+    every = int(rng.integers(1, 5))
+    rows = (-(-s.req.shape[0] // every)) * s.n_items
+    x, y = np.empty((rows, KL.N_COEF)), np.empty(rows)
+    n = KL.samples(s.req, s.reset, s.n_items, KL.RATES, every, 999, x, y)
+    want_x, want_y = reference_learned.learned_samples(s.req, s.reset, s.n_items, KL.RATES.tolist(), every, 999)
+    assert n == len(want_y)
+    # rows come in the same order (group, then item id)
+    np.testing.assert_allclose(x[:n], want_x, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(y[:n], want_y, rtol=1e-12)
+
+
+def test_learned_fit_is_least_squares_on_train_and_falls_back_to_recency():
+    from moescope.cache.policies_learned import fit_coef
+
+    s, _ = _stream(5, n_items=12, k=3, groups=400)
+    coef = fit_coef(s)
+    rows = 400 * 12
+    x, y = np.empty((rows, KL.N_COEF)), np.empty(rows)
+    n = KL.samples(s.req, s.reset, s.n_items, KL.RATES, 1, 400, x, y)
+    np.testing.assert_allclose(coef, np.linalg.lstsq(x[:n], y[:n], rcond=None)[0])
+    one = Stream(s.req[:1], s.reset[:1], 12, 12)  # no item was seen before a sampled group: no rows
+    np.testing.assert_array_equal(fit_coef(one), [0, 1, 0, 0, 0, 0])
+    pol = make_policy("learned")
+    pol.fit(s)
+    assert pol.coef.shape == (KL.N_COEF,) and np.isfinite(pol.coef).all()

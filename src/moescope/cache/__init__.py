@@ -23,9 +23,10 @@ Semantics (what every number here means):
   loading them, "bypass") is not bound by it either, though in practice it is the worst. A row below the
   floor says which of the two it is (`BELOW_FLOOR_WHY`); a demand-loading policy below it is a bug.
 
-Modules: `kernels` (numba replays), `policies` (the registry `POLICIES`; the queue family SIEVE, S3-FIFO,
-2Q, SLRU in `kernels_queue` / `policies_queue`, LIRS, W-TinyLFU, LeCaR, Cacheus in `kernels_adaptive` /
-`policies_adaptive`), `simulate` (tables, curves, budget allocation), `cost` (projected decode speed).
+Modules: `kernels` (numba replays), `policies` (the registry `POLICIES`; the queue family SIEVE, S3-FIFO, 2Q,
+SLRU in `kernels_queue` / `policies_queue`, LIRS, W-TinyLFU, LeCaR, Cacheus in `kernels_adaptive` /
+`policies_adaptive`; a learned eviction in `kernels_learned` / `policies_learned`), `simulate` (tables,
+curves, budget allocation), `cost` (projected decode speed).
 
     >>> from moescope.cache import simulate
     >>> simulate(trace, [8, 16, 32], ["lru", "belady"]).rows()
@@ -36,6 +37,7 @@ from moescope.cache.policies import POLICIES, CachePolicy, PolicyParams, Stream,
 
 # the policy families kept in their own modules register themselves on import (before the CLI reads POLICIES)
 from moescope.cache import policies_adaptive as _policies_adaptive  # noqa: F401  isort: skip
+from moescope.cache import policies_learned as _policies_learned  # noqa: F401  isort: skip
 from moescope.cache import policies_queue as _policies_queue  # noqa: F401  isort: skip
 from moescope.cache.simulate import (
     Allocation,

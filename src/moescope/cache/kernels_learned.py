@@ -1,0 +1,163 @@
+"""Numba kernels of the learned eviction policy (`moescope.cache.policies_learned`), with the group rule of
+`moescope.cache.kernels`.
+
+The policy evicts the cached item whose *predicted* next use is furthest, LRB-style (Song et al., "Learning
+relaxed Belady for content distribution network caching", NSDI 2020), with a model small enough to run at
+every miss: a linear model of log2 next-use distance (in groups) over features a runtime has at that moment,
+
+- ``log2(1 + recency)``: groups since the item's last use;
+- ``crf_i`` for each rate in `RATES`: log2 of the item's recency-weighted use count at that rate (LRFU's
+  CRF relative to now: ``log2 sum_u 2^(-rate (g - u))`` over its past uses u in the segment), floored at
+  `FLOOR`; the rates span LRFU's fixed grid log-evenly (fast to slow decay), fixed a priori.
+
+``coef = [bias, recency, crf_0 .. crf_3]``: 6 floats per layer. Per access it costs four CRF updates (LRFU's
+log-add at each rate) and per miss one prediction per cached item (6 multiply-adds): about twice LRFU's time
+with its fit (1M tokens x top-8 of 128, three capacities: 5.7 CPU s per layer, LRFU 2.6). Fitting (`samples`)
+replays the train stream with no cache (the features do not depend on the cache), samples every item seen so
+far in the segment at evenly spaced groups, and labels each with its next-use distance (`horizon` groups when
+it is not used again in the segment).
+
+Group rule: hits first, then misses in slot order; the victim is the highest prediction among cached items
+the group does not need (ties: the lowest slot). Naive references: tests/reference_learned.py. This module
+does not validate (the callers do).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moescope._jit import njit, njit_inline
+
+RATES = np.array([2.0**-1, 2.0**-4, 2.0**-7, 2.0**-10])  # LRFU_GRID's span, log-even; fixed a priori
+FLOOR = -64.0  # log2 CRF floor: an item unused for long (or never) has every crf at FLOOR, not -inf
+N_COEF = 2 + RATES.shape[0]
+
+
+@njit_inline
+def _features(y, g, key, last, rates, out):
+    """The features of item y at group g (it was used in this segment: ``last[y] >= 0``) into ``out [F]``."""
+    out[0] = 1.0
+    out[1] = np.log2(1.0 + (g - last[y]))
+    for i in range(rates.shape[0]):
+        out[2 + i] = max(key[i, y] - rates[i] * g, FLOOR)
+
+
+@njit_inline
+def _use(x, g, key, last, rates):
+    """Record a use of item x at group g: its last use and its log-domain CRF sums (LRFU's update)."""
+    last[x] = g
+    for i in range(rates.shape[0]):
+        now = rates[i] * g
+        old = key[i, x]
+        if old == -np.inf:
+            key[i, x] = now
+        else:  # log2(2^old + 2^now), computed around the larger term
+            hi, lo = (old, now) if old > now else (now, old)
+            key[i, x] = hi + np.log2(1.0 + 2.0 ** (lo - hi))
+
+
+@njit
+def learned(req, reset, n_items, capacity, rates, coef):
+    """Replay with eviction by the highest predicted next-use distance (module docstring)."""
+    return _learned(req, reset, n_items, capacity, rates, coef, np.empty(0, dtype=np.int64))
+
+
+@njit
+def _learned(req, reset, n_items, capacity, rates, coef, per_group):
+    """`learned`, also writing each group's demand misses to ``per_group [groups]`` when it is not empty."""
+    g_n, k = req.shape
+    key = np.full((rates.shape[0], n_items), -np.inf)
+    last = np.full(n_items, -1, dtype=np.int64)
+    cached = np.zeros(n_items, dtype=np.bool_)
+    need = np.full(n_items, -1, dtype=np.int64)
+    slots = np.full(capacity, -1, dtype=np.int64)
+    f = np.empty(coef.shape[0])
+    size, hits, misses = 0, 0, 0
+    for g in range(g_n):
+        if reset[g]:
+            for i in range(size):
+                cached[slots[i]] = False
+            key[:] = -np.inf
+            last[:] = -1
+            size = 0
+        m0 = misses
+        for j in range(k):
+            need[req[g, j]] = g
+        for j in range(k):
+            x = req[g, j]
+            if cached[x]:
+                hits += 1
+                continue
+            misses += 1
+            if size < capacity:
+                s = size
+                size += 1
+            else:
+                s, best = -1, 0.0
+                for i in range(capacity):
+                    y = slots[i]
+                    if need[y] == g:
+                        continue
+                    _features(y, g, key, last, rates, f)
+                    v = 0.0
+                    for c in range(f.shape[0]):
+                        v += coef[c] * f[c]
+                    if s < 0 or v > best:
+                        s, best = i, v
+                cached[slots[s]] = False
+            slots[s] = x
+            cached[x] = True
+        for j in range(k):
+            _use(req[g, j], g, key, last, rates)
+        if per_group.shape[0]:
+            per_group[g] = misses - m0
+    return np.array([hits, misses, 0, 0], dtype=np.int64)
+
+
+@njit
+def samples(req, reset, n_items, rates, every, horizon, x_out, y_out):
+    """Fit rows from a train stream: at every `every`-th group g, for each item seen in the segment and not
+    needed by g, its features (``x_out [rows, F]``) and log2 of the groups until its next use in the segment
+    (``y_out [rows]``; `horizon` when there is none). Returns the number of rows written (``x_out`` must hold
+    ``ceil(groups / every) * n_items`` rows)."""
+    g_n, k = req.shape
+    key = np.full((rates.shape[0], n_items), -np.inf)
+    last = np.full(n_items, -1, dtype=np.int64)
+    need = np.full(n_items, -1, dtype=np.int64)
+    head = np.full(n_items, -1, dtype=np.int64)  # newest unlabelled row of each item
+    link = np.empty(x_out.shape[0], dtype=np.int64)  # the item's previous unlabelled row
+    born = np.empty(x_out.shape[0], dtype=np.int64)  # the group each row was sampled at
+    n = 0
+    never = np.log2(float(horizon))
+    for g in range(g_n + 1):
+        if g == g_n or reset[g]:  # the segment ends: its unlabelled rows are never used again
+            for y in range(n_items):
+                r = head[y]
+                while r >= 0:
+                    y_out[r] = never
+                    r = link[r]
+                head[y] = -1
+            if g == g_n:
+                break
+            key[:] = -np.inf
+            last[:] = -1
+        for j in range(k):
+            x = req[g, j]
+            need[x] = g
+            r = head[x]
+            while r >= 0:
+                y_out[r] = np.log2(float(g - born[r]))
+                r = link[r]
+            head[x] = -1
+        if g % every == 0:
+            for y in range(n_items):
+                if last[y] < 0 or need[y] == g:
+                    continue
+                _features(y, g, key, last, rates, x_out[n])
+                born[n] = g
+                link[n] = head[y]
+                head[y] = n
+                n += 1
+        for j in range(k):
+            _use(req[g, j], g, key, last, rates)
+    return n

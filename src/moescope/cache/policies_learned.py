@@ -1,0 +1,62 @@
+"""The learned eviction policy (kernels and features in `moescope.cache.kernels_learned`), registered by name.
+
+``learned``: evict the cached expert with the furthest predicted next use, the prediction a linear model of
+log2 next-use distance fitted by least squares on the train split only (first halves, or the fitted labels)
+of the same layer, from recency and recency-weighted use counts at four decay rates. One model per layer
+(6 floats), shared by every capacity. Fit rows: at most `FIT_GROUPS` evenly spaced train groups, every item
+seen so far in the segment at each (a bound on the fit's time, not tuned); an item not used again in its
+segment is labelled with the train stream's length. With no rows (no item seen before a sampled group) the
+model is recency alone: LRU, up to ties between items last used by the same token.
+
+What the model is not given, and why: gate weights (gate-weight-weighted LRFU replayed worse than LRFU on the
+shared ESFT trace's train-halves fit, see the issue notes; and a `Stream` carries ids only), the same
+token's routing at earlier layers (it predicts the current token's experts, which demand loading needs now
+and never evicts; the victim's next use is a later token's) and router near misses (absent from most
+traces, ESFT's included).
+
+    >>> import moescope.cache.policies_learned
+    >>> POLICIES["learned"](PolicyParams()).fit(train_stream)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moescope.cache import kernels_learned as KL
+from moescope.cache.policies import CachePolicy, Stream, register
+
+FIT_GROUPS = 4096  # train groups sampled for the fit rows, at most (bounds the fit's time and memory)
+
+
+def fit_coef(train: Stream) -> np.ndarray:
+    """[N_COEF] least-squares coefficients of the next-use model on `train` (recency alone without rows)."""
+    g_n = train.req.shape[0]
+    every = max(1, -(-g_n // FIT_GROUPS))
+    rows = (-(-g_n // every)) * train.n_items
+    x = np.empty((rows, KL.N_COEF))
+    y = np.empty(rows)
+    n = KL.samples(train.req, train.reset, train.n_items, KL.RATES, every, max(g_n, 2), x, y)
+    if n < KL.N_COEF:
+        coef = np.zeros(KL.N_COEF)
+        coef[1] = 1.0  # the least recently used item is predicted furthest
+        return coef
+    coef, *_ = np.linalg.lstsq(x[:n], y[:n], rcond=None)
+    return np.ascontiguousarray(coef, dtype=np.float64)
+
+
+@register
+class Learned(CachePolicy):
+    name = "learned"
+    summary = "evict the furthest predicted next use (linear model of recency and decayed counts, fitted on train)"
+    learns = True
+
+    def fit(self, train: Stream) -> None:
+        self.coef = fit_coef(train)
+
+    def run(self, stream: Stream, capacity: int) -> np.ndarray:
+        return KL.learned(stream.req, stream.reset, stream.n_items, capacity, KL.RATES, self.coef)
+
+    def misses_per_group(self, stream: Stream, capacity: int) -> np.ndarray:
+        out = np.zeros(stream.req.shape[0], dtype=np.int64)
+        KL._learned(stream.req, stream.reset, stream.n_items, capacity, KL.RATES, self.coef, out)
+        return out
