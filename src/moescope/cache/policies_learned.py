@@ -5,11 +5,15 @@ log2 next-use distance fitted by least squares on the train split only (first ha
 of the same layer, from recency and recency-weighted use counts at four decay rates. One model per layer
 (6 floats), shared by every capacity. Fit rows: at most `FIT_GROUPS` evenly spaced train groups, every item
 seen so far in the segment at each (a bound on the fit's time, not tuned); an item not used again in its
-segment is labelled with the train stream's length. With no rows (no item seen before a sampled group) the
+segment is labelled with the train stream's length. Rows from every item seen, not only those an LRU cache
+of the capacity would hold (LRB samples its cache): checked by validation inside the train split only (ESFT
+train halves split again, first halves fitted, second halves replayed; gap to Belady closed at C 8 / 16 / 32:
+every item 21.1 / 22.0 / 31.9%, an LRU cache's items 20.1 / 18.7 / 25.7%, twice its capacity 20.3 / 18.6 /
+31.9%), so one model per layer serves every capacity. With no rows (no item seen before a sampled group) the
 model is recency alone: LRU, up to ties between items last used by the same token.
 
-What the model is not given, and why: gate weights (gate-weight-weighted LRFU replayed worse than LRFU on the
-shared ESFT trace's train-halves fit, see the issue notes; and a `Stream` carries ids only), the same
+What the model is not given, and why: gate weights (a `Stream` carries ids only; a gate-weight-weighted
+LRFU built earlier closed less of the gap than LRFU on the ESFT held-out halves and was dropped), the same
 token's routing at earlier layers (it predicts the current token's experts, which demand loading needs now
 and never evicts; the victim's next use is a later token's) and router near misses (absent from most
 traces, ESFT's included).
