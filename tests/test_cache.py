@@ -48,7 +48,23 @@ def _stream(seed: int, n_items: int | None = None, k: int | None = None, groups:
     reset = np.zeros(g_n, dtype=bool)
     reset[0] = True
     reset[rng.random(g_n) < 0.1] = True
-    return Stream(req, reset, e, e), rng
+    return Stream(req, reset, e, e, _near(req, e, seed)), rng
+
+
+def _near(req: np.ndarray, e: int, seed: int, m: int = 2) -> np.ndarray:
+    """Router near misses for a test stream: up to `m` items per group that it does not request, -1 padded
+    (its own random stream, so the request stream's generator is unchanged)."""
+    rng = np.random.default_rng([seed, 7])
+    near = np.full((req.shape[0], m), -1, dtype=np.int32)
+    for g, row in enumerate(req):
+        rest = np.setdiff1d(np.arange(e), row)
+        pick = rng.permutation(rest)[: int(rng.integers(0, m + 1))]
+        near[g, : pick.size] = pick
+    return near
+
+
+def _prefix(s: Stream, g: int) -> Stream:
+    return Stream(s.req[:g], s.reset[:g], s.n_items, s.n_experts, None if s.near is None else s.near[:g])
 
 
 def _reference(name: str, s: Stream, capacity: int, policy) -> tuple[int, ...]:
@@ -80,8 +96,9 @@ def _reference(name: str, s: Stream, capacity: int, policy) -> tuple[int, ...]:
         return reference_adaptive.cache_cacheus(s.req, s.reset, capacity, policy.seed)
     if name in reference_queue.REFERENCES:
         return reference_queue.REFERENCES[name](s.req, s.reset, capacity)
-    if name == "learned":
-        return reference_learned.cache_learned(s.req, s.reset, capacity, KL.RATES.tolist(), policy.coef.tolist())
+    if name in ("learned", "learned-near"):
+        near = s.near if name == "learned-near" else None
+        return reference_learned.cache_learned(s.req, s.reset, capacity, KL.RATES.tolist(), policy.coef.tolist(), near)
     if name == "adaptive-lrfu":
         rates, decay = policy._args()
         return reference.cache_adaptive_lrfu(s.req, s.reset, capacity, list(rates), decay)
@@ -416,7 +433,7 @@ def test_misses_per_group_add_up_to_the_replay(name, seed):
         if policy.offline:  # Belady's choices on a prefix depend on the future it no longer sees
             continue
         for g in (1, 7, 23):  # an online policy's first g groups do not depend on what follows
-            prefix = Stream(s.req[:g], s.reset[:g], s.n_items, s.n_experts)
+            prefix = _prefix(s, g)
             assert per[:g].sum() == _reference(name, prefix, capacity, policy)[1]
 
 
@@ -432,8 +449,7 @@ def test_misses_per_group_match_the_reference_group_by_group(name, seed):
         policy.fit(s)
     for capacity in range(s.k, s.n_items + 1):
         prefix_misses = [0] + [
-            _reference(name, Stream(s.req[:g], s.reset[:g], s.n_items, s.n_experts), capacity, policy)[1]
-            for g in range(1, s.req.shape[0] + 1)
+            _reference(name, _prefix(s, g), capacity, policy)[1] for g in range(1, s.req.shape[0] + 1)
         ]
         got = policy.misses_per_group(s, capacity)
         assert got.tolist() == np.diff(prefix_misses).tolist(), (name, seed, capacity)
@@ -551,16 +567,21 @@ def test_layer_streams_are_built_on_access():
 
 
 @pytest.mark.kernels
+@pytest.mark.parametrize("with_near", [False, True])
 @pytest.mark.parametrize("seed", range(8))
-def test_learned_fit_rows_match_reference(seed):
-    """The fit rows: features of every item seen in the segment at every `every`-th group, labelled with
-    log2 of the groups to its next use (the horizon when none), as a naive recomputation gives them."""
+def test_learned_fit_rows_match_reference(seed, with_near):
+    """The fit rows: features of every item seen in the segment at every `every`-th group (with the near-miss
+    CRF last), labelled with log2 of the groups to its next use (the horizon when none), as a naive
+    recomputation gives them."""
     s, rng = _stream(seed, groups=120)
     every = int(rng.integers(1, 5))
     rows = (-(-s.req.shape[0] // every)) * s.n_items
-    x, y = np.empty((rows, KL.N_COEF)), np.empty(rows)
-    n = KL.samples(s.req, s.reset, s.n_items, KL.RATES, every, 999, x, y)
-    want_x, want_y = reference_learned.learned_samples(s.req, s.reset, s.n_items, KL.RATES.tolist(), every, 999)
+    near = s.near if with_near else np.empty((s.req.shape[0], 0), dtype=np.int32)
+    x, y = np.empty((rows, KL.N_COEF + int(with_near))), np.empty(rows)
+    n = KL.samples(s.req, s.reset, s.n_items, KL.RATES, near, every, 999, x, y)
+    want_x, want_y = reference_learned.learned_samples(
+        s.req, s.reset, s.n_items, KL.RATES.tolist(), every, 999, near if near.shape[1] else None
+    )
     assert n == len(want_y)
     # rows come in the same order (group, then item id)
     np.testing.assert_allclose(x[:n], want_x, rtol=1e-9, atol=1e-9)
@@ -574,10 +595,42 @@ def test_learned_fit_is_least_squares_on_train_and_falls_back_to_recency():
     coef = fit_coef(s)
     rows = 400 * 12
     x, y = np.empty((rows, KL.N_COEF)), np.empty(rows)
-    n = KL.samples(s.req, s.reset, s.n_items, KL.RATES, 1, 400, x, y)
+    n = KL.samples(s.req, s.reset, s.n_items, KL.RATES, np.empty((400, 0), np.int32), 1, 400, x, y)
     np.testing.assert_allclose(coef, np.linalg.lstsq(x[:n], y[:n], rcond=None)[0])
     one = Stream(s.req[:1], s.reset[:1], 12, 12)  # no item was seen before a sampled group: no rows
     np.testing.assert_array_equal(fit_coef(one), [0, 1, 0, 0, 0, 0])
     pol = make_policy("learned")
     pol.fit(s)
     assert pol.coef.shape == (KL.N_COEF,) and np.isfinite(pol.coef).all()
+
+
+def test_near_misses_drop_the_chosen_and_padding():
+    from moescope.cache.simulate import near_misses
+
+    req = np.array([[0, 1], [2, 3]], dtype=np.int32)
+    cand = np.array([[1, 0, 4, 5], [3, -1, 2, 6]], dtype=np.int16)
+    np.testing.assert_array_equal(near_misses(req, cand), [[-1, -1, 4, 5], [-1, -1, -1, 6]])
+
+
+def test_learned_near_needs_candidates_and_reads_them(capsys, tmp_path):
+    """learned-near runs on a trace with the router's candidates (the fixture's), from a store too (read whole:
+    layer groups hold ids only); without candidates it exits 2 naming the capture flag; 'all' leaves it out."""
+    src = fixture.FIXTURE_DIR / fixture.TRACE
+    trace = read_input(src)
+    assert "candidates" in trace.extras
+    store = write_output(trace, tmp_path / "f.zarr")
+    args = ["--capacity", "4,8", "--policy", "lru,learned,learned-near,belady", "--json"]
+    code, out_npz, err = run(capsys, "cache", src, *args)
+    assert code == 0, err
+    code, out_store, err = run(capsys, "cache", store, *args)
+    assert code == 0, err
+    assert json.loads(out_npz) == json.loads(out_store)
+    rows = {(r["policy"], r["capacity"]): r for r in json.loads(out_npz)["table"]["rows"]}
+    assert rows["learned-near", 4]["demand_miss_rate"] != rows["learned", 4]["demand_miss_rate"]  # it reads them
+    bare = write_output(trace.replace(extras={}), tmp_path / "bare.npz")
+    code, _, err = run(capsys, "cache", bare, "--policy", "learned-near")
+    assert code == 2 and "--candidates" in err
+    code, out, err = run(capsys, "cache", bare, "--policy", "all", "--capacity", "4", "--json")
+    assert code == 0, err
+    names = {r["policy"] for r in json.loads(out)["table"]["rows"]}
+    assert "learned-near" not in names and "learned" in names and len(names) == len(POLICIES) - 1

@@ -20,3 +20,8 @@ njit_parallel = numba.njit(cache=True, nogil=True, parallel=True)
 """Decorator for kernels with `numba.prange` loops (parallel across layers or chunks)."""
 
 prange = numba.prange
+
+parallel_chunksize = numba.parallel_chunksize
+"""Context manager: iterations a thread takes at a time in the `prange` loops called inside it (1: threads take
+one iteration at a time, for loops whose iterations differ in length; the default splits the range evenly up
+front)."""

@@ -17,6 +17,10 @@ replays the train stream with no cache (the features do not depend on the cache)
 far in the segment at evenly spaced groups, and labels each with its next-use distance (`horizon` groups when
 it is not used again in the segment).
 
+With the router's near misses (``near [groups, m]``, m > 0; `moescope.cache.simulate.near_misses`) one
+more feature: each item's near-miss CRF at `NEAR_RATE` (log2, relative to now, floored), updated after each
+group like the use CRFs; ``coef`` then has `N_COEF` + 1 values.
+
 Group rule: hits first, then misses in slot order; the victim is the highest prediction among cached items
 the group does not need (ties: the lowest slot). Naive references: tests/reference_learned.py. This module
 does not validate (the callers do).
@@ -29,44 +33,62 @@ import numpy as np
 from moescope._jit import njit, njit_inline
 
 RATES = np.array([2.0**-1, 2.0**-4, 2.0**-7, 2.0**-10])  # LRFU_GRID's span, log-even; fixed a priori
+NEAR_RATE = 2.0**-4  # the near-miss CRF's rate: the middle of RATES, fixed a priori
 FLOOR = -64.0  # log2 CRF floor: an item unused for long (or never) has every crf at FLOOR, not -inf
-N_COEF = 2 + RATES.shape[0]
+N_COEF = 2 + RATES.shape[0]  # without near misses; with them one more (the near-miss CRF)
 
 
 @njit_inline
-def _features(y, g, key, last, rates, out):
-    """The features of item y at group g (it was used in this segment: ``last[y] >= 0``) into ``out [F]``."""
+def _features(y, g, key, last, rates, nkey, out):
+    """The features of item y at group g (it was used in this segment: ``last[y] >= 0``) into ``out [F]``;
+    with ``F = N_COEF + 1`` the last is its near-miss CRF (``nkey``, at `NEAR_RATE`)."""
     out[0] = 1.0
     out[1] = np.log2(1.0 + (g - last[y]))
     for i in range(rates.shape[0]):
         out[2 + i] = max(key[i, y] - rates[i] * g, FLOOR)
+    if out.shape[0] > 2 + rates.shape[0]:
+        out[2 + rates.shape[0]] = max(nkey[y] - NEAR_RATE * g, FLOOR)
 
 
 @njit_inline
-def _use(x, g, key, last, rates):
-    """Record a use of item x at group g: its last use and its log-domain CRF sums (LRFU's update)."""
-    last[x] = g
-    for i in range(rates.shape[0]):
-        now = rates[i] * g
-        old = key[i, x]
-        if old == -np.inf:
-            key[i, x] = now
-        else:  # log2(2^old + 2^now), computed around the larger term
-            hi, lo = (old, now) if old > now else (now, old)
-            key[i, x] = hi + np.log2(1.0 + 2.0 ** (lo - hi))
+def _log_add(keys, i, x, now):
+    """``keys[i, x] = log2(2^keys[i, x] + 2^now)``, computed around the larger term (-inf: empty)."""
+    old = keys[i, x]
+    if old == -np.inf:
+        keys[i, x] = now
+    else:
+        hi, lo = (old, now) if old > now else (now, old)
+        keys[i, x] = hi + np.log2(1.0 + 2.0 ** (lo - hi))
+
+
+@njit_inline
+def _use(req, near, g, key, last, rates, nkey):
+    """Record group g: each requested item's last use and log-domain CRF sums (LRFU's update), and each near
+    miss's CRF (``near [groups, m]``, -1: none)."""
+    for j in range(req.shape[1]):
+        x = req[g, j]
+        last[x] = g
+        for i in range(rates.shape[0]):
+            _log_add(key, i, x, rates[i] * g)
+    for j in range(near.shape[1]):
+        x = near[g, j]
+        if x >= 0:
+            _log_add(nkey, 0, x, NEAR_RATE * g)
 
 
 @njit
-def learned(req, reset, n_items, capacity, rates, coef):
-    """Replay with eviction by the highest predicted next-use distance (module docstring)."""
-    return _learned(req, reset, n_items, capacity, rates, coef, np.empty(0, dtype=np.int64))
+def learned(req, reset, n_items, capacity, rates, coef, near):
+    """Replay with eviction by the highest predicted next-use distance (module docstring); ``near [groups,
+    m]`` the near misses (m = 0: none; then ``coef`` has `N_COEF` values, else one more)."""
+    return _learned(req, reset, n_items, capacity, rates, coef, near, np.empty(0, dtype=np.int64))
 
 
 @njit
-def _learned(req, reset, n_items, capacity, rates, coef, per_group):
+def _learned(req, reset, n_items, capacity, rates, coef, near, per_group):
     """`learned`, also writing each group's demand misses to ``per_group [groups]`` when it is not empty."""
     g_n, k = req.shape
     key = np.full((rates.shape[0], n_items), -np.inf)
+    nkey = np.full((1, n_items), -np.inf)
     last = np.full(n_items, -1, dtype=np.int64)
     cached = np.zeros(n_items, dtype=np.bool_)
     need = np.full(n_items, -1, dtype=np.int64)
@@ -78,6 +100,7 @@ def _learned(req, reset, n_items, capacity, rates, coef, per_group):
             for i in range(size):
                 cached[slots[i]] = False
             key[:] = -np.inf
+            nkey[:] = -np.inf
             last[:] = -1
             size = 0
         m0 = misses
@@ -98,7 +121,7 @@ def _learned(req, reset, n_items, capacity, rates, coef, per_group):
                     y = slots[i]
                     if need[y] == g:
                         continue
-                    _features(y, g, key, last, rates, f)
+                    _features(y, g, key, last, rates, nkey[0], f)
                     v = 0.0
                     for c in range(f.shape[0]):
                         v += coef[c] * f[c]
@@ -107,21 +130,22 @@ def _learned(req, reset, n_items, capacity, rates, coef, per_group):
                 cached[slots[s]] = False
             slots[s] = x
             cached[x] = True
-        for j in range(k):
-            _use(req[g, j], g, key, last, rates)
+        _use(req, near, g, key, last, rates, nkey)
         if per_group.shape[0]:
             per_group[g] = misses - m0
     return np.array([hits, misses, 0, 0], dtype=np.int64)
 
 
 @njit
-def samples(req, reset, n_items, rates, every, horizon, x_out, y_out):
+def samples(req, reset, n_items, rates, near, every, horizon, x_out, y_out):
     """Fit rows from a train stream: at every `every`-th group g, for each item seen in the segment and not
     needed by g, its features (``x_out [rows, F]``) and log2 of the groups until its next use in the segment
     (``y_out [rows]``; `horizon` when there is none). Returns the number of rows written (``x_out`` must hold
-    ``ceil(groups / every) * n_items`` rows)."""
+    ``ceil(groups / every) * n_items`` rows; ``near [groups, m]`` as `learned`'s, with m > 0 one more
+    feature)."""
     g_n, k = req.shape
     key = np.full((rates.shape[0], n_items), -np.inf)
+    nkey = np.full((1, n_items), -np.inf)
     last = np.full(n_items, -1, dtype=np.int64)
     need = np.full(n_items, -1, dtype=np.int64)
     head = np.full(n_items, -1, dtype=np.int64)  # newest unlabelled row of each item
@@ -140,6 +164,7 @@ def samples(req, reset, n_items, rates, every, horizon, x_out, y_out):
             if g == g_n:
                 break
             key[:] = -np.inf
+            nkey[:] = -np.inf
             last[:] = -1
         for j in range(k):
             x = req[g, j]
@@ -153,11 +178,10 @@ def samples(req, reset, n_items, rates, every, horizon, x_out, y_out):
             for y in range(n_items):
                 if last[y] < 0 or need[y] == g:
                     continue
-                _features(y, g, key, last, rates, x_out[n])
+                _features(y, g, key, last, rates, nkey[0], x_out[n])
                 born[n] = g
                 link[n] = head[y]
                 head[y] = n
                 n += 1
-        for j in range(k):
-            _use(req[g, j], g, key, last, rates)
+        _use(req, near, g, key, last, rates, nkey)
     return n

@@ -28,12 +28,15 @@ class Stream:
     reset: [groups] bool, True where the cache starts empty (group 0 always).
     n_items: distinct items (E per layer, or layers x E for one pooled cache; item = layer * E + expert).
     n_experts: E, experts per layer.
+    near: [groups, m] int32 the router's near misses of each group (its top-m candidates that were not
+        chosen, -1 padded), when the trace has candidates and the stream is one layer's; else None.
     """
 
     req: np.ndarray
     reset: np.ndarray
     n_items: int
     n_experts: int
+    near: np.ndarray | None = None
 
     @property
     def k(self) -> int:
@@ -63,6 +66,7 @@ class CachePolicy:
     prefetches: ClassVar[bool] = False
     offline: ClassVar[bool] = False
     bypass: ClassVar[bool] = False  # misses are served from slow memory without entering the cache
+    near_misses: ClassVar[bool] = False  # reads `Stream.near` (the trace's router candidates): named only
 
     def __init__(self, params: PolicyParams) -> None:
         self.params = params
@@ -106,11 +110,12 @@ def default_policies() -> list[str]:
 
 
 def check_policies(names: Sequence[str] | None, flag: str = "--policy") -> list[str]:
-    """`names` (None: `default_policies`; ``all``: every registered policy), checked: `UsageError` naming the
-    unknown ones and the choices."""
+    """`names` (None: `default_policies`; ``all``: every registered policy but those that need the router's
+    near misses, which most traces lack), checked: `UsageError` naming the unknown ones and the choices."""
     chosen = default_policies() if names is None else list(names)
     if "all" in chosen:
-        chosen = list(dict.fromkeys(n for x in chosen for n in (POLICIES if x == "all" else [x])))
+        every = [n for n, cls in POLICIES.items() if not cls.near_misses]
+        chosen = list(dict.fromkeys(n for x in chosen for n in (every if x == "all" else [x])))
     unknown = [p for p in chosen if p not in POLICIES]
     if unknown:
         raise UsageError(f"{flag} {', '.join(unknown)}: unknown; choose from {', '.join(POLICIES)}")

@@ -12,11 +12,15 @@ every item 21.1 / 22.0 / 31.9%, an LRU cache's items 20.1 / 18.7 / 25.7%, twice 
 31.9%), so one model per layer serves every capacity. With no rows (no item seen before a sampled group) the
 model is recency alone: LRU, up to ties between items last used by the same token.
 
-What the model is not given, and why: gate weights (a `Stream` carries ids only; a gate-weight-weighted
-LRFU built earlier closed less of the gap than LRFU on the ESFT held-out halves and was dropped), the same
-token's routing at earlier layers (it predicts the current token's experts, which demand loading needs now
-and never evicts; the victim's next use is a later token's) and router near misses (absent from most
-traces, ESFT's included).
+``learned-near`` adds one feature where the trace has the router's candidates (captured with
+``--candidates``): each expert's near misses (the router ranked it in its top-M for a token but did not
+choose it), as a CRF at `kernels_learned.NEAR_RATE`. A runtime has them at that moment: the router scores
+every expert.
+
+What the models are not given, and why: gate weights (a `Stream` carries ids only; a gate-weight-weighted
+LRFU built earlier closed less of the gap than LRFU on the ESFT held-out halves and was dropped) and the
+same token's routing at earlier layers (it predicts the current token's experts, which demand loading needs
+now and never evicts; a victim's next use is a later token's).
 
     >>> import moescope.cache.policies_learned
     >>> POLICIES["learned"](PolicyParams()).fit(train_stream)
@@ -28,20 +32,35 @@ import numpy as np
 
 from moescope.cache import kernels_learned as KL
 from moescope.cache.policies import CachePolicy, Stream, register
+from moescope.errors import UsageError
 
 FIT_GROUPS = 4096  # train groups sampled for the fit rows, at most (bounds the fit's time and memory)
 
 
-def fit_coef(train: Stream) -> np.ndarray:
-    """[N_COEF] least-squares coefficients of the next-use model on `train` (recency alone without rows)."""
+def _near(stream: Stream, use: bool) -> np.ndarray:
+    """The near-miss array a kernel takes: the stream's when `use`, else no columns."""
+    if not use:
+        return np.empty((stream.req.shape[0], 0), dtype=np.int32)
+    if stream.near is None:
+        raise UsageError(
+            "learned-near needs the router's near misses, and this trace has no candidates; capture with "
+            "--candidates M (transformers or llama.cpp capture), or use the policy learned"
+        )
+    return np.ascontiguousarray(stream.near, dtype=np.int32)
+
+
+def fit_coef(train: Stream, near: bool = False) -> np.ndarray:
+    """Least-squares coefficients of the next-use model on `train` (`N_COEF`, one more with `near`; recency
+    alone without rows)."""
     g_n = train.req.shape[0]
     every = max(1, -(-g_n // FIT_GROUPS))
     rows = (-(-g_n // every)) * train.n_items
-    x = np.empty((rows, KL.N_COEF))
+    n_coef = KL.N_COEF + int(near)
+    x = np.empty((rows, n_coef))
     y = np.empty(rows)
-    n = KL.samples(train.req, train.reset, train.n_items, KL.RATES, every, max(g_n, 2), x, y)
-    if n < KL.N_COEF:
-        coef = np.zeros(KL.N_COEF)
+    n = KL.samples(train.req, train.reset, train.n_items, KL.RATES, _near(train, near), every, max(g_n, 2), x, y)
+    if n < n_coef:
+        coef = np.zeros(n_coef)
         coef[1] = 1.0  # the least recently used item is predicted furthest
         return coef
     coef, *_ = np.linalg.lstsq(x[:n], y[:n], rcond=None)
@@ -55,12 +74,21 @@ class Learned(CachePolicy):
     learns = True
 
     def fit(self, train: Stream) -> None:
-        self.coef = fit_coef(train)
+        self.coef = fit_coef(train, self.near_misses)
 
     def run(self, stream: Stream, capacity: int) -> np.ndarray:
-        return KL.learned(stream.req, stream.reset, stream.n_items, capacity, KL.RATES, self.coef)
+        near = _near(stream, self.near_misses)
+        return KL.learned(stream.req, stream.reset, stream.n_items, capacity, KL.RATES, self.coef, near)
 
     def misses_per_group(self, stream: Stream, capacity: int) -> np.ndarray:
         out = np.zeros(stream.req.shape[0], dtype=np.int64)
-        KL._learned(stream.req, stream.reset, stream.n_items, capacity, KL.RATES, self.coef, out)
+        near = _near(stream, self.near_misses)
+        KL._learned(stream.req, stream.reset, stream.n_items, capacity, KL.RATES, self.coef, near, out)
         return out
+
+
+@register
+class LearnedNear(Learned):
+    name = "learned-near"
+    summary = "learned, plus a decayed count of each expert's router near misses (traces with candidates)"
+    near_misses = True

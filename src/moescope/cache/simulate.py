@@ -48,6 +48,7 @@ class LayerStreams(Sequence[Stream]):
 
     def __init__(self, trace: RoutingTrace, reset: np.ndarray) -> None:
         self._experts, self._reset, self._e = trace.experts, reset, trace.n_experts
+        self._cand = trace.extras.get("candidates")
 
     def __len__(self) -> int:
         return int(self._experts.shape[1])
@@ -62,7 +63,16 @@ class LayerStreams(Sequence[Stream]):
         if not -len(self) <= i < len(self):
             raise IndexError(i)
         req = np.ascontiguousarray(self._experts[:, i, :], dtype=np.int32)
-        return Stream(req, self._reset, self._e, self._e)
+        near = None if self._cand is None else near_misses(req, self._cand[:, i])
+        return Stream(req, self._reset, self._e, self._e, near)
+
+
+def near_misses(req: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """[groups, M] int32: each group's candidates (the router's top-M) that it did not choose, -1 elsewhere."""
+    near = np.array(candidates, dtype=np.int32)
+    chosen = (near[:, :, None] == req[:, None, :]).any(axis=2)
+    near[chosen | (near < 0)] = -1
+    return near
 
 
 def build_streams(trace: RoutingTrace, *, pooled: bool = False, reset_per_sequence: bool = False) -> Sequence[Stream]:
@@ -372,9 +382,12 @@ def cut_at_resets(stream: Stream, pieces: int) -> list[Stream]:
     cuts = sorted({int(starts[np.argmin(np.abs(starts - w))]) for w in want} - {0})
     bounds = [0, *cuts, n]
     return [
-        Stream(stream.req[a:b], stream.reset[a:b], stream.n_items, stream.n_experts)
+        Stream(
+            stream.req[a:b], stream.reset[a:b], stream.n_items, stream.n_experts,
+            None if stream.near is None else stream.near[a:b],
+        )
         for a, b in itertools.pairwise(bounds)
-    ]
+    ]  # fmt: skip
 
 
 def _simulate_dask(scheduler, names, params, train, test, capacities, per_sequence, stats, progress) -> None:

@@ -14,9 +14,10 @@ from moescope.cache.policies import DEFAULT_POLICIES, POLICIES, check_policies
 from moescope.cli import _common as c
 
 _POLICY_HELP = (
-    "Policies, comma-separated, or 'all' (default, chosen by cost: "
+    "Policies, comma-separated, or 'all' (every one but learned-near, which needs a trace with candidates). "
+    + "Default, chosen by cost: "
     + ", ".join(DEFAULT_POLICIES)
-    + "; the others run when named): "
+    + ". Choices: "
     + ", ".join(POLICIES)
     + "."
 )
@@ -111,7 +112,9 @@ def cache(
     check_policies([budget_policy], "--budget-policy")
     if slots is not None and vram is not None:
         raise UsageError("give --slots or --vram, not both")
-    store = inputs.store(src)  # a store is read in layer groups (memory: one group's ids), anything else whole
+    # a store is read in layer groups (memory: one group's ids), anything else whole; a store's groups hold
+    # expert ids only, so a policy that reads the router's near misses needs the whole trace
+    store = None if any(POLICIES[n].near_misses for n in names) else inputs.store(src)
     layer_list = None if layers is None else parse_ranges(layers, "--layers")
     if store is not None:
         trace = store.read(0, 0, layers=layer_list).trace  # no tokens: the shape, layers and ids to check flags

@@ -53,7 +53,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from moescope._jit import njit, njit_parallel, prange
+from moescope._jit import njit, njit_parallel, parallel_chunksize, prange
 from moescope.errors import UsageError
 from moescope.place.data import TrainData, device_loads, drift_cv
 from moescope.place.layout import slot_capacity
@@ -404,24 +404,26 @@ def refine_batch(
     stats = np.zeros((n_lay * n_par, stack.shape[0] + 1, 3), dtype=np.int64)
     experts, tw = data.sample(first.max_tokens, first.late_weight)
     keys = np.tile(np.ascontiguousarray(data.layer_ids, dtype=np.int64), n_par)
-    refine_all(
-        np.ascontiguousarray(np.tile(experts, (1, n_par, 1))),
-        tw,
-        stack,
-        np.tile(data.load.astype(np.float64), (n_par, 1)),
-        n_devices,
-        slot_capacity(data.n_experts, n_devices),
-        np.concatenate(caps),
-        1 << 30,
-        first.kicks,
-        seed,
-        keys,
-        cov,
-        np.concatenate(dcaps),
-        np.concatenate(mm_caps),
-        out,
-        stats,
-    )
+    # layers' searches differ in length: threads take one layer at a time, not equal shares up front
+    with parallel_chunksize(1):
+        refine_all(
+            np.ascontiguousarray(np.tile(experts, (1, n_par, 1))),
+            tw,
+            stack,
+            np.tile(data.load.astype(np.float64), (n_par, 1)),
+            n_devices,
+            slot_capacity(data.n_experts, n_devices),
+            np.concatenate(caps),
+            1 << 30,
+            first.kicks,
+            seed,
+            keys,
+            cov,
+            np.concatenate(dcaps),
+            np.concatenate(mm_caps),
+            out,
+            stats,
+        )
     return [out[i * n_lay : (i + 1) * n_lay].copy() for i in range(n_par)]
 
 
