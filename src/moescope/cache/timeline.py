@@ -657,9 +657,9 @@ def simulate_timeline(
     expert_bytes : [layers] bytes of one routed expert per layer; dense_bytes : bytes read per token besides
         the routed experts (all layers).
     slots : experts that fit in the VRAM left for them.
-    policies : registered cache policies (default: all) for ``cache:<policy>``; a bypassing one (lfu-static)
-        gives ``static-experts``, a prefetching one is skipped (``prefetch:`` covers it); predictors : for
-        ``prefetch:<predictor>`` (``lookahead`` is skipped when the trace has none).
+    policies : registered cache policies (default: `default_policies`) for ``cache:<policy>``; a bypassing
+        one (lfu-static) gives ``static-experts``, a prefetching one is skipped (``prefetch:`` covers it);
+        predictors : for ``prefetch:<predictor>`` (``lookahead`` is skipped when the trace has none).
     distance : MoE layers ahead the prefetches are issued.
     train : the trace learned policies (lfu-static) fit on (default: `trace` itself).
     """
