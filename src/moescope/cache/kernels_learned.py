@@ -11,11 +11,11 @@ every miss: a linear model of log2 next-use distance (in groups) over features a
   `FLOOR`; the rates span LRFU's fixed grid log-evenly (fast to slow decay), fixed a priori.
 
 ``coef = [bias, recency, crf_0 .. crf_3]``: 6 floats per layer. Per access it costs four CRF updates (LRFU's
-log-add at each rate) and per miss one prediction per cached item (6 multiply-adds): about twice LRFU's time
-with its fit (1M tokens x top-8 of 128, three capacities: 5.7 CPU s per layer, LRFU 2.6). Fitting (`samples`)
-replays the train stream with no cache (the features do not depend on the cache), samples every item seen so
-far in the segment at evenly spaced groups, and labels each with its next-use distance (`horizon` groups when
-it is not used again in the segment).
+log-add at each rate) and per miss one prediction per cached item (6 multiply-adds): about 4.5 times LRFU's
+time with its fit (1M tokens x top-8 of 128, three capacities: 8.7 CPU s per layer, LRFU 1.9;
+`bench/cache_e2e.py`). Fitting (`samples`) replays the train stream with no cache (the features do not depend
+on the cache), samples every item seen so far in the segment at evenly spaced groups, and labels each with its
+next-use distance (`horizon` groups when it is not used again in the segment).
 
 With the router's near misses (``near [groups, m]``, m > 0; `moescope.cache.simulate.near_misses`) one
 more feature: each item's near-miss CRF at `NEAR_RATE` (log2, relative to now, floored), updated after each
