@@ -130,8 +130,8 @@ def test_layer_columns_read_each_layer_check_ids_and_clean_up(tmp_path, monkeypa
         np.testing.assert_array_equal(cols.routing_at([1, 2]).experts, tr.experts)
         assert len(list(tmp_path.glob("moescope-layers-*/*.bin"))) == 2
     assert list(tmp_path.glob("moescope-layers-*")) == []
-    real = store._load
-    monkeypatch.setattr(store, "_load", lambda *a: real(*a) + 8)  # ids past E = 8
+    real = store.expert_rows
+    monkeypatch.setattr(store, "expert_rows", lambda *a: real(*a) + 8)  # ids past E = 8
     with pytest.raises(MoescopeError, match="8"):
         LayerColumns(store, [1, 2], folder=tmp_path)
     assert list(tmp_path.glob("moescope-layers-*")) == []

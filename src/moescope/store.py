@@ -985,6 +985,12 @@ class TraceStore:
         for lo in range(0, self.n_tokens, step):
             yield self.read(lo, lo + step, layers=layers)
 
+    def expert_rows(self, start: int, stop: int) -> np.ndarray:
+        """The ``[stop - start, layers, k]`` expert ids of tokens ``start:stop`` (every layer), read as one
+        request (zarr decodes its chunks in parallel); a damaged chunk is a `FormatError` naming it. Ids are
+        not checked here (`moescope.trace.validate_experts`)."""
+        return self._load("experts", self._experts, int(start), int(stop))
+
     def routing_at(self, layers: Sequence[int]) -> RoutingTrace:
         """Every token's expert ids at model layers `layers` only, with the sequences and labels: no gate
         weights, token ids or extras. Read 8 chunks at a time (decoded in parallel), so memory is the result
@@ -996,7 +1002,7 @@ class TraceStore:
         step = self.chunk_tokens * 8
         for lo in range(0, self.n_tokens, step):
             hi = min(lo + step, self.n_tokens)
-            out[lo:hi] = self._load("experts", self._experts, lo, hi)[:, li]
+            out[lo:hi] = self.expert_rows(lo, hi)[:, li]
         return RoutingTrace(
             out,
             self.n_experts,

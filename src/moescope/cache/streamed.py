@@ -89,13 +89,11 @@ class LayerColumns:
         # the next span is decoded (zarr: in parallel across its chunks) while this one is checked and written
         with ThreadPoolExecutor(max_workers=1) as reader:
             try:
-                ahead = reader.submit(st._load, "experts", st._experts, *spans[0]) if spans else None
+                ahead = reader.submit(st.expert_rows, *spans[0]) if spans else None
                 for i, (lo, _) in enumerate(spans):
                     assert ahead is not None
                     block = ahead.result()
-                    ahead = (
-                        reader.submit(st._load, "experts", st._experts, *spans[i + 1]) if i + 1 < len(spans) else None
-                    )
+                    ahead = reader.submit(st.expert_rows, *spans[i + 1]) if i + 1 < len(spans) else None
                     validate_experts(block, st.n_experts, token_offset=lo)
                     for f, p in zip(files, self._pos, strict=True):
                         f.write(np.ascontiguousarray(block[:, p, :], dtype=EXPERT_DTYPE).tobytes())
