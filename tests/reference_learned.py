@@ -32,17 +32,59 @@ def features(uses: list[int], g: int, rates, near_uses: list[int] | None = None)
     return out
 
 
-def cache_learned(req, reset, capacity, rates, coef, near=None):
+ONLINE_EVERY, ONLINE_REFIT, RIDGE = 4, 64, 1e-6
+ONLINE_DECAY = 2.0 ** (-ONLINE_REFIT / 2048)
+
+
+def solve(a: list[list[float]], b: list[float]) -> list[float]:
+    """Gaussian elimination with partial pivoting (a zero pivot's unknown is 0), as the kernel's."""
+    n = len(b)
+    m = [[*a[i], b[i]] for i in range(n)]
+    for i in range(n):
+        p = max(range(i, n), key=lambda r: (abs(m[r][i]), -r))
+        m[i], m[p] = m[p], m[i]
+        if m[i][i] == 0.0:
+            continue
+        for r in range(n):
+            if r != i:
+                fac = m[r][i] / m[i][i]
+                for c in range(i, n + 1):
+                    m[r][c] -= fac * m[i][c]
+    return [m[i][n] / m[i][i] if m[i][i] != 0.0 else 0.0 for i in range(n)]
+
+
+def cache_learned(req, reset, capacity, rates, coef, near=None, a0=None, b0=None, horizon=2, refit=0):
     """Evict the cached item (not needed by the group) with the highest coef . features; ties: lowest slot.
-    `near` [groups, m] (-1 padded): the near misses, for the extra feature."""
+    `near` [groups, m] (-1 padded): the near misses, for the extra feature. With ``refit > 0`` the model is
+    refitted online: every `ONLINE_EVERY` groups each seen item not needed gets a row (if it has none
+    pending), labelled log2 of the groups to its next use when that comes (log2 horizon once the horizon
+    passes at a sampling group); every `refit` groups the normal equations (from ``a0``, ``b0``) decay and are
+    solved again."""
     hits = misses = 0
     g = -1
+    n_f = len(coef)
+    coef = list(coef)
+    a = [list(r) for r in a0] if a0 is not None else None
+    b = list(b0) if b0 is not None else None
+    far = math.log2(float(horizon))
+
+    def add(row, label):
+        for i in range(n_f):
+            b[i] += row[i] * label
+            for j in range(n_f):
+                a[i][j] += row[i] * row[j]
+
     for seg in _segments(req, reset):
         uses: dict[int, list[int]] = {}
         nears: dict[int, list[int]] = {}
+        pend: dict[int, tuple[list[float], int]] = {}
         slots: list[int] = []
         for group in seg:
             g += 1
+            for x in group:
+                if refit and x in pend:
+                    row, g0 = pend.pop(x)
+                    add(row, math.log2(float(g - g0)))
             for x in group:
                 if x in slots:
                     hits += 1
@@ -62,6 +104,19 @@ def cache_learned(req, reset, capacity, rates, coef, near=None):
                     if best < 0 or v > best_v:
                         best, best_v = i, v
                 slots[best] = x
+            if refit:
+                if g % ONLINE_EVERY == 0:
+                    for y in sorted(uses):
+                        if y in group:
+                            continue
+                        if y in pend and g - pend[y][1] >= horizon:
+                            add(pend.pop(y)[0], far)
+                        if y not in pend:
+                            pend[y] = (features(uses[y], g, rates, None if near is None else nears.get(y, [])), g)
+                if g > 0 and g % refit == 0:
+                    a = [[v * ONLINE_DECAY for v in r] for r in a]
+                    b = [v * ONLINE_DECAY for v in b]
+                    coef = solve([[a[i][j] + (RIDGE if i == j else 0.0) for j in range(n_f)] for i in range(n_f)], b)
             for x in group:
                 uses.setdefault(x, []).append(g)
             if near is not None:

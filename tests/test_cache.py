@@ -98,7 +98,11 @@ def _reference(name: str, s: Stream, capacity: int, policy) -> tuple[int, ...]:
         return reference_queue.REFERENCES[name](s.req, s.reset, capacity)
     if name in ("learned", "learned-near"):
         near = s.near if name == "learned-near" else None
-        return reference_learned.cache_learned(s.req, s.reset, capacity, KL.RATES.tolist(), policy.coef.tolist(), near)
+        m = policy.model
+        return reference_learned.cache_learned(
+            s.req, s.reset, capacity, KL.RATES.tolist(), m.coef.tolist(), near, m.a.tolist(), m.b.tolist(),
+            m.horizon, KL.ONLINE_REFIT,
+        )  # fmt: skip
     if name == "adaptive-lrfu":
         rates, decay = policy._args()
         return reference.cache_adaptive_lrfu(s.req, s.reset, capacity, list(rates), decay)
@@ -589,19 +593,48 @@ def test_learned_fit_rows_match_reference(seed, with_near):
 
 
 def test_learned_fit_is_least_squares_on_train_and_falls_back_to_recency():
-    from moescope.cache.policies_learned import fit_coef
+    from moescope.cache.policies_learned import TRAIN_WEIGHT, fit_model
 
     s, _ = _stream(5, n_items=12, k=3, groups=400)
-    coef = fit_coef(s)
+    model = fit_model(s)
     rows = 400 * 12
     x, y = np.empty((rows, KL.N_COEF)), np.empty(rows)
     n = KL.samples(s.req, s.reset, s.n_items, KL.RATES, np.empty((400, 0), np.int32), 1, 400, x, y)
-    np.testing.assert_allclose(coef, np.linalg.lstsq(x[:n], y[:n], rcond=None)[0])
+    np.testing.assert_allclose(model.coef, np.linalg.lstsq(x[:n], y[:n], rcond=None)[0])
+    np.testing.assert_allclose(model.a, TRAIN_WEIGHT * x[:n].T @ x[:n])
+    np.testing.assert_allclose(model.b, TRAIN_WEIGHT * x[:n].T @ y[:n])
+    assert model.horizon == 400
     one = Stream(s.req[:1], s.reset[:1], 12, 12)  # no item was seen before a sampled group: no rows
-    np.testing.assert_array_equal(fit_coef(one), [0, 1, 0, 0, 0, 0])
-    pol = make_policy("learned")
-    pol.fit(s)
-    assert pol.coef.shape == (KL.N_COEF,) and np.isfinite(pol.coef).all()
+    np.testing.assert_array_equal(fit_model(one).coef, [0, 1, 0, 0, 0, 0])
+
+
+@pytest.mark.kernels
+def test_learned_solve_and_online_refits():
+    """The kernel's solver solves; with refits off the replay uses the train model throughout; online refits
+    (every 64 groups) change some replays on streams long enough to refit; both match the reference."""
+    changed = 0
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        a = rng.random((6, 6)) + 6 * np.eye(6)
+        b = rng.random(6)
+        np.testing.assert_allclose(KL.solve(a, b), np.linalg.solve(a, b), rtol=1e-10)
+        np.testing.assert_allclose(KL.solve(a, b), reference_learned.solve(a.tolist(), b.tolist()), rtol=1e-12)
+        s, _ = _stream(seed, n_items=10, k=2, groups=400)
+        pol = make_policy("learned")
+        pol.fit(_stream(seed + 50, n_items=10, k=2, groups=300)[0])
+        m = pol.model
+        no = np.empty((400, 0), np.int32)
+        for capacity in (3, 5):
+            static = KL.learned(s.req, s.reset, 10, capacity, KL.RATES, m.coef, no, m.a, m.b, m.horizon, 0)
+            online = pol.run(s, capacity)
+            want = reference_learned.cache_learned(
+                s.req, s.reset, capacity, KL.RATES.tolist(), m.coef.tolist(), None, m.a.tolist(), m.b.tolist(),
+                m.horizon, 0,
+            )  # fmt: skip
+            assert tuple(static.tolist()) == want
+            assert tuple(online.tolist()) == _reference("learned", s, capacity, pol)
+            changed += static.tolist() != online.tolist()
+    assert changed > 0
 
 
 def test_near_misses_drop_the_chosen_and_padding():

@@ -15,14 +15,21 @@ every miss: a linear model of log2 next-use distance (in groups) over features a
 
 ``coef = [bias, recency, crf_0 .. crf_3]``: 6 floats per layer. Per access it costs four CRF updates (LRFU's
 log-add at each rate) and per miss one prediction per cached item (6 multiply-adds): about 4.5 times LRFU's
-time with its fit (1M tokens x top-8 of 128, three capacities: 8.7 CPU s per layer, LRFU 1.9;
-`bench/cache_e2e.py`). Fitting (`samples`) replays the train stream with no cache (the features do not depend
-on the cache), samples every item seen so far in the segment at evenly spaced groups, and labels each with its
-next-use distance (`horizon` groups when it is not used again in the segment).
+time with its fit and the online refits (`bench/cache_e2e.py`, 1M tokens x top-8 of 128, three capacities: 11
+CPU s per layer, LRFU 2.6). Fitting (`samples`) replays the train stream with no cache (the features do not
+depend on the cache), samples every item seen so far in the segment at evenly spaced groups, and labels each
+with its next-use distance (`horizon` groups when it is not used again in the segment).
 
 With the router's near misses (``near [groups, m]``, m > 0; `moescope.cache.simulate.near_misses`) one
 more feature: each item's near-miss CRF at `NEAR_RATE` (log2, relative to now, floored), updated after each
 group like the use CRFs; ``coef`` then has `N_COEF` + 1 values.
+
+Online refits (LRB retrains on recent requests the same way): while replaying, every `ONLINE_EVERY` groups
+each item seen in the segment and not needed gets a row of its features (when it has none waiting); the row
+is labelled, as in `samples`, when the item is next used (log2 of the groups since), or at a sampling group
+once `horizon` groups passed without a use (log2 horizon). Every `ONLINE_REFIT` groups the normal equations
+(the train rows', weighted, plus every labelled replayed row) decay by `ONLINE_DECAY` and are solved again
+(`RIDGE` on the diagonal). Only what a runtime has seen is used: a label is added when its next use happens.
 
 Group rule: hits first, then misses in slot order; the victim is the highest prediction among cached items
 the group does not need (ties: the lowest slot). Naive references: tests/reference_learned.py. This module
@@ -79,24 +86,77 @@ def _use(req, near, g, key, last, rates, nkey):
             _log_add(nkey, 0, x, NEAR_RATE * g)
 
 
+ONLINE_EVERY = 4  # groups between online samples of every seen item (fixed a priori)
+ONLINE_REFIT = 64  # groups between online refits (fixed a priori)
+ONLINE_DECAY = 2.0 ** (-ONLINE_REFIT / 2048)  # per refit: a labelled row weighs half after 2,048 groups
+RIDGE = 1e-6  # added to the normal equations' diagonal, so a refit with few rows stays solvable
+
+
 @njit
-def learned(req, reset, n_items, capacity, rates, coef, near):
+def solve(a, b):
+    """``x`` with ``a x = b`` (square ``a``), Gaussian elimination with partial pivoting; a zero pivot's
+    unknown is 0. numba's ``np.linalg.solve`` needs scipy, which moescope does not depend on."""
+    n = b.shape[0]
+    m = np.empty((n, n + 1))
+    m[:, :n] = a
+    m[:, n] = b
+    for i in range(n):
+        p = i
+        for r in range(i + 1, n):
+            if abs(m[r, i]) > abs(m[p, i]):
+                p = r
+        if p != i:
+            for c in range(n + 1):
+                m[i, c], m[p, c] = m[p, c], m[i, c]
+        if m[i, i] == 0.0:
+            continue
+        for r in range(n):
+            if r != i:
+                fac = m[r, i] / m[i, i]
+                for c in range(i, n + 1):
+                    m[r, c] -= fac * m[i, c]
+    x = np.zeros(n)
+    for i in range(n):
+        if m[i, i] != 0.0:
+            x[i] = m[i, n] / m[i, i]
+    return x
+
+
+@njit_inline
+def _add_row(a, b, row, label):
+    """Add one labelled row to the normal equations ``a += row row^T``, ``b += row label``."""
+    for i in range(row.shape[0]):
+        b[i] += row[i] * label
+        for j in range(row.shape[0]):
+            a[i, j] += row[i] * row[j]
+
+
+@njit
+def learned(req, reset, n_items, capacity, rates, coef, near, a0, b0, horizon, refit):
     """Replay with eviction by the highest predicted next-use distance (module docstring); ``near [groups,
-    m]`` the near misses (m = 0: none; then ``coef`` has `N_COEF` values, else one more)."""
-    return _learned(req, reset, n_items, capacity, rates, coef, near, np.empty(0, dtype=np.int64))
+    m]`` the near misses (m = 0: none; then ``coef`` has `N_COEF` values, else one more). With ``refit > 0``
+    the model is refitted online every `refit` groups (module docstring) from the normal equations ``a0 [F,
+    F]``, ``b0 [F]`` (the train rows', weighted) plus the replayed stream's own labelled rows."""
+    return _learned(req, reset, n_items, capacity, rates, coef, near, a0, b0, horizon, refit, np.empty(0, np.int64))
 
 
 @njit
-def _learned(req, reset, n_items, capacity, rates, coef, near, per_group):
+def _learned(req, reset, n_items, capacity, rates, coef0, near, a0, b0, horizon, refit, per_group):
     """`learned`, also writing each group's demand misses to ``per_group [groups]`` when it is not empty."""
     g_n, k = req.shape
+    n_f = coef0.shape[0]
     key = np.full((rates.shape[0], n_items), -np.inf)
     nkey = np.full((1, n_items), -np.inf)
     last = np.full(n_items, -1, dtype=np.int64)
     cached = np.zeros(n_items, dtype=np.bool_)
     need = np.full(n_items, -1, dtype=np.int64)
     slots = np.full(capacity, -1, dtype=np.int64)
-    f = np.empty(coef.shape[0])
+    f = np.empty(n_f)
+    coef, a, b = coef0.copy(), a0.copy(), b0.copy()
+    ridge = RIDGE * np.eye(n_f)
+    pend = np.zeros((n_items, n_f))  # each item's unlabelled online row (at most one) and its group
+    pend_g = np.full(n_items, -1, dtype=np.int64)
+    far = np.log2(float(horizon))
     size, hits, misses = 0, 0, 0
     for g in range(g_n):
         if reset[g]:
@@ -105,10 +165,15 @@ def _learned(req, reset, n_items, capacity, rates, coef, near, per_group):
             key[:] = -np.inf
             nkey[:] = -np.inf
             last[:] = -1
+            pend_g[:] = -1
             size = 0
         m0 = misses
         for j in range(k):
-            need[req[g, j]] = g
+            x = req[g, j]
+            need[x] = g
+            if refit > 0 and pend_g[x] >= 0:  # its row's label is known now
+                _add_row(a, b, pend[x], np.log2(float(g - pend_g[x])))
+                pend_g[x] = -1
         for j in range(k):
             x = req[g, j]
             if cached[x]:
@@ -126,13 +191,28 @@ def _learned(req, reset, n_items, capacity, rates, coef, near, per_group):
                         continue
                     _features(y, g, key, last, rates, nkey[0], f)
                     v = 0.0
-                    for c in range(f.shape[0]):
+                    for c in range(n_f):
                         v += coef[c] * f[c]
                     if s < 0 or v > best:
                         s, best = i, v
                 cached[slots[s]] = False
             slots[s] = x
             cached[x] = True
+        if refit > 0:
+            if g % ONLINE_EVERY == 0:
+                for y in range(n_items):
+                    if last[y] < 0 or need[y] == g:
+                        continue
+                    if pend_g[y] >= 0 and g - pend_g[y] >= horizon:  # unused for the horizon: labelled far
+                        _add_row(a, b, pend[y], far)
+                        pend_g[y] = -1
+                    if pend_g[y] < 0:
+                        _features(y, g, key, last, rates, nkey[0], pend[y])
+                        pend_g[y] = g
+            if g > 0 and g % refit == 0:
+                a *= ONLINE_DECAY
+                b *= ONLINE_DECAY
+                coef = solve(a + ridge, b)
         _use(req, near, g, key, last, rates, nkey)
         if per_group.shape[0]:
             per_group[g] = misses - m0

@@ -98,8 +98,8 @@ def register(cls: type[CachePolicy]) -> type[CachePolicy]:
 # 60 s on 2 cores with 10% to spare (`bench/cache_e2e.py`). Its CPU seconds per policy (one layer's fit and
 # three replays, one thread, x 48): LFU-static 5, LRU 8, FIFO 9, SIEVE 13, 2Q 15, ARC 16, SLRU 18, LIRS 18, LFU
 # 25, S3-FIFO 30, Belady 33, W-TinyLFU 34, LeCaR 40, Cacheus 74, LRFU 89 (its fit included), coact-prefetch 147,
-# learned 418, adaptive LRFU 433. End to end (wall, with reading the store): LRU + FIFO + LFU-static + Belady 53
-# s; with SIEVE too 62-64 s. Every other policy runs when named, or with ``--policy all``.
+# learned 418-538, adaptive LRFU 433. End to end (wall, with reading the store): LRU + FIFO + LFU-static +
+# Belady 53 s; with SIEVE too 62-64 s. Every other policy runs when named, or with ``--policy all``.
 DEFAULT_POLICIES = ("lru", "fifo", "lfu-static", "belady")
 
 
