@@ -53,6 +53,16 @@ def solve(a: list[list[float]], b: list[float]) -> list[float]:
     return [m[i][n] / m[i][i] if m[i][i] != 0.0 else 0.0 for i in range(n)]
 
 
+def _record(uses: dict, nears: dict, group: list[int], near, g: int) -> None:
+    """Group g's uses, and its near misses (``near [groups, m]``, -1 padded) when given."""
+    for x in group:
+        uses.setdefault(x, []).append(g)
+    if near is not None:
+        for x in near[g]:
+            if x >= 0:
+                nears.setdefault(int(x), []).append(g)
+
+
 def cache_learned(req, reset, capacity, rates, coef, near=None, a0=None, b0=None, horizon=2, refit=0):
     """Evict the cached item (not needed by the group) with the highest coef . features; ties: lowest slot.
     `near` [groups, m] (-1 padded): the near misses, for the extra feature. With ``refit > 0`` the model is
@@ -117,12 +127,7 @@ def cache_learned(req, reset, capacity, rates, coef, near=None, a0=None, b0=None
                     a = [[v * ONLINE_DECAY for v in r] for r in a]
                     b = [v * ONLINE_DECAY for v in b]
                     coef = solve([[a[i][j] + (RIDGE if i == j else 0.0) for j in range(n_f)] for i in range(n_f)], b)
-            for x in group:
-                uses.setdefault(x, []).append(g)
-            if near is not None:
-                for x in near[g]:
-                    if x >= 0:
-                        nears.setdefault(int(x), []).append(g)
+            _record(uses, nears, group, near, g)
     return hits, misses, 0, 0
 
 
@@ -145,10 +150,5 @@ def learned_samples(req, reset, n_items, rates, every, horizon, near=None):
                     rows.append(features(uses[y], g, rates, None if near is None else nears.get(y, [])))
                     later = [start + j for j in range(i + 1, len(seg)) if y in seg[j]]
                     labels.append(math.log2(later[0] - g) if later else math.log2(horizon))
-            for x in group:
-                uses.setdefault(x, []).append(g)
-            if near is not None:
-                for x in near[g]:
-                    if x >= 0:
-                        nears.setdefault(int(x), []).append(g)
+            _record(uses, nears, group, near, g)
     return np.array(rows).reshape(-1, 2 + len(rates) + (near is not None)), np.array(labels)

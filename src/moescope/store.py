@@ -1003,14 +1003,21 @@ class TraceStore:
         for lo in range(0, self.n_tokens, step):
             hi = min(lo + step, self.n_tokens)
             out[lo:hi] = self.expert_rows(lo, hi)[:, li]
+        return self.routing_of(out, self.layer_ids[li])
+
+    def routing_of(self, experts: np.ndarray, layer_ids: Sequence[int], *, checked: bool = False) -> RoutingTrace:
+        """A trace of every token's ``experts [tokens, len(layer_ids), k]`` (this store's ids at the model layers
+        `layer_ids`, read in some other way) with the store's sequences, labels, phase and meta; ids checked
+        unless `checked` says they already were."""
         return RoutingTrace(
-            out,
+            experts,
             self.n_experts,
             seq_starts=self.seq_starts,
             seq_labels=self.seq_labels,
-            layer_ids=self.layer_ids[li],
+            layer_ids=np.asarray(layer_ids, dtype=np.int64),
             phase=self.phase,
             meta=self.meta,
+            validate=not checked,
         )
 
     def to_trace(self, *, layers: Sequence[int] | None = None) -> RoutingTrace:

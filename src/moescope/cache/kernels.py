@@ -724,6 +724,16 @@ def allocate_slots(misses, caps, budget):
 
 
 # -- LRFU: a recency-weighted use count, one decay rate ------------------------------------------
+@njit_inline
+def log2_add(old, now):
+    """``log2(2^old + 2^now)`` computed around the larger term (``old = -inf``: an empty sum, gives ``now``):
+    LRFU's CRF update in the log domain, where the weights 2^(rate x group) grow instead of decaying."""
+    if old == -np.inf:
+        return now
+    hi, lo = (old, now) if old > now else (now, old)
+    return hi + np.log2(1.0 + 2.0 ** (lo - hi))
+
+
 @njit
 def lrfu(req, reset, n_items, capacity, lam):
     """LRFU (Lee et al., IEEE ToC 2001): every item's combined recency-frequency value is ``CRF(t) = sum over
@@ -773,12 +783,7 @@ def _lrfu(req, reset, n_items, capacity, lam, per_group):
             cached[x] = True
         for j in range(k):
             x = req[g, j]
-            old = key[x]
-            if old == -np.inf:
-                key[x] = now
-            else:  # log2(2^old + 2^now), computed around the larger term
-                hi, lo = (old, now) if old > now else (now, old)
-                key[x] = hi + np.log2(1.0 + 2.0 ** (lo - hi))
+            key[x] = log2_add(key[x], now)
         if per_group.shape[0]:
             per_group[g] = misses - m0
     return np.array([hits, misses, 0, 0], dtype=np.int64)
@@ -853,12 +858,7 @@ def _adaptive_lrfu(req, reset, n_items, capacity, rates, decay, per_group):
             now = rates[m] * g
             for j in range(k):
                 x = req[g, j]
-                old = key[m, x]
-                if old == -np.inf:
-                    key[m, x] = now
-                else:
-                    hi, lo = (old, now) if old > now else (now, old)
-                    key[m, x] = hi + np.log2(1.0 + 2.0 ** (lo - hi))
+                key[m, x] = log2_add(key[m, x], now)
         if per_group.shape[0]:
             per_group[g] = misses - m0
     return np.array([hits, misses, 0, 0], dtype=np.int64)

@@ -41,6 +41,7 @@ from __future__ import annotations
 import numpy as np
 
 from moescope._jit import njit, njit_inline
+from moescope.cache.kernels import log2_add
 
 RATES = np.array([2.0**-1, 2.0**-4, 2.0**-7, 2.0**-10])  # LRFU_GRID's span, log-even; fixed a priori
 NEAR_RATE = 2.0**-4  # the near-miss CRF's rate: the middle of RATES, fixed a priori
@@ -61,17 +62,6 @@ def _features(y, g, key, last, rates, nkey, out):
 
 
 @njit_inline
-def _log_add(keys, i, x, now):
-    """``keys[i, x] = log2(2^keys[i, x] + 2^now)``, computed around the larger term (-inf: empty)."""
-    old = keys[i, x]
-    if old == -np.inf:
-        keys[i, x] = now
-    else:
-        hi, lo = (old, now) if old > now else (now, old)
-        keys[i, x] = hi + np.log2(1.0 + 2.0 ** (lo - hi))
-
-
-@njit_inline
 def _use(req, near, g, key, last, rates, nkey):
     """Record group g: each requested item's last use and log-domain CRF sums (LRFU's update), and each near
     miss's CRF (``near [groups, m]``, -1: none)."""
@@ -79,11 +69,11 @@ def _use(req, near, g, key, last, rates, nkey):
         x = req[g, j]
         last[x] = g
         for i in range(rates.shape[0]):
-            _log_add(key, i, x, rates[i] * g)
+            key[i, x] = log2_add(key[i, x], rates[i] * g)
     for j in range(near.shape[1]):
         x = near[g, j]
         if x >= 0:
-            _log_add(nkey, 0, x, NEAR_RATE * g)
+            nkey[0, x] = log2_add(nkey[0, x], NEAR_RATE * g)
 
 
 ONLINE_EVERY = 4  # groups between online samples of every seen item (fixed a priori)

@@ -112,17 +112,7 @@ class LayerColumns:
         out = np.empty((st.n_tokens, len(layers), k), dtype=EXPERT_DTYPE)
         for i, x in enumerate(layers):
             out[:, i, :] = np.fromfile(self._path(int(x)), dtype=EXPERT_DTYPE).reshape(st.n_tokens, k)
-        ids = np.asarray([int(x) for x in layers], dtype=np.int64)
-        return RoutingTrace(
-            out,
-            st.n_experts,
-            seq_starts=st.seq_starts,
-            seq_labels=st.seq_labels,
-            layer_ids=ids,
-            phase=st.phase,
-            meta=st.meta,
-            validate=False,
-        )
+        return st.routing_of(out, [int(x) for x in layers], checked=True)  # checked while decoding (`_write`)
 
     def close(self) -> None:
         shutil.rmtree(self._dir, ignore_errors=True)
