@@ -643,6 +643,10 @@ def test_near_misses_drop_the_chosen_and_padding():
     req = np.array([[0, 1], [2, 3]], dtype=np.int32)
     cand = np.array([[1, 0, 4, 5], [3, -1, 2, 6]], dtype=np.int16)
     np.testing.assert_array_equal(near_misses(req, cand), [[-1, -1, 4, 5], [-1, -1, -1, 6]])
+    trace = read_input(fixture.FIXTURE_DIR / fixture.TRACE)  # it has candidates
+    assert build_streams(trace)[0].near is None  # built only when a policy reads them
+    want = near_misses(build_streams(trace)[0].req, trace.extras["candidates"][:, 0])
+    np.testing.assert_array_equal(build_streams(trace, near=True)[0].near, want)
 
 
 def test_learned_near_needs_candidates_and_reads_them(capsys, tmp_path):

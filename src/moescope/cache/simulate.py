@@ -44,11 +44,12 @@ def _reset_flags(trace: RoutingTrace, per_sequence: bool) -> np.ndarray:
 class LayerStreams(Sequence[Stream]):
     """The per-layer `Stream` s of a trace, each built when indexed and not kept: a replay holds one layer's
     ``[tokens, k]`` int32 copy at a time per worker instead of every layer's at once (on 1M tokens x 48
-    layers x top-8 that is 32 MB per worker instead of 1.5 GB)."""
+    layers x top-8 that is 32 MB per worker instead of 1.5 GB). With `near`, each carries its near misses
+    when the trace has candidates (built only for policies that read them)."""
 
-    def __init__(self, trace: RoutingTrace, reset: np.ndarray) -> None:
+    def __init__(self, trace: RoutingTrace, reset: np.ndarray, near: bool = False) -> None:
         self._experts, self._reset, self._e = trace.experts, reset, trace.n_experts
-        self._cand = trace.extras.get("candidates")
+        self._cand = trace.extras.get("candidates") if near else None
 
     def __len__(self) -> int:
         return int(self._experts.shape[1])
@@ -67,6 +68,11 @@ class LayerStreams(Sequence[Stream]):
         return Stream(req, self._reset, self._e, self._e, near)
 
 
+def reads_near_misses(names: Sequence[str]) -> bool:
+    """Whether any of the policies `names` reads `Stream.near` (the others need no near-miss arrays built)."""
+    return any(POLICIES[name].near_misses for name in names)
+
+
 def near_misses(req: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     """[groups, M] int32: each group's candidates (the router's top-M) that it did not choose, -1 elsewhere."""
     near = np.array(candidates, dtype=np.int32)
@@ -75,9 +81,11 @@ def near_misses(req: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     return near
 
 
-def build_streams(trace: RoutingTrace, *, pooled: bool = False, reset_per_sequence: bool = False) -> Sequence[Stream]:
-    """One `Stream` per MoE layer (in layer order; built on access, `LayerStreams`), or a single pooled
-    stream."""
+def build_streams(
+    trace: RoutingTrace, *, pooled: bool = False, reset_per_sequence: bool = False, near: bool = False
+) -> Sequence[Stream]:
+    """One `Stream` per MoE layer (in layer order; built on access, `LayerStreams`, with the near misses when
+    `near`), or a single pooled stream."""
     e, n_layers = trace.n_experts, trace.n_layers
     reset = _reset_flags(trace, reset_per_sequence)
     if pooled:
@@ -86,7 +94,7 @@ def build_streams(trace: RoutingTrace, *, pooled: bool = False, reset_per_sequen
         pooled_reset = np.zeros(req.shape[0], dtype=np.bool_)
         pooled_reset[::n_layers] = reset
         return [Stream(np.ascontiguousarray(req), pooled_reset, e * n_layers, e)]
-    return LayerStreams(trace, reset)
+    return LayerStreams(trace, reset, near)
 
 
 def split_streams(
@@ -97,10 +105,11 @@ def split_streams(
     reset_per_sequence: bool,
     fit_labels: Sequence[str] | None = None,
     score_labels: Sequence[str] | None = None,
+    near: bool = False,
 ) -> tuple[Sequence[Stream], Sequence[Stream], int]:
     """(train streams, test streams, test tokens) for a split mode, or for the labels protocol when
     `fit_labels` or `score_labels` is given (fit on those labels' whole sequences, replay the others'; see
-    `moescope.slicing.label_protocol`)."""
+    `moescope.slicing.label_protocol`); with `near`, streams carry the near misses (`build_streams`)."""
     if split not in EVAL_SPLITS:
         raise UsageError(f"split {split!r}: expected one of {', '.join(EVAL_SPLITS)}")
     if fit_labels or score_labels:
@@ -109,7 +118,7 @@ def split_streams(
         fit_l, score_l = label_protocol(trace, fit_labels, score_labels)
         train, test = select_labels(trace, fit_l), select_labels(trace, score_l)
     elif split == "all":
-        streams = build_streams(trace, pooled=pooled, reset_per_sequence=reset_per_sequence)
+        streams = build_streams(trace, pooled=pooled, reset_per_sequence=reset_per_sequence, near=near)
         return streams, streams, trace.n_tokens
     else:
         train, test = split_part(trace, "train"), split_part(trace, "test")
@@ -121,8 +130,8 @@ def split_streams(
             f"{trace.n_sequences} sequences); use split='all' (--split all) to replay it in-sample"
         )
     return (
-        build_streams(train, pooled=pooled, reset_per_sequence=reset_per_sequence),
-        build_streams(test, pooled=pooled, reset_per_sequence=reset_per_sequence),
+        build_streams(train, pooled=pooled, reset_per_sequence=reset_per_sequence, near=near),
+        build_streams(test, pooled=pooled, reset_per_sequence=reset_per_sequence, near=near),
         test.n_tokens,
     )
 
@@ -310,7 +319,7 @@ def simulate(
         raise UsageError(f"prefetch {params.prefetch} is negative; give 0 (off) or the experts to prefetch")
     train, test, tokens = split_streams(
         trace, split, pooled=pooled, reset_per_sequence=reset_per_sequence, fit_labels=fit_labels,
-        score_labels=score_labels,
+        score_labels=score_labels, near=reads_near_misses(names),
     )  # fmt: skip
     fit_l, score_l = label_protocol(trace, fit_labels, score_labels) if fit_labels or score_labels else ((), ())
     scale = trace.n_layers if pooled else 1
@@ -489,7 +498,7 @@ def miss_curves(
     )
     train, test, tokens = split_streams(
         trace, split, pooled=False, reset_per_sequence=reset_per_sequence, fit_labels=fit_labels,
-        score_labels=score_labels,
+        score_labels=score_labels, near=reads_near_misses(names),
     )  # fmt: skip
     misses = np.zeros((len(names), len(test), caps.size), dtype=np.int64)
     jobs: list[tuple[int, int, int]] = []

@@ -103,6 +103,7 @@ def cache(
         miss_curves,
         simulate,
     )
+    from moescope.cache.simulate import reads_near_misses
     from moescope.cache.streamed import miss_curves_store, simulate_store
     from moescope.errors import UsageError
     from moescope.slicing import parse_ranges
@@ -114,7 +115,7 @@ def cache(
         raise UsageError("give --slots or --vram, not both")
     # a store is read in layer groups (memory: one group's ids), anything else whole; a store's groups hold
     # expert ids only, so a policy that reads the router's near misses needs the whole trace
-    store = None if any(POLICIES[n].near_misses for n in names) else inputs.store(src)
+    store = None if reads_near_misses(names) else inputs.store(src)
     layer_list = None if layers is None else parse_ranges(layers, "--layers")
     if store is not None:
         trace = store.read(0, 0, layers=layer_list).trace  # no tokens: the shape, layers and ids to check flags
