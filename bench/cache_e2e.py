@@ -12,36 +12,30 @@ under 2 GB on 2 cores.
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-MOESCOPE = [sys.executable, "-m", "moescope.cli"]
+from run import _child  # bench/ is on sys.path when bench/run.py runs this module
 
 
 def _cli(args: list[str]) -> dict:
-    """Run the CLI in a fresh interpreter: wall seconds, peak RSS (MiB) of that interpreter, and its JSON."""
-    code = (
-        "import json, resource, sys, time\n"
+    """Run the CLI in a fresh interpreter (`run._child`): its wall seconds, peak RSS (MiB) and JSON output."""
+    return _child(
+        "import contextlib, io, json, time\n"
         "from moescope.cli import main\n"
+        "buf = io.StringIO()\n"
         "t = time.perf_counter()\n"
-        "try:\n"
-        f"    main({args!r})\n"
-        "except SystemExit as e:\n"
-        "    assert not e.code, e.code\n"
-        "dt = time.perf_counter() - t\n"
-        "rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
-        "print('\\n' + json.dumps({'seconds': round(dt, 2), 'peak_rss_mib': round(rss, 1)}))\n"
+        "with contextlib.redirect_stdout(buf):\n"
+        "    try:\n"
+        f"        main({args!r})\n"
+        "    except SystemExit as e:\n"
+        "        assert not e.code, e.code\n"
+        "text = buf.getvalue().strip()\n"
+        "out = {'seconds': round(time.perf_counter() - t, 2),"
+        " 'output': json.loads(text) if text.startswith('{') else None}\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    lines = proc.stdout.strip().splitlines()
-    timing = json.loads(lines[-1])
-    body = "\n".join(lines[:-1]).strip()
-    return timing | {"output": json.loads(body) if body.startswith("{") else None}
 
 
 def _per_policy(store_path: Path) -> dict:
