@@ -343,6 +343,12 @@ def bench_place_generalisation(tmp: Path) -> dict:
     )
 
 
+def bench_place_inner_split(tmp: Path) -> dict:
+    """How the labels protocol folds its fitting data, decided on the fixture's domains (see
+    bench/place_inner_split.py)."""
+    return _bench_module("place_inner_split")
+
+
 def bench_timeline_speed(tmp: Path) -> dict:
     """Every decode-timeline strategy at one budget on 1M x 48 x top-8 (see bench/timeline_speed.py)."""
     return _bench_module("timeline_speed")

@@ -45,6 +45,15 @@ def test_inner_splits_mirror_the_protocol():
     assert desc == "two folds of whole sequences" and len(folds) == 2
     (f0, v0), (f1, v1) = folds
     assert f0.n_tokens + v0.n_tokens == tr.n_tokens and v0.n_tokens == f1.n_tokens and v1.n_tokens == f0.n_tokens
+    # labels folded by whole sequences whatever their labels (the alternative bench/place_inner_split.py weighs):
+    # k folds whose validation parts partition the sequences, each fit part the rest
+    desc, folds = inner_splits(labelled, "labels", seed=5, by="sequences", k=4)
+    assert desc == "4 folds of whole sequences" and len(folds) == 4
+    assert sum(v.n_sequences for _, v in folds) == tr.n_sequences
+    for fit, val in folds:
+        assert fit.n_tokens + val.n_tokens == tr.n_tokens and len(val.labels()) >= 1
+    with pytest.raises(ValueError, match="by='label'"):
+        inner_splits(labelled, "labels", by="label")
 
 
 def test_calibration_picks_the_best_candidate_that_holds_the_margins():

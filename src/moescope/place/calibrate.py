@@ -17,7 +17,15 @@ Inner splits, mirroring the protocol:
   folds +0.03..+0.04 of CV, the time-aware split +0.066 / +0.062, the real held-out halves +0.069 / +0.065);
 - ``labels`` (scored on a workload not fitted): with 2+ fitted labels each is left out once (fit on the
   other labels' whole sequences, validate on it; figures averaged over the folds); with one label, two
-  seeded folds of whole sequences;
+  seeded folds of whole sequences. Leaving a label out rather than folding whole sequences of mixed labels
+  was decided on a development set that is not the shared ESFT trace the placement results are reported on:
+  the fixture's five text domains (`bench/place_inner_split.py`: every split fitting on 2 or 4 domains and
+  scored on another, D = 2, 4, 8; 105 cases per folding; the rule fixed before the run: the folding that
+  holds the stated constraint on the scored domain most often). Leaving a label out held it in 63% of the
+  cases (mean change in devices per token -2.0%), two folds of whole sequences in 43% (-3.1%), four in 46%
+  (-2.8%): folds that mix the fitted labels see only the variation between sequences of known workloads and
+  understate the drift to a new one. That even the chosen folding misses the constraint in a third of the
+  cases is a limit of validating on the fitting data, which the CLI cannot remove;
 - ``all`` (in-sample): the fit is scored on what it is fitted to, so ``b = cv_margin`` without validation.
 
 Choice: among the candidates whose validated CV excess and max/mean excess, each plus its standard error
@@ -61,6 +69,7 @@ CAL_KICKS = 8  # local-search kicks per layer while validating (the real fit: Pl
 CAL_TOKENS = 1 << 13  # inner-fit tokens per layer the search sees, at most (the real fit: PlaceParams.max_tokens)
 # Candidate (train CV margin offset from cv_margin, drift cap): b = cv_margin + offset
 GRID = tuple((off, dm) for dm in (None, 0.25) for off in (-0.075, -0.05, -0.025, 0.0, 0.05, 0.15))
+INNER_BY = ("labels", "sequences")  # how the labels protocol's fitting data is folded (module docstring)
 FALLBACK = 0.0  # b when the fitting data cannot be split (no inner fit or validation tokens): frequency's CV
 
 
@@ -120,38 +129,54 @@ class Calibration:
         }
 
 
-def inner_splits(train: RoutingTrace, protocol: str, seed: int = 0) -> tuple[str, list[tuple[RoutingTrace, ...]]]:
+def inner_splits(
+    train: RoutingTrace, protocol: str, seed: int = 0, by: str = "labels", k: int = 2
+) -> tuple[str, list[tuple[RoutingTrace, ...]]]:
     """(description, [(fit part, validation part), ...]) of the fitting data for `protocol` (module docstring);
-    folds with no tokens on either side are dropped."""
+    folds with no tokens on either side are dropped. For ``labels``, `by` ``"labels"`` (the default) leaves
+    one fitted label out when there are 2+; ``"sequences"`` (or a single fitted label) makes `k` seeded folds
+    of whole sequences whatever their labels (`INNER_BY`: kept for the study that chose the default)."""
+    if by not in INNER_BY:
+        raise ValueError(f"by={by!r}: expected one of {', '.join(INNER_BY)}")
     if protocol == "all":
         return "none (in-sample: b = cv_margin)", []
-    labels = train.labels() if protocol == "labels" else []
+    labels = train.labels() if protocol == "labels" and by == "labels" else []
     if len(labels) >= 2:
         desc = f"leave one fitted label out ({', '.join(labels)})"
         folds = [(select_labels(train, [x for x in labels if x != lab]), select_labels(train, [lab])) for lab in labels]
     elif protocol == "labels":
-        desc = "two folds of whole sequences"
-        side = np.random.default_rng([seed, 2]).permutation(train.n_sequences) % 2
-        parts = [select_sequences(train, np.flatnonzero(side == i)) for i in range(2)]
-        folds = [(parts[0], parts[1]), (parts[1], parts[0])]
+        desc = "two folds of whole sequences" if k == 2 else f"{k} folds of whole sequences"
+        side = np.random.default_rng([seed, 2]).permutation(train.n_sequences) % k
+        folds = [
+            (select_sequences(train, np.flatnonzero(side != i)), select_sequences(train, np.flatnonzero(side == i)))
+            for i in range(k)
+        ]
     else:
         desc = "time-aware: first half of every train part fitted, its second half validated"
         folds = [split_halves(train)]
     return desc, [f for f in folds if f[0].n_tokens and f[1].n_tokens]
 
 
-def calibrate(train: RoutingTrace, n_devices: int, params: Any, protocol: str = "halves", seed: int = 0) -> Calibration:
+def calibrate(
+    train: RoutingTrace,
+    n_devices: int,
+    params: Any,
+    protocol: str = "halves",
+    seed: int = 0,
+    by: str = "labels",
+    k: int = 2,
+) -> Calibration:
     """The train margin and drift cap (from `GRID`) whose coact-refined placement cuts validated devices per
     token most while keeping the stated margins of `params` (`PlaceParams`) on validation data split from
-    `train` per `protocol` (module docstring); a candidate passes when each validated excess plus its
-    standard error is within its margin."""
+    `train` per `protocol` (module docstring; `by`, `k`: see `inner_splits`); a candidate passes when each
+    validated excess plus its standard error is within its margin."""
     from moescope.place.methods import CoactRefined, FrequencyPlacement, refine_batch
 
     t0 = time.perf_counter()
     n_lay = train.n_layers
     pick = np.unique(np.linspace(0, n_lay - 1, min(n_lay, CAL_LAYERS)).round().astype(np.int64))
     ids = tuple(int(x) for x in train.layer_ids[pick])
-    desc, folds = inner_splits(train, protocol, seed)
+    desc, folds = inner_splits(train, protocol, seed, by, k)
     dm0 = params.drift_margin
     if protocol == "all":
         return Calibration(n_devices, params.cv_margin, dm0, desc, 0, (), (), True)
