@@ -26,7 +26,8 @@ Semantics (what every number here means):
 Modules: `kernels` (numba replays), `policies` (the registry `POLICIES`; the queue family SIEVE, S3-FIFO, 2Q,
 SLRU in `kernels_queue` / `policies_queue`, LIRS, W-TinyLFU, LeCaR, Cacheus in `kernels_adaptive` /
 `policies_adaptive`; a learned eviction in `kernels_learned` / `policies_learned`), `simulate` (tables,
-curves, budget allocation), `cost` (projected decode speed).
+curves, budget allocation), `streamed` (a store replayed in layer groups), `windowed` (a store replayed a
+window of tokens at a time: memory bounded at any length), `cost` (projected decode speed).
 
     >>> from moescope.cache import simulate
     >>> simulate(trace, [8, 16, 32], ["lru", "belady"]).rows()

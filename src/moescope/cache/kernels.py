@@ -25,17 +25,24 @@ NEVER = np.iinfo(np.int64).max  # next use of an item that is not used again (in
 @njit
 def next_use(req, reset, n_items):
     """[groups, k] int64: the next group (same segment) that needs each request's item, or NEVER."""
+    out = np.empty(req.shape, dtype=np.int64)
+    next_use_into(req, reset, 0, np.full(n_items, NEVER, dtype=np.int64), out)
+    return out
+
+
+@njit
+def next_use_into(req, reset, g0, last, out):
+    """`next_use` of one window of a stream whose first group is group `g0`, windows taken last to first:
+    ``last: [n_items]`` (NEVER at the start) holds each item's first use in the windows after this one and
+    is updated; ``out`` [groups, k] receives the stream-wide group indices."""
     g_n, k = req.shape
-    out = np.empty((g_n, k), dtype=np.int64)
-    last = np.full(n_items, NEVER, dtype=np.int64)
     for g in range(g_n - 1, -1, -1):
         for j in range(k):
             x = req[g, j]
             out[g, j] = last[x]
-            last[x] = g
+            last[x] = g0 + g
         if reset[g]:
             last[:] = NEVER
-    return out
 
 
 # -- LRU: a doubly linked list over item ids, O(1) per access -------------------------------------
@@ -48,12 +55,26 @@ def lru(req, reset, n_items, capacity):
 @njit
 def _lru(req, reset, n_items, capacity, per_group):
     """`lru`, also writing each group's demand misses to ``per_group [groups]`` when it is not empty."""
+    prv, nxt, cached, sc = lru_state(n_items)
+    lru_run(req, reset, capacity, prv, nxt, cached, sc, per_group)
+    return sc[:4].copy()
+
+
+@njit
+def lru_state(n_items):
+    """A fresh (empty) LRU cache for `lru_run`: ``(prv, nxt, cached, sc)``; ``sc[:4]`` is the stats so far,
+    ``sc[4:7]`` the list's head, tail and size."""
+    sc = np.zeros(7, dtype=np.int64)
+    sc[4], sc[5] = -1, -1
+    return np.full(n_items, -1, dtype=np.int64), np.full(n_items, -1, dtype=np.int64), np.zeros(n_items, np.bool_), sc
+
+
+@njit
+def lru_run(req, reset, capacity, prv, nxt, cached, sc, per_group):
+    """Replay one window of a stream through the LRU cache ``(prv, nxt, cached, sc)`` (`lru_state`), carried
+    from the previous window: the windows of a stream, replayed in order, count as the whole stream does."""
     g_n, k = req.shape
-    prv = np.full(n_items, -1, dtype=np.int64)
-    nxt = np.full(n_items, -1, dtype=np.int64)
-    cached = np.zeros(n_items, dtype=np.bool_)
-    head, tail, size = -1, -1, 0
-    hits, misses = 0, 0
+    hits, misses, head, tail, size = sc[0], sc[1], sc[4], sc[5], sc[6]
     for g in range(g_n):
         if reset[g]:
             cached[:] = False
@@ -109,7 +130,7 @@ def _lru(req, reset, n_items, capacity, per_group):
             head = x
         if per_group.shape[0]:
             per_group[g] = misses - m0
-    return np.array([hits, misses, 0, 0], dtype=np.int64)
+    sc[0], sc[1], sc[4], sc[5], sc[6] = hits, misses, head, tail, size
 
 
 @njit
@@ -192,13 +213,41 @@ def scan_policy(req, reset, n_items, capacity, kind, aging):
 def _scan_policy(req, reset, n_items, capacity, kind, aging, per_group):
     """`scan_policy`, also writing each group's demand misses to ``per_group [groups]`` when it is not empty."""
     if kind == SCAN_FIFO:
-        return _fifo(req, reset, n_items, capacity, per_group)
-    return _heap_policy(req, reset, n_items, capacity, kind == SCAN_BELADY, aging, per_group)
+        nxt, prv, cached, need, new, sc = fifo_state(n_items, req.shape[1])
+        fifo_run(req, reset, 0, capacity, nxt, prv, cached, need, new, sc, per_group)
+        return sc[:4].copy()
+    belady = kind == SCAN_BELADY
+    nu = next_use(req, reset, n_items) if belady else np.empty((1, 1), dtype=np.int64)
+    h_x, h_a, h_b, pos, need, uses, p_x, p_a, p_b, sc = heap_state(n_items, capacity, req.shape[1])
+    heap_run(req, reset, 0, n_items, capacity, belady, aging, nu, h_x, h_a, h_b, pos, need, uses, p_x, p_a, p_b, sc,
+             per_group)  # fmt: skip
+    return sc[:4].copy()
 
 
 @njit
-def _heap_policy(req, reset, n_items, capacity, belady, aging, per_group):
-    """LFU (or Belady when `belady`) for `_scan_policy`: evict the cached item with the smallest (key1, key2)
+def heap_state(n_items, capacity, k):
+    """A fresh (empty) LFU / Belady cache for `heap_run`: ``(h_x, h_a, h_b, pos, need, uses, p_x, p_a, p_b,
+    sc)``; ``sc[:4]`` is the stats so far, ``sc[4]`` the heap's size."""
+    return (
+        np.empty(capacity, dtype=np.int64),
+        np.empty(capacity, dtype=np.int64),
+        np.empty(capacity, dtype=np.int64),
+        np.full(n_items, -1, dtype=np.int64),
+        np.full(n_items, -1, dtype=np.int64),
+        np.zeros(n_items, dtype=np.int64),
+        np.empty(k, dtype=np.int64),
+        np.empty(k, dtype=np.int64),
+        np.empty(k, dtype=np.int64),
+        np.zeros(5, dtype=np.int64),
+    )
+
+
+@njit
+def heap_run(req, reset, g0, n_items, capacity, belady, aging, nu, h_x, h_a, h_b, pos, need, uses, p_x, p_a, p_b, sc,
+             per_group):  # fmt: skip
+    """LFU (or Belady when `belady`) for `_scan_policy`, one window of the stream (first group: stream group
+    `g0`) through the cache state of `heap_state`, carried from the previous window; Belady reads `nu`, the
+    window's `next_use` in stream-wide group indices. Evict the cached item with the smallest (key1, key2)
     that the group does not need. LFU: (uses, last use group * n_items + id); Belady: (-(next use), id).
 
     The cached items form a binary min-heap by position ``h_x, h_a, h_b: [capacity]`` (item, key1, key2;
@@ -211,20 +260,12 @@ def _heap_policy(req, reset, n_items, capacity, belady, aging, per_group):
     # costs about as much as a whole sift here). Keys only grow on an LFU hit (sift down) and only shrink on
     # a Belady hit (its next use moves later, sift up). Halving the LFU counts (aging) keeps their order but
     # can tie counts that differed, so that the heap is rebuilt then, and stays exact.
+    # uses: LFU counts, kept for items not cached; p_x, p_a, p_b: the parked items of the group and their keys
     g_n, k = req.shape
-    nu = next_use(req, reset, n_items) if belady else np.empty((1, 1), dtype=np.int64)
-    h_x = np.empty(capacity, dtype=np.int64)
-    h_a = np.empty(capacity, dtype=np.int64)
-    h_b = np.empty(capacity, dtype=np.int64)
-    pos = np.full(n_items, -1, dtype=np.int64)
-    need = np.full(n_items, -1, dtype=np.int64)
-    uses = np.zeros(n_items, dtype=np.int64)  # LFU counts, kept for items not cached
-    p_x = np.empty(k, dtype=np.int64)  # the parked items of the group and their keys
-    p_a = np.empty(k, dtype=np.int64)
-    p_b = np.empty(k, dtype=np.int64)
-    n_h, hits, misses = 0, 0, 0
-    for g in range(g_n):
-        if reset[g]:
+    hits, misses, n_h = sc[0], sc[1], sc[4]
+    for gl in range(g_n):
+        g = g0 + gl  # stream-wide: `need`, LFU's stamps and the aging period count across windows
+        if reset[gl]:
             for i in range(n_h):
                 pos[h_x[i]] = -1
             n_h = 0
@@ -237,7 +278,7 @@ def _heap_policy(req, reset, n_items, capacity, belady, aging, per_group):
             _heapify(h_x, h_a, h_b, pos, n_h)
         m0 = misses
         for j in range(k):
-            x = req[g, j]
+            x = req[gl, j]
             need[x] = g
             if not belady:
                 uses[x] += 1
@@ -246,12 +287,12 @@ def _heap_policy(req, reset, n_items, capacity, belady, aging, per_group):
                 continue
             hits += 1
             if belady:  # the new key is smaller
-                _sift_up(h_x, h_a, h_b, pos, i, x, -nu[g, j], x)
+                _sift_up(h_x, h_a, h_b, pos, i, x, -nu[gl, j], x)
             else:  # the new key is larger
                 _sift_down(h_x, h_a, h_b, pos, n_h, i, x, uses[x], g * n_items + x)
         n_p = 0
         for j in range(k):
-            x = req[g, j]
+            x = req[gl, j]
             if pos[x] != -1:
                 continue
             misses += 1
@@ -267,7 +308,7 @@ def _heap_policy(req, reset, n_items, capacity, belady, aging, per_group):
                 else:
                     pos[v] = -1
             if belady:
-                p_a[n_p], p_b[n_p] = -nu[g, j], x
+                p_a[n_p], p_b[n_p] = -nu[gl, j], x
             else:
                 p_a[n_p], p_b[n_p] = uses[x], g * n_items + x
             p_x[n_p] = x
@@ -277,8 +318,8 @@ def _heap_policy(req, reset, n_items, capacity, belady, aging, per_group):
             _sift_up(h_x, h_a, h_b, pos, n_h, p_x[t], p_a[t], p_b[t])
             n_h += 1
         if per_group.shape[0]:
-            per_group[g] = misses - m0
-    return np.array([hits, misses, 0, 0], dtype=np.int64)
+            per_group[gl] = misses - m0
+    sc[0], sc[1], sc[4] = hits, misses, n_h
 
 
 @njit
@@ -327,8 +368,21 @@ def _sift_down(h_x, h_a, h_b, pos, n, i, x, a, b):
 
 
 @njit
-def _fifo(req, reset, n_items, capacity, per_group):
-    """FIFO for `_scan_policy`: evict the cached item with the smallest (load group, id) the group does not need.
+def fifo_state(n_items, k):
+    """A fresh (empty) FIFO cache for `fifo_run`: ``(nxt, prv, cached, need, new, sc)``; ``sc[:4]`` is the
+    stats so far, ``sc[4]`` the number of cached items."""
+    nxt = np.empty(n_items + 1, dtype=np.int64)
+    prv = np.empty(n_items + 1, dtype=np.int64)
+    nxt[n_items], prv[n_items] = n_items, n_items
+    need = np.full(n_items + 1, -1, dtype=np.int64)  # need[s] stays -1: a walk never passes the sentinel
+    return nxt, prv, np.zeros(n_items, dtype=np.bool_), need, np.empty(k, dtype=np.int64), np.zeros(5, dtype=np.int64)
+
+
+@njit
+def fifo_run(req, reset, g0, capacity, nxt, prv, cached, need, new, sc, per_group):
+    """FIFO for `_scan_policy`, one window of the stream (first group: stream group `g0`) through the cache
+    state of `fifo_state`, carried from the previous window: evict the cached item with the smallest (load
+    group, id) the group does not need.
 
     The cached items form one circular doubly linked list through ``nxt``, ``prv: [n_items + 1]`` (node
     n_items is the sentinel: nxt[s] the oldest, prv[s] the newest) kept in (load group, id) order: a group's
@@ -337,28 +391,23 @@ def _fifo(req, reset, n_items, capacity, per_group):
     k - 1 of them: its new items join the list after the loop), so each miss walks at most k steps.
     """
     g_n, k = req.shape
-    s = n_items
-    nxt = np.empty(n_items + 1, dtype=np.int64)
-    prv = np.empty(n_items + 1, dtype=np.int64)
-    nxt[s], prv[s] = s, s
-    cached = np.zeros(n_items, dtype=np.bool_)
-    need = np.full(n_items + 1, -1, dtype=np.int64)  # need[s] stays -1: a walk never passes the sentinel
-    new = np.empty(k, dtype=np.int64)  # this group's misses, ascending id
-    size, hits, misses = 0, 0, 0
-    for g in range(g_n):
-        if reset[g]:
+    s = cached.shape[0]  # the sentinel; `new`: this group's misses, ascending id
+    hits, misses, size = sc[0], sc[1], sc[4]
+    for gl in range(g_n):
+        g = g0 + gl  # stream-wide, as `need` is
+        if reset[gl]:
             cached[:] = False
             nxt[s], prv[s] = s, s
             size = 0
         m0 = misses
         for j in range(k):
-            x = req[g, j]
+            x = req[gl, j]
             need[x] = g
             if cached[x]:
                 hits += 1
         m = 0
         for j in range(k):
-            x = req[g, j]
+            x = req[gl, j]
             if cached[x]:
                 continue
             misses += 1
@@ -383,8 +432,8 @@ def _fifo(req, reset, n_items, capacity, per_group):
             t = prv[s]
             prv[x], nxt[x], nxt[t], prv[s] = t, s, x, x
         if per_group.shape[0]:
-            per_group[g] = misses - m0
-    return np.array([hits, misses, 0, 0], dtype=np.int64)
+            per_group[gl] = misses - m0
+    sc[0], sc[1], sc[4] = hits, misses, size
 
 
 @njit
@@ -398,8 +447,21 @@ def static_set(req, reset, pinned):
 @njit
 def _static_set(req, reset, pinned, per_group):
     """`static_set`, also writing each group's misses to ``per_group [groups]`` when it is not empty."""
+    loaded, sc = static_state(pinned.shape[0])
+    static_run(req, reset, pinned, loaded, sc, per_group)
+    return sc
+
+
+@njit
+def static_state(n_items):
+    """A fresh static set for `static_run`: ``(loaded, sc)``, ``sc`` the stats so far."""
+    return np.zeros(n_items, dtype=np.bool_), np.zeros(4, dtype=np.int64)
+
+
+@njit
+def static_run(req, reset, pinned, loaded, sc, per_group):
+    """`static_set` over one window of a stream, with the state of `static_state` carried from the previous one."""
     g_n, k = req.shape
-    loaded = np.zeros(pinned.shape[0], dtype=np.bool_)
     hits = 0
     for g in range(g_n):
         if reset[g]:
@@ -413,7 +475,8 @@ def _static_set(req, reset, pinned, per_group):
                 loaded[x] = True
         if per_group.shape[0]:
             per_group[g] = k - (hits - h0)
-    return np.array([hits, g_n * k - hits, 0, 0], dtype=np.int64)
+    sc[0] += hits
+    sc[1] += g_n * k - hits
 
 
 # -- ARC (Megiddo & Modha, FAST 2003), with the group constraint ---------------------------------

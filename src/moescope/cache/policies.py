@@ -11,7 +11,7 @@ tests run over the same registry. Kernels live in `moescope.cache.kernels`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import numpy as np
@@ -67,6 +67,10 @@ class CachePolicy:
     offline: ClassVar[bool] = False
     bypass: ClassVar[bool] = False  # misses are served from slow memory without entering the cache
     near_misses: ClassVar[bool] = False  # reads `Stream.near` (the trace's router candidates): named only
+    # replays a stream a window at a time (`replayer`; `moescope.cache.windowed`), so memory does not grow with
+    # the trace's length; a learner among them fits from the train split's per-item counts (`fit_counts`)
+    windowed: ClassVar[bool] = False
+    reads_next_use: ClassVar[bool] = False  # its replayer reads each access's next use (offline)
 
     def __init__(self, params: PolicyParams) -> None:
         self.params = params
@@ -83,6 +87,31 @@ class CachePolicy:
         (`moescope.cache.timeline`); None for a policy whose transfers are not all demand loads."""
         return None
 
+    def replayer(self, n_items: int, k: int, capacity: int) -> Replayer:
+        """An empty cache of `capacity` that replays a stream window by window (`windowed` policies only)."""
+        raise NotImplementedError(f"{self.name} replays whole streams only")
+
+    def fit_counts(self, counts: np.ndarray) -> None:
+        """Learn from the train split's ``[n_items]`` access counts (`windowed` learners only)."""
+        raise NotImplementedError(f"{self.name} fits on a whole train stream only")
+
+
+_NO_GROUPS = np.empty(0, dtype=np.int64)  # a kernel's per-group output, not asked for
+
+
+@dataclasses.dataclass
+class Replayer:
+    """One policy's cache at one capacity, fed a stream's windows in order: ``feed(req, reset, g0, nu)`` with
+    the window's ``[groups, k]`` int32 ids, ``[groups]`` reset flags, its first group's index in the stream
+    and (`CachePolicy.reads_next_use`) its ``[groups, k]`` next uses in stream-wide group indices (else
+    None); ``sc[:4]`` accumulates the stats `CachePolicy.run` returns for the whole stream."""
+
+    feed: Callable[[np.ndarray, np.ndarray, int, np.ndarray | None], None]
+    sc: np.ndarray
+
+    def stats(self) -> np.ndarray:
+        return self.sc[:4].copy()
+
 
 POLICIES: dict[str, type[CachePolicy]] = {}
 
@@ -93,13 +122,17 @@ def register(cls: type[CachePolicy]) -> type[CachePolicy]:
 
 
 # The policies `cache` and `simulate` run when none is named, chosen by cost alone, never by their results: the
-# LRU baseline and the Belady floor (every gap is measured between them), then the other policies cheapest first
-# while ``moescope cache`` with the defaults at three capacities on 1M tokens x 48 layers x top-8 stays under
-# 60 s on 2 cores with 10% to spare (`bench/cache_e2e.py`). Its CPU seconds per policy (one layer's fit and
-# three replays, one thread, x 48): LFU-static 5, LRU 8, FIFO 9, SIEVE 13, 2Q 15, ARC 16, SLRU 18, LIRS 18, LFU
-# 25, S3-FIFO 30, Belady 33, W-TinyLFU 34, LeCaR 40, Cacheus 74, LRFU 89 (its fit included), coact-prefetch 147,
-# learned 418-538, adaptive LRFU 433. End to end (wall, with reading the store): LRU + FIFO + LFU-static +
-# Belady 53 s; with SIEVE too 62-64 s. Every other policy runs when named, or with ``--policy all``.
+# LRU baseline and the Belady floor (every gap is measured between them), then, among the policies that replay
+# in windows (`windowed`, so the default run's memory does not grow with the trace's length:
+# `moescope.cache.windowed`), the cheapest first while ``moescope cache`` with the defaults at three capacities
+# on 1M tokens x 48 layers x top-8 stays under 60 s on 2 cores with 10% to spare (`bench/cache_e2e.py`). Its CPU
+# seconds per policy (one layer's fit and three replays, one thread, x 48): LFU-static 5, SIEVE 11, LRU 13,
+# FIFO 14, ARC 19, 2Q 20, SLRU 21, LIRS 27, S3-FIFO 31, LFU 42, Belady 47, W-TinyLFU 48, LeCaR 53, Cacheus 97,
+# LRFU 118 (its fit included), coact-prefetch 198, learned 440, adaptive LRFU 523. End to end (wall, with
+# reading the store) LRU + FIFO + LFU-static + Belady take 38 s and 0.4 GB in windows; LFU, the one windowed
+# policy left, would add about 21 s (its CPU seconds over 2 cores): over the 54 s. Before the windows (layer
+# groups) the same set took 53 s, and SIEVE too 62-64 s. Every other policy runs when named, or with
+# ``--policy all``.
 DEFAULT_POLICIES = ("lru", "fifo", "lfu-static", "belady")
 
 
@@ -133,6 +166,7 @@ def make_policy(name: str, params: PolicyParams | None = None) -> CachePolicy:
 class LRU(CachePolicy):
     name = "lru"
     summary = "least recently used (the baseline every cache must beat)"
+    windowed = True
 
     def run(self, stream: Stream, capacity: int) -> np.ndarray:
         return K.lru(stream.req, stream.reset, stream.n_items, capacity)
@@ -142,11 +176,16 @@ class LRU(CachePolicy):
         K._lru(stream.req, stream.reset, stream.n_items, capacity, out)
         return out
 
+    def replayer(self, n_items: int, k: int, capacity: int) -> Replayer:
+        st = K.lru_state(n_items)
+        return Replayer(lambda req, reset, g0, nu: K.lru_run(req, reset, capacity, *st, _NO_GROUPS), st[-1])
+
 
 @register
 class FIFO(CachePolicy):
     name = "fifo"
     summary = "first in, first out (hits do not refresh)"
+    windowed = True
 
     def run(self, stream: Stream, capacity: int) -> np.ndarray:
         return K.scan_policy(stream.req, stream.reset, stream.n_items, capacity, K.SCAN_FIFO, 0)
@@ -154,17 +193,25 @@ class FIFO(CachePolicy):
     def misses_per_group(self, stream: Stream, capacity: int) -> np.ndarray:
         return _scan_groups(stream, capacity, K.SCAN_FIFO, 0)
 
+    def replayer(self, n_items: int, k: int, capacity: int) -> Replayer:
+        st = K.fifo_state(n_items, k)
+        return Replayer(lambda req, reset, g0, nu: K.fifo_run(req, reset, g0, capacity, *st, _NO_GROUPS), st[-1])
+
 
 @register
 class LFU(CachePolicy):
     name = "lfu"
     summary = "least frequently used, counts since the cache started (halved every --aging tokens if set)"
+    windowed = True
 
     def run(self, stream: Stream, capacity: int) -> np.ndarray:
         return K.scan_policy(stream.req, stream.reset, stream.n_items, capacity, K.SCAN_LFU, self.params.aging)
 
     def misses_per_group(self, stream: Stream, capacity: int) -> np.ndarray:
         return _scan_groups(stream, capacity, K.SCAN_LFU, self.params.aging)
+
+    def replayer(self, n_items: int, k: int, capacity: int) -> Replayer:
+        return _heap_replayer(n_items, k, capacity, False, self.params.aging)
 
 
 @register
@@ -173,9 +220,13 @@ class LFUStatic(CachePolicy):
     summary = "the capacity's most frequent experts of the train split, pinned (loaded at first use); the rest bypass"
     learns = True
     bypass = True
+    windowed = True
 
     def fit(self, train: Stream) -> None:
-        self._order = np.argsort(-np.bincount(train.req.ravel(), minlength=train.n_items), kind="stable")
+        self.fit_counts(np.bincount(train.req.ravel(), minlength=train.n_items))
+
+    def fit_counts(self, counts: np.ndarray) -> None:
+        self._order = np.argsort(-counts, kind="stable")
 
     def _pinned(self, n_items: int, capacity: int) -> np.ndarray:
         pinned = np.zeros(n_items, dtype=np.bool_)
@@ -189,6 +240,10 @@ class LFUStatic(CachePolicy):
         out = np.zeros(stream.req.shape[0], dtype=np.int64)
         K._static_set(stream.req, stream.reset, self._pinned(stream.n_items, capacity), out)
         return out
+
+    def replayer(self, n_items: int, k: int, capacity: int) -> Replayer:
+        pinned, (loaded, sc) = self._pinned(n_items, capacity), K.static_state(n_items)
+        return Replayer(lambda req, reset, g0, nu: K.static_run(req, reset, pinned, loaded, sc, _NO_GROUPS), sc)
 
 
 @register
@@ -293,12 +348,28 @@ class Belady(CachePolicy):
     name = "belady"
     summary = "offline optimum (MIN): evict the expert needed furthest in the future; the floor"
     offline = True
+    windowed = True
+    reads_next_use = True
 
     def run(self, stream: Stream, capacity: int) -> np.ndarray:
         return K.scan_policy(stream.req, stream.reset, stream.n_items, capacity, K.SCAN_BELADY, 0)
 
     def misses_per_group(self, stream: Stream, capacity: int) -> np.ndarray:
         return _scan_groups(stream, capacity, K.SCAN_BELADY, 0)
+
+    def replayer(self, n_items: int, k: int, capacity: int) -> Replayer:
+        return _heap_replayer(n_items, k, capacity, True, 0)
+
+
+def _heap_replayer(n_items: int, k: int, capacity: int, belady: bool, aging: int) -> Replayer:
+    st = K.heap_state(n_items, capacity, k)
+    unused = np.empty((1, 1), dtype=np.int64)
+
+    def feed(req: np.ndarray, reset: np.ndarray, g0: int, nu: np.ndarray | None) -> None:
+        nu = unused if nu is None else nu
+        K.heap_run(req, reset, g0, n_items, capacity, belady, aging, nu, *st, _NO_GROUPS)
+
+    return Replayer(feed, st[-1])
 
 
 def _scan_groups(stream: Stream, capacity: int, kind: int, aging: int) -> np.ndarray:

@@ -136,6 +136,13 @@ def split_streams(
     )
 
 
+def check_params(params: PolicyParams) -> None:
+    if params.aging < 0:
+        raise UsageError(f"aging {params.aging} is negative; give 0 (off) or a number of tokens")
+    if params.prefetch < 0:
+        raise UsageError(f"prefetch {params.prefetch} is negative; give 0 (off) or the experts to prefetch")
+
+
 def check_capacities(capacities: Sequence[int], k: int, n_items: int, what: str = "capacity") -> list[int]:
     out = []
     for c in capacities:
@@ -313,10 +320,7 @@ def simulate(
     if not names:
         raise UsageError("no cache policy given; choose from " + ", ".join(POLICIES))
     instances = {name: make_policy(name, params) for name in names}
-    if params.aging < 0:
-        raise UsageError(f"aging {params.aging} is negative; give 0 (off) or a number of tokens")
-    if params.prefetch < 0:
-        raise UsageError(f"prefetch {params.prefetch} is negative; give 0 (off) or the experts to prefetch")
+    check_params(params)
     train, test, tokens = split_streams(
         trace, split, pooled=pooled, reset_per_sequence=reset_per_sequence, fit_labels=fit_labels,
         score_labels=score_labels, near=reads_near_misses(names),

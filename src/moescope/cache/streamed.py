@@ -22,7 +22,10 @@ top-8: 16 layers a group). Memory therefore grows with one layer's ids, about 16
 not fit cannot be replayed.
 
 A pooled cache (one cache over every layer) needs every layer at once and is not streamed: `simulate_store`
-reads the whole routing for it.
+reads the whole routing for it. When every policy named can carry its cache from one window of tokens to
+the next (the default set among them), `simulate_store` hands the store to `moescope.cache.windowed`
+instead, whose memory does not grow with the trace's length; the layer groups here serve the other
+policies, the miss curves and a disk without room for the layer files.
 
     >>> result = simulate_store(TraceStore("run.zarr"), [16, 32], ["lru", "belady"])
 """
@@ -85,7 +88,7 @@ class LayerColumns:
     def _write(self) -> None:
         st, step = self.store, self.store.chunk_tokens * SPAN_CHUNKS
         spans = [(lo, min(lo + step, st.n_tokens)) for lo in range(0, st.n_tokens, step)]
-        files = [open(self._path(x), "wb") for x in self.layer_ids]  # noqa: SIM115  (closed below)
+        files = [open(self.path(x), "wb") for x in self.layer_ids]  # noqa: SIM115  (closed below)
         # the next span is decoded (zarr: in parallel across its chunks) while this one is checked and written
         with ThreadPoolExecutor(max_workers=1) as reader:
             try:
@@ -103,7 +106,8 @@ class LayerColumns:
                 for f in files:
                     f.close()
 
-    def _path(self, layer: int) -> Path:
+    def path(self, layer: int) -> Path:
+        """The raw file of model layer `layer`."""
         return self._dir / f"layer-{layer}.bin"
 
     def routing_at(self, layers: Sequence[int]) -> RoutingTrace:
@@ -111,7 +115,7 @@ class LayerColumns:
         st, k = self.store, self.store.top_k
         out = np.empty((st.n_tokens, len(layers), k), dtype=EXPERT_DTYPE)
         for i, x in enumerate(layers):
-            out[:, i, :] = np.fromfile(self._path(int(x)), dtype=EXPERT_DTYPE).reshape(st.n_tokens, k)
+            out[:, i, :] = np.fromfile(self.path(int(x)), dtype=EXPERT_DTYPE).reshape(st.n_tokens, k)
         return st.routing_of(out, [int(x) for x in layers], checked=True)  # checked while decoding (`_write`)
 
     def close(self) -> None:
@@ -169,7 +173,21 @@ def simulate_store(
     **kwargs: Any,
 ) -> CacheResult:
     """`simulate` over a `TraceStore` (model `layers`, default all) read in layer groups (module docstring);
-    other keyword arguments as `simulate`'s."""
+    other keyword arguments as `simulate`'s. When every policy replays in windows and the disk has the room,
+    each layer is replayed a window of tokens at a time instead (`moescope.cache.windowed`: memory bounded
+    at any trace length)."""
+    from moescope.cache import windowed
+    from moescope.cache.policies import POLICIES, default_policies
+
+    names = list(default_policies() if policies is None else policies)
+    n_layers = len(store.layer_ids if layers is None else layers)
+    if (
+        all(n in POLICIES for n in names)
+        and windowed.eligible(names, pooled, kwargs.get("scheduler"))
+        and windowed.room(store, n_layers, windowed.usable_cpus())
+    ):
+        rest = {k: v for k, v in kwargs.items() if k != "scheduler"}
+        return windowed.simulate_windows(store, capacities, policies, layers=layers, progress=progress, **rest)
     if pooled:
         trace = store.routing_at(store.layer_ids if layers is None else layers)
         return simulate(trace, capacities, policies, pooled=True, progress=progress, **kwargs)

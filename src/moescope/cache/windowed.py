@@ -1,0 +1,318 @@
+"""Cache replays of a stored trace a window of tokens at a time, so memory does not grow with the trace's length.
+
+`moescope.cache.streamed` bounds memory by the number of layers read at once; a layer's whole stream is
+still replayed in one kernel call, so memory grows with the number of tokens (about 16 x k bytes per token).
+Here the policies that can carry their cache from one window of a stream to the next
+(`CachePolicy.windowed`: LRU, FIFO, LFU, LFU-static and Belady, the default set among them) replay each
+layer's stream a window of `WINDOW_TOKENS` store tokens at a time, with the same counts as one whole-stream
+call (tests check it):
+
+- the store is decoded once into one raw file per layer (`streamed.LayerColumns`), and each window is read
+  from its layer's file with plain reads (no memory map, so the pages read do not stay resident);
+- a window's stream is the tokens of that window which belong to the replayed part (the second halves of
+  the sequences, the scored labels' sequences, or every token with ``--split all``), in order; the cache
+  restarts empty at the part's first token and, with ``--reset-per-sequence``, at each of its sequences;
+- LFU-static is fitted from the train part's per-expert counts, summed window by window;
+- Belady needs each access's next use: one pass over the windows from last to first writes them to a
+  temporary file (8 x k bytes per replayed token), which the forward pass reads back window by window.
+
+Memory is then one window per worker (ids, stream, next uses: about 30 x k bytes per window token, 250 MB at
+top-8 for 2^20 tokens) plus each cache's state (items x a few words) and the sequence table, at any trace
+length. Layers are replayed in parallel, one per worker. Disk: the layer files (tokens x layers x k x 2
+bytes) and, for Belady, each worker's next-use file. A pooled cache, a Dask scheduler, a policy that is not
+windowed, or a disk without that room use `streamed` instead.
+
+`WINDOW_TOKENS` bounds memory, not results (counts are exact for any window).
+
+    >>> result = simulate_windows(TraceStore("run.zarr"), [16, 32], ["lru", "belady"])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moescope.cache import kernels as K
+from moescope.cache.policies import POLICIES, CachePolicy, PolicyParams, default_policies, make_policy
+from moescope.cache.simulate import CacheResult, check_capacities, check_params
+from moescope.cache.streamed import LayerColumns
+from moescope.errors import UsageError
+from moescope.slicing import EVAL_SPLITS, label_protocol
+from moescope.trace import EXPERT_DTYPE, layer_positions
+
+WINDOW_TOKENS = 1 << 20  # store tokens per window (memory per worker: module docstring)
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """The tokens of a trace one stream replays: the sorted, disjoint token ranges ``[starts[i], ends[i])``, in
+    order; the cache restarts empty at the part's first token and, with `per_sequence`, at every range's."""
+
+    starts: np.ndarray
+    ends: np.ndarray
+    per_sequence: bool
+
+    @functools.cached_property
+    def offsets(self) -> np.ndarray:
+        """[ranges + 1] each range's first position in the stream, then the stream's length."""
+        return np.concatenate([[0], np.cumsum(self.ends - self.starts)]).astype(np.int64)
+
+    @property
+    def n(self) -> int:
+        return int((self.ends - self.starts).sum())
+
+    def before(self, t: int) -> int:
+        """Stream positions taken by tokens before token `t`."""
+        full = int(np.searchsorted(self.ends, t, side="right"))  # ranges that end at or before t
+        out = int(self.offsets[full])
+        if full < self.starts.size and self.starts[full] < t:
+            out += t - int(self.starts[full])
+        return out
+
+    def mask(self, a: int, b: int) -> np.ndarray:
+        """[b - a] bool: which tokens of ``a:b`` the part holds."""
+        lo = int(np.searchsorted(self.ends, a, side="right"))
+        hi = int(np.searchsorted(self.starts, b, side="left"))
+        d = np.zeros(b - a + 1, dtype=np.int32)
+        np.add.at(d, np.clip(self.starts[lo:hi] - a, 0, b - a), 1)
+        np.add.at(d, np.clip(self.ends[lo:hi] - a, 0, b - a), -1)
+        return np.cumsum(d[:-1]) > 0
+
+    def resets(self, g0: int, count: int) -> np.ndarray:
+        """[count] bool: the reset flags of stream positions ``g0 : g0 + count``."""
+        out = np.zeros(count, dtype=np.bool_)
+        if count and g0 == 0:
+            out[0] = True
+        if self.per_sequence:
+            at = self.offsets[:-1]
+            at = at[(at >= g0) & (at < g0 + count)] - g0
+            out[at] = True
+        return out
+
+
+def parts(
+    store: Any, split: str, fit_labels: Sequence[str] | None, score_labels: Sequence[str] | None, per_sequence: bool
+) -> tuple[Part, Part, tuple[str, ...], tuple[str, ...]]:
+    """(train part, replayed part, fitted labels, scored labels) of `store` for a split mode or the labels
+    protocol, with the errors `simulate` gives for the same arguments."""
+    if split not in EVAL_SPLITS:
+        raise UsageError(f"split {split!r}: expected one of {', '.join(EVAL_SPLITS)}")
+    starts = np.asarray(store.seq_starts, dtype=np.int64)
+    ends = np.append(starts[1:], store.n_tokens).astype(np.int64) if starts.size else starts
+    fit_l: tuple[str, ...] = ()
+    score_l: tuple[str, ...] = ()
+    if fit_labels or score_labels:
+        if split != "test":
+            raise UsageError(f"--split {split} and --fit-labels / --score-labels are two protocols; give one of them")
+        skeleton = _Labelled(store.seq_labels)
+        fit_l, score_l = label_protocol(skeleton, fit_labels, score_labels)  # type: ignore[arg-type]
+        f, s = (np.isin(store.seq_labels, list(x)) for x in (fit_l, score_l))
+        train, test = Part(starts[f], ends[f], per_sequence), Part(starts[s], ends[s], per_sequence)
+    elif split == "all":
+        whole = Part(starts, ends, per_sequence)
+        return whole, whole, fit_l, score_l
+    else:
+        mid = starts + (ends - starts) // 2
+        keep_tr, keep_te = mid > starts, ends > mid  # the sub-traces drop empty ranges
+        train, test = (
+            Part(starts[keep_tr], mid[keep_tr], per_sequence),
+            Part(mid[keep_te], ends[keep_te], per_sequence),
+        )
+    if test.n == 0 or train.n == 0:
+        if fit_l:
+            raise UsageError(f"the {'fit' if train.n == 0 else 'scored'} labels hold no tokens")
+        raise UsageError(
+            f"the trace's sequences are too short to split into train and test halves ({store.n_tokens} tokens in "
+            f"{starts.size} sequences); use split='all' (--split all) to replay it in-sample"
+        )
+    return train, test, fit_l, score_l
+
+
+@dataclasses.dataclass(frozen=True)
+class _Labelled:
+    """What `label_protocol` reads of a trace: its labels."""
+
+    seq_labels: Any
+
+    def labels(self) -> list[str]:
+        """As `RoutingTrace.labels`: distinct labels in first-seen order."""
+        return [] if self.seq_labels is None else list(dict.fromkeys(np.asarray(self.seq_labels).tolist()))
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (the replay's default worker count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def eligible(names: Sequence[str], pooled: bool, scheduler: str | None) -> bool:
+    """Whether `simulate_windows` serves this request (every named policy windowed, per-layer caches, no Dask)."""
+    return not pooled and scheduler is None and all(POLICIES[n].windowed for n in names)
+
+
+def room(store: Any, n_layers: int, workers: int, folder: str | os.PathLike | None = None) -> bool:
+    """Whether the temporary folder's disk holds the layer files and every worker's next-use file (10% spare)."""
+    k = store.top_k
+    need = store.n_tokens * k * (n_layers * EXPERT_DTYPE.itemsize + workers * 8)
+    return shutil.disk_usage(folder or tempfile.gettempdir()).free > 1.1 * need
+
+
+def _windows(part: Part, n_tokens: int, window: int) -> list[tuple[int, int, int, int]]:
+    """[(a, b, g0, count)]: store tokens ``a:b``, the stream position of their first part token and how many
+    they hold, for every window that holds some."""
+    out = []
+    for a in range(0, n_tokens, window):
+        b = min(a + window, n_tokens)
+        g0, g1 = part.before(a), part.before(b)
+        if g1 > g0:
+            out.append((a, b, g0, g1 - g0))
+    return out
+
+
+class _LayerFile:
+    """One layer's ids ([tokens, k] int16, row-major), read a token range at a time with plain reads."""
+
+    def __init__(self, path: Path, k: int) -> None:
+        self._f, self.k = open(path, "rb"), k  # noqa: SIM115  (closed by `close`)
+
+    def rows(self, a: int, b: int) -> np.ndarray:
+        self._f.seek(a * self.k * EXPERT_DTYPE.itemsize)
+        out = np.fromfile(self._f, dtype=EXPERT_DTYPE, count=(b - a) * self.k)
+        if out.size != (b - a) * self.k:  # the file is ours: a short read is a bug or a full disk
+            raise OSError(f"layer file {self._f.name} ended early at token {a + out.size // self.k}")
+        return out.reshape(b - a, self.k)
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _stream(layer: _LayerFile, part: Part, wins: list[tuple[int, int, int, int]]) -> Iterator[tuple[int, Any, Any]]:
+    """(g0, req [count, k] int32, reset [count]) of each window of `part` (in the order of `wins`)."""
+    for a, b, g0, count in wins:
+        req = np.ascontiguousarray(layer.rows(a, b)[part.mask(a, b)], dtype=np.int32)
+        assert req.shape[0] == count
+        yield g0, req, part.resets(g0, count)
+
+
+def replay_layer(
+    path: Path,
+    k: int,
+    n_items: int,
+    n_tokens: int,
+    train: Part,
+    test: Part,
+    policies: Sequence[CachePolicy],
+    capacities: Sequence[int],
+    scratch: Path,
+    window: int = WINDOW_TOKENS,
+) -> np.ndarray:
+    """[policies, capacities, 4] stats of one layer's file (`_LayerFile`) replayed window by window; fitted
+    policies are fitted here (they must be fresh instances per layer); `scratch` holds the next-use file."""
+    layer = _LayerFile(path, k)
+    try:
+        if any(p.learns for p in policies):
+            counts = np.zeros(n_items, dtype=np.int64)
+            for _, req, _ in _stream(layer, train, _windows(train, n_tokens, window)):
+                counts += np.bincount(req.ravel(), minlength=n_items)
+            for p in policies:
+                if p.learns:
+                    p.fit_counts(counts)
+        wins = _windows(test, n_tokens, window)
+        nu_path = None
+        if any(p.reads_next_use for p in policies):
+            nu_path = scratch / f"next-use-{path.stem}.bin"
+            _write_next_use(layer, test, wins, n_items, nu_path)
+        reps = [[p.replayer(n_items, k, c) for c in capacities] for p in policies]
+        with contextlib.ExitStack() as stack:
+            nu_f = None if nu_path is None else stack.enter_context(open(nu_path, "rb"))
+            for g0, req, reset in _stream(layer, test, wins):
+                nu = None
+                if nu_f is not None:
+                    nu_f.seek(g0 * k * 8)
+                    nu = np.fromfile(nu_f, dtype=np.int64, count=req.size).reshape(req.shape)
+                for row in reps:
+                    for r in row:
+                        r.feed(req, reset, g0, nu)
+        if nu_path is not None:
+            nu_path.unlink(missing_ok=True)
+        return np.array([[r.stats() for r in row] for row in reps], dtype=np.int64).reshape(len(policies), -1, 4)
+    finally:
+        layer.close()
+
+
+def _write_next_use(layer: _LayerFile, part: Part, wins: list[tuple[int, int, int, int]], n_items: int,
+                    path: Path) -> None:  # fmt: skip
+    """Every access's next use (`kernels.next_use`, stream-wide) into `path` ([stream, k] int64), computed from
+    the last window to the first."""
+    last = np.full(n_items, K.NEVER, dtype=np.int64)
+    with open(path, "wb") as f:
+        f.truncate(part.n * layer.k * 8)
+        for g0, req, reset in _stream(layer, part, wins[::-1]):
+            out = np.empty(req.shape, dtype=np.int64)
+            K.next_use_into(req, reset, g0, last, out)
+            f.seek(g0 * layer.k * 8)
+            out.tofile(f)
+
+
+def simulate_windows(
+    store: Any,
+    capacities: Sequence[int],
+    policies: Sequence[str] | None = None,
+    *,
+    layers: Sequence[int] | None = None,
+    reset_per_sequence: bool = False,
+    split: str = "test",
+    params: PolicyParams | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    fit_labels: Sequence[str] | None = None,
+    score_labels: Sequence[str] | None = None,
+    window: int = WINDOW_TOKENS,
+    workers: int | None = None,
+    folder: str | os.PathLike | None = None,
+) -> CacheResult:
+    """`simulate` over a `TraceStore` (model `layers`, default all), per-layer caches replayed window by window
+    (module docstring); every named policy must be `CachePolicy.windowed` (`eligible`). Same result as
+    `simulate` on the whole trace."""
+    params = params or PolicyParams()
+    names = list(dict.fromkeys(default_policies() if policies is None else policies))
+    if not names:
+        raise UsageError("no cache policy given; choose from " + ", ".join(POLICIES))
+    for name in names:
+        make_policy(name, params)  # unknown names: a UsageError naming the choices
+    if not all(POLICIES[n].windowed for n in names):
+        raise ValueError(f"not every policy of {names} replays in windows; use moescope.cache.simulate_store")
+    check_params(params)
+    ids = [int(x) for x in (store.layer_ids if layers is None else layers)]
+    layer_positions(store.layer_ids, ids)  # unknown or repeated ids: a UsageError before any work
+    train, test, fit_l, score_l = parts(store, split, fit_labels, score_labels, reset_per_sequence)
+    caps = check_capacities(list(capacities), store.top_k, store.n_experts)
+    n_workers = max(1, min(workers or usable_cpus(), len(ids)))
+    stats = np.zeros((len(names), len(caps), len(ids), 4), dtype=np.int64)
+    with contextlib.ExitStack() as stack:
+        cols = stack.enter_context(LayerColumns(store, ids, folder))
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="moescope-next-use-", dir=folder)))
+
+        def work(i: int) -> None:
+            pols = [make_policy(n, params) for n in names]
+            stats[:, :, i] = replay_layer(cols.path(ids[i]), store.top_k, store.n_experts, store.n_tokens, train,
+                                          test, pols, caps, scratch, window)  # fmt: skip
+
+        if progress:
+            progress(0, len(ids))
+        with ThreadPoolExecutor(max_workers=n_workers) as pool:
+            for done, _ in enumerate(pool.map(work, range(len(ids))), 1):
+                if progress:
+                    progress(done, len(ids))
+    return CacheResult(
+        tuple(names), tuple(caps), tuple(ids), stats, test.n, store.top_k, store.n_experts, False,
+        reset_per_sequence, "labels" if fit_l else split, params, fit_l, score_l,
+    )  # fmt: skip

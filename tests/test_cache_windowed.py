@@ -1,0 +1,201 @@
+"""Cache replays a window of tokens at a time (`moescope.cache.windowed`) give what one whole-stream replay gives."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from conftest import random_trace, run
+from moescope.cache import PolicyParams, make_policy, simulate
+from moescope.cache import kernels as K
+from moescope.cache.policies import POLICIES
+from moescope.cache.simulate import split_streams
+from moescope.cache.streamed import LayerColumns, simulate_store
+from moescope.cache.windowed import _LayerFile, _stream, _windows, parts, simulate_windows
+from moescope.errors import UsageError
+from moescope.imports import write_output
+from moescope.store import TraceStore, save_trace
+
+WINDOWED = [name for name, cls in POLICIES.items() if cls.windowed]
+
+
+@pytest.fixture
+def stored(tmp_path):
+    trace = random_trace(n_tokens=600, n_layers=4, n_experts=16, k=3, n_seq=23, seed=5)
+    path = save_trace(trace, tmp_path / "t.zarr", chunk_tokens=64)
+    return trace, TraceStore(path)
+
+
+def test_the_default_policies_replay_in_windows():
+    from moescope.cache.policies import DEFAULT_POLICIES
+
+    assert set(DEFAULT_POLICIES) <= set(WINDOWED)
+    assert {"lru", "fifo", "lfu", "lfu-static", "belady"} == set(WINDOWED)
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("name", ["lru", "fifo", "lfu", "lfu-static", "belady"])
+@pytest.mark.parametrize("aging", [0, 5])
+def test_a_replayer_fed_windows_counts_as_one_run(name, aging):
+    """Cut anywhere (resets inside windows and at their edges), the windows' counts add up to `run`'s."""
+    rng = np.random.default_rng(7)
+    req = np.argsort(rng.random((500, 12)), axis=1)[:, :3].astype(np.int32)
+    reset = rng.random(500) < 0.03
+    reset[0] = True
+    from moescope.cache.policies import Stream
+
+    stream = Stream(req, reset, 12, 12)
+    for cap in (3, 5, 12):
+        pol = make_policy(name, PolicyParams(aging=aging))
+        if pol.learns:
+            pol.fit(Stream(req[:200], reset[:200], 12, 12))
+        whole = pol.run(stream, cap)
+        nu = K.next_use(req, reset, 12)
+        for cuts in ([], [1, 2, 3], [50, 51, 199, 250, 499], list(range(0, 500, 37))):
+            bounds = [0, *cuts, 500]
+            rep = pol.replayer(12, 3, cap)
+            for a, b in itertools.pairwise(bounds):
+                rep.feed(req[a:b], reset[a:b], a, nu[a:b] if pol.reads_next_use else None)
+            np.testing.assert_array_equal(rep.stats(), whole, err_msg=f"{name} C{cap} cuts {cuts}")
+
+
+@pytest.mark.kernels
+def test_next_use_from_the_last_window_to_the_first_equals_the_whole():
+    rng = np.random.default_rng(2)
+    req = rng.integers(0, 9, size=(300, 2)).astype(np.int32)
+    reset = rng.random(300) < 0.05
+    reset[0] = True
+    whole = K.next_use(req, reset, 9)
+    last, out = np.full(9, K.NEVER, dtype=np.int64), np.empty_like(whole)
+    for a in range(280, -1, -20):
+        K.next_use_into(req[a : a + 20], reset[a : a + 20], a, last, out[a : a + 20])
+    np.testing.assert_array_equal(out, whole)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"reset_per_sequence": True},
+        {"split": "all"},
+        {"split": "all", "reset_per_sequence": True},
+        {"fit_labels": ["law", "code"], "score_labels": ["chat"]},
+        {"score_labels": ["law"], "reset_per_sequence": True},
+    ],
+)
+def test_windows_rebuild_the_streams_of_every_split(stored, kwargs, tmp_path):
+    """The windows of a part, concatenated, are the stream `simulate` replays: same ids and reset flags."""
+    trace, store = stored
+    per_seq = kwargs.get("reset_per_sequence", False)
+    train_s, test_s, tokens = split_streams(
+        trace, kwargs.get("split", "test"), pooled=False, reset_per_sequence=per_seq,
+        fit_labels=kwargs.get("fit_labels"), score_labels=kwargs.get("score_labels"),
+    )  # fmt: skip
+    train_p, test_p, _, _ = parts(store, kwargs.get("split", "test"), kwargs.get("fit_labels"),
+                                  kwargs.get("score_labels"), per_seq)  # fmt: skip
+    assert test_p.n == tokens
+    with LayerColumns(store, [2], folder=tmp_path) as cols:
+        layer = _LayerFile(cols.path(2), store.top_k)
+        try:
+            for part, streams in ((train_p, train_s), (test_p, test_s)):
+                for window in (1, 13, 64, 10**6):
+                    got = list(_stream(layer, part, _windows(part, store.n_tokens, window)))
+                    assert [g0 for g0, _, _ in got] == sorted(g0 for g0, _, _ in got)
+                    np.testing.assert_array_equal(np.concatenate([r for _, r, _ in got]), streams[1].req)
+                    np.testing.assert_array_equal(np.concatenate([f for _, _, f in got]), streams[1].reset)
+        finally:
+            layer.close()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"reset_per_sequence": True},
+        {"split": "all"},
+        {"fit_labels": ["law", "code"], "score_labels": ["chat"]},
+        {"params": PolicyParams(aging=9)},
+    ],
+)
+@pytest.mark.parametrize("window", [1, 50, 10**6])
+def test_windowed_store_equals_the_whole_trace(stored, kwargs, window, tmp_path):
+    trace, store = stored
+    whole = simulate(trace, [3, 5, 9], WINDOWED, **kwargs)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    got = simulate_windows(store, [3, 5, 9], WINDOWED, window=window, folder=scratch, **kwargs)
+    np.testing.assert_array_equal(got.stats, whole.stats)
+    assert got.rows() == whole.rows() and got.to_dict() == whole.to_dict()
+    assert list(scratch.iterdir()) == []  # the layer files and next-use files are removed
+
+
+def test_windowed_layers_and_progress(stored, tmp_path):
+    from moescope.slicing import select_layers
+
+    trace, store = stored
+    seen = []
+    got = simulate_windows(store, [4], ["lru", "belady"], layers=[3, 1], window=40, workers=1, folder=tmp_path,
+                           progress=lambda d, n: seen.append((d, n)))  # fmt: skip
+    np.testing.assert_array_equal(got.stats, simulate(select_layers(trace, [3, 1]), [4], ["lru", "belady"]).stats)
+    assert got.layer_ids == (3, 1)
+    assert seen == [(0, 2), (1, 2), (2, 2)]
+
+
+def test_bad_requests_fail_as_simulate_does(stored, tmp_path):
+    trace, store = stored
+    for kwargs in (
+        {"split": "halves"},
+        {"split": "all", "fit_labels": ["law"]},
+        {"fit_labels": ["nope"]},
+        {"params": PolicyParams(aging=-1)},
+    ):
+        with pytest.raises(UsageError) as whole:
+            simulate(trace, [4], ["lru"], **kwargs)
+        with pytest.raises(UsageError) as windows:
+            simulate_windows(store, [4], ["lru"], folder=tmp_path, **kwargs)
+        assert str(windows.value) == str(whole.value)
+    with pytest.raises(UsageError, match="capacity"):
+        simulate_windows(store, [1], ["lru"], folder=tmp_path)
+    with pytest.raises(UsageError, match="layer"):
+        simulate_windows(store, [4], ["lru"], layers=[9], folder=tmp_path)
+    with pytest.raises(ValueError, match="windows"):
+        simulate_windows(store, [4], ["lru", "arc"], folder=tmp_path)
+    one = TraceStore(save_trace(random_trace(n_tokens=3, n_seq=3, labels=False), tmp_path / "short.zarr"))
+    with pytest.raises(UsageError, match="too short") as windows:
+        simulate_windows(one, [2], ["lru"], folder=tmp_path)
+    with pytest.raises(UsageError) as whole:
+        simulate(one.to_trace(), [2], ["lru"])
+    assert str(windows.value) == str(whole.value)
+    with pytest.raises(UsageError, match="labels") as windows:
+        simulate_windows(one, [2], ["lru"], fit_labels=["a"], folder=tmp_path)
+
+
+def test_simulate_store_replays_in_windows_only_when_it_can(stored, monkeypatch):
+    """Windowed policies, per-layer caches, no Dask and the disk room: windows; otherwise layer groups."""
+    import moescope.cache.windowed as windowed
+
+    _, store = stored
+    calls = []
+    real = windowed.simulate_windows
+    monkeypatch.setattr(windowed, "simulate_windows", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    simulate_store(store, [4], ["lru", "belady"])
+    simulate_store(store, [4])  # the defaults
+    assert len(calls) == 2
+    simulate_store(store, [4], ["lru", "arc"])
+    simulate_store(store, [4], ["lru"], pooled=True)
+    monkeypatch.setattr(windowed, "room", lambda *a, **k: False)
+    simulate_store(store, [4], ["lru"])
+    assert len(calls) == 2
+
+
+def test_cli_defaults_on_a_store_equal_the_npz(capsys, stored, tmp_path):
+    trace, store = stored
+    npz = write_output(trace, tmp_path / "t.npz")
+    code, out_store, err = run(capsys, "cache", store.path, "--capacity", "4,8", "--json")
+    assert code == 0, err
+    code, out_npz, err = run(capsys, "cache", npz, "--capacity", "4,8", "--json")
+    assert code == 0, err
+    assert json.loads(out_store) == json.loads(out_npz)
