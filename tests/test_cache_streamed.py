@@ -106,7 +106,7 @@ def test_cli_reads_a_store_in_groups_like_the_npz(capsys, stored, tmp_path, monk
             "routing_at",
             lambda self, layers, _r=real, _c=cls.__name__: calls.append((_c, list(layers))) or _r(self, layers),
         )
-    args = ["--capacity", "4,8", "--policy", "lru,lrfu,belady", "--curve", "--layers", "1-4", "--json"]
+    args = ["--capacity", "4,8", "--policy", "lru,arc,belady", "--curve", "--layers", "1-4", "--json"]
     code, out_store, err = run(capsys, "cache", store.path, *args)
     assert code == 0, err
     code, out_npz, err = run(capsys, "cache", npz, *args)

@@ -13,7 +13,7 @@ from moescope.cache import PolicyParams, make_policy, simulate
 from moescope.cache import kernels as K
 from moescope.cache.policies import POLICIES
 from moescope.cache.simulate import split_streams
-from moescope.cache.streamed import LayerColumns, simulate_store
+from moescope.cache.streamed import LayerColumns, miss_curves_store, simulate_store
 from moescope.cache.windowed import _LayerFile, _stream, _windows, parts, simulate_windows
 from moescope.errors import UsageError
 from moescope.imports import write_output
@@ -33,11 +33,11 @@ def test_the_default_policies_replay_in_windows():
     from moescope.cache.policies import DEFAULT_POLICIES
 
     assert set(DEFAULT_POLICIES) <= set(WINDOWED)
-    assert {"lru", "fifo", "lfu", "lfu-static", "belady"} == set(WINDOWED)
+    assert {"lru", "fifo", "lfu", "lfu-static", "lrfu", "adaptive-lrfu", "belady"} == set(WINDOWED)
 
 
 @pytest.mark.kernels
-@pytest.mark.parametrize("name", ["lru", "fifo", "lfu", "lfu-static", "belady"])
+@pytest.mark.parametrize("name", ["lru", "fifo", "lfu", "lfu-static", "lrfu", "adaptive-lrfu", "belady"])
 @pytest.mark.parametrize("aging", [0, 5])
 def test_a_replayer_fed_windows_counts_as_one_run(name, aging):
     """Cut anywhere (resets inside windows and at their edges), the windows' counts add up to `run`'s."""
@@ -189,6 +189,13 @@ def test_simulate_store_replays_in_windows_only_when_it_can(stored, monkeypatch)
     monkeypatch.setattr(windowed, "room", lambda *a, **k: False)
     simulate_store(store, [4], ["lru"])
     assert len(calls) == 2
+    curves = []
+    monkeypatch.setattr(windowed, "room", lambda *a, **k: True)
+    real_c = windowed.miss_curves_windows
+    monkeypatch.setattr(windowed, "miss_curves_windows", lambda *a, **k: curves.append(a[1]) or real_c(*a, **k))
+    miss_curves_store(store, ["lru", "belady"])
+    miss_curves_store(store, ["lru", "arc"])
+    assert curves == [["lru", "belady"]]
 
 
 def test_cli_defaults_on_a_store_equal_the_npz(capsys, stored, tmp_path):
@@ -199,3 +206,62 @@ def test_cli_defaults_on_a_store_equal_the_npz(capsys, stored, tmp_path):
     code, out_npz, err = run(capsys, "cache", npz, "--capacity", "4,8", "--json")
     assert code == 0, err
     assert json.loads(out_store) == json.loads(out_npz)
+
+
+@pytest.mark.kernels
+def test_lru_depths_fed_windows_equal_the_whole():
+    rng = np.random.default_rng(4)
+    req = np.argsort(rng.random((400, 10)), axis=1)[:, :3].astype(np.int32)
+    reset = rng.random(400) < 0.04
+    reset[0] = True
+    whole = K.lru_depths(req, reset, 10)
+    state = K.depths_state(10)
+    for a in range(0, 400, 33):
+        K.depths_run(req[a : a + 33], reset[a : a + 33], *state)
+    np.testing.assert_array_equal(state[0], whole)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"reset_per_sequence": True}, {"split": "all"}, {"score_labels": ["chat"]}, {"capacities": [3, 7]}]
+)
+def test_windowed_curves_equal_the_whole_trace(stored, kwargs, tmp_path):
+    from moescope.cache import miss_curves
+    from moescope.cache.windowed import miss_curves_windows
+
+    trace, store = stored
+    names = ["lru", "lfu-static", "belady"]
+    whole = miss_curves(trace, names, **kwargs)
+    (tmp_path / "scratch").mkdir()
+    got = miss_curves_windows(store, names, window=37, folder=tmp_path / "scratch", **kwargs)
+    np.testing.assert_array_equal(got.misses, whole.misses)
+    np.testing.assert_array_equal(got.accesses, whole.accesses)
+    np.testing.assert_array_equal(got.capacities, whole.capacities)
+    assert got.to_dict() == whole.to_dict()
+    assert list((tmp_path / "scratch").iterdir()) == []
+
+
+def test_cli_budget_and_curves_on_a_store_equal_the_npz(capsys, stored, tmp_path):
+    """--curve and --slots (the budget allocation from LRU's curves) read the store in windows."""
+    trace, store = stored
+    npz = write_output(trace, tmp_path / "t.npz")
+    args = ["--capacity", "4", "--curve", "--slots", "40", "--json"]
+    code, out_store, err = run(capsys, "cache", store.path, *args)
+    assert code == 0, err
+    code, out_npz, err = run(capsys, "cache", npz, *args)
+    assert code == 0, err
+    assert json.loads(out_store) == json.loads(out_npz)
+    assert "allocation" in json.loads(out_store) and "curves" in json.loads(out_store)
+
+
+def test_lrfu_fits_from_the_train_prefix_read_in_windows(stored, tmp_path, monkeypatch):
+    """LRFU's fit reads only the train stream's first groups: collected across windows, the same ones."""
+    import moescope.cache.policies as P
+
+    trace, store = stored
+    monkeypatch.setattr(P, "LRFU_FIT_GROUPS", 50)
+    monkeypatch.setattr(P.LRFU, "fit_prefix", 50)
+    whole = simulate(trace, [3, 4, 6, 9], ["lrfu", "lfu-static"])
+    got = simulate_windows(store, [3, 4, 6, 9], ["lrfu", "lfu-static"], window=16, folder=tmp_path)
+    np.testing.assert_array_equal(got.stats, whole.stats)
+    train, _ = parts(store, "test", None, None, False)[:2]
+    assert train.n > 3 * 50  # the prefix spans several windows and stops inside the train stream

@@ -141,12 +141,31 @@ def lru_depths(req, reset, n_items):
     of the recency stack before its group, hist[n_items] = cold accesses (first use in the segment). An LRU
     cache of capacity C >= k misses exactly ``hist[C:].sum()`` times.
     """
+    hist, stack, on_stack, in_group, sc = depths_state(n_items)
+    depths_run(req, reset, hist, stack, on_stack, in_group, sc)
+    return hist
+
+
+@njit
+def depths_state(n_items):
+    """A fresh recency stack for `depths_run`: ``(hist, stack, on_stack, in_group, sc)``, ``hist`` the
+    histogram so far, ``sc[0]`` the stack's depth."""
+    return (
+        np.zeros(n_items + 1, dtype=np.int64),
+        np.empty(n_items, dtype=np.int64),
+        np.zeros(n_items, dtype=np.bool_),
+        np.zeros(n_items, dtype=np.bool_),
+        np.zeros(1, dtype=np.int64),
+    )
+
+
+@njit
+def depths_run(req, reset, hist, stack, on_stack, in_group, sc):
+    """`lru_depths` of one window of a stream, adding to ``hist`` with the stack of `depths_state` carried from
+    the previous window."""
     g_n, k = req.shape
-    hist = np.zeros(n_items + 1, dtype=np.int64)
-    stack = np.empty(n_items, dtype=np.int64)
-    on_stack = np.zeros(n_items, dtype=np.bool_)
-    in_group = np.zeros(n_items, dtype=np.bool_)
-    depth = 0
+    n_items = stack.shape[0]
+    depth = sc[0]
     for g in range(g_n):
         if reset[g]:
             for i in range(depth):
@@ -184,7 +203,7 @@ def lru_depths(req, reset, n_items):
             on_stack[x] = True
             in_group[x] = False
         depth += n_cold
-    return hist
+    sc[0] = depth
 
 
 # -- FIFO, LFU and Belady: `scan_policy` (a linked list for FIFO, a binary min-heap for LFU and Belady) --
@@ -814,14 +833,33 @@ def lrfu(req, reset, n_items, capacity, lam):
 @njit
 def _lrfu(req, reset, n_items, capacity, lam, per_group):
     """`lrfu`, also writing each group's demand misses to ``per_group [groups]`` when it is not empty."""
+    key, cached, need, slots, sc = lrfu_state(n_items, capacity)
+    lrfu_run(req, reset, 0, capacity, lam, key, cached, need, slots, sc, per_group)
+    return sc[:4].copy()
+
+
+@njit
+def lrfu_state(n_items, capacity):
+    """A fresh LRFU cache for `lrfu_run`: ``(key, cached, need, slots, sc)``; ``sc[:4]`` the stats so far,
+    ``sc[4]`` the number of cached items."""
+    return (
+        np.full(n_items, -np.inf),
+        np.zeros(n_items, dtype=np.bool_),
+        np.full(n_items, -1, dtype=np.int64),
+        np.full(capacity, -1, dtype=np.int64),
+        np.zeros(5, dtype=np.int64),
+    )
+
+
+@njit
+def lrfu_run(req, reset, g0, capacity, lam, key, cached, need, slots, sc, per_group):
+    """`lrfu` over one window of a stream (first group: stream group `g0`, so the CRF clock runs on across
+    windows) with the cache of `lrfu_state` carried from the previous window."""
     g_n, k = req.shape
-    key = np.full(n_items, -np.inf)
-    cached = np.zeros(n_items, dtype=np.bool_)
-    need = np.full(n_items, -1, dtype=np.int64)
-    slots = np.full(capacity, -1, dtype=np.int64)
-    size, hits, misses = 0, 0, 0
-    for g in range(g_n):
-        if reset[g]:
+    hits, misses, size = sc[0], sc[1], sc[4]
+    for gl in range(g_n):
+        g = g0 + gl
+        if reset[gl]:
             for i in range(size):
                 cached[slots[i]] = False
             key[:] = -np.inf
@@ -829,9 +867,9 @@ def _lrfu(req, reset, n_items, capacity, lam, per_group):
         now = lam * g
         m0 = misses
         for j in range(k):
-            need[req[g, j]] = g
+            need[req[gl, j]] = g
         for j in range(k):
-            x = req[g, j]
+            x = req[gl, j]
             if cached[x]:
                 hits += 1
                 continue
@@ -845,11 +883,11 @@ def _lrfu(req, reset, n_items, capacity, lam, per_group):
             slots[s] = x
             cached[x] = True
         for j in range(k):
-            x = req[g, j]
+            x = req[gl, j]
             key[x] = log2_add(key[x], now)
         if per_group.shape[0]:
-            per_group[g] = misses - m0
-    return np.array([hits, misses, 0, 0], dtype=np.int64)
+            per_group[gl] = misses - m0
+    sc[0], sc[1], sc[4] = hits, misses, size
 
 
 @njit
@@ -876,31 +914,51 @@ def _lrfu_victim(slots, capacity, key, need, g):
 @njit
 def _adaptive_lrfu(req, reset, n_items, capacity, rates, decay, per_group):
     """`adaptive_lrfu`, also writing each group's demand misses to ``per_group [groups]`` when not empty."""
+    key, need, cached, slots, size, score, sc = adaptive_lrfu_state(n_items, capacity, rates.shape[0])
+    adaptive_lrfu_run(req, reset, 0, capacity, rates, decay, key, need, cached, slots, size, score, sc, per_group)
+    return sc[:4].copy()
+
+
+@njit
+def adaptive_lrfu_state(n_items, capacity, m_n):
+    """A fresh adaptive LRFU cache (and its `m_n` shadows) for `adaptive_lrfu_run`: ``(key, need, cached,
+    slots, size, score, sc)``; ``sc[:4]`` the stats so far. Row `m_n` of ``cached``, ``slots``, ``size`` is
+    the real cache."""
+    return (
+        np.full((m_n, n_items), -np.inf),
+        np.full(n_items, -1, dtype=np.int64),
+        np.zeros((m_n + 1, n_items), dtype=np.bool_),
+        np.full((m_n + 1, capacity), -1, dtype=np.int64),
+        np.zeros(m_n + 1, dtype=np.int64),
+        np.zeros(m_n),
+        np.zeros(4, dtype=np.int64),
+    )
+
+
+@njit
+def adaptive_lrfu_run(req, reset, g0, capacity, rates, decay, key, need, cached, slots, size, score, sc, per_group):
+    """`adaptive_lrfu` over one window of a stream (first group: stream group `g0`) with the caches of
+    `adaptive_lrfu_state` carried from the previous window."""
     g_n, k = req.shape
     m_n = rates.shape[0]
-    key = np.full((m_n, n_items), -np.inf)
-    need = np.full(n_items, -1, dtype=np.int64)
-    cached = np.zeros((m_n + 1, n_items), dtype=np.bool_)  # row m_n: the real cache
-    slots = np.full((m_n + 1, capacity), -1, dtype=np.int64)
-    size = np.zeros(m_n + 1, dtype=np.int64)
-    score = np.zeros(m_n)
-    hits, misses = 0, 0
-    for g in range(g_n):
-        if reset[g]:
+    hits, misses = sc[0], sc[1]
+    for gl in range(g_n):
+        g = g0 + gl
+        if reset[gl]:
             cached[:] = False
             key[:] = -np.inf
             size[:] = 0
             score[:] = 0.0
         m0 = misses
         for j in range(k):
-            need[req[g, j]] = g
+            need[req[gl, j]] = g
         lead = int(np.argmin(score))
         for m in range(m_n + 1):
             kr = lead if m == m_n else m
             if m < m_n:
                 score[m] *= decay
             for j in range(k):
-                x = req[g, j]
+                x = req[gl, j]
                 if cached[m, x]:
                     if m == m_n:
                         hits += 1
@@ -920,8 +978,8 @@ def _adaptive_lrfu(req, reset, n_items, capacity, rates, decay, per_group):
         for m in range(m_n):
             now = rates[m] * g
             for j in range(k):
-                x = req[g, j]
+                x = req[gl, j]
                 key[m, x] = log2_add(key[m, x], now)
         if per_group.shape[0]:
-            per_group[g] = misses - m0
-    return np.array([hits, misses, 0, 0], dtype=np.int64)
+            per_group[gl] = misses - m0
+    sc[0], sc[1] = hits, misses

@@ -68,8 +68,10 @@ class CachePolicy:
     bypass: ClassVar[bool] = False  # misses are served from slow memory without entering the cache
     near_misses: ClassVar[bool] = False  # reads `Stream.near` (the trace's router candidates): named only
     # replays a stream a window at a time (`replayer`; `moescope.cache.windowed`), so memory does not grow with
-    # the trace's length; a learner among them fits from the train split's per-item counts (`fit_counts`)
+    # the trace's length; a learner among them fits from the train split's per-item counts and its first
+    # `fit_prefix` groups (`fit_windows`)
     windowed: ClassVar[bool] = False
+    fit_prefix: ClassVar[int] = 0
     reads_next_use: ClassVar[bool] = False  # its replayer reads each access's next use (offline)
 
     def __init__(self, params: PolicyParams) -> None:
@@ -91,8 +93,9 @@ class CachePolicy:
         """An empty cache of `capacity` that replays a stream window by window (`windowed` policies only)."""
         raise NotImplementedError(f"{self.name} replays whole streams only")
 
-    def fit_counts(self, counts: np.ndarray) -> None:
-        """Learn from the train split's ``[n_items]`` access counts (`windowed` learners only)."""
+    def fit_windows(self, counts: np.ndarray, prefix: Stream) -> None:
+        """Learn from the train split's ``[n_items]`` access counts and its first `fit_prefix` groups (`windowed`
+        learners only; the same model as `fit` on the whole train stream)."""
         raise NotImplementedError(f"{self.name} fits on a whole train stream only")
 
 
@@ -129,9 +132,9 @@ def register(cls: type[CachePolicy]) -> type[CachePolicy]:
 # seconds per policy (one layer's fit and three replays, one thread, x 48): LFU-static 5, SIEVE 11, LRU 13,
 # FIFO 14, ARC 19, 2Q 20, SLRU 21, LIRS 27, S3-FIFO 31, LFU 42, Belady 47, W-TinyLFU 48, LeCaR 53, Cacheus 97,
 # LRFU 118 (its fit included), coact-prefetch 198, learned 440, adaptive LRFU 523. End to end (wall, with
-# reading the store) LRU + FIFO + LFU-static + Belady take 38 s and 0.4 GB in windows; LFU, the one windowed
-# policy left, would add about 21 s (its CPU seconds over 2 cores): over the 54 s. Before the windows (layer
-# groups) the same set took 53 s, and SIEVE too 62-64 s. Every other policy runs when named, or with
+# reading the store) LRU + FIFO + LFU-static + Belady take 38 s and 0.4 GB in windows; the next cheapest
+# windowed policy, LFU, would add about 21 s (its CPU seconds over 2 cores): over the 54 s. Before the windows
+# (layer groups) the same set took 53 s, and SIEVE too 62-64 s. Every other policy runs when named, or with
 # ``--policy all``.
 DEFAULT_POLICIES = ("lru", "fifo", "lfu-static", "belady")
 
@@ -223,9 +226,9 @@ class LFUStatic(CachePolicy):
     windowed = True
 
     def fit(self, train: Stream) -> None:
-        self.fit_counts(np.bincount(train.req.ravel(), minlength=train.n_items))
+        self.fit_windows(np.bincount(train.req.ravel(), minlength=train.n_items), train)
 
-    def fit_counts(self, counts: np.ndarray) -> None:
+    def fit_windows(self, counts: np.ndarray, prefix: Stream) -> None:
         self._order = np.argsort(-counts, kind="stable")
 
     def _pinned(self, n_items: int, capacity: int) -> np.ndarray:
@@ -271,6 +274,11 @@ class LRFU(CachePolicy):
     name = "lrfu"
     summary = "recency-weighted use counts (LRFU), the decay rate per capacity chosen on the train split"
     learns = True
+    windowed = True
+    fit_prefix = LRFU_FIT_GROUPS
+
+    def fit_windows(self, counts: np.ndarray, prefix: Stream) -> None:
+        self.fit(prefix)
 
     def fit(self, train: Stream) -> None:
         n = min(train.req.shape[0], LRFU_FIT_GROUPS)
@@ -295,6 +303,10 @@ class LRFU(CachePolicy):
         K._lrfu(stream.req, stream.reset, stream.n_items, capacity, self.rate(capacity), out)
         return out
 
+    def replayer(self, n_items: int, k: int, capacity: int) -> Replayer:
+        lam, st = self.rate(capacity), K.lrfu_state(n_items, capacity)
+        return Replayer(lambda req, reset, g0, nu: K.lrfu_run(req, reset, g0, capacity, lam, *st, _NO_GROUPS), st[-1])
+
 
 # Adaptive LRFU's memory of its shadows' misses: a miss weighs half after this many groups. Fixed a priori
 # (about a thousand tokens per layer); on ESFT/DeepSeek-V2-Lite half-lives from 256 to 4,096 moved the gap
@@ -306,6 +318,7 @@ ADAPTIVE_HALF_LIFE = 1024
 class AdaptiveLRFU(CachePolicy):
     name = "adaptive-lrfu"
     summary = "LRFU following, online, the decay rate whose shadow cache missed least lately (no fit; when named)"
+    windowed = True
 
     def _args(self) -> tuple[np.ndarray, float]:
         return np.asarray(LRFU_GRID), 2.0 ** (-1.0 / ADAPTIVE_HALF_LIFE)
@@ -317,6 +330,15 @@ class AdaptiveLRFU(CachePolicy):
         out = np.zeros(stream.req.shape[0], dtype=np.int64)
         K._adaptive_lrfu(stream.req, stream.reset, stream.n_items, capacity, *self._args(), out)
         return out
+
+    def replayer(self, n_items: int, k: int, capacity: int) -> Replayer:
+        rates, decay = self._args()
+        st = K.adaptive_lrfu_state(n_items, capacity, rates.shape[0])
+
+        def feed(req: np.ndarray, reset: np.ndarray, g0: int, nu: np.ndarray | None) -> None:
+            K.adaptive_lrfu_run(req, reset, g0, capacity, rates, decay, *st, _NO_GROUPS)
+
+        return Replayer(feed, st[-1])
 
 
 @register

@@ -27,10 +27,16 @@ own two fitted tasks alone).
 choose it), as a CRF at `kernels_learned.NEAR_RATE`. A runtime has them at that moment: the router scores
 every expert.
 
-What the models are not given, and why: gate weights (a `Stream` carries ids only; a gate-weight-weighted
-LRFU built earlier closed less of the gap than LRFU on the ESFT held-out halves and was dropped) and the
-same token's routing at earlier layers (it predicts the current token's experts, which demand loading needs
-now and never evicts; a victim's next use is a later token's).
+What the models are not given, and why: gate weights (a `Stream` carries ids only) and the same token's
+routing at earlier layers (it predicts the current token's experts, which demand loading needs now and never
+evicts; a victim's next use is a later token's). Gate weights were tried as features, two variants fixed
+before validating inside the fitting data only (gap to Belady closed at C 8 / 16 / 32, online refits on):
+one more feature, each expert's gate-weighted CRF at `kernels_learned.NEAR_RATE`, gave 22.8 / 23.1 / 32.8%
+on the ESFT train halves split again against 22.7 / 22.9 / 32.6%, and across tasks intent to law 17.5 /
+10.5 / 15.3% against 17.7 / 10.5 / 14.7%, law to intent 33.5 / 31.7 / 42.4% against 33.3 / 31.7 / 42.4%,
+summary to law 18.0 / 11.6 / 16.7% against 18.4 / 11.7 / 16.2%: within 0.6 points either way, not worth a
+wider stream; the four CRFs weighted by gate weight instead of counts lost 2-7 points everywhere. (A
+gate-weight-weighted LRFU built earlier also closed less of the gap than LRFU on the ESFT held-out halves.)
 
     >>> import moescope.cache.policies_learned
     >>> POLICIES["learned"](PolicyParams()).fit(train_stream)

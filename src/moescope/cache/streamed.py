@@ -210,7 +210,18 @@ def miss_curves_store(
     progress: Callable[[int, int], None] | None = None,
     **kwargs: Any,
 ) -> MissCurves:
-    """`miss_curves` over a `TraceStore` read in layer groups; other keyword arguments as `miss_curves`'s."""
+    """`miss_curves` over a `TraceStore` read in layer groups, or window by window when every policy can
+    (`moescope.cache.windowed`); other keyword arguments as `miss_curves`'s."""
+    from moescope.cache import windowed
+    from moescope.cache.policies import POLICIES
+
+    n_layers = len(store.layer_ids if layers is None else layers)
+    if (
+        all(n in POLICIES for n in policies)
+        and windowed.eligible(policies, False, None)
+        and windowed.room(store, n_layers, windowed.usable_cpus())
+    ):
+        return windowed.miss_curves_windows(store, policies, layers=layers, progress=progress, **kwargs)
     parts = _by_groups(store, layers, budget, lambda sub, p: miss_curves(sub, policies, progress=p, **kwargs), progress)
     return dataclasses.replace(
         parts[0],

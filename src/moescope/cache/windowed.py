@@ -3,18 +3,21 @@
 `moescope.cache.streamed` bounds memory by the number of layers read at once; a layer's whole stream is
 still replayed in one kernel call, so memory grows with the number of tokens (about 16 x k bytes per token).
 Here the policies that can carry their cache from one window of a stream to the next
-(`CachePolicy.windowed`: LRU, FIFO, LFU, LFU-static and Belady, the default set among them) replay each
-layer's stream a window of `WINDOW_TOKENS` store tokens at a time, with the same counts as one whole-stream
-call (tests check it):
+(`CachePolicy.windowed`: LRU, FIFO, LFU, LFU-static, LRFU, adaptive LRFU and Belady, the default set among
+them) replay each layer's stream a window of `WINDOW_TOKENS` store tokens at a time, with the same counts as
+one whole-stream call (tests check it):
 
 - the store is decoded once into one raw file per layer (`streamed.LayerColumns`), and each window is read
   from its layer's file with plain reads (no memory map, so the pages read do not stay resident);
 - a window's stream is the tokens of that window which belong to the replayed part (the second halves of
   the sequences, the scored labels' sequences, or every token with ``--split all``), in order; the cache
   restarts empty at the part's first token and, with ``--reset-per-sequence``, at each of its sequences;
-- LFU-static is fitted from the train part's per-expert counts, summed window by window;
+- the policies that learn are fitted from the train part read window by window: LFU-static from its
+  per-expert counts, LRFU from its first `policies.LRFU_FIT_GROUPS` groups (all its fit ever reads);
 - Belady needs each access's next use: one pass over the windows from last to first writes them to a
-  temporary file (8 x k bytes per replayed token), which the forward pass reads back window by window.
+  temporary file (8 x k bytes per replayed token), which the forward pass reads back window by window;
+- miss curves (`miss_curves_windows`, for ``--curve`` and the ``--slots`` / ``--vram`` budget) take LRU's
+  stack depths window by window (every capacity in one pass) and replay the other policies at each capacity.
 
 Memory is then one window per worker (ids, stream, next uses: about 30 x k bytes per window token, 250 MB at
 top-8 for 2^20 tokens) plus each cache's state (items x a few words) and the sequence table, at any trace
@@ -43,8 +46,8 @@ from typing import Any
 import numpy as np
 
 from moescope.cache import kernels as K
-from moescope.cache.policies import POLICIES, CachePolicy, PolicyParams, default_policies, make_policy
-from moescope.cache.simulate import CacheResult, check_capacities, check_params
+from moescope.cache.policies import POLICIES, CachePolicy, PolicyParams, Stream, default_policies, make_policy
+from moescope.cache.simulate import CacheResult, MissCurves, check_capacities, check_params
 from moescope.cache.streamed import LayerColumns
 from moescope.errors import UsageError
 from moescope.slicing import EVAL_SPLITS, label_protocol
@@ -203,6 +206,21 @@ def _stream(layer: _LayerFile, part: Part, wins: list[tuple[int, int, int, int]]
         yield g0, req, part.resets(g0, count)
 
 
+class Depths:
+    """LRU stack depths of a stream fed window by window (`kernels.depths_run`): every LRU capacity at once."""
+
+    def __init__(self, n_items: int) -> None:
+        self.state = K.depths_state(n_items)
+
+    def feed(self, req: np.ndarray, reset: np.ndarray, g0: int, nu: np.ndarray | None) -> None:
+        K.depths_run(req, reset, *self.state)
+
+    def misses(self, capacities: np.ndarray) -> np.ndarray:
+        """Demand misses of an LRU cache at each of `capacities` (as `miss_curves`)."""
+        beyond = np.cumsum(self.state[0][::-1])[::-1]  # beyond[d] = accesses at depth >= d (cold included)
+        return beyond[capacities]
+
+
 def replay_layer(
     path: Path,
     k: int,
@@ -211,27 +229,40 @@ def replay_layer(
     train: Part,
     test: Part,
     policies: Sequence[CachePolicy],
-    capacities: Sequence[int],
+    consumers: Callable[[], list[Any]],
     scratch: Path,
     window: int = WINDOW_TOKENS,
-) -> np.ndarray:
-    """[policies, capacities, 4] stats of one layer's file (`_LayerFile`) replayed window by window; fitted
-    policies are fitted here (they must be fresh instances per layer); `scratch` holds the next-use file."""
+) -> list[Any]:
+    """Replay one layer's file (`_LayerFile`) window by window: fit the `policies` that learn (fresh instances
+    per layer) from the train part's counts, then feed every window of the test part to each of
+    ``consumers()`` (built after the fit: the policies' `Replayer` s, `Depths`), which it returns; `scratch`
+    holds the next-use file when a policy reads next uses."""
     layer = _LayerFile(path, k)
     try:
-        if any(p.learns for p in policies):
+        learners = [p for p in policies if p.learns]
+        if learners:
             counts = np.zeros(n_items, dtype=np.int64)
-            for _, req, _ in _stream(layer, train, _windows(train, n_tokens, window)):
+            keep = max(p.fit_prefix for p in learners)
+            head: list[tuple[np.ndarray, np.ndarray]] = []  # the train stream's first `keep` groups
+            for g0, req, reset in _stream(layer, train, _windows(train, n_tokens, window)):
                 counts += np.bincount(req.ravel(), minlength=n_items)
-            for p in policies:
-                if p.learns:
-                    p.fit_counts(counts)
+                if g0 < keep:
+                    head.append((req[: keep - g0], reset[: keep - g0]))
+            prefix = Stream(
+                np.concatenate([r for r, _ in head]) if head else np.empty((0, k), dtype=np.int32),
+                np.concatenate([f for _, f in head]) if head else np.empty(0, dtype=np.bool_),
+                n_items,
+                n_items,
+            )
+            del head
+            for p in learners:
+                p.fit_windows(counts, prefix)
         wins = _windows(test, n_tokens, window)
         nu_path = None
         if any(p.reads_next_use for p in policies):
             nu_path = scratch / f"next-use-{path.stem}.bin"
             _write_next_use(layer, test, wins, n_items, nu_path)
-        reps = [[p.replayer(n_items, k, c) for c in capacities] for p in policies]
+        fed = consumers()
         with contextlib.ExitStack() as stack:
             nu_f = None if nu_path is None else stack.enter_context(open(nu_path, "rb"))
             for g0, req, reset in _stream(layer, test, wins):
@@ -239,12 +270,11 @@ def replay_layer(
                 if nu_f is not None:
                     nu_f.seek(g0 * k * 8)
                     nu = np.fromfile(nu_f, dtype=np.int64, count=req.size).reshape(req.shape)
-                for row in reps:
-                    for r in row:
-                        r.feed(req, reset, g0, nu)
+                for c in fed:
+                    c.feed(req, reset, g0, nu)
         if nu_path is not None:
             nu_path.unlink(missing_ok=True)
-        return np.array([[r.stats() for r in row] for row in reps], dtype=np.int64).reshape(len(policies), -1, 4)
+        return fed
     finally:
         layer.close()
 
@@ -261,6 +291,75 @@ def _write_next_use(layer: _LayerFile, part: Part, wins: list[tuple[int, int, in
             K.next_use_into(req, reset, g0, last, out)
             f.seek(g0 * layer.k * 8)
             out.tofile(f)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Request:
+    """What `simulate_windows` and `miss_curves_windows` share: the checked policies, layers and parts."""
+
+    names: list[str]
+    ids: list[int]
+    train: Part
+    test: Part
+    fit_labels: tuple[str, ...]
+    score_labels: tuple[str, ...]
+
+
+def _request(
+    store: Any,
+    names: Sequence[str],
+    params: PolicyParams,
+    layers: Sequence[int] | None,
+    split: str,
+    fit_labels: Sequence[str] | None,
+    score_labels: Sequence[str] | None,
+    per_sequence: bool,
+) -> _Request:
+    """Check a request as `simulate` does, before any work."""
+    names = list(dict.fromkeys(names))
+    if not names:
+        raise UsageError("no cache policy given; choose from " + ", ".join(POLICIES))
+    for name in names:
+        make_policy(name, params)  # unknown names: a UsageError naming the choices
+    if not all(POLICIES[n].windowed for n in names):
+        raise ValueError(f"not every policy of {names} replays in windows; use moescope.cache.streamed")
+    check_params(params)
+    ids = [int(x) for x in (store.layer_ids if layers is None else layers)]
+    layer_positions(store.layer_ids, ids)  # unknown or repeated ids: a UsageError before any work
+    train, test, fit_l, score_l = parts(store, split, fit_labels, score_labels, per_sequence)
+    return _Request(names, ids, train, test, fit_l, score_l)
+
+
+def _each_layer(
+    store: Any,
+    req: _Request,
+    params: PolicyParams,
+    consumers: Callable[[list[CachePolicy]], list[Any]],
+    done: Callable[[int, list[Any]], None],
+    progress: Callable[[int, int], None] | None,
+    window: int,
+    workers: int | None,
+    folder: str | os.PathLike | None,
+) -> None:
+    """Decode the store's layers once (`LayerColumns`), then replay each layer (`replay_layer`, fresh policy
+    instances, ``consumers(policies)``) in parallel; ``done(layer position, consumers)`` as each finishes."""
+    n_workers = max(1, min(workers or usable_cpus(), len(req.ids)))
+    with contextlib.ExitStack() as stack:
+        cols = stack.enter_context(LayerColumns(store, req.ids, folder))
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="moescope-next-use-", dir=folder)))
+
+        def work(i: int) -> None:
+            pols = [make_policy(n, params) for n in req.names]
+            fed = replay_layer(cols.path(req.ids[i]), store.top_k, store.n_experts, store.n_tokens, req.train,
+                               req.test, pols, lambda: consumers(pols), scratch, window)  # fmt: skip
+            done(i, fed)
+
+        if progress:
+            progress(0, len(req.ids))
+        with ThreadPoolExecutor(max_workers=n_workers) as pool:
+            for n_done, _ in enumerate(pool.map(work, range(len(req.ids))), 1):
+                if progress:
+                    progress(n_done, len(req.ids))
 
 
 def simulate_windows(
@@ -283,36 +382,67 @@ def simulate_windows(
     (module docstring); every named policy must be `CachePolicy.windowed` (`eligible`). Same result as
     `simulate` on the whole trace."""
     params = params or PolicyParams()
-    names = list(dict.fromkeys(default_policies() if policies is None else policies))
-    if not names:
-        raise UsageError("no cache policy given; choose from " + ", ".join(POLICIES))
-    for name in names:
-        make_policy(name, params)  # unknown names: a UsageError naming the choices
-    if not all(POLICIES[n].windowed for n in names):
-        raise ValueError(f"not every policy of {names} replays in windows; use moescope.cache.simulate_store")
-    check_params(params)
-    ids = [int(x) for x in (store.layer_ids if layers is None else layers)]
-    layer_positions(store.layer_ids, ids)  # unknown or repeated ids: a UsageError before any work
-    train, test, fit_l, score_l = parts(store, split, fit_labels, score_labels, reset_per_sequence)
+    req = _request(store, default_policies() if policies is None else policies, params, layers, split, fit_labels,
+                   score_labels, reset_per_sequence)  # fmt: skip
     caps = check_capacities(list(capacities), store.top_k, store.n_experts)
-    n_workers = max(1, min(workers or usable_cpus(), len(ids)))
-    stats = np.zeros((len(names), len(caps), len(ids), 4), dtype=np.int64)
-    with contextlib.ExitStack() as stack:
-        cols = stack.enter_context(LayerColumns(store, ids, folder))
-        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="moescope-next-use-", dir=folder)))
+    stats = np.zeros((len(req.names), len(caps), len(req.ids), 4), dtype=np.int64)
 
-        def work(i: int) -> None:
-            pols = [make_policy(n, params) for n in names]
-            stats[:, :, i] = replay_layer(cols.path(ids[i]), store.top_k, store.n_experts, store.n_tokens, train,
-                                          test, pols, caps, scratch, window)  # fmt: skip
+    def grid(pols: list[CachePolicy]) -> list[Any]:
+        return [p.replayer(store.n_experts, store.top_k, c) for p in pols for c in caps]
 
-        if progress:
-            progress(0, len(ids))
-        with ThreadPoolExecutor(max_workers=n_workers) as pool:
-            for done, _ in enumerate(pool.map(work, range(len(ids))), 1):
-                if progress:
-                    progress(done, len(ids))
+    def done(i: int, fed: list[Any]) -> None:
+        stats[:, :, i] = np.array([r.stats() for r in fed]).reshape(len(req.names), len(caps), 4)
+
+    _each_layer(store, req, params, grid, done, progress, window, workers, folder)
     return CacheResult(
-        tuple(names), tuple(caps), tuple(ids), stats, test.n, store.top_k, store.n_experts, False,
-        reset_per_sequence, "labels" if fit_l else split, params, fit_l, score_l,
+        tuple(req.names), tuple(caps), tuple(req.ids), stats, req.test.n, store.top_k, store.n_experts, False,
+        reset_per_sequence, "labels" if req.fit_labels else split, params, req.fit_labels, req.score_labels,
     )  # fmt: skip
+
+
+def miss_curves_windows(
+    store: Any,
+    policies: Sequence[str] = ("lru", "belady"),
+    *,
+    capacities: Sequence[int] | None = None,
+    layers: Sequence[int] | None = None,
+    reset_per_sequence: bool = False,
+    split: str = "test",
+    params: PolicyParams | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    fit_labels: Sequence[str] | None = None,
+    score_labels: Sequence[str] | None = None,
+    window: int = WINDOW_TOKENS,
+    workers: int | None = None,
+    folder: str | os.PathLike | None = None,
+) -> MissCurves:
+    """`miss_curves` over a `TraceStore`, window by window (LRU from its stack depths, every capacity in one
+    pass; every other policy replayed at each capacity); every named policy must be windowed."""
+    params = params or PolicyParams()
+    req = _request(store, policies, params, layers, split, fit_labels, score_labels, reset_per_sequence)
+    k, e = store.top_k, store.n_experts
+    caps = np.asarray(
+        check_capacities(list(range(k, e + 1)) if capacities is None else list(capacities), k, e), dtype=np.int64
+    )
+    misses = np.zeros((len(req.names), len(req.ids), caps.size), dtype=np.int64)
+
+    def curves(pols: list[CachePolicy]) -> list[Any]:
+        out: list[Any] = []
+        for p in pols:
+            out += [Depths(e)] if p.name == "lru" else [p.replayer(e, k, int(c)) for c in caps]
+        return out
+
+    def done(i: int, fed: list[Any]) -> None:
+        at = 0
+        for pi, name in enumerate(req.names):
+            if name == "lru":
+                misses[pi, i] = fed[at].misses(caps)
+                at += 1
+            else:
+                misses[pi, i] = [r.stats()[1] for r in fed[at : at + caps.size]]
+                at += caps.size
+
+    _each_layer(store, req, params, curves, done, progress, window, workers, folder)
+    accesses = np.full(len(req.ids), req.test.n * k, dtype=np.int64)
+    return MissCurves(tuple(req.names), caps, tuple(req.ids), misses, accesses, req.test.n,
+                      "labels" if fit_labels or score_labels else split)  # fmt: skip
