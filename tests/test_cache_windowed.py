@@ -33,11 +33,12 @@ def test_the_default_policies_replay_in_windows():
     from moescope.cache.policies import DEFAULT_POLICIES
 
     assert set(DEFAULT_POLICIES) <= set(WINDOWED)
-    assert {"lru", "fifo", "lfu", "lfu-static", "lrfu", "adaptive-lrfu", "belady"} == set(WINDOWED)
+    assert {"lru", "fifo", "lfu", "lfu-static", "arc", "sieve", "s3-fifo", "2q", "slru", "lrfu", "adaptive-lrfu",
+            "belady"} == set(WINDOWED)  # fmt: skip
 
 
 @pytest.mark.kernels
-@pytest.mark.parametrize("name", ["lru", "fifo", "lfu", "lfu-static", "lrfu", "adaptive-lrfu", "belady"])
+@pytest.mark.parametrize("name", WINDOWED)
 @pytest.mark.parametrize("aging", [0, 5])
 def test_a_replayer_fed_windows_counts_as_one_run(name, aging):
     """Cut anywhere (resets inside windows and at their edges), the windows' counts add up to `run`'s."""
@@ -162,7 +163,7 @@ def test_bad_requests_fail_as_simulate_does(stored, tmp_path):
     with pytest.raises(UsageError, match="layer"):
         simulate_windows(store, [4], ["lru"], layers=[9], folder=tmp_path)
     with pytest.raises(ValueError, match="windows"):
-        simulate_windows(store, [4], ["lru", "arc"], folder=tmp_path)
+        simulate_windows(store, [4], ["lru", "coact-prefetch"], folder=tmp_path)
     one = TraceStore(save_trace(random_trace(n_tokens=3, n_seq=3, labels=False), tmp_path / "short.zarr"))
     with pytest.raises(UsageError, match="too short") as windows:
         simulate_windows(one, [2], ["lru"], folder=tmp_path)
@@ -184,7 +185,7 @@ def test_simulate_store_replays_in_windows_only_when_it_can(stored, monkeypatch)
     simulate_store(store, [4], ["lru", "belady"])
     simulate_store(store, [4])  # the defaults
     assert len(calls) == 2
-    simulate_store(store, [4], ["lru", "arc"])
+    simulate_store(store, [4], ["lru", "coact-prefetch"])
     simulate_store(store, [4], ["lru"], pooled=True)
     monkeypatch.setattr(windowed, "room", lambda *a, **k: False)
     simulate_store(store, [4], ["lru"])
@@ -194,7 +195,7 @@ def test_simulate_store_replays_in_windows_only_when_it_can(stored, monkeypatch)
     real_c = windowed.miss_curves_windows
     monkeypatch.setattr(windowed, "miss_curves_windows", lambda *a, **k: curves.append(a[1]) or real_c(*a, **k))
     miss_curves_store(store, ["lru", "belady"])
-    miss_curves_store(store, ["lru", "arc"])
+    miss_curves_store(store, ["lru", "coact-prefetch"])
     assert curves == [["lru", "belady"]]
 
 

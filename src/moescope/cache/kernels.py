@@ -511,7 +511,28 @@ def arc(req, reset, n_items, capacity):
 
 @njit
 def _arc(req, reset, n_items, capacity, per_group):
-    """`arc`, also writing each group's demand misses to ``per_group [groups]`` when it is not empty.
+    """`arc`, also writing each group's demand misses to ``per_group [groups]`` when it is not empty."""
+    nxt, prv, where, need, sc, pf = arc_state(n_items)
+    arc_run(req, reset, 0, capacity, nxt, prv, where, need, sc, pf, per_group)
+    return sc[:4].copy()
+
+
+@njit
+def arc_state(n_items):
+    """A fresh ARC cache for `arc_run`: ``(nxt, prv, where, need, sc, pf)``; ``sc[:4]`` the stats so far,
+    ``sc[4:8]`` the sizes of T1, T2, B1, B2, ``pf[0]`` the target size p of T1."""
+    nxt = np.empty(n_items + 5, dtype=np.int64)
+    prv = np.empty(n_items + 5, dtype=np.int64)
+    for z in range(n_items + _T1, n_items + _B2 + 1):
+        nxt[z], prv[z] = z, z
+    need = np.full(n_items + 5, -1, dtype=np.int64)  # -1 at the sentinels: a walk stops at its sentinel
+    return nxt, prv, np.zeros(n_items, dtype=np.int64), need, np.zeros(8, dtype=np.int64), np.zeros(1)
+
+
+@njit
+def arc_run(req, reset, g0, capacity, nxt, prv, where, need, sc, pf, per_group):
+    """`arc` over one window of a stream (first group: stream group `g0`) with the cache of `arc_state`
+    carried from the previous window.
 
     Each list is a circular doubly linked list through ``nxt``, ``prv: [n_items + 5]`` with the sentinel
     node n_items + code (nxt[sentinel] the least recent end, prv[sentinel] the most recent), so a victim is
@@ -530,18 +551,13 @@ def _arc(req, reset, n_items, capacity, per_group):
     # Removal from anywhere keeps an order; a reset empties every list.
     g_n, k = req.shape
     c = capacity
+    n_items = where.shape[0]
     s1, s2, sb1, sb2 = n_items + _T1, n_items + _T2, n_items + _B1, n_items + _B2
-    nxt = np.empty(n_items + 5, dtype=np.int64)
-    prv = np.empty(n_items + 5, dtype=np.int64)
-    for z in range(s1, sb2 + 1):
-        nxt[z], prv[z] = z, z
-    where = np.zeros(n_items, dtype=np.int64)
-    need = np.full(n_items + 5, -1, dtype=np.int64)  # -1 at the sentinels: a walk stops at its sentinel
-    n_t1, n_t2, n_b1, n_b2 = 0, 0, 0, 0  # list sizes
-    p = 0.0
-    hits, misses = 0, 0
-    for g in range(g_n):
-        if reset[g]:
+    hits, misses, n_t1, n_t2, n_b1, n_b2 = sc[0], sc[1], sc[4], sc[5], sc[6], sc[7]  # n_*: list sizes
+    p = pf[0]
+    for gl in range(g_n):
+        g = g0 + gl  # stream-wide, as `need` is
+        if reset[gl]:
             where[:] = 0
             for z in range(s1, sb2 + 1):
                 nxt[z], prv[z] = z, z
@@ -549,7 +565,7 @@ def _arc(req, reset, n_items, capacity, per_group):
             p = 0.0
         m0 = misses
         for j in range(k):
-            x = req[g, j]
+            x = req[gl, j]
             need[x] = g
             w = where[x]
             if w in (_T1, _T2):  # a hit: to the most recent end of T2
@@ -563,7 +579,7 @@ def _arc(req, reset, n_items, capacity, per_group):
                 t = prv[s2]
                 prv[x], nxt[x], nxt[t], prv[s2] = t, s2, x, x
         for j in range(k):
-            x = req[g, j]
+            x = req[gl, j]
             w = where[x]
             if w in (_T1, _T2):
                 continue
@@ -633,8 +649,9 @@ def _arc(req, reset, n_items, capacity, per_group):
             prv[x], nxt[x], nxt[t], prv[dst] = t, dst, x, x
             where[x] = dst - n_items
         if per_group.shape[0]:
-            per_group[g] = misses - m0
-    return np.array([hits, misses, 0, 0], dtype=np.int64)
+            per_group[gl] = misses - m0
+    sc[0], sc[1], sc[4], sc[5], sc[6], sc[7] = hits, misses, n_t1, n_t2, n_b1, n_b2
+    pf[0] = p
 
 
 # -- the co-activation prefetcher on top of LRU ----------------------------------------------------

@@ -108,30 +108,47 @@ def sieve(req, reset, n_items, capacity):
 @njit
 def _sieve(req, reset, n_items, capacity, per_group):
     """`sieve`, also writing each group's demand misses to ``per_group [groups]`` when it is not empty."""
-    g_n, k = req.shape
+    nxt, prv, cached, visited, need, sc = sieve_state(n_items)
+    sieve_run(req, reset, 0, capacity, nxt, prv, cached, visited, need, sc, per_group)
+    return sc[:4].copy()
+
+
+@njit
+def sieve_state(n_items):
+    """A fresh SIEVE cache for `sieve_run`: ``(nxt, prv, cached, visited, need, sc)``; ``sc[:4]`` the stats
+    so far, ``sc[4]`` the hand, ``sc[5]`` the number of cached items."""
     s = n_items
     nxt = np.empty(n_items + 1, dtype=np.int64)
     prv = np.empty(n_items + 1, dtype=np.int64)
     nxt[s], prv[s] = s, s
-    cached = np.zeros(n_items, dtype=np.bool_)
-    visited = np.zeros(n_items, dtype=np.bool_)
+    sc = np.zeros(6, dtype=np.int64)
+    sc[4] = s  # s: start at the oldest end
     need = np.full(n_items + 1, -1, dtype=np.int64)
-    hand = s  # s: start at the oldest end
-    size, hits, misses = 0, 0, 0
-    for g in range(g_n):
-        if reset[g]:
+    return nxt, prv, np.zeros(n_items, dtype=np.bool_), np.zeros(n_items, dtype=np.bool_), need, sc
+
+
+@njit
+def sieve_run(req, reset, g0, capacity, nxt, prv, cached, visited, need, sc, per_group):
+    """`sieve` over one window of a stream (first group: stream group `g0`) with the cache of `sieve_state`
+    carried from the previous window."""
+    g_n, k = req.shape
+    s = cached.shape[0]
+    hits, misses, hand, size = sc[0], sc[1], sc[4], sc[5]
+    for gl in range(g_n):
+        g = g0 + gl  # stream-wide, as `need` is
+        if reset[gl]:
             cached[:] = False
             nxt[s], prv[s] = s, s
             size, hand = 0, s
         m0 = misses
         for j in range(k):
-            x = req[g, j]
+            x = req[gl, j]
             need[x] = g
             if cached[x]:
                 hits += 1
                 visited[x] = True
         for j in range(k):
-            x = req[g, j]
+            x = req[gl, j]
             if cached[x]:
                 continue
             misses += 1
@@ -152,8 +169,8 @@ def _sieve(req, reset, n_items, capacity, per_group):
             cached[x] = True
             visited[x] = False
         if per_group.shape[0]:
-            per_group[g] = misses - m0
-    return np.array([hits, misses, 0, 0], dtype=np.int64)
+            per_group[gl] = misses - m0
+    sc[0], sc[1], sc[4], sc[5] = hits, misses, hand, size
 
 
 # -- S3-FIFO ------------------------------------------------------------------------------------------
@@ -212,21 +229,37 @@ def _s3_evict_main(nxt, prv, where, freq, need, cnt, g, sm):
 @njit
 def _s3fifo(req, reset, n_items, capacity, per_group):
     """`s3fifo`, also writing each group's demand misses to ``per_group [groups]`` when it is not empty."""
+    nxt, prv, where, freq, need, cnt, sc = s3fifo_state(n_items)
+    s3fifo_run(req, reset, 0, capacity, nxt, prv, where, freq, need, cnt, sc, per_group)
+    return sc[:4].copy()
+
+
+@njit
+def s3fifo_state(n_items):
+    """A fresh S3-FIFO cache for `s3fifo_run`: ``(nxt, prv, where, freq, need, cnt, sc)``; ``cnt`` the items
+    per queue (by `where` code), ``sc[:4]`` the stats so far, ``sc[4]`` 1 once anything was evicted."""
+    nxt = np.empty(n_items + 3, dtype=np.int64)
+    prv = np.empty(n_items + 3, dtype=np.int64)
+    for z in range(n_items, n_items + 3):
+        nxt[z], prv[z] = z, z
+    return (nxt, prv, np.zeros(n_items, dtype=np.int64), np.zeros(n_items, dtype=np.int64),
+            np.full(n_items, -1, dtype=np.int64), np.zeros(4, dtype=np.int64), np.zeros(5, dtype=np.int64))  # fmt: skip
+
+
+@njit
+def s3fifo_run(req, reset, g0, capacity, nxt, prv, where, freq, need, cnt, sc, per_group):
+    """`s3fifo` over one window of a stream (first group: stream group `g0`) with the cache of `s3fifo_state`
+    carried from the previous window."""
     g_n, k = req.shape
+    n_items = where.shape[0]
     small_size = max(1, capacity // 10)
     main_size = capacity - small_size
     ghost_size = 9 * capacity // 10
     ss, sm, sg = n_items, n_items + 1, n_items + 2
-    nxt = np.empty(n_items + 3, dtype=np.int64)
-    prv = np.empty(n_items + 3, dtype=np.int64)
-    where = np.zeros(n_items, dtype=np.int64)
-    freq = np.zeros(n_items, dtype=np.int64)
-    need = np.full(n_items, -1, dtype=np.int64)
-    cnt = np.zeros(4, dtype=np.int64)  # items per queue, by `where` code
-    has_evicted = False
-    hits, misses = 0, 0
-    for g in range(g_n):
-        if reset[g]:
+    hits, misses, has_evicted = sc[0], sc[1], sc[4] != 0
+    for gl in range(g_n):
+        g = g0 + gl  # stream-wide, as `need` is
+        if reset[gl]:
             where[:] = _NONE
             for z in (ss, sm, sg):
                 nxt[z], prv[z] = z, z
@@ -234,13 +267,13 @@ def _s3fifo(req, reset, n_items, capacity, per_group):
             has_evicted = False
         m0 = misses
         for j in range(k):
-            x = req[g, j]
+            x = req[gl, j]
             need[x] = g
             if where[x] in (_Q1, _Q2):
                 hits += 1
                 freq[x] = min(freq[x] + 1, 3)
         for j in range(k):
-            x = req[g, j]
+            x = req[gl, j]
             w = where[x]
             if w in (_Q1, _Q2):
                 continue
@@ -265,8 +298,8 @@ def _s3fifo(req, reset, n_items, capacity, per_group):
                 cnt[_Q1] += 1
             freq[x] = 0
         if per_group.shape[0]:
-            per_group[g] = misses - m0
-    return np.array([hits, misses, 0, 0], dtype=np.int64)
+            per_group[gl] = misses - m0
+    sc[0], sc[1], sc[4] = hits, misses, 1 if has_evicted else 0
 
 
 # -- 2Q -----------------------------------------------------------------------------------------------
@@ -279,26 +312,43 @@ def twoq(req, reset, n_items, capacity):
 @njit
 def _twoq(req, reset, n_items, capacity, per_group):
     """`twoq`, also writing each group's demand misses to ``per_group [groups]`` when it is not empty."""
+    nxt, prv, where, need, cnt, sc = twoq_state(n_items)
+    twoq_run(req, reset, 0, capacity, nxt, prv, where, need, cnt, sc, per_group)
+    return sc[:4].copy()
+
+
+@njit
+def twoq_state(n_items):
+    """A fresh 2Q cache for `twoq_run`: ``(nxt, prv, where, need, cnt, sc)``; ``sc`` the stats so far."""
+    nxt = np.empty(n_items + 3, dtype=np.int64)
+    prv = np.empty(n_items + 3, dtype=np.int64)
+    for z in range(n_items, n_items + 3):
+        nxt[z], prv[z] = z, z
+    need = np.full(n_items + 3, -1, dtype=np.int64)  # -1 at the sentinels: `_first_free` stops there
+    return nxt, prv, np.zeros(n_items, dtype=np.int64), need, np.zeros(4, dtype=np.int64), np.zeros(4, np.int64)
+
+
+@njit
+def twoq_run(req, reset, g0, capacity, nxt, prv, where, need, cnt, sc, per_group):
+    """`twoq` over one window of a stream (first group: stream group `g0`) with the cache of `twoq_state`
+    carried from the previous window."""
     g_n, k = req.shape
+    n_items = where.shape[0]
     ain_size = max(1, capacity // 4)
     am_size = capacity - ain_size
     aout_size = max(1, capacity // 2)
     sa, sm, sg = n_items, n_items + 1, n_items + 2  # Ain (_Q1), Am (_Q2), Aout (_GHOST)
-    nxt = np.empty(n_items + 3, dtype=np.int64)
-    prv = np.empty(n_items + 3, dtype=np.int64)
-    where = np.zeros(n_items, dtype=np.int64)
-    need = np.full(n_items + 3, -1, dtype=np.int64)  # -1 at the sentinels: `_first_free` stops there
-    cnt = np.zeros(4, dtype=np.int64)
-    hits, misses = 0, 0
-    for g in range(g_n):
-        if reset[g]:
+    hits, misses = sc[0], sc[1]
+    for gl in range(g_n):
+        g = g0 + gl  # stream-wide, as `need` is
+        if reset[gl]:
             where[:] = _NONE
             for z in (sa, sm, sg):
                 nxt[z], prv[z] = z, z
             cnt[:] = 0
         m0 = misses
         for j in range(k):
-            x = req[g, j]
+            x = req[gl, j]
             need[x] = g
             if where[x] == _Q1:
                 hits += 1
@@ -307,7 +357,7 @@ def _twoq(req, reset, n_items, capacity, per_group):
                 _unlink(nxt, prv, x)
                 _push(nxt, prv, sm, x)
         for j in range(k):
-            x = req[g, j]
+            x = req[gl, j]
             w = where[x]
             if w in (_Q1, _Q2):
                 continue
@@ -344,8 +394,8 @@ def _twoq(req, reset, n_items, capacity, per_group):
                 where[x] = _Q1
                 cnt[_Q1] += 1
         if per_group.shape[0]:
-            per_group[g] = misses - m0
-    return np.array([hits, misses, 0, 0], dtype=np.int64)
+            per_group[gl] = misses - m0
+    sc[0], sc[1] = hits, misses
 
 
 # -- SLRU ---------------------------------------------------------------------------------------------
@@ -364,18 +414,38 @@ def _slru(req, reset, n_items, capacity, per_group):
 
     Segment i is the list with sentinel n_items + i (0 the lowest); ``level: [n_items]`` is an item's segment
     or -1. Every segment stays within its size, so a hit never evicts (see the module docstring)."""
+    nxt, prv, level, need, cnt, sc = slru_state(n_items)
+    slru_run(req, reset, 0, capacity, nxt, prv, level, need, cnt, sc, per_group)
+    return sc[:4].copy()
+
+
+@njit
+def slru_state(n_items):
+    """A fresh SLRU cache for `slru_run`: ``(nxt, prv, level, need, cnt, sc)``; ``cnt`` the items per segment,
+    ``sc[:4]`` the stats so far, ``sc[4]`` the number of cached items."""
+    n_seg = SLRU_SEGMENTS
+    nxt = np.empty(n_items + n_seg, dtype=np.int64)
+    prv = np.empty(n_items + n_seg, dtype=np.int64)
+    for z in range(n_items, n_items + n_seg):
+        nxt[z], prv[z] = z, z
+    need = np.full(n_items + n_seg, -1, dtype=np.int64)  # -1 at the sentinels: `_first_free` stops there
+    return (nxt, prv, np.full(n_items, -1, dtype=np.int64), need, np.zeros(n_seg, dtype=np.int64),
+            np.zeros(5, dtype=np.int64))  # fmt: skip
+
+
+@njit
+def slru_run(req, reset, g0, capacity, nxt, prv, level, need, cnt, sc, per_group):
+    """`slru` over one window of a stream (first group: stream group `g0`) with the cache of `slru_state`
+    carried from the previous window."""
     g_n, k = req.shape
+    n_items = level.shape[0]
     n_seg = SLRU_SEGMENTS
     size = np.full(n_seg, capacity // n_seg, dtype=np.int64)
     size[0] = capacity - (n_seg - 1) * (capacity // n_seg)
-    nxt = np.empty(n_items + n_seg, dtype=np.int64)
-    prv = np.empty(n_items + n_seg, dtype=np.int64)
-    level = np.full(n_items, -1, dtype=np.int64)
-    need = np.full(n_items + n_seg, -1, dtype=np.int64)  # -1 at the sentinels: `_first_free` stops there
-    cnt = np.zeros(n_seg, dtype=np.int64)
-    total, hits, misses = 0, 0, 0
-    for g in range(g_n):
-        if reset[g]:
+    hits, misses, total = sc[0], sc[1], sc[4]
+    for gl in range(g_n):
+        g = g0 + gl  # stream-wide, as `need` is
+        if reset[gl]:
             level[:] = -1
             for i in range(n_seg):
                 nxt[n_items + i], prv[n_items + i] = n_items + i, n_items + i
@@ -383,7 +453,7 @@ def _slru(req, reset, n_items, capacity, per_group):
             total = 0
         m0 = misses
         for j in range(k):
-            x = req[g, j]
+            x = req[gl, j]
             need[x] = g
             i = level[x]
             if i < 0:
@@ -403,7 +473,7 @@ def _slru(req, reset, n_items, capacity, per_group):
                 cnt[up] -= 1
                 cnt[up - 1] += 1
         for j in range(k):
-            x = req[g, j]
+            x = req[gl, j]
             if level[x] >= 0:
                 continue
             misses += 1
@@ -425,5 +495,5 @@ def _slru(req, reset, n_items, capacity, per_group):
             cnt[i] += 1
             total += 1
         if per_group.shape[0]:
-            per_group[g] = misses - m0
-    return np.array([hits, misses, 0, 0], dtype=np.int64)
+            per_group[gl] = misses - m0
+    sc[0], sc[1], sc[4] = hits, misses, total

@@ -253,9 +253,14 @@ class LFUStatic(CachePolicy):
 class ARC(CachePolicy):
     name = "arc"
     summary = "adaptive replacement cache (recency and frequency lists steered by ghost hits)"
+    windowed = True
 
     def run(self, stream: Stream, capacity: int) -> np.ndarray:
         return K.arc(stream.req, stream.reset, stream.n_items, capacity)
+
+    def replayer(self, n_items: int, k: int, capacity: int) -> Replayer:
+        st = K.arc_state(n_items)
+        return Replayer(lambda req, reset, g0, nu: K.arc_run(req, reset, g0, capacity, *st, _NO_GROUPS), st[-2])
 
     def misses_per_group(self, stream: Stream, capacity: int) -> np.ndarray:
         out = np.zeros(stream.req.shape[0], dtype=np.int64)
