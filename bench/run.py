@@ -26,11 +26,22 @@ MOESCOPE = [sys.executable, "-m", "moescope.cli"]
 def _child(code: str) -> dict:
     """Run `code` in a fresh interpreter; it must leave its results in a dict named `out`.
 
-    Adds the child's own peak RSS (MiB, from getrusage in the child) and its wall time.
+    Adds the child's own peak RSS (MiB) and its wall time.
     """
+    # Peak RSS is the process image's own high-water mark (VmHWM, Linux), not getrusage's ru_maxrss: Linux
+    # carries ru_maxrss across fork and exec, so a child started by a large process (a bench that wrote a
+    # big store first) would report that process's RSS as its own floor.
     epilogue = (
         "\nimport json as _j, resource as _r\n"
-        "out['peak_rss_mib'] = round(_r.getrusage(_r.RUSAGE_SELF).ru_maxrss / 1024, 1)\n"
+        "def _hwm_mib():\n"
+        "    try:\n"
+        "        for _line in open('/proc/self/status'):\n"
+        "            if _line.startswith('VmHWM:'):\n"
+        "                return int(_line.split()[1]) / 1024\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "    return _r.getrusage(_r.RUSAGE_SELF).ru_maxrss / 1024\n"
+        "out['peak_rss_mib'] = round(_hwm_mib(), 1)\n"
         "print(_j.dumps(out))\n"
     )
     t0 = time.perf_counter()

@@ -157,22 +157,36 @@ def _lirs(req, reset, n_items, capacity, per_group):
     sentinel n_items (S: nxt[s] the bottom, prv[s] the top). Pruning removes each entry at most once after
     it entered S, so every access costs O(k) amortised.
     """
+    s_prv, s_nxt, q_prv, q_nxt, h_prv, h_nxt, in_s, is_lir, resident, need, sc = lirs_state(n_items)
+    lirs_run(req, reset, 0, capacity, s_prv, s_nxt, q_prv, q_nxt, h_prv, h_nxt, in_s, is_lir, resident, need, sc,
+             per_group)  # fmt: skip
+    return sc[:4].copy()
+
+
+@njit
+def lirs_state(n_items):
+    """A fresh LIRS cache for `lirs_run`: ``(s_prv, s_nxt, q_prv, q_nxt, h_prv, h_nxt, in_s, is_lir, resident,
+    need, sc)``; ``sc[:4]`` the stats so far, ``sc[4:7]`` the sizes of S, of its LIR items and of the resident
+    set."""
+    lists = np.full((6, n_items + 1), n_items, dtype=np.int64)  # each list empty: its sentinel links to itself
+    need = np.full(n_items + 1, -1, dtype=np.int64)  # need[s] stays -1: a walk stops at the sentinel
+    flags = np.zeros((3, n_items), dtype=np.bool_)
+    return (lists[0], lists[1], lists[2], lists[3], lists[4], lists[5], flags[0], flags[1], flags[2], need,
+            np.zeros(7, dtype=np.int64))  # fmt: skip
+
+
+@njit
+def lirs_run(req, reset, g0, capacity, s_prv, s_nxt, q_prv, q_nxt, h_prv, h_nxt, in_s, is_lir, resident, need, sc,
+             per_group):  # fmt: skip
+    """`lirs` over one window of a stream (first group: stream group `g0`) with the cache of `lirs_state`
+    carried from the previous window."""
     g_n, k = req.shape
     lir_limit, _ = lirs_split(capacity)
-    s = n_items
-    s_prv = np.empty(n_items + 1, dtype=np.int64)
-    s_nxt = np.empty(n_items + 1, dtype=np.int64)
-    q_prv = np.empty(n_items + 1, dtype=np.int64)
-    q_nxt = np.empty(n_items + 1, dtype=np.int64)
-    h_prv = np.empty(n_items + 1, dtype=np.int64)
-    h_nxt = np.empty(n_items + 1, dtype=np.int64)
-    in_s = np.zeros(n_items, dtype=np.bool_)
-    is_lir = np.zeros(n_items, dtype=np.bool_)
-    resident = np.zeros(n_items, dtype=np.bool_)
-    need = np.full(n_items + 1, -1, dtype=np.int64)  # need[s] stays -1: a walk stops at the sentinel
-    n_s, n_lir, n_res, hits, misses = 0, 0, 0, 0, 0
-    for g in range(g_n):
-        if reset[g]:
+    s = in_s.shape[0]
+    hits, misses, n_s, n_lir, n_res = sc[0], sc[1], sc[4], sc[5], sc[6]
+    for gl in range(g_n):
+        g = g0 + gl  # stream-wide, as `need` is
+        if reset[gl]:
             in_s[:] = False
             is_lir[:] = False
             resident[:] = False
@@ -180,7 +194,7 @@ def _lirs(req, reset, n_items, capacity, per_group):
             n_s, n_lir, n_res = 0, 0, 0
         m0 = misses
         for j in range(k):
-            x = req[g, j]
+            x = req[gl, j]
             need[x] = g
             if not resident[x]:
                 continue
@@ -208,7 +222,7 @@ def _lirs(req, reset, n_items, capacity, per_group):
                 _unlink(q_prv, q_nxt, x)
                 _append(q_prv, q_nxt, s, x)
         for j in range(k):
-            x = req[g, j]
+            x = req[gl, j]
             if resident[x]:
                 continue
             misses += 1
@@ -258,8 +272,8 @@ def _lirs(req, reset, n_items, capacity, per_group):
             in_s[y] = False
             n_s -= 1
         if per_group.shape[0]:
-            per_group[g] = misses - m0
-    return np.array([hits, misses, 0, 0], dtype=np.int64)
+            per_group[gl] = misses - m0
+    sc[0], sc[1], sc[4], sc[5], sc[6] = hits, misses, n_s, n_lir, n_res
 
 
 @njit_inline
@@ -329,7 +343,34 @@ def wtinylfu(req, reset, n_items, capacity):
 
 @njit
 def _wtinylfu(req, reset, n_items, capacity, per_group):
-    """`wtinylfu`, also writing each group's demand misses to ``per_group [groups]`` when it is not empty.
+    """`wtinylfu`, also writing each group's demand misses to ``per_group [groups]`` when it is not empty."""
+    hx, cms, door, prv, nxt, where, need, sc = wtinylfu_state(n_items, capacity)
+    wtinylfu_run(req, reset, 0, capacity, hx, cms, door, prv, nxt, where, need, sc, per_group)
+    return sc[:4].copy()
+
+
+@njit
+def wtinylfu_state(n_items, capacity):
+    """A fresh W-TinyLFU cache for `wtinylfu_run`: ``(hx, cms, door, prv, nxt, where, need, sc)``; ``sc[:4]``
+    the stats so far, ``sc[4:8]`` the sizes of window, probation and protected and the accesses recorded
+    since the sketch's last halving."""
+    width = 16
+    while width < capacity:
+        width *= 2
+    prv = np.empty(n_items + 3, dtype=np.int64)
+    nxt = np.empty(n_items + 3, dtype=np.int64)
+    for z in range(n_items, n_items + 3):
+        prv[z], nxt[z] = z, z
+    need = np.full(n_items + 3, -1, dtype=np.int64)  # -1 at the sentinels: a walk stops there
+    return (wtinylfu_sketch_hashes(n_items, capacity), np.zeros((WTLFU_ROWS, width), dtype=np.int64),
+            np.zeros(8 * width, dtype=np.bool_), prv, nxt, np.zeros(n_items, dtype=np.int64), need,
+            np.zeros(8, dtype=np.int64))  # fmt: skip
+
+
+@njit
+def wtinylfu_run(req, reset, g0, capacity, hx, cms, door, prv, nxt, where, need, sc, per_group):
+    """`wtinylfu` over one window of a stream (first group: stream group `g0`) with the cache of
+    `wtinylfu_state` carried from the previous window.
 
     Window, probation and protected are circular doubly linked lists through ``prv, nxt: [n_items + 3]``
     (sentinel n_items + code - 1; nxt[sentinel] the least recent). The sketch is ``cms: [WTLFU_ROWS,
@@ -337,22 +378,14 @@ def _wtinylfu(req, reset, n_items, capacity, per_group):
     ``10 x capacity`` recorded accesses, O(1) amortised per access.
     """
     g_n, k = req.shape
+    n_items = where.shape[0]
     n_win, n_main, n_prot_max = wtinylfu_sizes(capacity)
-    hx = wtinylfu_sketch_hashes(n_items, capacity)
-    width = 16
-    while width < capacity:
-        width *= 2
-    cms = np.zeros((WTLFU_ROWS, width), dtype=np.int64)
-    door = np.zeros(8 * width, dtype=np.bool_)
     sample = WTLFU_SAMPLE_PER_SLOT * capacity
     sw, sb, sp = n_items, n_items + 1, n_items + 2
-    prv = np.empty(n_items + 3, dtype=np.int64)
-    nxt = np.empty(n_items + 3, dtype=np.int64)
-    where = np.zeros(n_items, dtype=np.int64)
-    need = np.full(n_items + 3, -1, dtype=np.int64)  # -1 at the sentinels: a walk stops there
-    n_w, n_b, n_p, recorded, hits, misses = 0, 0, 0, 0, 0, 0
-    for g in range(g_n):
-        if reset[g]:
+    hits, misses, n_w, n_b, n_p, recorded = sc[0], sc[1], sc[4], sc[5], sc[6], sc[7]
+    for gl in range(g_n):
+        g = g0 + gl  # stream-wide, as `need` is
+        if reset[gl]:
             where[:] = 0
             for z in range(sw, sp + 1):
                 prv[z], nxt[z] = z, z
@@ -361,7 +394,7 @@ def _wtinylfu(req, reset, n_items, capacity, per_group):
             n_w, n_b, n_p, recorded = 0, 0, 0, 0
         m0 = misses
         for j in range(k):  # the group's accesses enter the sketch first, in slot order
-            x = req[g, j]
+            x = req[gl, j]
             need[x] = g
             d = hx[WTLFU_ROWS, x]
             if not door[d]:
@@ -378,7 +411,7 @@ def _wtinylfu(req, reset, n_items, capacity, per_group):
                 cms //= 2
                 door[:] = False
         for j in range(k):
-            x = req[g, j]
+            x = req[gl, j]
             w = where[x]
             if w == 0:
                 continue
@@ -402,7 +435,7 @@ def _wtinylfu(req, reset, n_items, capacity, per_group):
             else:  # no protected segment: probation is an LRU
                 _append(prv, nxt, sb, x)
         for j in range(k):
-            x = req[g, j]
+            x = req[gl, j]
             if where[x] != 0:
                 continue
             misses += 1
@@ -451,8 +484,8 @@ def _wtinylfu(req, reset, n_items, capacity, per_group):
                 n_w -= 1
                 n_b += 1
         if per_group.shape[0]:
-            per_group[g] = misses - m0
-    return np.array([hits, misses, 0, 0], dtype=np.int64)
+            per_group[gl] = misses - m0
+    sc[0], sc[1], sc[4], sc[5], sc[6], sc[7] = hits, misses, n_w, n_b, n_p, recorded
 
 
 @njit_inline
@@ -478,7 +511,32 @@ def lecar(req, reset, n_items, capacity, seed):
 
 @njit
 def _lecar(req, reset, n_items, capacity, seed, per_group):
-    """`lecar`, also writing each group's demand misses to ``per_group [groups]`` when it is not empty.
+    """`lecar`, also writing each group's demand misses to ``per_group [groups]`` when it is not empty."""
+    st = lecar_state(n_items, capacity, req.shape[1])
+    lecar_run(req, reset, 0, capacity, seed, st[0], st[1], st[2], st[3], st[4], st[5], st[6], st[7], st[8], st[9],
+              st[10], st[11], st[12], st[13], st[14], st[15], per_group)  # fmt: skip
+    return st[14][:4].copy()
+
+
+@njit
+def lecar_state(n_items, capacity, k):
+    """A fresh LeCaR cache for `lecar_run`: ``(prv, nxt, g_prv, g_nxt, ghost_by, ghost_t, h_x, h_a, h_b, pos,
+    freq, stamp, need, p_x, sc, wts)``; ``sc[:4]`` the stats so far, ``sc[4:8]`` the heap, resident and ghost
+    sizes and the clock, ``wts`` the weights of LRU and LFU."""
+    links = np.full((4, n_items + 1), n_items, dtype=np.int64)  # prv, nxt, g_prv, g_nxt: each list empty
+    heap = np.empty((3, capacity), dtype=np.int64)
+    return (links[0], links[1], links[2], links[3], np.zeros(n_items, dtype=np.int64),
+            np.zeros(n_items, dtype=np.int64), heap[0], heap[1], heap[2], np.full(n_items, -1, dtype=np.int64),
+            np.zeros(n_items, dtype=np.int64), np.zeros(n_items, dtype=np.int64),
+            np.full(n_items + 1, -1, dtype=np.int64), np.empty(k, dtype=np.int64), np.zeros(8, dtype=np.int64),
+            np.full(2, 0.5))  # fmt: skip
+
+
+@njit
+def lecar_run(req, reset, g0, capacity, seed, prv, nxt, g_prv, g_nxt, ghost_by, ghost_t, h_x, h_a, h_b, pos, freq,
+              stamp, need, p_x, sc, wts, per_group):  # fmt: skip
+    """`lecar` over one window of a stream (first group: stream group `g0`) with the cache of `lecar_state`
+    carried from the previous window.
 
     Recency: a circular doubly linked list through ``prv, nxt: [n_items + 1]``; frequency: a binary min-heap
     of the cached items by (uses since load, stamp of the last change), as in `kernels._heap_policy` (roots
@@ -487,27 +545,15 @@ def _lecar(req, reset, n_items, capacity, seed, per_group):
     per miss, O(log capacity) per hit.
     """
     g_n, k = req.shape
-    s = n_items
+    s = pos.shape[0]
     dr = LECAR_DISCOUNT_BASE ** (1.0 / capacity)
     state = np.uint64(seed)
-    prv = np.empty(n_items + 1, dtype=np.int64)
-    nxt = np.empty(n_items + 1, dtype=np.int64)
-    g_prv = np.empty(n_items + 1, dtype=np.int64)
-    g_nxt = np.empty(n_items + 1, dtype=np.int64)
-    ghost_by = np.zeros(n_items, dtype=np.int64)  # 0: not a ghost
-    ghost_t = np.zeros(n_items, dtype=np.int64)
-    h_x = np.empty(capacity, dtype=np.int64)
-    h_a = np.empty(capacity, dtype=np.int64)
-    h_b = np.empty(capacity, dtype=np.int64)
-    pos = np.full(n_items, -1, dtype=np.int64)  # heap position, -1 not cached, _PARKED held out
-    freq = np.zeros(n_items, dtype=np.int64)
-    stamp = np.zeros(n_items, dtype=np.int64)
-    need = np.full(n_items + 1, -1, dtype=np.int64)
-    p_x = np.empty(k, dtype=np.int64)
-    n_h, n_p, n_res, n_ghost, clock, hits, misses = 0, 0, 0, 0, 0, 0, 0
-    w_lru, w_lfu = 0.5, 0.5
-    for g in range(g_n):
-        if reset[g]:
+    hits, misses, n_h, n_res, n_ghost, clock = sc[0], sc[1], sc[4], sc[5], sc[6], sc[7]
+    w_lru, w_lfu = wts[0], wts[1]
+    n_p = 0
+    for gl in range(g_n):
+        g = g0 + gl  # stream-wide: `need`, and the access index `now` the draws and the regret decay use
+        if reset[gl]:
             pos[:] = -1
             ghost_by[:] = 0
             prv[s], nxt[s], g_prv[s], g_nxt[s] = s, s, s, s
@@ -515,7 +561,7 @@ def _lecar(req, reset, n_items, capacity, seed, per_group):
             w_lru, w_lfu = 0.5, 0.5
         m0 = misses
         for j in range(k):
-            x = req[g, j]
+            x = req[gl, j]
             need[x] = g
             if pos[x] < 0:
                 continue
@@ -528,7 +574,7 @@ def _lecar(req, reset, n_items, capacity, seed, per_group):
             _sift_down(h_x, h_a, h_b, pos, n_h, pos[x], x, freq[x], stamp[x])
         n_p = 0
         for j in range(k):
-            x = req[g, j]
+            x = req[gl, j]
             if pos[x] != -1:
                 continue
             misses += 1
@@ -592,8 +638,9 @@ def _lecar(req, reset, n_items, capacity, seed, per_group):
             _sift_up(h_x, h_a, h_b, pos, n_h, y, freq[y], stamp[y])
             n_h += 1
         if per_group.shape[0]:
-            per_group[g] = misses - m0
-    return np.array([hits, misses, 0, 0], dtype=np.int64)
+            per_group[gl] = misses - m0
+    sc[0], sc[1], sc[4], sc[5], sc[6], sc[7] = hits, misses, n_h, n_res, n_ghost, clock
+    wts[0], wts[1] = w_lru, w_lfu
 
 
 @njit_inline
@@ -626,7 +673,33 @@ def cacheus(req, reset, n_items, capacity, seed):
 
 @njit
 def _cacheus(req, reset, n_items, capacity, seed, per_group):
-    """`cacheus`, also writing each group's demand misses to ``per_group [groups]`` when it is not empty.
+    """`cacheus`, also writing each group's demand misses to ``per_group [groups]`` when it is not empty."""
+    st = cacheus_state(n_items, capacity, req.shape[1])
+    cacheus_run(req, reset, 0, capacity, seed, st[0], st[1], st[2], st[3], st[4], st[5], st[6], st[7], st[8], st[9],
+                st[10], st[11], st[12], st[13], st[14], st[15], st[16], per_group)  # fmt: skip
+    return st[15][:4].copy()
+
+
+@njit
+def cacheus_state(n_items, capacity, k):
+    """A fresh Cacheus cache for `cacheus_run`: ``(prv, nxt, g_prv, g_nxt, where, ghost, is_new, is_dem, h_x,
+    h_a, h_b, pos, freq, stamp, need, sc, fl)``; ``sc[:4]`` the stats so far, ``sc[4:]`` the list sizes,
+    counters and clocks, ``fl`` the experts' weights and the learning rates (`cacheus_run` names them)."""
+    heap = np.empty((3, capacity), dtype=np.int64)
+    flags = np.zeros((2, n_items), dtype=np.bool_)
+    return (np.empty(n_items + 3, dtype=np.int64), np.empty(n_items + 3, dtype=np.int64),
+            np.empty(n_items + 2, dtype=np.int64), np.empty(n_items + 2, dtype=np.int64),
+            np.zeros(n_items, dtype=np.int64), np.zeros(n_items, dtype=np.int64), flags[0], flags[1], heap[0],
+            heap[1], heap[2], np.full(n_items, -1, dtype=np.int64), np.zeros(n_items, dtype=np.int64),
+            np.zeros(n_items, dtype=np.int64), np.full(n_items + 3, -1, dtype=np.int64),
+            np.zeros(18, dtype=np.int64), np.array([0.5, 0.5, 0.0, 0.0, 0.0]))  # fmt: skip
+
+
+@njit
+def cacheus_run(req, reset, g0, capacity, seed, prv, nxt, g_prv, g_nxt, where, ghost, is_new, is_dem, h_x, h_a, h_b,
+                pos, freq, stamp, need, sc, fl, per_group):  # fmt: skip
+    """`cacheus` over one window of a stream (first group: stream group `g0`) with the cache of
+    `cacheus_state` carried from the previous window.
 
     SR-LRU's lists SR, R and its history H are circular doubly linked lists through ``prv, nxt:
     [n_items + 3]`` (sentinel n_items + code - 1, nxt[sentinel] the least recent; an item is in at most one);
@@ -636,32 +709,30 @@ def _cacheus(req, reset, n_items, capacity, seed, per_group):
     amortised list moves (each SR overflow or R demotion follows an insertion into that list).
     """
     g_n, k = req.shape
+    n_items = where.shape[0]
     s_sr, s_r, s_h = n_items, n_items + 1, n_items + 2
     gl_lru, gl_lfu = n_items, n_items + 1
     n_ghost_max = capacity // 2  # libCacheSim: ghost_list_factor 1 x cache_size / 2 per expert
     state = np.uint64(seed)
     lr_first, lr_again = hash2(seed, 1), hash2(seed, 2)
-    prv = np.empty(n_items + 3, dtype=np.int64)
-    nxt = np.empty(n_items + 3, dtype=np.int64)
-    g_prv = np.empty(n_items + 2, dtype=np.int64)
-    g_nxt = np.empty(n_items + 2, dtype=np.int64)
-    where = np.zeros(n_items, dtype=np.int64)
-    ghost = np.zeros(n_items, dtype=np.int64)  # 0: no ghost, else _BY_LRU / _BY_LFU
-    is_new = np.zeros(n_items, dtype=np.bool_)  # cached: entered SR outside H, not hit since; in H: was so
-    is_dem = np.zeros(n_items, dtype=np.bool_)  # cached in SR, demoted from R, not hit since
-    h_x = np.empty(capacity, dtype=np.int64)
-    h_a = np.empty(capacity, dtype=np.int64)
-    h_b = np.empty(capacity, dtype=np.int64)
-    pos = np.full(n_items, -1, dtype=np.int64)
-    freq = np.zeros(n_items, dtype=np.int64)  # CR-LFU's uses (kept in H when an item leaves)
-    stamp = np.zeros(n_items, dtype=np.int64)  # when the item reached its count (heap key -stamp: latest first)
-    need = np.full(n_items + 3, -1, dtype=np.int64)  # -1 at the sentinels: a walk stops there
     p_x = np.empty(k, dtype=np.int64)
-    n_sr, n_r, n_hist, n_lru_g, n_lfu_g, c_new, c_dem, sr_size = 0, 0, 0, 0, 0, 0, 0, 0
-    n_h, n_p, clock, nreq, num_hit, unlearn, hits, misses = 0, 0, 0, 0, 0, 0, 0, 0
-    w_lru, w_lfu, lr, lr_prev, hr_prev = 0.5, 0.5, 0.0, 0.0, 0.0
-    for g in range(g_n):
-        if reset[g]:
+    hits, misses = sc[0], sc[1]
+    n_sr, n_r, n_hist, n_lru_g, n_lfu_g, c_new, c_dem, sr_size = (
+        sc[4],
+        sc[5],
+        sc[6],
+        sc[7],
+        sc[8],
+        sc[9],
+        sc[10],
+        sc[11],
+    )
+    n_h, clock, nreq, num_hit, unlearn = sc[12], sc[13], sc[14], sc[15], sc[16]
+    n_p = 0
+    w_lru, w_lfu, lr, lr_prev, hr_prev = fl[0], fl[1], fl[2], fl[3], fl[4]
+    for gl in range(g_n):
+        g = g0 + gl  # stream-wide: `need`, and the access index the draws and learning-rate updates use
+        if reset[gl]:
             pos[:] = -1
             where[:] = 0
             ghost[:] = 0
@@ -675,7 +746,7 @@ def _cacheus(req, reset, n_items, capacity, seed, per_group):
             w_lru, w_lfu, lr, lr_prev, hr_prev = 0.5, 0.5, _cacheus_lr(lr_first, g * k), 0.0, 0.0
         m0 = misses
         for j in range(k):
-            x = req[g, j]
+            x = req[gl, j]
             need[x] = g
             if pos[x] < 0:
                 continue
@@ -711,7 +782,7 @@ def _cacheus(req, reset, n_items, capacity, seed, per_group):
                 num_hit = 0
         n_p = 0
         for j in range(k):
-            x = req[g, j]
+            x = req[gl, j]
             if pos[x] != -1:
                 continue
             misses += 1
@@ -821,8 +892,20 @@ def _cacheus(req, reset, n_items, capacity, seed, per_group):
             _sift_up(h_x, h_a, h_b, pos, n_h, y, freq[y], -stamp[y])
             n_h += 1
         if per_group.shape[0]:
-            per_group[g] = misses - m0
-    return np.array([hits, misses, 0, 0], dtype=np.int64)
+            per_group[gl] = misses - m0
+    sc[0], sc[1] = hits, misses
+    sc[4], sc[5], sc[6], sc[7], sc[8], sc[9], sc[10], sc[11] = (
+        n_sr,
+        n_r,
+        n_hist,
+        n_lru_g,
+        n_lfu_g,
+        c_new,
+        c_dem,
+        sr_size,
+    )
+    sc[12], sc[13], sc[14], sc[15], sc[16] = n_h, clock, nreq, num_hit, unlearn
+    fl[0], fl[1], fl[2], fl[3], fl[4] = w_lru, w_lfu, lr, lr_prev, hr_prev
 
 
 @njit_inline

@@ -3,9 +3,9 @@
 `moescope.cache.streamed` bounds memory by the number of layers read at once; a layer's whole stream is
 still replayed in one kernel call, so memory grows with the number of tokens (about 16 x k bytes per token).
 Here the policies that can carry their cache from one window of a stream to the next
-(`CachePolicy.windowed`: LRU, FIFO, LFU, LFU-static, ARC, SIEVE, S3-FIFO, 2Q, SLRU, LRFU, adaptive LRFU and
-Belady, the default set among them) replay each layer's stream a window of `WINDOW_TOKENS` store tokens at a
-time, with the same counts as one whole-stream call (tests check it):
+(`CachePolicy.windowed`: every policy but the learned evictions and the co-activation prefetcher) replay each
+layer's stream a window of `WINDOW_TOKENS` store tokens at a time, with the same counts as one whole-stream
+call (tests check it):
 
 - the store is decoded once into one raw file per layer (`streamed.LayerColumns`), and each window is read
   from its layer's file with plain reads (no memory map, so the pages read do not stay resident);
@@ -23,8 +23,8 @@ Memory is then one window per worker (ids, stream, next uses: about 30 x k bytes
 top-8 for 2^20 tokens) plus each cache's state (items x a few words) and the sequence table, at any trace
 length. Layers are replayed in parallel, one per worker. Disk: the layer files (tokens x layers x k x 2
 bytes) and, for Belady, each worker's next-use file. A pooled cache, a Dask scheduler, a policy that is not
-windowed (LIRS, W-TinyLFU, LeCaR, Cacheus, the learned evictions, the co-activation prefetcher), or a disk
-without that room use `streamed` instead.
+windowed (the learned evictions and the co-activation prefetcher: their fits read the whole train stream),
+or a disk without that room use `streamed` instead.
 
 `WINDOW_TOKENS` bounds memory, not results (counts are exact for any window).
 
