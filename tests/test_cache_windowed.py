@@ -33,8 +33,8 @@ def test_the_default_policies_replay_in_windows():
     from moescope.cache.policies import DEFAULT_POLICIES
 
     assert set(DEFAULT_POLICIES) <= set(WINDOWED)
-    # every policy but the learned evictions and the prefetcher (their fits and state are not carried yet)
-    assert set(POLICIES) - set(WINDOWED) == {"learned", "learned-near", "coact-prefetch"}
+    # every policy but learned-near (a store's layer files hold no router candidates) and the prefetcher
+    assert set(POLICIES) - set(WINDOWED) == {"learned-near", "coact-prefetch"}
 
 
 @pytest.mark.kernels
@@ -61,6 +61,33 @@ def test_a_replayer_fed_windows_counts_as_one_run(name, aging):
             for a, b in itertools.pairwise(bounds):
                 rep.feed(req[a:b], reset[a:b], a, nu[a:b] if pol.reads_next_use else None)
             np.testing.assert_array_equal(rep.stats(), whole, err_msg=f"{name} C{cap} cuts {cuts}")
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("name", [n for n in WINDOWED if POLICIES[n].learns])
+def test_a_fitter_fed_windows_fits_as_fit_does(name, monkeypatch):
+    """A learner fitted from cut windows of its train stream replays as one fitted on the whole stream."""
+    import moescope.cache.policies as P
+    import moescope.cache.policies_learned as PL
+    from moescope.cache.policies import Stream
+
+    monkeypatch.setattr(P, "LRFU_FIT_GROUPS", 90)  # LRFU's prefix ends inside the stream, inside a window
+    monkeypatch.setattr(PL, "FIT_GROUPS", 50)  # the learned fit samples every few groups
+    rng = np.random.default_rng(3)
+    req = np.argsort(rng.random((400, 12)) ** 2, axis=1)[:, :3].astype(np.int32)
+    reset = rng.random(400) < 0.02
+    reset[0] = True
+    train, test = Stream(req[:300], reset[:300], 12, 12), Stream(req[300:], reset[300:], 12, 12)
+    whole = make_policy(name)
+    whole.fit(train)
+    for cuts in ([], [7, 8, 89, 90, 91, 299], list(range(0, 300, 41))):
+        pol = make_policy(name)
+        fit = pol.fitter(12, 3, 300)
+        for a, b in itertools.pairwise([0, *cuts, 300]):
+            fit.feed(req[a:b], reset[a:b], a)
+        fit.finish()
+        for cap in (3, 6):
+            np.testing.assert_array_equal(pol.run(test, cap), whole.run(test, cap), err_msg=f"{name} cuts {cuts}")
 
 
 @pytest.mark.kernels
@@ -260,7 +287,6 @@ def test_lrfu_fits_from_the_train_prefix_read_in_windows(stored, tmp_path, monke
 
     trace, store = stored
     monkeypatch.setattr(P, "LRFU_FIT_GROUPS", 50)
-    monkeypatch.setattr(P.LRFU, "fit_prefix", 50)
     whole = simulate(trace, [3, 4, 6, 9], ["lrfu", "lfu-static"])
     got = simulate_windows(store, [3, 4, 6, 9], ["lrfu", "lfu-static"], window=16, folder=tmp_path)
     np.testing.assert_array_equal(got.stats, whole.stats)

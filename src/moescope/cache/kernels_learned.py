@@ -62,16 +62,16 @@ def _features(y, g, key, last, rates, nkey, out):
 
 
 @njit_inline
-def _use(req, near, g, key, last, rates, nkey):
-    """Record group g: each requested item's last use and log-domain CRF sums (LRFU's update), and each near
-    miss's CRF (``near [groups, m]``, -1: none)."""
+def _use(req, near, gl, g, key, last, rates, nkey):
+    """Record row gl of the window, stream group g: each requested item's last use and log-domain CRF sums
+    (LRFU's update), and each near miss's CRF (``near [groups, m]``, -1: none)."""
     for j in range(req.shape[1]):
-        x = req[g, j]
+        x = req[gl, j]
         last[x] = g
         for i in range(rates.shape[0]):
             key[i, x] = log2_add(key[i, x], rates[i] * g)
     for j in range(near.shape[1]):
-        x = near[g, j]
+        x = near[gl, j]
         if x >= 0:
             nkey[0, x] = log2_add(nkey[0, x], NEAR_RATE * g)
 
@@ -133,23 +133,41 @@ def learned(req, reset, n_items, capacity, rates, coef, near, a0, b0, horizon, r
 @njit
 def _learned(req, reset, n_items, capacity, rates, coef0, near, a0, b0, horizon, refit, per_group):
     """`learned`, also writing each group's demand misses to ``per_group [groups]`` when it is not empty."""
-    g_n, k = req.shape
+    key, nkey, last, cached, need, slots, coef, a, b, pend, pend_g, sc = learned_state(n_items, capacity, rates, coef0,
+                                                                                       a0, b0)  # fmt: skip
+    learned_run(req, reset, 0, capacity, rates, near, horizon, refit, key, nkey, last, cached, need, slots, coef, a, b,
+                pend, pend_g, sc, per_group)  # fmt: skip
+    return sc[:4].copy()
+
+
+@njit
+def learned_state(n_items, capacity, rates, coef0, a0, b0):
+    """A fresh learned-eviction cache for `learned_run`: ``(key, nkey, last, cached, need, slots, coef, a, b,
+    pend, pend_g, sc)``, the model starting at ``coef0`` and the normal equations at ``a0``, ``b0``; ``sc[:4]``
+    the stats so far, ``sc[4]`` the number of cached items."""
     n_f = coef0.shape[0]
-    key = np.full((rates.shape[0], n_items), -np.inf)
-    nkey = np.full((1, n_items), -np.inf)
-    last = np.full(n_items, -1, dtype=np.int64)
-    cached = np.zeros(n_items, dtype=np.bool_)
-    need = np.full(n_items, -1, dtype=np.int64)
-    slots = np.full(capacity, -1, dtype=np.int64)
+    ints = np.full((3, n_items), -1, dtype=np.int64)  # last, need, pend_g
+    return (np.full((rates.shape[0], n_items), -np.inf), np.full((1, n_items), -np.inf), ints[0],
+            np.zeros(n_items, dtype=np.bool_), ints[1], np.full(capacity, -1, dtype=np.int64), coef0.copy(),
+            a0.copy(), b0.copy(), np.zeros((n_items, n_f)), ints[2], np.zeros(5, dtype=np.int64))  # fmt: skip
+
+
+@njit
+def learned_run(req, reset, g0, capacity, rates, near, horizon, refit, key, nkey, last, cached, need, slots, coef, a, b,
+                pend, pend_g, sc, per_group):  # fmt: skip
+    """`learned` over one window of a stream (first group: stream group `g0`, so the CRF clock, the sampling
+    and the refit periods run on across windows) with the cache and model of `learned_state` carried from the
+    previous window; ``pend`` holds each item's unlabelled online row (at most one), ``pend_g`` its group."""
+    g_n, k = req.shape
+    n_items = last.shape[0]
+    n_f = coef.shape[0]
     f = np.empty(n_f)
-    coef, a, b = coef0.copy(), a0.copy(), b0.copy()
     ridge = RIDGE * np.eye(n_f)
-    pend = np.zeros((n_items, n_f))  # each item's unlabelled online row (at most one) and its group
-    pend_g = np.full(n_items, -1, dtype=np.int64)
     far = np.log2(float(horizon))
-    size, hits, misses = 0, 0, 0
-    for g in range(g_n):
-        if reset[g]:
+    hits, misses, size = sc[0], sc[1], sc[4]
+    for gl in range(g_n):
+        g = g0 + gl
+        if reset[gl]:
             for i in range(size):
                 cached[slots[i]] = False
             key[:] = -np.inf
@@ -159,13 +177,13 @@ def _learned(req, reset, n_items, capacity, rates, coef0, near, a0, b0, horizon,
             size = 0
         m0 = misses
         for j in range(k):
-            x = req[g, j]
+            x = req[gl, j]
             need[x] = g
             if refit > 0 and pend_g[x] >= 0:  # its row's label is known now
                 _add_row(a, b, pend[x], np.log2(float(g - pend_g[x])))
                 pend_g[x] = -1
         for j in range(k):
-            x = req[g, j]
+            x = req[gl, j]
             if cached[x]:
                 hits += 1
                 continue
@@ -202,11 +220,11 @@ def _learned(req, reset, n_items, capacity, rates, coef0, near, a0, b0, horizon,
             if g > 0 and g % refit == 0:
                 a *= ONLINE_DECAY
                 b *= ONLINE_DECAY
-                coef = solve(a + ridge, b)
-        _use(req, near, g, key, last, rates, nkey)
+                coef[:] = solve(a + ridge, b)
+        _use(req, near, gl, g, key, last, rates, nkey)
         if per_group.shape[0]:
-            per_group[g] = misses - m0
-    return np.array([hits, misses, 0, 0], dtype=np.int64)
+            per_group[gl] = misses - m0
+    sc[0], sc[1], sc[4] = hits, misses, size
 
 
 @njit
@@ -216,31 +234,41 @@ def samples(req, reset, n_items, rates, near, every, horizon, x_out, y_out):
     (``y_out [rows]``; `horizon` when there is none). Returns the number of rows written (``x_out`` must hold
     ``ceil(groups / every) * n_items`` rows; ``near [groups, m]`` as `learned`'s, with m > 0 one more
     feature)."""
+    st = samples_state(n_items, rates, x_out.shape[0])
+    samples_run(req, reset, 0, rates, near, every, horizon, st[0], st[1], st[2], st[3], st[4], st[5], st[6], st[7],
+                x_out, y_out)  # fmt: skip
+    samples_finish(st[4], st[5], y_out, horizon)
+    return st[7][0]
+
+
+@njit
+def samples_state(n_items, rates, rows):
+    """A fresh sampling pass for `samples_run`: ``(key, nkey, last, need, head, link, born, sc)``; ``head`` each
+    item's newest unlabelled row, ``link`` a row's previous unlabelled row of its item, ``born`` the group it
+    was sampled at, ``sc[0]`` the rows written."""
+    return (np.full((rates.shape[0], n_items), -np.inf), np.full((1, n_items), -np.inf),
+            np.full(n_items, -1, dtype=np.int64), np.full(n_items, -1, dtype=np.int64),
+            np.full(n_items, -1, dtype=np.int64), np.empty(rows, dtype=np.int64), np.empty(rows, dtype=np.int64),
+            np.zeros(1, dtype=np.int64))  # fmt: skip
+
+
+@njit
+def samples_run(req, reset, g0, rates, near, every, horizon, key, nkey, last, need, head, link, born, sc, x_out,
+                y_out):  # fmt: skip
+    """`samples` over one window of the train stream (first group: stream group `g0`) with the state of
+    `samples_state` carried from the previous window; `samples_finish` labels what is left at the end."""
     g_n, k = req.shape
-    key = np.full((rates.shape[0], n_items), -np.inf)
-    nkey = np.full((1, n_items), -np.inf)
-    last = np.full(n_items, -1, dtype=np.int64)
-    need = np.full(n_items, -1, dtype=np.int64)
-    head = np.full(n_items, -1, dtype=np.int64)  # newest unlabelled row of each item
-    link = np.empty(x_out.shape[0], dtype=np.int64)  # the item's previous unlabelled row
-    born = np.empty(x_out.shape[0], dtype=np.int64)  # the group each row was sampled at
-    n = 0
-    never = np.log2(float(horizon))
-    for g in range(g_n + 1):
-        if g == g_n or reset[g]:  # the segment ends: its unlabelled rows are never used again
-            for y in range(n_items):
-                r = head[y]
-                while r >= 0:
-                    y_out[r] = never
-                    r = link[r]
-                head[y] = -1
-            if g == g_n:
-                break
+    n_items = last.shape[0]
+    n = sc[0]
+    for gl in range(g_n):
+        g = g0 + gl
+        if reset[gl]:  # a segment ends: its unlabelled rows are never used again
+            samples_finish(head, link, y_out, horizon)
             key[:] = -np.inf
             nkey[:] = -np.inf
             last[:] = -1
         for j in range(k):
-            x = req[g, j]
+            x = req[gl, j]
             need[x] = g
             r = head[x]
             while r >= 0:
@@ -256,5 +284,17 @@ def samples(req, reset, n_items, rates, near, every, horizon, x_out, y_out):
                 link[n] = head[y]
                 head[y] = n
                 n += 1
-        _use(req, near, g, key, last, rates, nkey)
-    return n
+        _use(req, near, gl, g, key, last, rates, nkey)
+    sc[0] = n
+
+
+@njit
+def samples_finish(head, link, y_out, horizon):
+    """Label every row still waiting (its item not used again in the segment) with log2 `horizon`."""
+    never = np.log2(float(horizon))
+    for y in range(head.shape[0]):
+        r = head[y]
+        while r >= 0:
+            y_out[r] = never
+            r = link[r]
+        head[y] = -1

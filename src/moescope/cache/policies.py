@@ -68,10 +68,8 @@ class CachePolicy:
     bypass: ClassVar[bool] = False  # misses are served from slow memory without entering the cache
     near_misses: ClassVar[bool] = False  # reads `Stream.near` (the trace's router candidates): named only
     # replays a stream a window at a time (`replayer`; `moescope.cache.windowed`), so memory does not grow with
-    # the trace's length; a learner among them fits from the train split's per-item counts and its first
-    # `fit_prefix` groups (`fit_windows`)
+    # the trace's length; a learner among them is fitted from the train stream's windows too (`fitter`)
     windowed: ClassVar[bool] = False
-    fit_prefix: ClassVar[int] = 0
     reads_next_use: ClassVar[bool] = False  # its replayer reads each access's next use (offline)
 
     def __init__(self, params: PolicyParams) -> None:
@@ -93,13 +91,22 @@ class CachePolicy:
         """An empty cache of `capacity` that replays a stream window by window (`windowed` policies only)."""
         raise NotImplementedError(f"{self.name} replays whole streams only")
 
-    def fit_windows(self, counts: np.ndarray, prefix: Stream) -> None:
-        """Learn from the train split's ``[n_items]`` access counts and its first `fit_prefix` groups (`windowed`
-        learners only; the same model as `fit` on the whole train stream)."""
+    def fitter(self, n_items: int, k: int, n_groups: int) -> Fitter:
+        """A fit fed the train stream (`n_groups` groups) window by window; its ``finish()`` leaves this policy
+        fitted as `fit` on the whole stream would (`windowed` learners only)."""
         raise NotImplementedError(f"{self.name} fits on a whole train stream only")
 
 
 _NO_GROUPS = np.empty(0, dtype=np.int64)  # a kernel's per-group output, not asked for
+
+
+@dataclasses.dataclass
+class Fitter:
+    """A learner's fit fed a train stream's windows in order: ``feed(req, reset, g0)`` (as `Replayer.feed`,
+    without next uses), then ``finish()`` once."""
+
+    feed: Callable[[np.ndarray, np.ndarray, int], None]
+    finish: Callable[[], None]
 
 
 @dataclasses.dataclass
@@ -226,10 +233,18 @@ class LFUStatic(CachePolicy):
     windowed = True
 
     def fit(self, train: Stream) -> None:
-        self.fit_windows(np.bincount(train.req.ravel(), minlength=train.n_items), train)
+        self._order = np.argsort(-np.bincount(train.req.ravel(), minlength=train.n_items), kind="stable")
 
-    def fit_windows(self, counts: np.ndarray, prefix: Stream) -> None:
-        self._order = np.argsort(-counts, kind="stable")
+    def fitter(self, n_items: int, k: int, n_groups: int) -> Fitter:
+        counts = np.zeros(n_items, dtype=np.int64)
+
+        def feed(req: np.ndarray, reset: np.ndarray, g0: int) -> None:
+            counts[:] += np.bincount(req.ravel(), minlength=n_items)
+
+        def finish() -> None:
+            self._order = np.argsort(-counts, kind="stable")
+
+        return Fitter(feed, finish)
 
     def _pinned(self, n_items: int, capacity: int) -> np.ndarray:
         pinned = np.zeros(n_items, dtype=np.bool_)
@@ -280,10 +295,20 @@ class LRFU(CachePolicy):
     summary = "recency-weighted use counts (LRFU), the decay rate per capacity chosen on the train split"
     learns = True
     windowed = True
-    fit_prefix = LRFU_FIT_GROUPS
 
-    def fit_windows(self, counts: np.ndarray, prefix: Stream) -> None:
-        self.fit(prefix)
+    def fitter(self, n_items: int, k: int, n_groups: int) -> Fitter:
+        head: list[tuple[np.ndarray, np.ndarray]] = []  # the train stream's first LRFU_FIT_GROUPS groups
+
+        def feed(req: np.ndarray, reset: np.ndarray, g0: int) -> None:
+            if g0 < LRFU_FIT_GROUPS:
+                head.append((req[: LRFU_FIT_GROUPS - g0].copy(), reset[: LRFU_FIT_GROUPS - g0].copy()))
+
+        def finish() -> None:
+            req = np.concatenate([r for r, _ in head]) if head else np.empty((0, k), dtype=np.int32)
+            reset = np.concatenate([f for _, f in head]) if head else np.empty(0, dtype=np.bool_)
+            self.fit(Stream(req, reset, n_items, n_items))
+
+        return Fitter(feed, finish)
 
     def fit(self, train: Stream) -> None:
         n = min(train.req.shape[0], LRFU_FIT_GROUPS)

@@ -49,7 +49,7 @@ import dataclasses
 import numpy as np
 
 from moescope.cache import kernels_learned as KL
-from moescope.cache.policies import CachePolicy, Stream, register
+from moescope.cache.policies import _NO_GROUPS, CachePolicy, Fitter, Replayer, Stream, register
 from moescope.errors import UsageError
 
 FIT_GROUPS = 4096  # train groups sampled for the fit rows, at most (bounds the fit's time and memory)
@@ -65,6 +65,11 @@ def _near(stream: Stream, use: bool) -> np.ndarray:
             "--candidates M (transformers or llama.cpp capture), or use the policy learned"
         )
     return np.ascontiguousarray(stream.near, dtype=np.int32)
+
+
+def _no_near(req: np.ndarray) -> np.ndarray:
+    """The near-miss array of a window without near misses: no columns."""
+    return np.empty((req.shape[0], 0), dtype=np.int32)
 
 
 TRAIN_WEIGHT = 0.01  # a train row's weight in the online refits, against 1 for a replayed row (module docstring)
@@ -85,20 +90,29 @@ class Model:
 def fit_model(train: Stream, near: bool = False) -> Model:
     """The next-use model fitted on `train` (`N_COEF` features, one more with `near`; recency alone without
     rows)."""
-    g_n = train.req.shape[0]
-    every = max(1, -(-g_n // FIT_GROUPS))
-    rows = (-(-g_n // every)) * train.n_items
+    every, rows, horizon = _fit_shape(train.req.shape[0], train.n_items)
     n_coef = KL.N_COEF + int(near)
     x = np.empty((rows, n_coef))
     y = np.empty(rows)
-    horizon = max(g_n, 2)
     n = KL.samples(train.req, train.reset, train.n_items, KL.RATES, _near(train, near), every, horizon, x, y)
-    a, b = TRAIN_WEIGHT * (x[:n].T @ x[:n]), TRAIN_WEIGHT * (x[:n].T @ y[:n])
+    return _model(x[:n], y[:n], horizon)
+
+
+def _fit_shape(g_n: int, n_items: int) -> tuple[int, int, int]:
+    """(sampling period, fit rows at most, label horizon) of a train stream of `g_n` groups."""
+    every = max(1, -(-g_n // FIT_GROUPS))
+    return every, (-(-g_n // every)) * n_items, max(g_n, 2)
+
+
+def _model(x: np.ndarray, y: np.ndarray, horizon: int) -> Model:
+    """The least-squares model of the fit rows ``x [n, F]``, ``y [n]`` (recency alone with fewer rows than F)."""
+    n, n_coef = x.shape
+    a, b = TRAIN_WEIGHT * (x.T @ x), TRAIN_WEIGHT * (x.T @ y)
     if n < n_coef:
         coef = np.zeros(n_coef)
         coef[1] = 1.0  # the least recently used item is predicted furthest
     else:
-        coef = np.linalg.lstsq(x[:n], y[:n], rcond=None)[0]
+        coef = np.linalg.lstsq(x, y, rcond=None)[0]
     return Model(*(np.ascontiguousarray(v, dtype=np.float64) for v in (coef, a, b)), horizon)
 
 
@@ -107,6 +121,7 @@ class Learned(CachePolicy):
     name = "learned"
     summary = "evict the furthest predicted next use (linear model of recency and decayed counts, fitted on train)"
     learns = True
+    windowed = True  # learned-near is not: a store's layer files hold no router candidates
 
     def fit(self, train: Stream) -> None:
         self.model = fit_model(train, self.near_misses)
@@ -120,6 +135,31 @@ class Learned(CachePolicy):
     def run(self, stream: Stream, capacity: int) -> np.ndarray:
         return KL.learned(*self._args(stream, capacity))
 
+    def fitter(self, n_items: int, k: int, n_groups: int) -> Fitter:
+        every, rows, horizon = _fit_shape(n_groups, n_items)
+        x, y = np.empty((rows, KL.N_COEF)), np.empty(rows)
+        st = KL.samples_state(n_items, KL.RATES, rows)
+
+        def feed(req: np.ndarray, reset: np.ndarray, g0: int) -> None:
+            KL.samples_run(req, reset, g0, KL.RATES, _no_near(req), every, horizon, *st, x, y)
+
+        def finish() -> None:
+            KL.samples_finish(st[4], st[5], y, horizon)
+            n = int(st[-1][0])
+            self.model = _model(x[:n], y[:n], horizon)
+
+        return Fitter(feed, finish)
+
+    def replayer(self, n_items: int, k: int, capacity: int) -> Replayer:
+        m = self.model
+        st = KL.learned_state(n_items, capacity, KL.RATES, m.coef, m.a, m.b)
+
+        def feed(req: np.ndarray, reset: np.ndarray, g0: int, nu: np.ndarray | None) -> None:
+            KL.learned_run(req, reset, g0, capacity, KL.RATES, _no_near(req), m.horizon, KL.ONLINE_REFIT, *st,
+                           _NO_GROUPS)  # fmt: skip
+
+        return Replayer(feed, st[-1])
+
     def misses_per_group(self, stream: Stream, capacity: int) -> np.ndarray:
         out = np.zeros(stream.req.shape[0], dtype=np.int64)
         KL._learned(*self._args(stream, capacity), out)
@@ -131,3 +171,4 @@ class LearnedNear(Learned):
     name = "learned-near"
     summary = "learned, plus a decayed count of each expert's router near misses (traces with candidates)"
     near_misses = True
+    windowed = False

@@ -12,8 +12,9 @@ call (tests check it):
 - a window's stream is the tokens of that window which belong to the replayed part (the second halves of
   the sequences, the scored labels' sequences, or every token with ``--split all``), in order; the cache
   restarts empty at the part's first token and, with ``--reset-per-sequence``, at each of its sequences;
-- the policies that learn are fitted from the train part read window by window: LFU-static from its
-  per-expert counts, LRFU from its first `policies.LRFU_FIT_GROUPS` groups (all its fit ever reads);
+- the policies that learn are fitted from the train part read window by window (`CachePolicy.fitter`):
+  LFU-static from its per-expert counts, LRFU from its first `policies.LRFU_FIT_GROUPS` groups (all its fit
+  ever reads);
 - Belady needs each access's next use: one pass over the windows from last to first writes them to a
   temporary file (8 x k bytes per replayed token), which the forward pass reads back window by window;
 - miss curves (`miss_curves_windows`, for ``--curve`` and the ``--slots`` / ``--vram`` budget) take LRU's
@@ -47,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from moescope.cache import kernels as K
-from moescope.cache.policies import POLICIES, CachePolicy, PolicyParams, Stream, default_policies, make_policy
+from moescope.cache.policies import POLICIES, CachePolicy, PolicyParams, default_policies, make_policy
 from moescope.cache.simulate import CacheResult, MissCurves, check_capacities, check_params
 from moescope.cache.streamed import LayerColumns
 from moescope.errors import UsageError
@@ -242,22 +243,12 @@ def replay_layer(
     try:
         learners = [p for p in policies if p.learns]
         if learners:
-            counts = np.zeros(n_items, dtype=np.int64)
-            keep = max(p.fit_prefix for p in learners)
-            head: list[tuple[np.ndarray, np.ndarray]] = []  # the train stream's first `keep` groups
+            fits = [p.fitter(n_items, k, train.n) for p in learners]
             for g0, req, reset in _stream(layer, train, _windows(train, n_tokens, window)):
-                counts += np.bincount(req.ravel(), minlength=n_items)
-                if g0 < keep:
-                    head.append((req[: keep - g0], reset[: keep - g0]))
-            prefix = Stream(
-                np.concatenate([r for r, _ in head]) if head else np.empty((0, k), dtype=np.int32),
-                np.concatenate([f for _, f in head]) if head else np.empty(0, dtype=np.bool_),
-                n_items,
-                n_items,
-            )
-            del head
-            for p in learners:
-                p.fit_windows(counts, prefix)
+                for f in fits:
+                    f.feed(req, reset, g0)
+            for f in fits:
+                f.finish()
         wins = _windows(test, n_tokens, window)
         nu_path = None
         if any(p.reads_next_use for p in policies):
