@@ -107,8 +107,8 @@ def _measure(scale: dict, tmp: Path) -> dict:
 
 def _lengths(scale: dict, tmp: Path) -> list[dict]:
     """Peak memory against trace length: the default run on 2.5M, 10M and 40M tokens x 2 layers (16x the
-    tokens; a whole layer's stream of 40M tokens at top-8 would alone take 1.3 GB as int32, 5 GB with
-    Belady's next uses), each store deleted before the next is written."""
+    tokens; a whole layer's stream of 40M tokens at top-8 would alone take 1.3 GB as int32, and Belady's next
+    uses 2.6 GB more), each store deleted before the next is written."""
     from moescope.synth import SynthSpec, save_synth
 
     out = []

@@ -33,8 +33,8 @@ def test_the_default_policies_replay_in_windows():
     from moescope.cache.policies import DEFAULT_POLICIES
 
     assert set(DEFAULT_POLICIES) <= set(WINDOWED)
-    # every policy but learned-near (a store's layer files hold no router candidates) and the prefetcher
-    assert set(POLICIES) - set(WINDOWED) == {"learned-near", "coact-prefetch"}
+    # every policy but learned-near (a store's layer files hold no router candidates)
+    assert set(POLICIES) - set(WINDOWED) == {"learned-near"}
 
 
 @pytest.mark.kernels
@@ -190,7 +190,7 @@ def test_bad_requests_fail_as_simulate_does(stored, tmp_path):
     with pytest.raises(UsageError, match="layer"):
         simulate_windows(store, [4], ["lru"], layers=[9], folder=tmp_path)
     with pytest.raises(ValueError, match="windows"):
-        simulate_windows(store, [4], ["lru", "coact-prefetch"], folder=tmp_path)
+        simulate_windows(store, [4], ["lru", "learned-near"], folder=tmp_path)
     one = TraceStore(save_trace(random_trace(n_tokens=3, n_seq=3, labels=False), tmp_path / "short.zarr"))
     with pytest.raises(UsageError, match="too short") as windows:
         simulate_windows(one, [2], ["lru"], folder=tmp_path)
@@ -212,7 +212,8 @@ def test_simulate_store_replays_in_windows_only_when_it_can(stored, monkeypatch)
     simulate_store(store, [4], ["lru", "belady"])
     simulate_store(store, [4])  # the defaults
     assert len(calls) == 2
-    simulate_store(store, [4], ["lru", "coact-prefetch"])
+    monkeypatch.setattr(POLICIES["arc"], "windowed", False)  # as learned-near is (it needs router candidates)
+    simulate_store(store, [4], ["lru", "arc"])
     simulate_store(store, [4], ["lru"], pooled=True)
     monkeypatch.setattr(windowed, "room", lambda *a, **k: False)
     simulate_store(store, [4], ["lru"])
@@ -222,7 +223,7 @@ def test_simulate_store_replays_in_windows_only_when_it_can(stored, monkeypatch)
     real_c = windowed.miss_curves_windows
     monkeypatch.setattr(windowed, "miss_curves_windows", lambda *a, **k: curves.append(a[1]) or real_c(*a, **k))
     miss_curves_store(store, ["lru", "belady"])
-    miss_curves_store(store, ["lru", "coact-prefetch"])
+    miss_curves_store(store, ["lru", "arc"])
     assert curves == [["lru", "belady"]]
 
 

@@ -718,31 +718,56 @@ def coact_prefetch(req, reset, n_items, capacity, coact, n_experts, budget):
     blocks usually do, so a wrong guess evicts another guess before a hot expert; a hit moves an item to the
     top. Candidates already cached are left alone. A prefetched item evicted (or left at a reset or the end)
     before any use is wasted."""
+    st = coact_prefetch_state(n_items, capacity, n_experts)
+    coact_prefetch_run(req, reset, 0, capacity, coact, n_experts, budget, st[0], st[1], st[2], st[3], st[4], st[5],
+                       st[6], st[7], st[8])  # fmt: skip
+    return coact_prefetch_stats(st[0], st[5], st[8])
+
+
+@njit
+def coact_prefetch_state(n_items, capacity, n_experts):
+    """A fresh cache for `coact_prefetch_run`: ``(slot_item, slot_of, need, recent, ids, pending, score, chosen,
+    sc)``; ``sc[:4]`` the stats so far (before the unused prefetches left at the end, `coact_prefetch_stats`),
+    ``sc[4]`` the free slots, ``sc[5]`` the recency clock."""
+    sc = np.zeros(6, dtype=np.int64)
+    sc[4] = capacity
+    return (np.full(capacity, -1, dtype=np.int64), np.full(n_items, -1, dtype=np.int64),
+            np.full(n_items, -1, dtype=np.int64), np.zeros(n_items, dtype=np.int64),
+            np.arange(n_items).astype(np.int64), np.zeros(n_items, dtype=np.bool_),
+            np.zeros(n_experts, dtype=np.float64), np.zeros(n_experts, dtype=np.bool_), sc)  # fmt: skip
+
+
+@njit
+def coact_prefetch_stats(slot_item, pending, sc):
+    """The stats of a stream replayed to its end: the prefetches still unused then are wasted."""
+    out = sc[:4].copy()
+    out[3] += _unused_prefetches(slot_item, pending)
+    return out
+
+
+@njit
+def coact_prefetch_run(req, reset, g0, capacity, coact, n_experts, budget, slot_item, slot_of, need, recent, ids,
+                       pending, score, chosen, sc):  # fmt: skip
+    """`coact_prefetch` over one window of a stream (first group: stream group `g0`) with the cache of
+    `coact_prefetch_state` carried from the previous window."""
     g_n, k = req.shape
-    slot_item = np.full(capacity, -1, dtype=np.int64)
-    slot_of = np.full(n_items, -1, dtype=np.int64)
-    need = np.full(n_items, -1, dtype=np.int64)
-    recent = np.zeros(n_items, dtype=np.int64)
-    ids = np.arange(n_items).astype(np.int64)
-    pending = np.zeros(n_items, dtype=np.bool_)
-    score = np.zeros(n_experts, dtype=np.float64)
-    chosen = np.zeros(n_experts, dtype=np.bool_)
-    hits, misses, loads, wasted, free, clock = 0, 0, 0, 0, capacity, 0
+    hits, misses, loads, wasted, free, clock = sc[0], sc[1], sc[2], sc[3], sc[4], sc[5]
     b = min(budget, capacity - k)
-    for g in range(g_n):
-        if reset[g]:
+    for gl in range(g_n):
+        g = g0 + gl  # stream-wide, as `need` is
+        if reset[gl]:
             wasted += _unused_prefetches(slot_item, pending)
             slot_item[:] = -1
             slot_of[:] = -1
             free = capacity
         for j in range(k):
-            x = req[g, j]
+            x = req[gl, j]
             need[x] = g
             if slot_of[x] >= 0:
                 hits += 1
                 pending[x] = False
         for j in range(k):
-            x = req[g, j]
+            x = req[gl, j]
             if slot_of[x] >= 0:
                 continue
             misses += 1
@@ -750,15 +775,15 @@ def coact_prefetch(req, reset, n_items, capacity, coact, n_experts, budget):
             wasted += lost
         for j in range(k - 1, -1, -1):  # recency as in `lru`: slot 0 most recent
             clock += 1
-            recent[req[g, j]] = clock
+            recent[req[gl, j]] = clock
         if b <= 0:
             continue
-        layer = req[g, 0] // n_experts
+        layer = req[gl, 0] // n_experts
         base = layer * n_experts
         score[:] = 0.0
         chosen[:] = False
         for j in range(k):
-            e = req[g, j] - base
+            e = req[gl, j] - base
             chosen[e] = True  # the group's own experts are cached already
             for f in range(n_experts):
                 score[f] += coact[layer, e, f]
@@ -780,8 +805,7 @@ def coact_prefetch(req, reset, n_items, capacity, coact, n_experts, budget):
             wasted += lost
             recent[y] = -clock  # at the LRU end: an unused prefetch is the first to go, not a hot expert
             pending[y] = True
-    wasted += _unused_prefetches(slot_item, pending)
-    return np.array([hits, misses, loads, wasted], dtype=np.int64)
+    sc[0], sc[1], sc[2], sc[3], sc[4], sc[5] = hits, misses, loads, wasted, free, clock
 
 
 @njit

@@ -118,9 +118,10 @@ class Replayer:
 
     feed: Callable[[np.ndarray, np.ndarray, int, np.ndarray | None], None]
     sc: np.ndarray
+    final: Callable[[], np.ndarray] | None = None  # the stats at the stream's end, when not ``sc[:4]``
 
     def stats(self) -> np.ndarray:
-        return self.sc[:4].copy()
+        return self.sc[:4].copy() if self.final is None else self.final()
 
 
 POLICIES: dict[str, type[CachePolicy]] = {}
@@ -378,21 +379,49 @@ class CoactPrefetch(CachePolicy):
     learns = True
     prefetches = True
 
+    windowed = True
+
     def fit(self, train: Stream) -> None:
-        e, k = train.n_experts, train.k
-        req = train.req.astype(np.int64)
-        layer = req[:, :1] // e
-        local = req - layer * e
-        pairs = (layer * e + local)[:, :, None] * e + local[:, None, :]  # [groups, k, k] flat (layer, a, b)
-        off_diagonal = ~np.eye(k, dtype=bool)
-        flat = pairs[:, off_diagonal].ravel()
-        coact = np.bincount(flat, minlength=train.n_layers * e * e).astype(np.float64)
-        self._coact = coact.reshape(train.n_layers, e, e)
+        self._coact = _coact_counts(train.req, train.n_experts, train.n_layers).reshape(
+            train.n_layers, train.n_experts, train.n_experts
+        )
+
+    def fitter(self, n_items: int, k: int, n_groups: int) -> Fitter:
+        counts = np.zeros(n_items * n_items)  # one layer's stream: items are its experts
+
+        def feed(req: np.ndarray, reset: np.ndarray, g0: int) -> None:
+            counts[:] += _coact_counts(req, n_items, 1)
+
+        def finish() -> None:
+            self._coact = counts.reshape(1, n_items, n_items)
+
+        return Fitter(feed, finish)
 
     def run(self, stream: Stream, capacity: int) -> np.ndarray:
         return K.coact_prefetch(
             stream.req, stream.reset, stream.n_items, capacity, self._coact, stream.n_experts, self.params.prefetch
         )
+
+    def replayer(self, n_items: int, k: int, capacity: int) -> Replayer:
+        coact, budget = self._coact, self.params.prefetch
+        st = K.coact_prefetch_state(n_items, capacity, n_items)
+
+        def feed(req: np.ndarray, reset: np.ndarray, g0: int, nu: np.ndarray | None) -> None:
+            K.coact_prefetch_run(req, reset, g0, capacity, coact, n_items, budget, *st)
+
+        return Replayer(feed, st[-1], lambda: K.coact_prefetch_stats(st[0], st[5], st[-1]))
+
+
+def _coact_counts(req: np.ndarray, n_experts: int, n_layers: int) -> np.ndarray:
+    """``[layers x E x E]`` float64: how often each ordered pair of distinct experts of a layer is needed by
+    the same group (items ``layer * E + expert``)."""
+    e, k = n_experts, req.shape[1]
+    req = req.astype(np.int64)
+    layer = req[:, :1] // e
+    local = req - layer * e
+    pairs = (layer * e + local)[:, :, None] * e + local[:, None, :]  # [groups, k, k] flat (layer, a, b)
+    flat = pairs[:, ~np.eye(k, dtype=bool)].ravel()
+    return np.bincount(flat, minlength=n_layers * e * e).astype(np.float64)
 
 
 @register
