@@ -239,9 +239,9 @@ def replay_layer(
     window: int = WINDOW_TOKENS,
 ) -> list[Any]:
     """Replay one layer's file (`_LayerFile`) window by window: fit the `policies` that learn (fresh instances
-    per layer) from the train part's counts, then feed every window of the test part to each of
-    ``consumers()`` (built after the fit: the policies' `Replayer` s, `Depths`), which it returns; `scratch`
-    holds the next-use file when a policy reads next uses."""
+    per layer) from the train part's windows (`CachePolicy.fitter`), then feed every window of the test part to
+    each of ``consumers()`` (built after the fit: the policies' `Replayer` s, `Depths`), which it returns;
+    `scratch` holds the next-use file when a policy reads next uses."""
     layer = _LayerFile(path, k)
     try:
         learners = [p for p in policies if p.learns]
