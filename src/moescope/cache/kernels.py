@@ -208,7 +208,7 @@ def depths_run(req, reset, hist, stack, on_stack, in_group, sc):
 
 # -- FIFO, LFU and Belady: `scan_policy` (a linked list for FIFO, a binary min-heap for LFU and Belady) --
 SCAN_FIFO, SCAN_LFU, SCAN_BELADY = 0, 1, 2  # the `kind` of `scan_policy`
-_PARKED = -2  # `_heap_policy`'s pos[x] for a cached item held out of the heap until its group ends
+_PARKED = -2  # `heap_run`'s pos[x] for a cached item held out of the heap until its group ends
 
 
 @njit
@@ -222,8 +222,8 @@ def scan_policy(req, reset, n_items, capacity, kind, aging):
     - Belady evicts the item whose next use is furthest (never used again first): the offline optimum for
       demand loading with the whole group needed together.
 
-    Every kind evicts only items the group does not need, ties by smallest id. FIFO runs in `_fifo` (a linked
-    list, O(k) per miss), LFU and Belady in `_heap_policy` (a heap, O(k log capacity) per miss).
+    Every kind evicts only items the group does not need, ties by smallest id. FIFO runs in `fifo_run` (a linked
+    list, O(k) per miss), LFU and Belady in `heap_run` (a heap, O(k log capacity) per miss).
     """
     return _scan_policy(req, reset, n_items, capacity, kind, aging, np.empty(0, dtype=np.int64))
 
@@ -343,7 +343,7 @@ def heap_run(req, reset, g0, n_items, capacity, belady, aging, nu, h_x, h_a, h_b
 
 @njit
 def _heapify(h_x, h_a, h_b, pos, n):
-    """Restore the min-heap order by (h_a, h_b) of the first n entries of `_heap_policy`'s heap, in O(n)."""
+    """Restore the min-heap order by (h_a, h_b) of the first n entries of `heap_run`'s heap, in O(n)."""
     for r in range(n // 2 - 1, -1, -1):
         _sift_down(h_x, h_a, h_b, pos, n, r, h_x[r], h_a[r], h_b[r])
 

@@ -70,7 +70,7 @@ LeCaR (Vietri et al., "Driving cache replacement with ML-based LeCaR", HotStorag
   reproducible and the reference draws the same numbers; libCacheSim's draw is unseeded.
 - Group rule: LRU's victim is the least recent item the group does not need; LFU's the smallest
   (count, stamp) item it does not need (a heap; needed roots are parked until the group ends, as in
-  `moescope.cache.kernels._heap_policy`). A group's hits update both experts in slot order first.
+  `moescope.cache.kernels.heap_run`). A group's hits update both experts in slot order first.
 
 Cacheus (Rodriguez et al., "Learning cache replacement with CACHEUS", FAST 2021; libCacheSim's ``Cacheus.c``,
 ``SR_LRU.c``, ``CR_LFU.c``). No parameter is tuned on any trace; each is the paper's or libCacheSim's:
@@ -539,7 +539,7 @@ def lecar_run(req, reset, g0, capacity, seed, prv, nxt, g_prv, g_nxt, ghost_by, 
     carried from the previous window.
 
     Recency: a circular doubly linked list through ``prv, nxt: [n_items + 1]``; frequency: a binary min-heap
-    of the cached items by (uses since load, stamp of the last change), as in `kernels._heap_policy` (roots
+    of the cached items by (uses since load, stamp of the last change), as in `kernels.heap_run` (roots
     the group needs and the group's loads are parked until the group ends); the ghost history: a list
     through ``g_prv, g_nxt: [n_items + 1]``, oldest first, at most `capacity` entries. O(k log capacity)
     per miss, O(log capacity) per hit.
