@@ -7,6 +7,8 @@ wrapped by a public function that validates inputs, allocates outputs and packag
 
 from __future__ import annotations
 
+import os
+
 import numba
 
 njit = numba.njit(cache=True, nogil=True)
@@ -25,3 +27,9 @@ parallel_chunksize = numba.parallel_chunksize
 """Context manager: iterations a thread takes at a time in the `prange` loops called inside it (1: threads take
 one iteration at a time, for loops whose iterations differ in length; the default splits the range evenly up
 front)."""
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity where the OS says, else the machine's): the default worker
+    or thread count of parallel work outside numba (cache replays in windows, Mt-KaHyPar)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

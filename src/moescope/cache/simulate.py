@@ -110,11 +110,8 @@ def split_streams(
     """(train streams, test streams, test tokens) for a split mode, or for the labels protocol when
     `fit_labels` or `score_labels` is given (fit on those labels' whole sequences, replay the others'; see
     `moescope.slicing.label_protocol`); with `near`, streams carry the near misses (`build_streams`)."""
-    if split not in EVAL_SPLITS:
-        raise UsageError(f"split {split!r}: expected one of {', '.join(EVAL_SPLITS)}")
+    check_protocol(split, bool(fit_labels or score_labels))
     if fit_labels or score_labels:
-        if split != "test":
-            raise UsageError(f"--split {split} and --fit-labels / --score-labels are two protocols; give one of them")
         fit_l, score_l = label_protocol(trace, fit_labels, score_labels)
         train, test = select_labels(trace, fit_l), select_labels(trace, score_l)
     elif split == "all":
@@ -122,18 +119,48 @@ def split_streams(
         return streams, streams, trace.n_tokens
     else:
         train, test = split_part(trace, "train"), split_part(trace, "test")
-    if test.n_tokens == 0 or train.n_tokens == 0:
-        if fit_labels or score_labels:
-            raise UsageError(f"the {'fit' if train.n_tokens == 0 else 'scored'} labels hold no tokens")
-        raise UsageError(
-            f"the trace's sequences are too short to split into train and test halves ({trace.n_tokens} tokens in "
-            f"{trace.n_sequences} sequences); use split='all' (--split all) to replay it in-sample"
-        )
+    check_parts(train.n_tokens, test.n_tokens, bool(fit_labels or score_labels), trace.n_tokens, trace.n_sequences)
     return (
         build_streams(train, pooled=pooled, reset_per_sequence=reset_per_sequence, near=near),
         build_streams(test, pooled=pooled, reset_per_sequence=reset_per_sequence, near=near),
         test.n_tokens,
     )
+
+
+def check_protocol(split: str, labelled: bool) -> None:
+    """A split mode, or the labels protocol (`labelled`: fit or score labels given), that `split_streams` takes."""
+    if split not in EVAL_SPLITS:
+        raise UsageError(f"split {split!r}: expected one of {', '.join(EVAL_SPLITS)}")
+    if labelled and split != "test":
+        raise UsageError(f"--split {split} and --fit-labels / --score-labels are two protocols; give one of them")
+
+
+def check_parts(train_tokens: int, test_tokens: int, labelled: bool, n_tokens: int, n_sequences: int) -> None:
+    """Both sides of a train / test split (or of the labels protocol) hold tokens."""
+    if test_tokens == 0 or train_tokens == 0:
+        if labelled:
+            raise UsageError(f"the {'fit' if train_tokens == 0 else 'scored'} labels hold no tokens")
+        raise UsageError(
+            f"the trace's sequences are too short to split into train and test halves ({n_tokens} tokens in "
+            f"{n_sequences} sequences); use split='all' (--split all) to replay it in-sample"
+        )
+
+
+def policy_names(policies: Sequence[str] | None, params: PolicyParams) -> list[str]:
+    """The policies named (None: `default_policies`), once each, every one known, and `params` valid."""
+    names = list(dict.fromkeys(default_policies() if policies is None else policies))
+    if not names:
+        raise UsageError("no cache policy given; choose from " + ", ".join(POLICIES))
+    for name in names:
+        make_policy(name, params)  # an unknown name: a UsageError naming the choices
+    check_params(params)
+    return names
+
+
+def curve_capacities(capacities: Sequence[int] | None, k: int, n_experts: int) -> np.ndarray:
+    """The capacities a miss curve is taken at: those given (checked), or every one from top-k to E."""
+    caps = list(range(k, n_experts + 1)) if capacities is None else list(capacities)
+    return np.asarray(check_capacities(caps, k, n_experts), dtype=np.int64)
 
 
 def check_params(params: PolicyParams) -> None:
@@ -316,11 +343,8 @@ def simulate(
     CacheResult
     """
     params = params or PolicyParams()
-    names = list(dict.fromkeys(default_policies() if policies is None else policies))
-    if not names:
-        raise UsageError("no cache policy given; choose from " + ", ".join(POLICIES))
+    names = policy_names(policies, params)
     instances = {name: make_policy(name, params) for name in names}
-    check_params(params)
     train, test, tokens = split_streams(
         trace, split, pooled=pooled, reset_per_sequence=reset_per_sequence, fit_labels=fit_labels,
         score_labels=score_labels, near=reads_near_misses(names),
@@ -492,14 +516,7 @@ def miss_curves(
     names = list(dict.fromkeys(policies))
     for name in names:
         make_policy(name, params)
-    caps = np.asarray(
-        check_capacities(
-            list(range(trace.top_k, trace.n_experts + 1)) if capacities is None else list(capacities),
-            trace.top_k,
-            trace.n_experts,
-        ),
-        dtype=np.int64,
-    )
+    caps = curve_capacities(capacities, trace.top_k, trace.n_experts)
     train, test, tokens = split_streams(
         trace, split, pooled=False, reset_per_sequence=reset_per_sequence, fit_labels=fit_labels,
         score_labels=score_labels, near=reads_near_misses(names),

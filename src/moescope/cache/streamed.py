@@ -177,15 +177,10 @@ def simulate_store(
     each layer is replayed a window of tokens at a time instead (`moescope.cache.windowed`: memory bounded
     at any trace length)."""
     from moescope.cache import windowed
-    from moescope.cache.policies import POLICIES, default_policies
+    from moescope.cache.policies import default_policies
 
     names = list(default_policies() if policies is None else policies)
-    n_layers = len(store.layer_ids if layers is None else layers)
-    if (
-        all(n in POLICIES for n in names)
-        and windowed.eligible(names, pooled, kwargs.get("scheduler"))
-        and windowed.room(store, n_layers, windowed.usable_cpus())
-    ):
+    if windowed.serves(store, names, layers, pooled, kwargs.get("scheduler")):
         rest = {k: v for k, v in kwargs.items() if k != "scheduler"}
         return windowed.simulate_windows(store, capacities, policies, layers=layers, progress=progress, **rest)
     if pooled:
@@ -213,14 +208,8 @@ def miss_curves_store(
     """`miss_curves` over a `TraceStore` read in layer groups, or window by window when every policy can
     (`moescope.cache.windowed`); other keyword arguments as `miss_curves`'s."""
     from moescope.cache import windowed
-    from moescope.cache.policies import POLICIES
 
-    n_layers = len(store.layer_ids if layers is None else layers)
-    if (
-        all(n in POLICIES for n in policies)
-        and windowed.eligible(policies, False, None)
-        and windowed.room(store, n_layers, windowed.usable_cpus())
-    ):
+    if windowed.serves(store, policies, layers):
         return windowed.miss_curves_windows(store, policies, layers=layers, progress=progress, **kwargs)
     parts = _by_groups(store, layers, budget, lambda sub, p: miss_curves(sub, policies, progress=p, **kwargs), progress)
     return dataclasses.replace(

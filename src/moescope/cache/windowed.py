@@ -50,12 +50,20 @@ from typing import Any
 
 import numpy as np
 
+from moescope._jit import usable_cpus
 from moescope.cache import kernels as K
-from moescope.cache.policies import POLICIES, CachePolicy, PolicyParams, default_policies, make_policy
-from moescope.cache.simulate import CacheResult, MissCurves, check_capacities, check_params
+from moescope.cache.policies import POLICIES, CachePolicy, PolicyParams, make_policy
+from moescope.cache.simulate import (
+    CacheResult,
+    MissCurves,
+    check_capacities,
+    check_parts,
+    check_protocol,
+    curve_capacities,
+    policy_names,
+)
 from moescope.cache.streamed import LayerColumns
-from moescope.errors import UsageError
-from moescope.slicing import EVAL_SPLITS, label_protocol
+from moescope.slicing import label_protocol
 from moescope.trace import EXPERT_DTYPE, layer_positions
 
 WINDOW_TOKENS = 1 << 20  # store tokens per window (memory per worker: module docstring)
@@ -113,15 +121,13 @@ def parts(
 ) -> tuple[Part, Part, tuple[str, ...], tuple[str, ...]]:
     """(train part, replayed part, fitted labels, scored labels) of `store` for a split mode or the labels
     protocol, with the errors `simulate` gives for the same arguments."""
-    if split not in EVAL_SPLITS:
-        raise UsageError(f"split {split!r}: expected one of {', '.join(EVAL_SPLITS)}")
+    labelled = bool(fit_labels or score_labels)
+    check_protocol(split, labelled)
     starts = np.asarray(store.seq_starts, dtype=np.int64)
     ends = np.append(starts[1:], store.n_tokens).astype(np.int64) if starts.size else starts
     fit_l: tuple[str, ...] = ()
     score_l: tuple[str, ...] = ()
-    if fit_labels or score_labels:
-        if split != "test":
-            raise UsageError(f"--split {split} and --fit-labels / --score-labels are two protocols; give one of them")
+    if labelled:
         skeleton = _Labelled(store.seq_labels)
         fit_l, score_l = label_protocol(skeleton, fit_labels, score_labels)  # type: ignore[arg-type]
         f, s = (np.isin(store.seq_labels, list(x)) for x in (fit_l, score_l))
@@ -136,13 +142,7 @@ def parts(
             Part(starts[keep_tr], mid[keep_tr], per_sequence),
             Part(mid[keep_te], ends[keep_te], per_sequence),
         )
-    if test.n == 0 or train.n == 0:
-        if fit_l:
-            raise UsageError(f"the {'fit' if train.n == 0 else 'scored'} labels hold no tokens")
-        raise UsageError(
-            f"the trace's sequences are too short to split into train and test halves ({store.n_tokens} tokens in "
-            f"{starts.size} sequences); use split='all' (--split all) to replay it in-sample"
-        )
+    check_parts(train.n, test.n, labelled, store.n_tokens, starts.size)
     return train, test, fit_l, score_l
 
 
@@ -157,14 +157,18 @@ class _Labelled:
         return [] if self.seq_labels is None else list(dict.fromkeys(np.asarray(self.seq_labels).tolist()))
 
 
-def usable_cpus() -> int:
-    """CPUs this process may run on (the replay's default worker count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def eligible(names: Sequence[str], pooled: bool, scheduler: str | None) -> bool:
-    """Whether `simulate_windows` serves this request (every named policy windowed, per-layer caches, no Dask)."""
-    return not pooled and scheduler is None and all(POLICIES[n].windowed for n in names)
+    """Whether `simulate_windows` serves this request (every named policy known and windowed, per-layer caches,
+    no Dask)."""
+    return not pooled and scheduler is None and all(n in POLICIES and POLICIES[n].windowed for n in names)
+
+
+def serves(store: Any, names: Sequence[str], layers: Sequence[int] | None, pooled: bool = False,
+           scheduler: str | None = None) -> bool:  # fmt: skip
+    """Whether `moescope.cache.streamed` should hand this request to the windows: `eligible`, and the disk
+    has the `room` for the store's `layers` (None: all)."""
+    n_layers = len(store.layer_ids if layers is None else layers)
+    return eligible(names, pooled, scheduler) and room(store, n_layers, usable_cpus())
 
 
 def room(store: Any, n_layers: int, workers: int, folder: str | os.PathLike | None = None) -> bool:
@@ -302,7 +306,7 @@ class _Request:
 
 def _request(
     store: Any,
-    names: Sequence[str],
+    names: Sequence[str] | None,
     params: PolicyParams,
     layers: Sequence[int] | None,
     split: str,
@@ -311,14 +315,9 @@ def _request(
     per_sequence: bool,
 ) -> _Request:
     """Check a request as `simulate` does, before any work."""
-    names = list(dict.fromkeys(names))
-    if not names:
-        raise UsageError("no cache policy given; choose from " + ", ".join(POLICIES))
-    for name in names:
-        make_policy(name, params)  # unknown names: a UsageError naming the choices
+    names = policy_names(names, params)
     if not all(POLICIES[n].windowed for n in names):
         raise ValueError(f"not every policy of {names} replays in windows; use moescope.cache.streamed")
-    check_params(params)
     ids = [int(x) for x in (store.layer_ids if layers is None else layers)]
     layer_positions(store.layer_ids, ids)  # unknown or repeated ids: a UsageError before any work
     train, test, fit_l, score_l = parts(store, split, fit_labels, score_labels, per_sequence)
@@ -377,8 +376,7 @@ def simulate_windows(
     (module docstring); every named policy must be `CachePolicy.windowed` (`eligible`). Same result as
     `simulate` on the whole trace."""
     params = params or PolicyParams()
-    req = _request(store, default_policies() if policies is None else policies, params, layers, split, fit_labels,
-                   score_labels, reset_per_sequence)  # fmt: skip
+    req = _request(store, policies, params, layers, split, fit_labels, score_labels, reset_per_sequence)
     caps = check_capacities(list(capacities), store.top_k, store.n_experts)
     stats = np.zeros((len(req.names), len(caps), len(req.ids), 4), dtype=np.int64)
 
@@ -416,9 +414,7 @@ def miss_curves_windows(
     params = params or PolicyParams()
     req = _request(store, policies, params, layers, split, fit_labels, score_labels, reset_per_sequence)
     k, e = store.top_k, store.n_experts
-    caps = np.asarray(
-        check_capacities(list(range(k, e + 1)) if capacities is None else list(capacities), k, e), dtype=np.int64
-    )
+    caps = curve_capacities(capacities, k, e)
     misses = np.zeros((len(req.names), len(req.ids), caps.size), dtype=np.int64)
 
     def curves(pols: list[CachePolicy]) -> list[Any]:

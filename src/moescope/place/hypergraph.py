@@ -16,11 +16,11 @@ DETERMINISTIC preset and are seeded (`mtkahypar.set_seed`), so a seed repeats it
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
 
+from moescope._jit import usable_cpus
 from moescope.errors import require
 
 _PROCESS: dict[str, Any] = {}  # Mt-KaHyPar's initializer is a process-wide singleton
@@ -30,7 +30,7 @@ def initializer(threads: int | None = None) -> Any:
     """The process's Mt-KaHyPar initializer, created on first use with `threads` (default: usable CPUs)."""
     if "init" not in _PROCESS:
         mtk = require("mtkahypar", "place", "the hypergraph placement")
-        n = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        n = threads or usable_cpus()
         _PROCESS["init"] = mtk.initialize(int(n), False)
         _PROCESS["threads"] = int(n)
     return _PROCESS["init"]
