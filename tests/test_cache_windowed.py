@@ -293,3 +293,42 @@ def test_lrfu_fits_from_the_train_prefix_read_in_windows(stored, tmp_path, monke
     np.testing.assert_array_equal(got.stats, whole.stats)
     train, _ = parts(store, "test", None, None, False)[:2]
     assert train.n > 3 * 50  # the prefix spans several windows and stops inside the train stream
+
+
+@pytest.mark.parametrize("windows", [True, False])
+def test_one_decode_serves_the_table_and_the_curves(stored, tmp_path, monkeypatch, windows):
+    """Given `columns` covering the layers, the table and the curves read them (windows or layer groups) and
+    decode nothing more; columns of other layers are not read."""
+    import moescope.cache.streamed as S
+    import moescope.cache.windowed as windowed
+    from moescope.cache import miss_curves
+
+    trace, store = stored
+    if not windows:
+        monkeypatch.setattr(windowed, "room", lambda *a, **k: False)
+        monkeypatch.setattr(S, "GROUP_BYTES", 1)  # one layer per group: groups read the files
+    writes = []
+    real = LayerColumns._write
+    monkeypatch.setattr(LayerColumns, "_write", lambda self: writes.append(tuple(self.layer_ids)) or real(self))
+    with LayerColumns(store, store.layer_ids, folder=tmp_path) as cols:
+        table = simulate_store(store, [4, 6], ["lru", "belady"], columns=cols)
+        curves = miss_curves_store(store, ["lru", "belady"], columns=cols)
+        assert len(writes) == 1
+    np.testing.assert_array_equal(table.stats, simulate(trace, [4, 6], ["lru", "belady"]).stats)
+    np.testing.assert_array_equal(curves.misses, miss_curves(trace, ["lru", "belady"]).misses)
+    with LayerColumns(store, [int(store.layer_ids[0])], folder=tmp_path) as one:
+        simulate_store(store, [4], ["lru"], columns=one)  # does not cover every layer: decodes its own
+    assert len(writes) == 3
+
+
+def test_cli_curves_on_a_store_decode_it_once(capsys, stored, monkeypatch):
+    _, store = stored
+    writes = []
+    real = LayerColumns._write
+    monkeypatch.setattr(LayerColumns, "_write", lambda self: writes.append(1) or real(self))
+    code, _, err = run(capsys, "cache", store.path, "--capacity", "4", "--curve", "--slots", "40", "--json")
+    assert code == 0, err
+    assert len(writes) == 1
+    code, _, err = run(capsys, "cache", store.path, "--capacity", "4", "--json")  # the table alone: one decode
+    assert code == 0, err
+    assert len(writes) == 2

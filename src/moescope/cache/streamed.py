@@ -106,6 +106,10 @@ class LayerColumns:
                 for f in files:
                     f.close()
 
+    def covers(self, store: Any, layer_ids: Sequence[int]) -> bool:
+        """Whether these files hold `store`'s layers `layer_ids` (so a caller may read them instead)."""
+        return store is self.store and set(int(x) for x in layer_ids) <= set(self.layer_ids)
+
     def path(self, layer: int) -> Path:
         """The raw file of model layer `layer`."""
         return self._dir / f"layer-{layer}.bin"
@@ -134,15 +138,19 @@ def _by_groups(
     budget: int | None,
     run: Callable[[Any, Callable[[int, int], None] | None], R],
     progress: Callable[[int, int], None] | None,
+    columns: LayerColumns | None = None,
 ) -> list[R]:
     """`run(group trace, progress)` for each layer group of `store` (model `layers`, default all), in order;
-    `progress` sees one count over all groups (every layer has the same number of jobs)."""
+    `progress` sees one count over all groups (every layer has the same number of jobs). Groups read
+    `columns` when it covers the layers (a caller decoded them already)."""
     ids = [int(x) for x in (store.layer_ids if layers is None else layers)]
     layer_positions(store.layer_ids, ids)  # unknown or repeated ids: a UsageError before any work
     groups = layer_groups(ids, store.n_tokens, store.top_k, budget)
     with contextlib.ExitStack() as stack:
-        source = store
-        if len(groups) > 1 and LayerColumns.room(store, len(ids)):
+        source: Any = store
+        if columns is not None and columns.covers(store, ids):
+            source = columns
+        elif len(groups) > 1 and LayerColumns.room(store, len(ids)):
             source = stack.enter_context(LayerColumns(store, ids))
         out: list[R] = []
         done_layers = 0
@@ -170,24 +178,33 @@ def simulate_store(
     pooled: bool = False,
     budget: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    columns: LayerColumns | None = None,
     **kwargs: Any,
 ) -> CacheResult:
     """`simulate` over a `TraceStore` (model `layers`, default all) read in layer groups (module docstring);
     other keyword arguments as `simulate`'s. When every policy replays in windows and the disk has the room,
     each layer is replayed a window of tokens at a time instead (`moescope.cache.windowed`: memory bounded
-    at any trace length)."""
+    at any trace length). `columns`: the store's layers already decoded (`LayerColumns`), read instead of
+    decoding them again when they cover the layers (the CLI shares one between the table and the curves)."""
     from moescope.cache import windowed
     from moescope.cache.policies import default_policies
 
     names = list(default_policies() if policies is None else policies)
     if windowed.serves(store, names, layers, pooled, kwargs.get("scheduler")):
         rest = {k: v for k, v in kwargs.items() if k != "scheduler"}
-        return windowed.simulate_windows(store, capacities, policies, layers=layers, progress=progress, **rest)
+        return windowed.simulate_windows(
+            store, capacities, policies, layers=layers, progress=progress, columns=columns, **rest
+        )
     if pooled:
         trace = store.routing_at(store.layer_ids if layers is None else layers)
         return simulate(trace, capacities, policies, pooled=True, progress=progress, **kwargs)
     parts = _by_groups(
-        store, layers, budget, lambda sub, p: simulate(sub, capacities, policies, progress=p, **kwargs), progress
+        store,
+        layers,
+        budget,
+        lambda sub, p: simulate(sub, capacities, policies, progress=p, **kwargs),
+        progress,
+        columns,
     )
     return dataclasses.replace(
         parts[0],
@@ -203,15 +220,20 @@ def miss_curves_store(
     layers: Sequence[int] | None = None,
     budget: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    columns: LayerColumns | None = None,
     **kwargs: Any,
 ) -> MissCurves:
     """`miss_curves` over a `TraceStore` read in layer groups, or window by window when every policy can
-    (`moescope.cache.windowed`); other keyword arguments as `miss_curves`'s."""
+    (`moescope.cache.windowed`); `columns` as `simulate_store`'s; other keyword arguments as `miss_curves`'s."""
     from moescope.cache import windowed
 
     if windowed.serves(store, policies, layers):
-        return windowed.miss_curves_windows(store, policies, layers=layers, progress=progress, **kwargs)
-    parts = _by_groups(store, layers, budget, lambda sub, p: miss_curves(sub, policies, progress=p, **kwargs), progress)
+        return windowed.miss_curves_windows(
+            store, policies, layers=layers, progress=progress, columns=columns, **kwargs
+        )
+    parts = _by_groups(
+        store, layers, budget, lambda sub, p: miss_curves(sub, policies, progress=p, **kwargs), progress, columns
+    )
     return dataclasses.replace(
         parts[0],
         layer_ids=tuple(x for r in parts for x in r.layer_ids),

@@ -334,12 +334,17 @@ def _each_layer(
     window: int,
     workers: int | None,
     folder: str | os.PathLike | None,
+    columns: LayerColumns | None = None,
 ) -> None:
-    """Decode the store's layers once (`LayerColumns`), then replay each layer (`replay_layer`, fresh policy
-    instances, ``consumers(policies)``) in parallel; ``done(layer position, consumers)`` as each finishes."""
+    """Decode the store's layers once (`LayerColumns`; `columns` instead when it covers them), then replay
+    each layer (`replay_layer`, fresh policy instances, ``consumers(policies)``) in parallel; ``done(layer
+    position, consumers)`` as each finishes."""
     n_workers = max(1, min(workers or usable_cpus(), len(req.ids)))
     with contextlib.ExitStack() as stack:
-        cols = stack.enter_context(LayerColumns(store, req.ids, folder))
+        if columns is not None and columns.covers(store, req.ids):
+            cols = columns
+        else:
+            cols = stack.enter_context(LayerColumns(store, req.ids, folder))
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="moescope-next-use-", dir=folder)))
 
         def work(i: int) -> None:
@@ -371,10 +376,11 @@ def simulate_windows(
     window: int = WINDOW_TOKENS,
     workers: int | None = None,
     folder: str | os.PathLike | None = None,
+    columns: LayerColumns | None = None,
 ) -> CacheResult:
     """`simulate` over a `TraceStore` (model `layers`, default all), per-layer caches replayed window by window
     (module docstring); every named policy must be `CachePolicy.windowed` (`eligible`). Same result as
-    `simulate` on the whole trace."""
+    `simulate` on the whole trace. `columns`: the layers already decoded, read when they cover the request."""
     params = params or PolicyParams()
     req = _request(store, policies, params, layers, split, fit_labels, score_labels, reset_per_sequence)
     caps = check_capacities(list(capacities), store.top_k, store.n_experts)
@@ -386,7 +392,7 @@ def simulate_windows(
     def done(i: int, fed: list[Any]) -> None:
         stats[:, :, i] = np.array([r.stats() for r in fed]).reshape(len(req.names), len(caps), 4)
 
-    _each_layer(store, req, params, grid, done, progress, window, workers, folder)
+    _each_layer(store, req, params, grid, done, progress, window, workers, folder, columns)
     return CacheResult(
         tuple(req.names), tuple(caps), tuple(req.ids), stats, req.test.n, store.top_k, store.n_experts, False,
         reset_per_sequence, "labels" if req.fit_labels else split, params, req.fit_labels, req.score_labels,
@@ -408,9 +414,11 @@ def miss_curves_windows(
     window: int = WINDOW_TOKENS,
     workers: int | None = None,
     folder: str | os.PathLike | None = None,
+    columns: LayerColumns | None = None,
 ) -> MissCurves:
     """`miss_curves` over a `TraceStore`, window by window (LRU from its stack depths, every capacity in one
-    pass; every other policy replayed at each capacity); every named policy must be windowed."""
+    pass; every other policy replayed at each capacity); every named policy must be windowed; `columns` as
+    `simulate_windows`'."""
     params = params or PolicyParams()
     req = _request(store, policies, params, layers, split, fit_labels, score_labels, reset_per_sequence)
     k, e = store.top_k, store.n_experts
@@ -433,7 +441,7 @@ def miss_curves_windows(
                 misses[pi, i] = [r.stats()[1] for r in fed[at : at + caps.size]]
                 at += caps.size
 
-    _each_layer(store, req, params, curves, done, progress, window, workers, folder)
+    _each_layer(store, req, params, curves, done, progress, window, workers, folder, columns)
     accesses = np.full(len(req.ids), req.test.n * k, dtype=np.int64)
     return MissCurves(tuple(req.names), caps, tuple(req.ids), misses, accesses, req.test.n,
                       "labels" if fit_labels or score_labels else split)  # fmt: skip

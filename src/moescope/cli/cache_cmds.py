@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 from typing import Annotated, Any
@@ -104,7 +105,7 @@ def cache(
         simulate,
     )
     from moescope.cache.simulate import reads_near_misses
-    from moescope.cache.streamed import miss_curves_store, simulate_store
+    from moescope.cache.streamed import LayerColumns, miss_curves_store, simulate_store
     from moescope.errors import UsageError
     from moescope.slicing import parse_ranges
 
@@ -136,41 +137,52 @@ def cache(
             f"a budget of {budget} expert slots is below {trace.top_k * trace.n_layers} = top-k ({trace.top_k}) x "
             f"{trace.n_layers} layers, the least a per-expert cache needs; raise the budget or pick --layers"
         )
-    with c.lazy_progress("replaying") as bar:
-        source = trace if store is None else store
-        run = simulate if store is None else functools.partial(simulate_store, layers=layer_list)
-        result = run(
-            source,
-            caps,
-            names,
-            pooled=pooled,
-            reset_per_sequence=reset_per_sequence,
-            split=split,
-            params=params,
-            progress=bar,
-            scheduler=scheduler,
-            fit_labels=c.names(fit_labels),
-            score_labels=c.names(score_labels),
-        )
-    mean_eb = None if eb is None else float(np.mean(eb))
-    out: dict[str, Any] = {"table": result.to_dict(mean_eb)}
     curves = None
-    if curve or budget is not None:
-        curve_names = list(dict.fromkeys(([*names] if curve else []) + ([budget_policy] if budget is not None else [])))
-        with c.lazy_progress("curves") as bar:
-            curves_of = miss_curves if store is None else functools.partial(miss_curves_store, layers=layer_list)
-            curves = curves_of(
+    with contextlib.ExitStack() as stack:
+        source = trace if store is None else store
+        run, curves_of, shared = simulate, miss_curves, {}
+        if store is not None:
+            run = functools.partial(simulate_store, layers=layer_list)
+            curves_of = functools.partial(miss_curves_store, layers=layer_list)
+            ids = store.layer_ids if layer_list is None else layer_list
+            # the table and the curves read one decode of the store's layers
+            if (curve or budget is not None) and LayerColumns.room(store, len(ids)):
+                shared["columns"] = stack.enter_context(LayerColumns(store, ids))
+        with c.lazy_progress("replaying") as bar:
+            result = run(
                 source,
-                curve_names,
+                caps,
+                names,
+                pooled=pooled,
                 reset_per_sequence=reset_per_sequence,
                 split=split,
                 params=params,
                 progress=bar,
+                scheduler=scheduler,
                 fit_labels=c.names(fit_labels),
                 score_labels=c.names(score_labels),
+                **shared,
             )
-        if curve:
-            out["curves"] = curves.to_dict()
+        if curve or budget is not None:
+            curve_names = list(
+                dict.fromkeys(([*names] if curve else []) + ([budget_policy] if budget is not None else []))
+            )
+            with c.lazy_progress("curves") as bar:
+                curves = curves_of(
+                    source,
+                    curve_names,
+                    reset_per_sequence=reset_per_sequence,
+                    split=split,
+                    params=params,
+                    progress=bar,
+                    fit_labels=c.names(fit_labels),
+                    score_labels=c.names(score_labels),
+                    **shared,
+                )
+    mean_eb = None if eb is None else float(np.mean(eb))
+    out: dict[str, Any] = {"table": result.to_dict(mean_eb)}
+    if curve and curves is not None:
+        out["curves"] = curves.to_dict()
     if budget is not None and curves is not None:
         shape = dict(top_k=trace.top_k, n_experts=trace.n_experts, hw=hw)
         sizes = np.ones(trace.n_layers) if eb is None else eb  # without sizes: the allocation only
