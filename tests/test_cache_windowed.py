@@ -201,6 +201,21 @@ def test_bad_requests_fail_as_simulate_does(stored, tmp_path):
         simulate_windows(one, [2], ["lru"], fit_labels=["a"], folder=tmp_path)
 
 
+def test_bad_curve_requests_fail_as_in_memory(stored, tmp_path):
+    """The in-memory curves refuse what the windowed ones refuse, with the same message."""
+    from moescope.cache import miss_curves
+    from moescope.cache.windowed import miss_curves_windows
+
+    trace, store = stored
+    for names, params in (([], None), (["lru", "nope"], None), (["lru"], PolicyParams(aging=-1)),
+                          (["lru"], PolicyParams(prefetch=-2))):  # fmt: skip
+        with pytest.raises(UsageError) as whole:
+            miss_curves(trace, names, params=params)
+        with pytest.raises(UsageError) as windows:
+            miss_curves_windows(store, names, params=params, folder=tmp_path)
+        assert str(windows.value) == str(whole.value)
+
+
 def test_simulate_store_replays_in_windows_only_when_it_can(stored, monkeypatch):
     """Windowed policies, per-layer caches, no Dask and the disk room: windows; otherwise layer groups."""
     import moescope.cache.windowed as windowed

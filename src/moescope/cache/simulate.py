@@ -513,9 +513,7 @@ def miss_curves(
     """Demand misses per layer at every capacity (default: top-k .. E), per policy (per-layer caches); the
     split or labels protocol as `simulate`."""
     params = params or PolicyParams()
-    names = list(dict.fromkeys(policies))
-    for name in names:
-        make_policy(name, params)
+    names = policy_names(policies, params)
     caps = curve_capacities(capacities, trace.top_k, trace.n_experts)
     train, test, tokens = split_streams(
         trace, split, pooled=False, reset_per_sequence=reset_per_sequence, fit_labels=fit_labels,
