@@ -24,9 +24,11 @@ def _crf(times: list[int], g: int, lam: float) -> float:
 
 
 def features(uses: list[int], g: int, rates, near_uses: list[int] | None = None) -> list[float]:
-    """[1, log2(1 + recency), log2 CRF at each rate (floored)] of an item used at groups `uses` (before g),
-    and with `near_uses` (the groups where it was a near miss) its near-miss CRF."""
+    """[1, log2(1 + recency), log2 CRF at each rate (floored), log2(1 + gap between the last two uses) and 1
+    when it was used twice (else 0, 0)] of an item used at groups `uses` (before g), and with `near_uses` (the
+    groups where it was a near miss) its near-miss CRF."""
     out = [1.0, math.log2(1.0 + (g - uses[-1]))] + [_crf(uses, g, lam) for lam in rates]
+    out += [math.log2(1.0 + (uses[-1] - uses[-2])), 1.0] if len(uses) >= 2 else [0.0, 0.0]
     if near_uses is not None:
         out.append(_crf(near_uses, g, NEAR_RATE))
     return out
@@ -151,4 +153,4 @@ def learned_samples(req, reset, n_items, rates, every, horizon, near=None):
                     later = [start + j for j in range(i + 1, len(seg)) if y in seg[j]]
                     labels.append(math.log2(later[0] - g) if later else math.log2(horizon))
             _record(uses, nears, group, near, g)
-    return np.array(rows).reshape(-1, 2 + len(rates) + (near is not None)), np.array(labels)
+    return np.array(rows).reshape(-1, 4 + len(rates) + (near is not None)), np.array(labels)

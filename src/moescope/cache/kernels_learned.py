@@ -11,14 +11,27 @@ every miss: a linear model of log2 next-use distance (in groups) over features a
   `FLOOR`; the rates span LRFU's fixed grid log-evenly (fast to slow decay), fixed a priori. Checked by
   validation inside the train split only (ESFT train halves split again; gap to Belady closed at C 8 / 16 /
   32): these four 21.1 / 22.0 / 31.9%, with a rate-0 CRF added 20.5 / 21.2 / 31.1%, LRFU's eight rates
-  20.1 / 20.7 / 30.7%, every pairwise product of the features added 20.6 / 21.3 / 31.0%.
+  20.1 / 20.7 / 30.7%, every pairwise product of the features added 20.6 / 21.3 / 31.0%;
+- ``gap``, ``twice``: log2(1 + groups between the item's last two uses) and 1 once it was used twice in the
+  segment (0 and 0 before): LRB's second delta. Added after validating inside the fitting data only, with the
+  online refits on (gap closed at C 8 / 16 / 32, without -> with): ESFT train halves split again 22.7 / 22.9 /
+  32.6% -> 23.0 / 23.3 / 32.8%; across tasks (fit on one ESFT task, replay another; each pair is the inner
+  fold of one leave-one-task-out split) intent to law 17.7 / 10.5 / 14.7 -> 18.4 / 10.8 / 14.8, summary to
+  law 18.4 / 11.7 / 16.2 -> 19.0 / 12.0 / 16.2, law to intent 33.3 / 31.7 / 42.4 -> 33.5 / 32.0 / 42.6,
+  summary to intent 32.9 / 31.5 / 42.3 -> 32.9 / 31.7 / 42.7, intent to summary 25.0 / 28.1 / 28.5 -> 25.1
+  / 28.2 / 28.5, law to summary 25.8 / 28.9 / 29.4 unchanged: never worse, so kept. Two variants fixed
+  alongside it were not: the item's count of uses in the current sequence (+0.7 to +0.8 points on the
+  halves, up to -1.1 across tasks) and labels clipped at 2^5 / 2^7 / 2^9 groups (the eviction only needs the
+  order of far next uses, LRB's Belady boundary; 0 to -2.5 points on the halves).
 
-``coef = [bias, recency, crf_0 .. crf_3]``: 6 floats per layer. Per access it costs four CRF updates (LRFU's
-log-add at each rate) and per miss one prediction per cached item (6 multiply-adds): about 4.5 times LRFU's
-time with its fit and the online refits (`bench/cache_e2e.py`, 1M tokens x top-8 of 128, three capacities: 11
-CPU s per layer, LRFU 2.6). Fitting (`samples`) replays the train stream with no cache (the features do not
-depend on the cache), samples every item seen so far in the segment at evenly spaced groups, and labels each
-with its next-use distance (`horizon` groups when it is not used again in the segment).
+``coef = [bias, recency, crf_0 .. crf_3, gap, twice]``: 8 floats per layer. Per access it costs four CRF
+updates (LRFU's log-add at each rate) and one log2, and per miss one prediction per cached item (8
+multiply-adds): about 4 times LRFU's time with its fit and the online refits (`bench/cache_e2e.py`, 1M tokens
+x top-8 of 128, three capacities, 6 features: 11 CPU s per layer, LRFU 2.6; with the gap features, 1M tokens x
+4 layers, `moescope cache` user time 32-35 s against LRFU's 9.4-9.6, and 42 s with 6 features). Fitting
+(`samples`) replays the train stream with no cache (the features do not depend on the cache), samples every
+item seen so far in the segment at evenly spaced groups, and labels each with its next-use distance (`horizon`
+groups when it is not used again in the segment).
 
 With the router's near misses (``near [groups, m]``, m > 0; `moescope.cache.simulate.near_misses`) one
 more feature: each item's near-miss CRF at `NEAR_RATE` (log2, relative to now, floored), updated after each
@@ -46,34 +59,45 @@ from moescope.cache.kernels import log2_add
 RATES = np.array([2.0**-1, 2.0**-4, 2.0**-7, 2.0**-10])  # LRFU_GRID's span, log-even; fixed a priori
 NEAR_RATE = 2.0**-4  # the near-miss CRF's rate: the middle of RATES, fixed a priori
 FLOOR = -64.0  # log2 CRF floor: an item unused for long (or never) has every crf at FLOOR, not -inf
-N_COEF = 2 + RATES.shape[0]  # without near misses; with them one more (the near-miss CRF)
+N_COEF = 4 + RATES.shape[0]  # without near misses; with them one more (the near-miss CRF)
 
 
 @njit_inline
-def _features(y, g, key, last, rates, nkey, out):
+def _features(y, g, key, last, rates, aux, out):
     """The features of item y at group g (it was used in this segment: ``last[y] >= 0``) into ``out [F]``;
-    with ``F = N_COEF + 1`` the last is its near-miss CRF (``nkey``, at `NEAR_RATE`)."""
+    ``aux [2, items]``: row 0 the near-miss CRF sums, row 1 log2(1 + groups between the last two uses) (-inf
+    before a second use). With ``F = N_COEF + 1`` the last feature is the near-miss CRF (at `NEAR_RATE`)."""
+    r = rates.shape[0]
     out[0] = 1.0
     out[1] = np.log2(1.0 + (g - last[y]))
-    for i in range(rates.shape[0]):
+    for i in range(r):
         out[2 + i] = max(key[i, y] - rates[i] * g, FLOOR)
-    if out.shape[0] > 2 + rates.shape[0]:
-        out[2 + rates.shape[0]] = max(nkey[y] - NEAR_RATE * g, FLOOR)
+    if aux[1, y] > -np.inf:
+        out[2 + r] = aux[1, y]
+        out[3 + r] = 1.0
+    else:
+        out[2 + r] = 0.0
+        out[3 + r] = 0.0
+    if out.shape[0] > 4 + r:
+        out[4 + r] = max(aux[0, y] - NEAR_RATE * g, FLOOR)
 
 
 @njit_inline
-def _use(req, near, gl, g, key, last, rates, nkey):
-    """Record row gl of the window, stream group g: each requested item's last use and log-domain CRF sums
-    (LRFU's update), and each near miss's CRF (``near [groups, m]``, -1: none)."""
+def _use(req, near, gl, g, key, last, rates, aux):
+    """Record row gl of the window, stream group g: each requested item's gap since its previous use
+    (``aux[1]``, log2 of 1 + groups), last use and log-domain CRF sums (LRFU's update), and each near miss's
+    CRF (``aux[0]``; ``near [groups, m]``, -1: none)."""
     for j in range(req.shape[1]):
         x = req[gl, j]
+        if last[x] >= 0:
+            aux[1, x] = np.log2(1.0 + (g - last[x]))
         last[x] = g
         for i in range(rates.shape[0]):
             key[i, x] = log2_add(key[i, x], rates[i] * g)
     for j in range(near.shape[1]):
         x = near[gl, j]
         if x >= 0:
-            nkey[0, x] = log2_add(nkey[0, x], NEAR_RATE * g)
+            aux[0, x] = log2_add(aux[0, x], NEAR_RATE * g)
 
 
 ONLINE_EVERY = 4  # groups between online samples of every seen item (fixed a priori)
@@ -133,27 +157,27 @@ def learned(req, reset, n_items, capacity, rates, coef, near, a0, b0, horizon, r
 @njit
 def _learned(req, reset, n_items, capacity, rates, coef0, near, a0, b0, horizon, refit, per_group):
     """`learned`, also writing each group's demand misses to ``per_group [groups]`` when it is not empty."""
-    key, nkey, last, cached, need, slots, coef, a, b, pend, pend_g, sc = learned_state(n_items, capacity, rates, coef0,
+    key, aux, last, cached, need, slots, coef, a, b, pend, pend_g, sc = learned_state(n_items, capacity, rates, coef0,
                                                                                        a0, b0)  # fmt: skip
-    learned_run(req, reset, 0, capacity, rates, near, horizon, refit, key, nkey, last, cached, need, slots, coef, a, b,
+    learned_run(req, reset, 0, capacity, rates, near, horizon, refit, key, aux, last, cached, need, slots, coef, a, b,
                 pend, pend_g, sc, per_group)  # fmt: skip
     return sc[:4].copy()
 
 
 @njit
 def learned_state(n_items, capacity, rates, coef0, a0, b0):
-    """A fresh learned-eviction cache for `learned_run`: ``(key, nkey, last, cached, need, slots, coef, a, b,
+    """A fresh learned-eviction cache for `learned_run`: ``(key, aux, last, cached, need, slots, coef, a, b,
     pend, pend_g, sc)``, the model starting at ``coef0`` and the normal equations at ``a0``, ``b0``; ``sc[:4]``
     the stats so far, ``sc[4]`` the number of cached items."""
     n_f = coef0.shape[0]
     ints = np.full((3, n_items), -1, dtype=np.int64)  # last, need, pend_g
-    return (np.full((rates.shape[0], n_items), -np.inf), np.full((1, n_items), -np.inf), ints[0],
+    return (np.full((rates.shape[0], n_items), -np.inf), np.full((2, n_items), -np.inf), ints[0],
             np.zeros(n_items, dtype=np.bool_), ints[1], np.full(capacity, -1, dtype=np.int64), coef0.copy(),
             a0.copy(), b0.copy(), np.zeros((n_items, n_f)), ints[2], np.zeros(5, dtype=np.int64))  # fmt: skip
 
 
 @njit
-def learned_run(req, reset, g0, capacity, rates, near, horizon, refit, key, nkey, last, cached, need, slots, coef, a, b,
+def learned_run(req, reset, g0, capacity, rates, near, horizon, refit, key, aux, last, cached, need, slots, coef, a, b,
                 pend, pend_g, sc, per_group):  # fmt: skip
     """`learned` over one window of a stream (first group: stream group `g0`, so the CRF clock, the sampling
     and the refit periods run on across windows) with the cache and model of `learned_state` carried from the
@@ -171,7 +195,7 @@ def learned_run(req, reset, g0, capacity, rates, near, horizon, refit, key, nkey
             for i in range(size):
                 cached[slots[i]] = False
             key[:] = -np.inf
-            nkey[:] = -np.inf
+            aux[:] = -np.inf
             last[:] = -1
             pend_g[:] = -1
             size = 0
@@ -197,7 +221,7 @@ def learned_run(req, reset, g0, capacity, rates, near, horizon, refit, key, nkey
                     y = slots[i]
                     if need[y] == g:
                         continue
-                    _features(y, g, key, last, rates, nkey[0], f)
+                    _features(y, g, key, last, rates, aux, f)
                     v = 0.0
                     for c in range(n_f):
                         v += coef[c] * f[c]
@@ -215,13 +239,13 @@ def learned_run(req, reset, g0, capacity, rates, near, horizon, refit, key, nkey
                         _add_row(a, b, pend[y], far)
                         pend_g[y] = -1
                     if pend_g[y] < 0:
-                        _features(y, g, key, last, rates, nkey[0], pend[y])
+                        _features(y, g, key, last, rates, aux, pend[y])
                         pend_g[y] = g
             if g > 0 and g % refit == 0:
                 a *= ONLINE_DECAY
                 b *= ONLINE_DECAY
                 coef[:] = solve(a + ridge, b)
-        _use(req, near, gl, g, key, last, rates, nkey)
+        _use(req, near, gl, g, key, last, rates, aux)
         if per_group.shape[0]:
             per_group[gl] = misses - m0
     sc[0], sc[1], sc[4] = hits, misses, size
@@ -243,17 +267,17 @@ def samples(req, reset, n_items, rates, near, every, horizon, x_out, y_out):
 
 @njit
 def samples_state(n_items, rates, rows):
-    """A fresh sampling pass for `samples_run`: ``(key, nkey, last, need, head, link, born, sc)``; ``head`` each
+    """A fresh sampling pass for `samples_run`: ``(key, aux, last, need, head, link, born, sc)``; ``head`` each
     item's newest unlabelled row, ``link`` a row's previous unlabelled row of its item, ``born`` the group it
     was sampled at, ``sc[0]`` the rows written."""
-    return (np.full((rates.shape[0], n_items), -np.inf), np.full((1, n_items), -np.inf),
+    return (np.full((rates.shape[0], n_items), -np.inf), np.full((2, n_items), -np.inf),
             np.full(n_items, -1, dtype=np.int64), np.full(n_items, -1, dtype=np.int64),
             np.full(n_items, -1, dtype=np.int64), np.empty(rows, dtype=np.int64), np.empty(rows, dtype=np.int64),
             np.zeros(1, dtype=np.int64))  # fmt: skip
 
 
 @njit
-def samples_run(req, reset, g0, rates, near, every, horizon, key, nkey, last, need, head, link, born, sc, x_out,
+def samples_run(req, reset, g0, rates, near, every, horizon, key, aux, last, need, head, link, born, sc, x_out,
                 y_out):  # fmt: skip
     """`samples` over one window of the train stream (first group: stream group `g0`) with the state of
     `samples_state` carried from the previous window; `samples_finish` labels what is left at the end."""
@@ -265,7 +289,7 @@ def samples_run(req, reset, g0, rates, near, every, horizon, key, nkey, last, ne
         if reset[gl]:  # a segment ends: its unlabelled rows are never used again
             samples_finish(head, link, y_out, horizon)
             key[:] = -np.inf
-            nkey[:] = -np.inf
+            aux[:] = -np.inf
             last[:] = -1
         for j in range(k):
             x = req[gl, j]
@@ -279,12 +303,12 @@ def samples_run(req, reset, g0, rates, near, every, horizon, key, nkey, last, ne
             for y in range(n_items):
                 if last[y] < 0 or need[y] == g:
                     continue
-                _features(y, g, key, last, rates, nkey[0], x_out[n])
+                _features(y, g, key, last, rates, aux, x_out[n])
                 born[n] = g
                 link[n] = head[y]
                 head[y] = n
                 n += 1
-        _use(req, near, gl, g, key, last, rates, nkey)
+        _use(req, near, gl, g, key, last, rates, aux)
     sc[0] = n
 
 

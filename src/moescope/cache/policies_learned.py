@@ -1,16 +1,17 @@
 """The learned eviction policy (kernels and features in `moescope.cache.kernels_learned`), registered by name.
 
 ``learned``: evict the cached expert with the furthest predicted next use, the prediction a linear model of
-log2 next-use distance fitted by least squares on the train split only (first halves, or the fitted labels)
-of the same layer, from recency and recency-weighted use counts at four decay rates. One model per layer
-(6 floats), shared by every capacity. Fit rows: at most `FIT_GROUPS` evenly spaced train groups, every item
-seen so far in the segment at each (a bound on the fit's time, not tuned); an item not used again in its
-segment is labelled with the train stream's length. Rows from every item seen, not only those an LRU cache
-of the capacity would hold (LRB samples its cache): checked by validation inside the train split only (ESFT
-train halves split again, first halves fitted, second halves replayed; gap to Belady closed at C 8 / 16 / 32:
-every item 21.1 / 22.0 / 31.9%, an LRU cache's items 20.1 / 18.7 / 25.7%, twice its capacity 20.3 / 18.6 /
-31.9%), so one model per layer serves every capacity. With no rows (no item seen before a sampled group) the
-model is recency alone: LRU, up to ties between items last used by the same token.
+log2 next-use distance fitted by least squares on the train split only (first halves, or the fitted labels) of
+the same layer, from recency, recency-weighted use counts at four decay rates and the gap between the item's
+last two uses (`kernels_learned`). One model per layer (8 floats), shared by every capacity. Fit rows: at most
+`FIT_GROUPS` evenly spaced train groups, every item seen so far in the segment at each (a bound on the fit's
+time, not tuned); an item not used again in its segment is labelled with the train stream's length. Rows from
+every item seen, not only those an LRU cache of the capacity would hold (LRB samples its cache): checked by
+validation inside the train split only (ESFT train halves split again, first halves fitted, second halves
+replayed; gap to Belady closed at C 8 / 16 / 32: every item 21.1 / 22.0 / 31.9%, an LRU cache's items 20.1 /
+18.7 / 25.7%, twice its capacity 20.3 / 18.6 / 31.9%), so one model per layer serves every capacity. With no
+rows (no item seen before a sampled group) the model is recency alone: LRU, up to ties between items last used
+by the same token.
 
 While replaying, the model is refitted every 64 groups from the train rows (each weighing `TRAIN_WEIGHT`)
 and the replayed stream's own rows, labelled as their next uses happen (`kernels_learned`): it follows a
@@ -119,7 +120,7 @@ def _model(x: np.ndarray, y: np.ndarray, horizon: int) -> Model:
 @register
 class Learned(CachePolicy):
     name = "learned"
-    summary = "evict the furthest predicted next use (linear model of recency and decayed counts, fitted on train)"
+    summary = "evict the furthest predicted next use (linear model of recency, decayed counts, reuse gap; fit on train)"
     learns = True
     windowed = True  # learned-near is not: a store's layer files hold no router candidates
 
