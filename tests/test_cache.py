@@ -157,6 +157,32 @@ def test_lru_depths_give_every_capacity(seed):
         assert beyond[capacity] == K.lru(s.req, s.reset, s.n_items, capacity)[1]
 
 
+@pytest.mark.kernels
+@pytest.mark.parametrize("seed", range(40))
+def test_belady_depths_give_every_capacity(seed):
+    """One pass of Belady's stack depths gives, at every capacity >= k, the misses of the Belady replay at that
+    capacity (the kernel and the naive reference), resets included."""
+    s, _ = _stream(seed, groups=None if seed < 30 else 300)
+    hist = K.belady_depths(s.req, s.reset, s.n_items)
+    assert hist.sum() == s.req.size
+    beyond = np.cumsum(hist[::-1])[::-1]
+    for capacity in range(s.k, s.n_items + 1):
+        replay = K.scan_policy(s.req, s.reset, s.n_items, capacity, K.SCAN_BELADY, 0)[1]
+        assert beyond[capacity] == replay == reference.cache_belady(s.req, s.reset, capacity)[1], capacity
+
+
+def test_belady_curves_equal_the_replays():
+    """`miss_curves` takes Belady from its stack depths: the same misses as `simulate` replaying each capacity,
+    under every protocol."""
+    trace = random_trace(n_tokens=400, n_layers=3, n_experts=10, k=3, n_seq=9, seed=2)
+    for kwargs in ({}, {"reset_per_sequence": True}, {"split": "all"}):
+        curves = miss_curves(trace, ["lru", "belady"], **kwargs)
+        caps = [int(c) for c in curves.capacities]
+        table = simulate(trace, caps, ["lru", "belady"], **kwargs)
+        for pi in range(2):
+            np.testing.assert_array_equal(curves.misses[pi].T, table.stats[pi, :, :, 1])
+
+
 def test_prefetch_zero_is_lru_and_stack_policies_are_monotone():
     s, _ = _stream(3, n_items=12, k=3, groups=300)
     pol = make_policy("coact-prefetch", PolicyParams(prefetch=0))

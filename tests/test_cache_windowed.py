@@ -265,6 +265,24 @@ def test_lru_depths_fed_windows_equal_the_whole():
     np.testing.assert_array_equal(state[0], whole)
 
 
+@pytest.mark.kernels
+def test_belady_depths_fed_windows_equal_the_whole():
+    from moescope.cache.windowed import BeladyDepths, Depths
+
+    rng = np.random.default_rng(5)
+    req = np.argsort(rng.random((400, 10)), axis=1)[:, :3].astype(np.int32)
+    reset = rng.random(400) < 0.04
+    reset[0] = True
+    whole = K.belady_depths(req, reset, 10)
+    nu = K.next_use(req, reset, 10)
+    for step in (1, 33, 400):
+        fed = Depths.of("belady", 10)
+        assert isinstance(fed, BeladyDepths)
+        for a in range(0, 400, step):
+            fed.feed(req[a : a + step], reset[a : a + step], a, nu[a : a + step])
+        np.testing.assert_array_equal(fed.state[0], whole)
+
+
 @pytest.mark.parametrize(
     "kwargs", [{}, {"reset_per_sequence": True}, {"split": "all"}, {"score_labels": ["chat"]}, {"capacities": [3, 7]}]
 )
@@ -275,6 +293,9 @@ def test_windowed_curves_equal_the_whole_trace(stored, kwargs, tmp_path):
     trace, store = stored
     names = ["lru", "lfu-static", "belady"]
     whole = miss_curves(trace, names, **kwargs)
+    caps = [int(c) for c in whole.capacities]
+    replays = simulate(trace, caps, ["belady"], **{k: v for k, v in kwargs.items() if k != "capacities"})
+    np.testing.assert_array_equal(whole.misses[2].T, replays.stats[0, :, :, 1])  # Belady's depths: its replays
     (tmp_path / "scratch").mkdir()
     got = miss_curves_windows(store, names, window=37, folder=tmp_path / "scratch", **kwargs)
     np.testing.assert_array_equal(got.misses, whole.misses)

@@ -206,6 +206,90 @@ def depths_run(req, reset, hist, stack, on_stack, in_group, sc):
     sc[0] = depth
 
 
+@njit
+def belady_depths(req, reset, n_items):
+    """Belady's stack depths, for every capacity at once: ``hist`` as `lru_depths`'s, so that the Belady cache
+    of `scan_policy` (``SCAN_BELADY``) at any capacity C >= k misses exactly ``hist[C:].sum()`` times.
+
+    Belady with the group rule is a priority algorithm (Mattson et al. 1970, "Evaluation techniques for
+    storage hierarchies"): at each eviction the victim is the lowest item of one total order that does not
+    depend on the capacity -- the group's items first (needed now), then the nearest next use, ties by the
+    larger id (`heap_run` evicts the furthest next use, ties by the smallest id, never an item the group
+    needs). So a cache of C holds the top C of one stack at every capacity (inclusion), and one pass finds
+    each access's depth. For C >= k a group item's depth before its group decides its hit at C (a miss
+    evicts a non-group item, so the group's other items keep their place in every cache of C >= k).
+    O(depth) per access (`belady_depths_run`)."""
+    nu = next_use(req, reset, n_items)
+    hist, stack, pos, pri, sc = belady_depths_state(n_items)
+    belady_depths_run(req, reset, 0, nu, hist, stack, pos, pri, sc)
+    return hist
+
+
+@njit
+def belady_depths_state(n_items):
+    """A fresh Belady stack for `belady_depths_run`: ``(hist, stack, pos, pri, sc)``; ``pos`` each item's
+    stack position (-1: not on it), ``pri`` its next use, ``sc[0]`` the stack's depth."""
+    return (
+        np.zeros(n_items + 1, dtype=np.int64),
+        np.empty(n_items, dtype=np.int64),
+        np.full(n_items, -1, dtype=np.int64),
+        np.zeros(n_items, dtype=np.int64),
+        np.zeros(1, dtype=np.int64),
+    )
+
+
+@njit_inline
+def _keeps(a, b, pri):
+    """Whether item a ranks above item b in Belady's order (`belady_depths`): nearer next use, ties larger id."""
+    return pri[a] < pri[b] or (pri[a] == pri[b] and a > b)
+
+
+@njit
+def belady_depths_run(req, reset, g0, nu, hist, stack, pos, pri, sc):
+    """`belady_depths` of one window of a stream (first group: stream group `g0`; ``nu`` the window's
+    `next_use`, stream-wide), adding to ``hist`` with the stack of `belady_depths_state` carried from the
+    previous window. Each access moves its item to the top; below it, down to its old place (the stack's end
+    for a cold item), each level keeps the higher-ranked of what it held and what came down from above, the
+    lower one going on down: the level's cache evicts the lowest-ranked item it held."""
+    g_n, k = req.shape
+    n_items = stack.shape[0]
+    size = sc[0]
+    for gl in range(g_n):
+        g = g0 + gl
+        if reset[gl]:
+            for i in range(size):
+                pos[stack[i]] = -1
+            size = 0
+        for j in range(k):  # depths before the group; the group's items rank first while it is served
+            x = req[gl, j]
+            hist[n_items if pos[x] < 0 else pos[x]] += 1
+            pri[x] = g
+        for j in range(k):
+            x = req[gl, j]
+            p = pos[x]
+            if p < 0:  # cold: it comes down to the end of a stack one deeper
+                p = size
+                size += 1
+            if p == 0:
+                stack[0] = x
+                pos[x] = 0
+                continue
+            carry = stack[0]
+            stack[0] = x
+            pos[x] = 0
+            for i in range(1, p):
+                y = stack[i]
+                if _keeps(carry, y, pri):
+                    stack[i] = carry
+                    pos[carry] = i
+                    carry = y
+            stack[p] = carry
+            pos[carry] = p
+        for j in range(k):
+            pri[req[gl, j]] = nu[gl, j]
+    sc[0] = size
+
+
 # -- FIFO, LFU and Belady: `scan_policy` (a linked list for FIFO, a binary min-heap for LFU and Belady) --
 SCAN_FIFO, SCAN_LFU, SCAN_BELADY = 0, 1, 2  # the `kind` of `scan_policy`
 _PARKED = -2  # `heap_run`'s pos[x] for a cached item held out of the heap until its group ends

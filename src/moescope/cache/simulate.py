@@ -464,8 +464,8 @@ def _run_jobs(work: Callable[[Any], None], jobs: Sequence[Any], progress: Callab
 @dataclasses.dataclass(frozen=True)
 class MissCurves:
     """misses: [policies, layers, capacities] int64 demand misses; accesses: [layers] int64 (same for every
-    policy); capacities from top-k to E. LRU comes from one pass (stack depths); the others replay once per
-    capacity."""
+    policy); capacities from top-k to E. LRU and Belady come from one pass each (stack depths,
+    `STACK_DEPTHS`); the others replay once per capacity."""
 
     policies: tuple[str, ...]
     capacities: np.ndarray
@@ -498,6 +498,11 @@ class MissCurves:
         }
 
 
+# policies whose miss curve is one pass of stack depths (every capacity at once; `kernels.lru_depths`,
+# `kernels.belady_depths`), not a replay per capacity
+STACK_DEPTHS = {"lru": K.lru_depths, "belady": K.belady_depths}
+
+
 def miss_curves(
     trace: RoutingTrace,
     policies: Sequence[str] = ("lru", "belady"),
@@ -523,7 +528,7 @@ def miss_curves(
     jobs: list[tuple[int, int, int]] = []
     for pi, name in enumerate(names):
         for s in range(len(test)):
-            if name == "lru":
+            if name in STACK_DEPTHS:
                 jobs.append((pi, s, -1))
             else:
                 jobs.extend((pi, s, ci) for ci in range(caps.size))
@@ -533,7 +538,7 @@ def miss_curves(
         pi, s, ci = job
         if ci < 0:
             stream = test[s]
-            hist = K.lru_depths(stream.req, stream.reset, stream.n_items)
+            hist = STACK_DEPTHS[names[pi]](stream.req, stream.reset, stream.n_items)
             beyond = np.cumsum(hist[::-1])[::-1]  # beyond[d] = accesses at depth >= d (cold included)
             misses[pi, s] = beyond[caps]
         else:

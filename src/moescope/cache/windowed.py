@@ -18,7 +18,8 @@ Here the policies that can carry their cache from one window of a stream to the 
 - Belady needs each access's next use: one pass over the windows from last to first writes them to a
   temporary file (8 x k bytes per replayed token), which the forward pass reads back window by window;
 - miss curves (`miss_curves_windows`, for ``--curve`` and the ``--slots`` / ``--vram`` budget) take LRU's
-  stack depths window by window (every capacity in one pass) and replay the other policies at each capacity.
+  LRU's and Belady's stack depths window by window (every capacity in one pass) and replay the other
+  policies at each capacity.
 
 Memory is then one window per worker (ids, mask, stream, next uses: about 15 x k bytes per window token, 120
 MB at top-8 for 2^20 tokens) plus each cache's state (items x a few words) and the sequence table, at any
@@ -54,6 +55,7 @@ from moescope._jit import usable_cpus
 from moescope.cache import kernels as K
 from moescope.cache.policies import POLICIES, CachePolicy, PolicyParams, make_policy
 from moescope.cache.simulate import (
+    STACK_DEPTHS,
     CacheResult,
     MissCurves,
     check_capacities,
@@ -224,10 +226,27 @@ class Depths:
     def feed(self, req: np.ndarray, reset: np.ndarray, g0: int, nu: np.ndarray | None) -> None:
         K.depths_run(req, reset, *self.state)
 
+    @classmethod
+    def of(cls, name: str, n_items: int) -> Depths:
+        """The stack depths of policy `name` (a key of `simulate.STACK_DEPTHS`)."""
+        return {"lru": Depths, "belady": BeladyDepths}[name](n_items)
+
     def misses(self, capacities: np.ndarray) -> np.ndarray:
         """Demand misses of an LRU cache at each of `capacities` (as `miss_curves`)."""
         beyond = np.cumsum(self.state[0][::-1])[::-1]  # beyond[d] = accesses at depth >= d (cold included)
         return beyond[capacities]
+
+
+class BeladyDepths(Depths):
+    """Belady's stack depths fed window by window (`kernels.belady_depths_run`, reading each window's next
+    uses): every Belady capacity at once."""
+
+    def __init__(self, n_items: int) -> None:
+        self.state = K.belady_depths_state(n_items)
+
+    def feed(self, req: np.ndarray, reset: np.ndarray, g0: int, nu: np.ndarray | None) -> None:
+        assert nu is not None  # replay_layer reads the next uses when a policy (here belady) does
+        K.belady_depths_run(req, reset, g0, nu, *self.state)
 
 
 def replay_layer(
@@ -416,9 +435,9 @@ def miss_curves_windows(
     folder: str | os.PathLike | None = None,
     columns: LayerColumns | None = None,
 ) -> MissCurves:
-    """`miss_curves` over a `TraceStore`, window by window (LRU from its stack depths, every capacity in one
-    pass; every other policy replayed at each capacity); every named policy must be windowed; `columns` as
-    `simulate_windows`'."""
+    """`miss_curves` over a `TraceStore`, window by window (LRU and Belady from their stack depths, every
+    capacity in one pass; every other policy replayed at each capacity); every named policy must be windowed;
+    `columns` as `simulate_windows`'."""
     params = params or PolicyParams()
     req = _request(store, policies, params, layers, split, fit_labels, score_labels, reset_per_sequence)
     k, e = store.top_k, store.n_experts
@@ -428,13 +447,13 @@ def miss_curves_windows(
     def curves(pols: list[CachePolicy]) -> list[Any]:
         out: list[Any] = []
         for p in pols:
-            out += [Depths(e)] if p.name == "lru" else [p.replayer(e, k, int(c)) for c in caps]
+            out += [Depths.of(p.name, e)] if p.name in STACK_DEPTHS else [p.replayer(e, k, int(c)) for c in caps]
         return out
 
     def done(i: int, fed: list[Any]) -> None:
         at = 0
         for pi, name in enumerate(req.names):
-            if name == "lru":
+            if name in STACK_DEPTHS:
                 misses[pi, i] = fed[at].misses(caps)
                 at += 1
             else:
