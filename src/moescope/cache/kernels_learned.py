@@ -45,7 +45,7 @@ once `horizon` groups passed without a use (log2 horizon). Every `ONLINE_REFIT` 
 (`RIDGE` on the diagonal). Only what a runtime has seen is used: a label is added when its next use happens.
 The three periods were fixed a priori, then checked by the same validation inside the fitting data as the
 gap features (the ESFT train halves split again and the six cross-task pairs, gap closed at C 8 / 16 / 32): a
-512-group half-life gains up to 1.6 points replaying intent and loses up to 1.6 elsewhere (halves 23.5 /
+512-group half-life gains up to 2.0 points replaying intent and loses up to 1.6 elsewhere (halves 23.5 /
 23.0 / 31.2% against 23.0 / 23.3 / 32.8%), an 8,192-group one loses up to 0.8, refits every 16 groups change
 nothing by more than 0.1, samples every group lose up to 1.4 (halves 21.7 / 22.1 / 32.0%): kept.
 
