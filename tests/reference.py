@@ -479,13 +479,14 @@ def cache_coact_prefetch(req, reset, capacity, coact, n_experts, budget):
     return hits, misses, loads, wasted
 
 
-def cache_lrfu(req, reset, capacity, lam):
-    """LRFU the plain way: CRF(t) = sum over past uses u of 2^(-lam (t - u)) recomputed at every eviction;
-    the victim is the smallest CRF not needed by the group, ties by the slot it was loaded into."""
+def cache_lrfu(req, reset, capacity, lam, weights=None):
+    """LRFU the plain way: CRF(t) = sum over past uses u of w_u 2^(-lam (t - u)) recomputed at every eviction
+    (w_u the use's gate weight from ``weights [groups, k]``, or 1); the victim is the smallest CRF not needed
+    by the group, ties by the slot it was loaded into."""
     hits = misses = 0
     g = -1
     for seg in _segments(req, reset):
-        uses: dict[int, list[int]] = {}
+        uses: dict[int, list[tuple[int, float]]] = {}
         slots: list[int] = []
         for group in seg:
             g += 1
@@ -499,11 +500,11 @@ def cache_lrfu(req, reset, capacity, lam):
                 if len(slots) < capacity:
                     slots.append(x)
                     continue
-                crf = [math.fsum(2.0 ** (-lam * (g - u)) for u in uses.get(y, [])) for y in slots]
+                crf = [math.fsum(w * 2.0 ** (-lam * (g - u)) for u, w in uses.get(y, [])) for y in slots]
                 best = min((i for i, y in enumerate(slots) if y not in group), key=lambda i: crf[i])
                 slots[best] = x
-            for x in group:
-                uses.setdefault(x, []).append(g)
+            for j, x in enumerate(group):
+                uses.setdefault(x, []).append((g, 1.0 if weights is None else float(weights[g, j])))
     return hits, misses, 0, 0
 
 

@@ -48,7 +48,11 @@ def _stream(seed: int, n_items: int | None = None, k: int | None = None, groups:
     reset = np.zeros(g_n, dtype=bool)
     reset[0] = True
     reset[rng.random(g_n) < 0.1] = True
-    return Stream(req, reset, e, e, _near(req, e, seed)), rng
+    # gate weights (their own random stream): continuous, so that no two items' weighted sums tie unless both
+    # are 0, a tenth of them 0 (a use that counts nothing)
+    w_rng = np.random.default_rng([seed, 8])
+    weights = np.where(w_rng.random(req.shape) < 0.1, 0.0, w_rng.uniform(0.05, 1.0, req.shape))
+    return Stream(req, reset, e, e, _near(req, e, seed), weights.astype(np.float32)), rng
 
 
 def _near(req: np.ndarray, e: int, seed: int, m: int = 2) -> np.ndarray:
@@ -64,7 +68,8 @@ def _near(req: np.ndarray, e: int, seed: int, m: int = 2) -> np.ndarray:
 
 
 def _prefix(s: Stream, g: int) -> Stream:
-    return Stream(s.req[:g], s.reset[:g], s.n_items, s.n_experts, None if s.near is None else s.near[:g])
+    near, w = (None if a is None else a[:g] for a in (s.near, s.weights))
+    return Stream(s.req[:g], s.reset[:g], s.n_items, s.n_experts, near, w)
 
 
 def _reference(name: str, s: Stream, capacity: int, policy) -> tuple[int, ...]:
@@ -86,6 +91,8 @@ def _reference(name: str, s: Stream, capacity: int, policy) -> tuple[int, ...]:
         return reference.cache_belady(s.req, s.reset, capacity)
     if name == "lrfu":
         return reference.cache_lrfu(s.req, s.reset, capacity, policy.rate(capacity))
+    if name == "gate-lrfu":
+        return reference.cache_lrfu(s.req, s.reset, capacity, policy.rate(capacity), s.weights)
     if name == "lirs":
         return reference_adaptive.cache_lirs(s.req, s.reset, capacity)
     if name == "w-tinylfu":
@@ -548,8 +555,12 @@ def test_lrfu_kernel_matches_reference_at_every_rate(seed):
             got = tuple(int(v) for v in K.lrfu(s.req, s.reset, s.n_items, capacity, lam))
             assert got == reference.cache_lrfu(s.req, s.reset, capacity, lam), (seed, lam, capacity)
             per = np.zeros(s.req.shape[0], dtype=np.int64)
-            K._lrfu(s.req, s.reset, s.n_items, capacity, lam, per)
+            K._lrfu(s.req, s.reset, s.n_items, capacity, lam, K.NO_WEIGHTS, per)
             assert per.sum() == got[1]
+            with np.errstate(divide="ignore"):
+                lw = np.log2(s.weights.astype(np.float64))
+            got = tuple(int(v) for v in K.gate_lrfu(s.req, s.reset, s.n_items, capacity, lam, lw))
+            assert got == reference.cache_lrfu(s.req, s.reset, capacity, lam, s.weights), (seed, lam, capacity)
 
 
 def test_lrfu_rate_is_chosen_on_the_train_stream_only():
@@ -696,4 +707,28 @@ def test_learned_near_needs_candidates_and_reads_them(capsys, tmp_path):
     code, out, err = run(capsys, "cache", bare, "--policy", "all", "--capacity", "4", "--json")
     assert code == 0, err
     names = {r["policy"] for r in json.loads(out)["table"]["rows"]}
-    assert "learned-near" not in names and "learned" in names and len(names) == len(POLICIES) - 1
+    assert "learned-near" not in names and "learned" in names and len(names) == len(POLICIES) - 2  # nor gate-lrfu
+
+
+def test_gate_lrfu_needs_weights_and_reads_them(capsys, tmp_path):
+    """gate-lrfu counts each use by its gate weight: it runs on a trace with weights, from a store too (read
+    whole: layer files hold ids only) with the npz's result, differs from LRFU where weights vary, equals it
+    where every weight is 1, and exits 2 naming the fix on a trace without weights; 'all' leaves it out."""
+    rng = np.random.default_rng(4)
+    trace = random_trace(n_tokens=600, n_layers=2, n_experts=12, k=3, n_seq=6, seed=4)
+    trace = trace.replace(weights=rng.uniform(0.01, 1.0, trace.experts.shape).astype(np.float32))
+    npz = write_output(trace, tmp_path / "w.npz")
+    store = write_output(trace, tmp_path / "w.zarr")
+    args = ["--capacity", "4,6", "--policy", "lru,lrfu,gate-lrfu,belady", "--json"]
+    code, out_npz, err = run(capsys, "cache", npz, *args)
+    assert code == 0, err
+    code, out_store, err = run(capsys, "cache", store, *args)
+    assert code == 0, err
+    assert json.loads(out_npz) == json.loads(out_store)
+    rows = json.loads(out_npz)["table"]["per_layer"]
+    assert rows["gate-lrfu"] != rows["lrfu"]  # it reads them
+    ones = simulate(trace.replace(weights=np.ones(trace.experts.shape, np.float32)), [4, 6], ["lrfu", "gate-lrfu"])
+    np.testing.assert_array_equal(ones.stats[0], ones.stats[1])
+    bare = write_output(trace.replace(weights=None), tmp_path / "bare.npz")
+    code, _, err = run(capsys, "cache", bare, "--policy", "gate-lrfu")
+    assert code == 2 and "no weights" in err and "lrfu" in err

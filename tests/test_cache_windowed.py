@@ -33,8 +33,8 @@ def test_the_default_policies_replay_in_windows():
     from moescope.cache.policies import DEFAULT_POLICIES
 
     assert set(DEFAULT_POLICIES) <= set(WINDOWED)
-    # every policy but learned-near (a store's layer files hold no router candidates)
-    assert set(POLICIES) - set(WINDOWED) == {"learned-near"}
+    # every policy but learned-near and gate-lrfu (a store's layer files hold no router candidates or weights)
+    assert set(POLICIES) - set(WINDOWED) == {"learned-near", "gate-lrfu"}
 
 
 @pytest.mark.kernels

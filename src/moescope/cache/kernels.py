@@ -952,14 +952,26 @@ def lrfu(req, reset, n_items, capacity, lam):
     (``key = log2(2^key + 2^(lam t))``), so it needs no decay pass. Eviction scans the capacity's slots
     (O(capacity) per miss: capacities are experts per layer, at most E).
     """
-    return _lrfu(req, reset, n_items, capacity, lam, np.empty(0, dtype=np.int64))
+    return _lrfu(req, reset, n_items, capacity, lam, NO_WEIGHTS, np.empty(0, dtype=np.int64))
+
+
+NO_WEIGHTS = np.empty((0, 0))  # `lrfu_run`'s log2 gate weights when every use counts 1 (plain LRFU)
 
 
 @njit
-def _lrfu(req, reset, n_items, capacity, lam, per_group):
-    """`lrfu`, also writing each group's demand misses to ``per_group [groups]`` when it is not empty."""
+def gate_lrfu(req, reset, n_items, capacity, lam, lw):
+    """`lrfu` with each use counted by its gate weight: ``CRF(t) = sum over past uses u of w_u 2^(-lam (t -
+    u))``, ``lw [groups, k]`` the log2 gate weight of each requested item (-inf for a weight of 0, which
+    counts nothing)."""
+    return _lrfu(req, reset, n_items, capacity, lam, lw, np.empty(0, dtype=np.int64))
+
+
+@njit
+def _lrfu(req, reset, n_items, capacity, lam, lw, per_group):
+    """`lrfu` (`gate_lrfu` when ``lw`` has rows), also writing each group's demand misses to ``per_group
+    [groups]`` when it is not empty."""
     key, cached, need, slots, sc = lrfu_state(n_items, capacity)
-    lrfu_run(req, reset, 0, capacity, lam, key, cached, need, slots, sc, per_group)
+    lrfu_run(req, reset, 0, capacity, lam, lw, key, cached, need, slots, sc, per_group)
     return sc[:4].copy()
 
 
@@ -977,9 +989,10 @@ def lrfu_state(n_items, capacity):
 
 
 @njit
-def lrfu_run(req, reset, g0, capacity, lam, key, cached, need, slots, sc, per_group):
+def lrfu_run(req, reset, g0, capacity, lam, lw, key, cached, need, slots, sc, per_group):
     """`lrfu` over one window of a stream (first group: stream group `g0`, so the CRF clock runs on across
-    windows) with the cache of `lrfu_state` carried from the previous window."""
+    windows) with the cache of `lrfu_state` carried from the previous window; each use weighs 2^lw (the
+    window's rows of ``lw``, `gate_lrfu`), or 1 when ``lw`` has no rows."""
     g_n, k = req.shape
     hits, misses, size = sc[0], sc[1], sc[4]
     for gl in range(g_n):
@@ -1009,7 +1022,7 @@ def lrfu_run(req, reset, g0, capacity, lam, key, cached, need, slots, sc, per_gr
             cached[x] = True
         for j in range(k):
             x = req[gl, j]
-            key[x] = log2_add(key[x], now)
+            key[x] = log2_add(key[x], now + lw[gl, j] if lw.shape[0] else now)
         if per_group.shape[0]:
             per_group[gl] = misses - m0
     sc[0], sc[1], sc[4] = hits, misses, size

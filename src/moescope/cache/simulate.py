@@ -45,11 +45,13 @@ class LayerStreams(Sequence[Stream]):
     """The per-layer `Stream` s of a trace, each built when indexed and not kept: a replay holds one layer's
     ``[tokens, k]`` int32 copy at a time per worker instead of every layer's at once (on 1M tokens x 48
     layers x top-8 that is 32 MB per worker instead of 1.5 GB). With `near`, each carries its near misses
-    when the trace has candidates (built only for policies that read them)."""
+    when the trace has candidates, with `weights` its gate weights when the trace has them (each built only
+    for policies that read it)."""
 
-    def __init__(self, trace: RoutingTrace, reset: np.ndarray, near: bool = False) -> None:
+    def __init__(self, trace: RoutingTrace, reset: np.ndarray, near: bool = False, weights: bool = False) -> None:
         self._experts, self._reset, self._e = trace.experts, reset, trace.n_experts
         self._cand = trace.extras.get("candidates") if near else None
+        self._weights = trace.weights if weights else None
 
     def __len__(self) -> int:
         return int(self._experts.shape[1])
@@ -65,12 +67,25 @@ class LayerStreams(Sequence[Stream]):
             raise IndexError(i)
         req = np.ascontiguousarray(self._experts[:, i, :], dtype=np.int32)
         near = None if self._cand is None else near_misses(req, self._cand[:, i])
-        return Stream(req, self._reset, self._e, self._e, near)
+        w = None if self._weights is None else np.ascontiguousarray(self._weights[:, i, :], dtype=np.float32)
+        return Stream(req, self._reset, self._e, self._e, near, w)
 
 
 def reads_near_misses(names: Sequence[str]) -> bool:
     """Whether any of the policies `names` reads `Stream.near` (the others need no near-miss arrays built)."""
     return any(POLICIES[name].near_misses for name in names)
+
+
+def stream_inputs(names: Sequence[str]) -> dict[str, bool]:
+    """What the streams of policies `names` must carry besides expert ids (`build_streams`' ``near`` and
+    ``weights``)."""
+    return {"near": reads_near_misses(names), "weights": any(POLICIES[name].gate_weights for name in names)}
+
+
+def reads_trace(names: Sequence[str]) -> bool:
+    """Whether policies `names` read more than a store's layer files hold (expert ids): then a store is read
+    whole, not in windows or layer groups."""
+    return any(stream_inputs(names).values())
 
 
 def near_misses(req: np.ndarray, candidates: np.ndarray) -> np.ndarray:
@@ -82,10 +97,15 @@ def near_misses(req: np.ndarray, candidates: np.ndarray) -> np.ndarray:
 
 
 def build_streams(
-    trace: RoutingTrace, *, pooled: bool = False, reset_per_sequence: bool = False, near: bool = False
+    trace: RoutingTrace,
+    *,
+    pooled: bool = False,
+    reset_per_sequence: bool = False,
+    near: bool = False,
+    weights: bool = False,
 ) -> Sequence[Stream]:
     """One `Stream` per MoE layer (in layer order; built on access, `LayerStreams`, with the near misses when
-    `near`), or a single pooled stream."""
+    `near` and the gate weights when `weights`), or a single pooled stream."""
     e, n_layers = trace.n_experts, trace.n_layers
     reset = _reset_flags(trace, reset_per_sequence)
     if pooled:
@@ -94,7 +114,7 @@ def build_streams(
         pooled_reset = np.zeros(req.shape[0], dtype=np.bool_)
         pooled_reset[::n_layers] = reset
         return [Stream(np.ascontiguousarray(req), pooled_reset, e * n_layers, e)]
-    return LayerStreams(trace, reset, near)
+    return LayerStreams(trace, reset, near, weights)
 
 
 def split_streams(
@@ -106,23 +126,25 @@ def split_streams(
     fit_labels: Sequence[str] | None = None,
     score_labels: Sequence[str] | None = None,
     near: bool = False,
+    weights: bool = False,
 ) -> tuple[Sequence[Stream], Sequence[Stream], int]:
     """(train streams, test streams, test tokens) for a split mode, or for the labels protocol when
     `fit_labels` or `score_labels` is given (fit on those labels' whole sequences, replay the others'; see
-    `moescope.slicing.label_protocol`); with `near`, streams carry the near misses (`build_streams`)."""
+    `moescope.slicing.label_protocol`); with `near` / `weights`, streams carry the near misses / the gate
+    weights (`build_streams`)."""
     check_protocol(split, bool(fit_labels or score_labels))
     if fit_labels or score_labels:
         fit_l, score_l = label_protocol(trace, fit_labels, score_labels)
         train, test = select_labels(trace, fit_l), select_labels(trace, score_l)
     elif split == "all":
-        streams = build_streams(trace, pooled=pooled, reset_per_sequence=reset_per_sequence, near=near)
+        streams = build_streams(trace, pooled=pooled, reset_per_sequence=reset_per_sequence, near=near, weights=weights)
         return streams, streams, trace.n_tokens
     else:
         train, test = split_part(trace, "train"), split_part(trace, "test")
     check_parts(train.n_tokens, test.n_tokens, bool(fit_labels or score_labels), trace.n_tokens, trace.n_sequences)
     return (
-        build_streams(train, pooled=pooled, reset_per_sequence=reset_per_sequence, near=near),
-        build_streams(test, pooled=pooled, reset_per_sequence=reset_per_sequence, near=near),
+        build_streams(train, pooled=pooled, reset_per_sequence=reset_per_sequence, near=near, weights=weights),
+        build_streams(test, pooled=pooled, reset_per_sequence=reset_per_sequence, near=near, weights=weights),
         test.n_tokens,
     )
 
@@ -347,7 +369,7 @@ def simulate(
     instances = {name: make_policy(name, params) for name in names}
     train, test, tokens = split_streams(
         trace, split, pooled=pooled, reset_per_sequence=reset_per_sequence, fit_labels=fit_labels,
-        score_labels=score_labels, near=reads_near_misses(names),
+        score_labels=score_labels, **stream_inputs(names),
     )  # fmt: skip
     fit_l, score_l = label_protocol(trace, fit_labels, score_labels) if fit_labels or score_labels else ((), ())
     scale = trace.n_layers if pooled else 1
@@ -422,6 +444,7 @@ def cut_at_resets(stream: Stream, pieces: int) -> list[Stream]:
         Stream(
             stream.req[a:b], stream.reset[a:b], stream.n_items, stream.n_experts,
             None if stream.near is None else stream.near[a:b],
+            None if stream.weights is None else stream.weights[a:b],
         )
         for a, b in itertools.pairwise(bounds)
     ]  # fmt: skip
@@ -522,7 +545,7 @@ def miss_curves(
     caps = curve_capacities(capacities, trace.top_k, trace.n_experts)
     train, test, tokens = split_streams(
         trace, split, pooled=False, reset_per_sequence=reset_per_sequence, fit_labels=fit_labels,
-        score_labels=score_labels, near=reads_near_misses(names),
+        score_labels=score_labels, **stream_inputs(names),
     )  # fmt: skip
     misses = np.zeros((len(names), len(test), caps.size), dtype=np.int64)
     jobs: list[tuple[int, int, int]] = []

@@ -664,7 +664,7 @@ def simulate_timeline(
     train : the trace learned policies (lfu-static) fit on (default: `trace` itself).
     """
     from moescope.cache.policies import POLICIES, PolicyParams, Stream, check_policies, make_policy
-    from moescope.cache.simulate import LayerStreams, _pool, reads_near_misses
+    from moescope.cache.simulate import LayerStreams, _pool, stream_inputs
 
     n_lay, k, e = trace.n_layers, trace.top_k, trace.n_experts
     eb = np.asarray(expert_bytes, dtype=np.float64)
@@ -688,7 +688,7 @@ def simulate_timeline(
     caps = np.full(n_lay, capacity, dtype=np.int64)
 
     def layer_streams(tr: RoutingTrace) -> list[Stream]:
-        return list(LayerStreams(tr, _no_reset(tr), reads_near_misses(policies)))
+        return list(LayerStreams(tr, _no_reset(tr), **stream_inputs(policies)))
 
     streams = layer_streams(trace)
     fit = streams if train is None else layer_streams(train)

@@ -3,7 +3,7 @@
 `moescope.cache.streamed` bounds memory by the number of layers read at once; a layer's whole stream is
 still replayed in one kernel call, so memory grows with the number of tokens (about 16 x k bytes per token).
 Here the policies that can carry their cache from one window of a stream to the next
-(`CachePolicy.windowed`: every policy but learned-near) replay each layer's stream a window of
+(`CachePolicy.windowed`: every policy but learned-near and gate-lrfu) replay each layer's stream a window of
 `WINDOW_TOKENS` store tokens at a time, with the same counts as one whole-stream call (tests check it):
 
 - the store is decoded once into one raw file per layer (`streamed.LayerColumns`), and each window is read
@@ -18,18 +18,18 @@ Here the policies that can carry their cache from one window of a stream to the 
 - Belady needs each access's next use: one pass over the windows from last to first writes them to a
   temporary file (8 x k bytes per replayed token), which the forward pass reads back window by window;
 - miss curves (`miss_curves_windows`, for ``--curve`` and the ``--slots`` / ``--vram`` budget) take LRU's
-  LRU's and Belady's stack depths window by window (every capacity in one pass) and replay the other
-  policies at each capacity.
+  and Belady's stack depths window by window (every capacity in one pass) and replay the other policies at
+  each capacity.
 
 Memory is then one window per worker (ids, mask, stream, next uses: about 15 x k bytes per window token, 120
 MB at top-8 for 2^20 tokens) plus each cache's state (items x a few words) and the sequence table, at any
 trace length; the decode into layer files before it holds two spans of `streamed.SPAN_CHUNKS` store chunks
-(every layer). Layers are replayed in parallel, one per worker. Disk: the layer files (tokens x layers x k x
-2 bytes) and, for Belady, each worker's next-use file. A pooled cache, a Dask scheduler, a policy that is not
-windowed (learned-near: a store's layer files hold no router candidates), or a disk without that room use
-`streamed` instead. Measured (`bench/cache_e2e.py`, peak RSS of ``moescope cache`` with the defaults on 2
-layers): 393 / 443 / 531 MB at 2.5M / 10M / 40M tokens; what still grows is the sequence table (a few hundred
-bytes per sequence) and allocator slack, not the ids.
+(every layer). Layers are replayed in parallel, one per worker. Disk: the layer files (tokens x layers x k x 2
+bytes) and, for Belady, each worker's next-use file. A pooled cache, a Dask scheduler, a policy that is not
+windowed (learned-near, gate-lrfu: a store's layer files hold no router candidates or gate weights), or a disk
+without that room use `streamed` instead. Measured (`bench/cache_e2e.py`, peak RSS of ``moescope cache`` with
+the defaults on 2 layers): 393 / 443 / 531 MB at 2.5M / 10M / 40M tokens; what still grows is the sequence
+table (a few hundred bytes per sequence) and allocator slack, not the ids.
 
 `WINDOW_TOKENS` bounds memory, not results (counts are exact for any window).
 

@@ -15,7 +15,8 @@ from moescope.cache.policies import DEFAULT_POLICIES, POLICIES, check_policies
 from moescope.cli import _common as c
 
 _POLICY_HELP = (
-    "Policies, comma-separated, or 'all' (every one but learned-near, which needs a trace with candidates). "
+    "Policies, comma-separated, or 'all' (every one but learned-near, which needs a trace with candidates, and "
+    "gate-lrfu, which needs gate weights). "
     + "Default, chosen by cost: "
     + ", ".join(DEFAULT_POLICIES)
     + ". Choices: "
@@ -104,7 +105,7 @@ def cache(
         miss_curves,
         simulate,
     )
-    from moescope.cache.simulate import reads_near_misses
+    from moescope.cache.simulate import reads_trace
     from moescope.cache.streamed import LayerColumns, miss_curves_store, simulate_store
     from moescope.errors import UsageError
     from moescope.slicing import parse_ranges
@@ -115,8 +116,8 @@ def cache(
     if slots is not None and vram is not None:
         raise UsageError("give --slots or --vram, not both")
     # a store is read in layer groups (memory: one group's ids), anything else whole; a store's groups hold
-    # expert ids only, so a policy that reads the router's near misses needs the whole trace
-    store = None if reads_near_misses(names) else inputs.store(src)
+    # expert ids only, so a policy that reads the router's near misses or the gate weights needs the whole trace
+    store = None if reads_trace(names) else inputs.store(src)
     layer_list = None if layers is None else parse_ranges(layers, "--layers")
     if store is not None:
         trace = store.read(0, 0, layers=layer_list).trace  # no tokens: the shape, layers and ids to check flags
