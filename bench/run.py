@@ -328,6 +328,18 @@ def bench_cache_e2e(tmp: Path) -> dict:
     )
 
 
+def bench_cache_generalisation(tmp: Path) -> dict:
+    """Online cache policies fitted on halves / on two ESFT tasks, replayed on the rest, with each fitted
+    policy's hindsight ceiling (see bench/cache_generalisation.py)."""
+    src = REALDATA / "esft-dsv2lite" / "trace.npz"
+    if not src.is_file():
+        return {"skipped": f"{src} is absent"}
+    return _child(
+        f"import sys\nfrom pathlib import Path\nsys.path.insert(0, {str(ROOT / 'bench')!r})\n"
+        f"import cache_generalisation\nout = cache_generalisation.measure(Path({str(src)!r}))\n"
+    )
+
+
 def bench_split_gguf(tmp: Path) -> dict:
     """GGUF split throughput vs a plain copy of the same file (see bench/split_speed.py)."""
     return _bench_module("split_speed")
