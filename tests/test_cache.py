@@ -686,6 +686,27 @@ def test_near_misses_drop_the_chosen_and_padding():
     np.testing.assert_array_equal(build_streams(trace, near=True)[0].near, want)
 
 
+def test_a_pooled_stream_carries_near_misses_and_weights_as_item_ids(capsys):
+    """One pooled cache (item = layer * E + expert, a token's layers in order) gets each group's near misses
+    as pooled item ids and its gate weights, so learned-near and gate-lrfu run pooled too."""
+    trace = read_input(fixture.FIXTURE_DIR / fixture.TRACE)
+    assert trace.weights is not None and "candidates" in trace.extras
+    e, n_lay = trace.n_experts, trace.n_layers
+    (pooled,) = build_streams(trace, pooled=True, near=True, weights=True)
+    layers = build_streams(trace, near=True, weights=True)
+    for t in (0, 7, trace.n_tokens - 1):
+        for i in range(n_lay):
+            g = t * n_lay + i
+            np.testing.assert_array_equal(pooled.req[g], layers[i].req[t] + i * e)
+            want = np.where(layers[i].near[t] >= 0, layers[i].near[t] + i * e, -1)
+            np.testing.assert_array_equal(pooled.near[g], want)
+            np.testing.assert_array_equal(pooled.weights[g], layers[i].weights[t])
+    assert build_streams(trace, pooled=True)[0].near is None and build_streams(trace, pooled=True)[0].weights is None
+    src = fixture.FIXTURE_DIR / fixture.TRACE
+    code, _, err = run(capsys, "cache", src, "--pooled", "--policy", "lru,learned-near,gate-lrfu", "--capacity", "32")
+    assert code == 0, err
+
+
 def test_learned_near_needs_candidates_and_reads_them(capsys, tmp_path):
     """learned-near runs on a trace with the router's candidates (the fixture's), from a store too (read whole:
     layer groups hold ids only); without candidates it exits 2 naming the capture flag; 'all' leaves it out."""

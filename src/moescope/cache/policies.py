@@ -29,9 +29,10 @@ class Stream:
     n_items: distinct items (E per layer, or layers x E for one pooled cache; item = layer * E + expert).
     n_experts: E, experts per layer.
     near: [groups, m] int32 the router's near misses of each group (its top-m candidates that were not
-        chosen, -1 padded), when the trace has candidates and the stream is one layer's; else None.
-    weights: [groups, k] float32 the gate weight of each requested item, when the trace has weights, the
-        stream is one layer's and a policy reads them (`CachePolicy.gate_weights`); else None.
+        chosen, as item ids, -1 padded), when the trace has candidates and a policy reads them
+        (`CachePolicy.near_misses`); else None.
+    weights: [groups, k] float32 the gate weight of each requested item, when the trace has weights and a
+        policy reads them (`CachePolicy.gate_weights`); else None.
     """
 
     req: np.ndarray

@@ -108,12 +108,20 @@ def build_streams(
     `near` and the gate weights when `weights`), or a single pooled stream."""
     e, n_layers = trace.n_experts, trace.n_layers
     reset = _reset_flags(trace, reset_per_sequence)
-    if pooled:
+    if pooled:  # item = layer * E + expert, a token's layers one group each in layer order
         offset = (np.arange(n_layers, dtype=np.int32) * e)[None, :, None]
         req = (trace.experts.astype(np.int32) + offset).reshape(trace.n_tokens * n_layers, trace.top_k)
         pooled_reset = np.zeros(req.shape[0], dtype=np.bool_)
         pooled_reset[::n_layers] = reset
-        return [Stream(np.ascontiguousarray(req), pooled_reset, e * n_layers, e)]
+        cand = trace.extras.get("candidates") if near else None
+        near_ids = None
+        if cand is not None:
+            per_layer = np.stack([near_misses(trace.experts[:, i, :], cand[:, i]) for i in range(n_layers)], axis=1)
+            near_ids = np.where(per_layer >= 0, per_layer + offset, -1).reshape(req.shape[0], -1).astype(np.int32)
+        w = None
+        if weights and trace.weights is not None:
+            w = np.ascontiguousarray(trace.weights.reshape(req.shape), dtype=np.float32)
+        return [Stream(np.ascontiguousarray(req), pooled_reset, e * n_layers, e, near_ids, w)]
     return LayerStreams(trace, reset, near, weights)
 
 
