@@ -331,13 +331,7 @@ def bench_cache_e2e(tmp: Path) -> dict:
 def bench_cache_generalisation(tmp: Path) -> dict:
     """Online cache policies fitted on halves / on two ESFT tasks, replayed on the rest, with each fitted
     policy's hindsight ceiling (see bench/cache_generalisation.py)."""
-    src = REALDATA / "esft-dsv2lite" / "trace.npz"
-    if not src.is_file():
-        return {"skipped": f"{src} is absent"}
-    return _child(
-        f"import sys\nfrom pathlib import Path\nsys.path.insert(0, {str(ROOT / 'bench')!r})\n"
-        f"import cache_generalisation\nout = cache_generalisation.measure(Path({str(src)!r}))\n"
-    )
+    return _bench_on_esft("cache_generalisation")
 
 
 def bench_split_gguf(tmp: Path) -> dict:
@@ -357,13 +351,7 @@ def bench_place_speed(tmp: Path) -> dict:
 
 def bench_place_generalisation(tmp: Path) -> dict:
     """Placement fitted on halves / on two ESFT tasks, scored on the rest (see bench/place_generalisation.py)."""
-    src = REALDATA / "esft-dsv2lite" / "trace.npz"
-    if not src.is_file():
-        return {"skipped": f"{src} is absent"}
-    return _child(
-        f"import sys\nfrom pathlib import Path\nsys.path.insert(0, {str(ROOT / 'bench')!r})\n"
-        f"import place_generalisation\nout = place_generalisation.measure(Path({str(src)!r}))\n"
-    )
+    return _bench_on_esft("place_generalisation")
 
 
 def bench_place_inner_split(tmp: Path) -> dict:
@@ -375,6 +363,18 @@ def bench_place_inner_split(tmp: Path) -> dict:
 def bench_timeline_speed(tmp: Path) -> dict:
     """Every decode-timeline strategy at one budget on 1M x 48 x top-8 (see bench/timeline_speed.py)."""
     return _bench_module("timeline_speed")
+
+
+def _bench_on_esft(name: str) -> dict:
+    """Run `measure(path)` of bench/<name>.py on the shared ESFT trace in a fresh interpreter (skipped when
+    `REALDATA` is absent)."""
+    src = REALDATA / "esft-dsv2lite" / "trace.npz"
+    if not src.is_file():
+        return {"skipped": f"{src} is absent"}
+    return _child(
+        f"import sys\nfrom pathlib import Path\nsys.path.insert(0, {str(ROOT / 'bench')!r})\n"
+        f"import {name}\nout = {name}.measure(Path({str(src)!r}))\n"
+    )
 
 
 def _bench_module(name: str) -> dict:
