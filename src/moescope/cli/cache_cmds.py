@@ -139,47 +139,32 @@ def cache(
             f"{trace.n_layers} layers, the least a per-expert cache needs; raise the budget or pick --layers"
         )
     curves = None
+    wants_curves = curve or budget is not None
+    protocol = dict(
+        reset_per_sequence=reset_per_sequence,
+        split=split,
+        params=params,
+        fit_labels=c.names(fit_labels),
+        score_labels=c.names(score_labels),
+    )
     with contextlib.ExitStack() as stack:
-        source = trace if store is None else store
-        run, curves_of, shared = simulate, miss_curves, {}
+        source, run, curves_of = trace, simulate, miss_curves
         if store is not None:
-            run = functools.partial(simulate_store, layers=layer_list)
-            curves_of = functools.partial(miss_curves_store, layers=layer_list)
             ids = store.layer_ids if layer_list is None else layer_list
-            # the table and the curves read one decode of the store's layers
-            if (curve or budget is not None) and LayerColumns.room(store, len(ids)):
-                shared["columns"] = stack.enter_context(LayerColumns(store, ids))
+            cols = None  # the table and the curves read one decode of the store's layers
+            if wants_curves and LayerColumns.room(store, len(ids)):
+                cols = stack.enter_context(LayerColumns(store, ids))
+            source = store
+            run = functools.partial(simulate_store, layers=layer_list, columns=cols)
+            curves_of = functools.partial(miss_curves_store, layers=layer_list, columns=cols)
         with c.lazy_progress("replaying") as bar:
-            result = run(
-                source,
-                caps,
-                names,
-                pooled=pooled,
-                reset_per_sequence=reset_per_sequence,
-                split=split,
-                params=params,
-                progress=bar,
-                scheduler=scheduler,
-                fit_labels=c.names(fit_labels),
-                score_labels=c.names(score_labels),
-                **shared,
-            )
-        if curve or budget is not None:
+            result = run(source, caps, names, pooled=pooled, progress=bar, scheduler=scheduler, **protocol)
+        if wants_curves:
             curve_names = list(
                 dict.fromkeys(([*names] if curve else []) + ([budget_policy] if budget is not None else []))
             )
             with c.lazy_progress("curves") as bar:
-                curves = curves_of(
-                    source,
-                    curve_names,
-                    reset_per_sequence=reset_per_sequence,
-                    split=split,
-                    params=params,
-                    progress=bar,
-                    fit_labels=c.names(fit_labels),
-                    score_labels=c.names(score_labels),
-                    **shared,
-                )
+                curves = curves_of(source, curve_names, progress=bar, **protocol)
     mean_eb = None if eb is None else float(np.mean(eb))
     out: dict[str, Any] = {"table": result.to_dict(mean_eb)}
     if curve and curves is not None:
