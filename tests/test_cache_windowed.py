@@ -267,7 +267,8 @@ def test_lru_depths_fed_windows_equal_the_whole():
 
 @pytest.mark.kernels
 def test_belady_depths_fed_windows_equal_the_whole():
-    from moescope.cache.windowed import BeladyDepths, Depths
+    from moescope.cache.simulate import STACK_DEPTHS
+    from moescope.cache.windowed import DEPTHS, BeladyDepths
 
     rng = np.random.default_rng(5)
     req = np.argsort(rng.random((400, 10)), axis=1)[:, :3].astype(np.int32)
@@ -276,8 +277,8 @@ def test_belady_depths_fed_windows_equal_the_whole():
     whole = K.belady_depths(req, reset, 10)
     nu = K.next_use(req, reset, 10)
     for step in (1, 33, 400):
-        fed = Depths.of("belady", 10)
-        assert isinstance(fed, BeladyDepths)
+        fed = DEPTHS["belady"](10)
+        assert isinstance(fed, BeladyDepths) and set(DEPTHS) == set(STACK_DEPTHS)
         for a in range(0, 400, step):
             fed.feed(req[a : a + step], reset[a : a + step], a, nu[a : a + step])
         np.testing.assert_array_equal(fed.state[0], whole)

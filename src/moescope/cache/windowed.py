@@ -55,7 +55,6 @@ from moescope._jit import usable_cpus
 from moescope.cache import kernels as K
 from moescope.cache.policies import POLICIES, CachePolicy, PolicyParams, make_policy
 from moescope.cache.simulate import (
-    STACK_DEPTHS,
     CacheResult,
     MissCurves,
     check_capacities,
@@ -226,11 +225,6 @@ class Depths:
     def feed(self, req: np.ndarray, reset: np.ndarray, g0: int, nu: np.ndarray | None) -> None:
         K.depths_run(req, reset, *self.state)
 
-    @classmethod
-    def of(cls, name: str, n_items: int) -> Depths:
-        """The stack depths of policy `name` (a key of `simulate.STACK_DEPTHS`)."""
-        return {"lru": Depths, "belady": BeladyDepths}[name](n_items)
-
     def misses(self, capacities: np.ndarray) -> np.ndarray:
         """Demand misses of an LRU cache at each of `capacities` (as `miss_curves`)."""
         beyond = np.cumsum(self.state[0][::-1])[::-1]  # beyond[d] = accesses at depth >= d (cold included)
@@ -247,6 +241,10 @@ class BeladyDepths(Depths):
     def feed(self, req: np.ndarray, reset: np.ndarray, g0: int, nu: np.ndarray | None) -> None:
         assert nu is not None  # replay_layer reads the next uses when a policy (here belady) does
         K.belady_depths_run(req, reset, g0, nu, *self.state)
+
+
+# the window-by-window stack depths of each policy of `simulate.STACK_DEPTHS` (same keys)
+DEPTHS: dict[str, type[Depths]] = {"lru": Depths, "belady": BeladyDepths}
 
 
 def replay_layer(
@@ -447,13 +445,13 @@ def miss_curves_windows(
     def curves(pols: list[CachePolicy]) -> list[Any]:
         out: list[Any] = []
         for p in pols:
-            out += [Depths.of(p.name, e)] if p.name in STACK_DEPTHS else [p.replayer(e, k, int(c)) for c in caps]
+            out += [DEPTHS[p.name](e)] if p.name in DEPTHS else [p.replayer(e, k, int(c)) for c in caps]
         return out
 
     def done(i: int, fed: list[Any]) -> None:
         at = 0
         for pi, name in enumerate(req.names):
-            if name in STACK_DEPTHS:
+            if name in DEPTHS:
                 misses[pi, i] = fed[at].misses(caps)
                 at += 1
             else:
