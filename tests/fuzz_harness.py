@@ -79,6 +79,7 @@ COUNTS_COMMANDS = (
     ("concentration", "{in}"),
     ("rank", "{in}", "-o", "{out}/r.csv"),
     ("trace", "convert", "{in}", "{out}/c.json"),
+    ("place", str(SEEDS / "trace.npz"), "-d", "2,4", "--balance-loads", "{in}"),  # counts as loads to balance
 )
 GGUF_COMMANDS = (
     ("gguf", "inspect", "{in}", "--json"),
@@ -460,6 +461,7 @@ ARGUMENTS: dict[tuple[str, ...], tuple[str, ...]] = {
     ("trace", "slice", "{in}", "{out}/s.npz", "--labels"): ("[/]", "[bold]x", "\u202e", "a" * 10000, ","),
     ("trace", "slice", "{in}", "{out}/s.npz", "--tokens"): ("0:99999999999999999999", "5:1", "-1:3", "x"),
     ("trace", "info", "{in}", "--layers"): ("0-99999999999", "[/]"),
+    ("place", "{in}", "-d", "2", "--balance-loads"): ("", "{out}", "{out}/absent.json", "[/]"),
     ("place", "{in}", "-d", "2", "--scheduler"): ("bogus", "local:0", "local:99999999", "tcp://", "local:x"),
     ("trace", "convert", "{in}", "--model"): ("[/]", "[bold]m[/bold]", "\x1b[2J", "\u0000x"),
     ("import", "npz", "{in}", "--model"): ("[/]", "[link=file:///etc/passwd]x"),

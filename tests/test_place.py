@@ -32,7 +32,7 @@ from moescope.place import (
 from moescope.place import refine as R
 from moescope.place.data import device_loads, drift_cv
 from moescope.place.methods import _lpt
-from moescope.slicing import split_halves
+from moescope.slicing import select_labels, split_halves
 from moescope.synth import SynthSpec, synth_trace
 from moescope.trace import RoutingTrace
 
@@ -367,6 +367,74 @@ def test_labels_protocol_fits_on_some_workloads_and_scores_another():
         compare_placements(tr, [4], ["frequency"], fit_labels=["a"])
 
 
+def _skewed_workloads(seed: int) -> RoutingTrace:
+    """Two labelled workloads of 12 experts, top-2, whose expert loads are drawn from different skewed
+    distributions (each token's two experts without replacement)."""
+    rng = np.random.default_rng(seed)
+    n_exp, n_seq, seq_len, n_lay = 12, 12, 60, 2
+    probs = {lab: rng.dirichlet(np.full(n_exp, 0.4), size=n_lay) for lab in "ab"}
+    labels = ["a", "b"] * (n_seq // 2)
+    experts = np.empty((n_seq * seq_len, n_lay, 2), dtype=np.int16)
+    for s, lab in enumerate(labels):
+        for t in range(s * seq_len, (s + 1) * seq_len):
+            for layer in range(n_lay):
+                experts[t, layer] = rng.choice(n_exp, size=2, replace=False, p=probs[lab][layer])
+    return RoutingTrace(experts, n_exp, seq_starts=np.arange(n_seq) * seq_len, seq_labels=labels)
+
+
+def test_given_loads_equal_to_the_train_counts_change_nothing():
+    """Balancing given loads proportional to the train tokens' own counts is the plain fit, for every method,
+    with replicas and through the calibration-free path."""
+    tr = _planted(n_layers=3, seed=23)
+    names = [n for n in METHODS if METHODS[n].requires is None or _importable(METHODS[n].requires)]
+    params = PlaceParams(kicks=4, balance_margin=0.02, drift_margin=0.25)
+    plain = compare_placements(tr, [2, 4], names, replicas=2, params=params, seed=2)
+    own = split_halves(tr)[0].counts().values * 3.0
+    given = compare_placements(tr, [2, 4], names, replicas=2, params=params, seed=2, balance_loads=own)
+    assert not plain.given_loads and given.given_loads
+    assert given.to_dict()["balanced_on"] == "given loads" and plain.to_dict()["balanced_on"] == "train tokens"
+    for key, placement in plain.placements.items():
+        np.testing.assert_array_equal(given.placements[key].table, placement.table)
+
+
+def test_given_loads_are_what_every_method_balances():
+    """Fitted on workload a, scored on b: frequency balanced on b's counts balances b's tokens better than
+    frequency balanced on a's; every method's TrainData.load is the given loads rescaled to the train total."""
+    tr = _skewed_workloads(seed=5)
+    b_load = select_labels(tr, ["b"]).counts().values.astype(np.float64)
+    plain = compare_placements(tr, [2, 3], ["frequency"], fit_labels=["a"])
+    given = compare_placements(tr, [2, 3], ["frequency"], fit_labels=["a"], balance_loads=b_load / 7.0)
+    for d in (2, 3):
+        assert given.row(d, "frequency").score.mean_cv < plain.row(d, "frequency").score.mean_cv
+    train = select_labels(tr, ["a"])
+    data = TrainData(train, balance=b_load)
+    np.testing.assert_allclose(data.load.sum(axis=1), TrainData(train).load.sum(axis=1), atol=12)
+    np.testing.assert_array_equal(data.load, np.rint(b_load * (train.n_tokens * 2 / b_load.sum(axis=1)[:, None])))
+    lpt = np.stack([_lpt(x.astype(float), 3, 4) for x in data.load])
+    np.testing.assert_array_equal(_fit("frequency", data, 3), lpt)
+    cal = compare_placements(tr, [3], ["coact-refined"], fit_labels=["a"], balance_loads=b_load).calibrations[3]
+    assert cal.balance_margin == PlaceParams().cv_margin and cal.met and not cal.trials and "given loads" in cal.inner
+    with pytest.raises(ValueError, match="expected"):
+        compare_placements(tr, [3], ["frequency"], balance_loads=b_load[:1])
+
+
+def test_balance_table_matches_layers_by_id_and_refuses_bad_loads():
+    from moescope.place.data import balance_table
+    from moescope.trace import ExpertCounts
+
+    values = np.arange(1, 13, dtype=np.float64).reshape(3, 4)
+    counts = ExpertCounts(values, layer_ids=[7, 3, 5])
+    silent = ExpertCounts(np.array([[1.0, 0, 0, 0], [0, 0, 0, 0]]), layer_ids=[0, 1])
+    np.testing.assert_array_equal(balance_table(counts, np.array([5, 7]), 4, "c.json"), values[[2, 0]])
+    for bad, ids, n_exp, needle in (
+        (counts, np.array([5]), 6, "4 experts per layer, but the trace has 6"),
+        (counts, np.array([5, 9, 1]), 4, r"no counts for model layer\(s\) 9, 1 of the trace"),
+        (silent, np.array([0, 1]), 4, r"layer\(s\) 1 have no load"),
+    ):
+        with pytest.raises(UsageError, match=needle):
+            balance_table(bad, ids, n_exp, "c.json")
+
+
 def test_compare_rows_baseline_and_replicas():
     tr = random_trace(n_tokens=400, n_layers=2, n_experts=12, k=3, n_seq=8, seed=9)
     report = compare_placements(tr, [2, 4], ["random", "coact-capped"], replicas=3)
@@ -428,7 +496,8 @@ def _importable(name: str) -> bool:
 def test_dask_local_cluster_places_like_in_process():
     pytest.importorskip("distributed")
     tr = _planted(n_layers=5, seed=22)
-    kwargs = dict(replicas=2, params=PlaceParams(kicks=4), seed=1)
+    given = np.random.default_rng(3).random((5, 16))  # given loads travel with their layers' group
+    kwargs = dict(replicas=2, params=PlaceParams(kicks=4), seed=1, balance_loads=given)
     names = ["random", "coact-refined"]
     here = compare_placements(tr, [2, 4], names, **kwargs)
     steps: list[tuple[int, int]] = []
@@ -583,6 +652,40 @@ def test_cli_labels_protocol(tmp_path):
     assert d["scored_tokens"] == sum(
         int(b - a) for i, (a, b) in enumerate(zip(tr.seq_starts, tr.seq_ends, strict=True)) if i % 3 == 1
     )
+
+
+def test_cli_balance_loads(tmp_path):
+    """--balance-loads: counts of the served workload (a counts JSON, or any trace), matched by layer id;
+    bad counts exit 2 with the fix; the file is an input an output may not overwrite."""
+    from moescope.imports.counts_json import write_counts_json
+
+    tr = _skewed_workloads(seed=6)
+    src, counts, trace_src = tmp_path / "t.npz", tmp_path / "b.json", tmp_path / "b.npz"
+    write_output(tr, src)
+    write_counts_json(select_labels(tr, ["b"]), counts)
+    write_output(select_labels(tr, ["b"]), trace_src)
+    code, out, exc = _cli(src, "-d", "3", "-m", "coact-refined", "--fit-labels", "a", "--balance-loads", counts)
+    assert code == 0, exc
+    text = " ".join(out.split())
+    assert f"Every method balances the expert loads of {counts}" in text and "train CV margin" not in text
+    runs = []
+    for given in (counts, trace_src):
+        code, out, exc = _cli(src, "-d", "3", "--fit-labels", "a", "--balance-loads", given, "--json")
+        assert code == 0, exc
+        runs.append(json.loads(out))
+    assert runs[0]["balanced_on"] == "given loads" and "given loads" in runs[0]["calibration"][0]["inner_split"]
+    for a, b in zip(runs[0]["rows"], runs[1]["rows"], strict=True):  # the same counts from either file
+        assert a | {"fit_seconds": 0} == b | {"fit_seconds": 0}
+    other = tmp_path / "other.json"
+    write_counts_json(random_trace(n_tokens=50, n_layers=2, n_experts=6, k=2), other)
+    code, _, exc = _cli(src, "-d", "3", "--balance-loads", other)
+    assert code != 0 and isinstance(exc, UsageError) and "6 experts per layer, but the trace has 12" in str(exc)
+    for bad, needle in ((tmp_path / "absent.json", "does not exist"), (tmp_path, "cannot tell its format")):
+        code, _, exc = _cli(src, "-d", "3", "--balance-loads", bad)
+        assert code != 0 and isinstance(exc, FormatError) and str(exc).startswith("--balance-loads"), exc
+        assert needle in str(exc)
+    code, _, exc = _cli(src, "-d", "3", "--balance-loads", counts, "--export", counts, "--overwrite")
+    assert code != 0 and counts.read_text().startswith("{")
 
 
 def test_cli_balance_flags(tmp_path):

@@ -63,6 +63,14 @@ def place(
             "ratio, or 'off' (with 'auto' the validation chooses it).",
         ),
     ] = "auto",
+    balance_loads: Annotated[
+        Path | None,
+        typer.Option(
+            "--balance-loads",
+            help="Balance these expert loads instead of the fitted tokens': counts of the workload to be served "
+            "(llama.cpp imatrix, counts JSON, or any trace); co-activation still comes from SRC.",
+        ),
+    ] = None,
     layers: Annotated[str | None, typer.Option("--layers", help="Model layer ids to keep, e.g. 1-4,12.")] = None,
     export: Annotated[
         Path | None,
@@ -107,7 +115,16 @@ def place(
     (how much loads of co-placed experts drift together within a sequence), and the candidate with
     the fewest validated devices/token whose validated excesses, plus their standard errors, stay
     within the margins is used; the choice is printed. A numeric `--balance-margin` (with
-    `--drift-margin`) sets the train caps by hand. With `--replicas R` each method also gets R
+    `--drift-margin`) sets the train caps by hand.
+
+    Expert loads carry over poorly from one workload to another, while which experts a token picks
+    together carries over well: a placement fitted on other workloads keeps its locality on a new
+    one but may lose its balance. `--balance-loads FILE` balances the expert counts of the workload
+    to be served (a llama.cpp imatrix of it, a counts JSON, or a short trace of it), matched by
+    model layer id, with co-activation still learned from SRC; every method, frequency too, then
+    balances those loads, and the train caps are the stated margins against them.
+
+    With `--replicas R` each method also gets R
     copies of its hottest experts; a token uses the fewest devices holding its experts, ties to the
     least loaded.
 
@@ -133,7 +150,7 @@ def place(
     params = _params(cv_margin, max_mean_margin, balance_margin, drift_margin)
     for out in (export, export_eplb):
         if out is not None:
-            check_output(out, overwrite, kind=FILE, inputs=(src, inputs.phys_to_log))
+            check_output(out, overwrite, kind=FILE, inputs=(src, inputs.phys_to_log, balance_loads))
     d_exp, m_exp = 0, ""
     if (export or export_eplb) is not None:
         d_exp = devices_for_export or max(devs)
@@ -141,6 +158,7 @@ def place(
             raise UsageError(f"--devices-for-export {d_exp} is not among --devices {devs}; add it there")
         m_exp = _export_method(method_for_export, names)
     trace = inputs.read_trace(src, "the placement planner", layers)
+    given = None if balance_loads is None else _balance_loads(balance_loads, trace)
     with c.lazy_progress("placing") as bar:
         report = compare_placements(
             trace,
@@ -154,6 +172,7 @@ def place(
             progress=bar,
             fit_labels=c.names(fit_labels),
             score_labels=c.names(score_labels),
+            balance_loads=given,
         )
     if (export or export_eplb) is not None:
         chosen = report.placements[(d_exp, m_exp, replicas)]
@@ -166,7 +185,7 @@ def place(
     if as_json:
         c.print_json(report.to_dict(layers=per_layer))
         return
-    _print(report, src)
+    _print(report, src, balance_loads)
     if per_layer:
         _print_layers(report)
 
@@ -174,6 +193,26 @@ def place(
 place.__doc__ = (place.__doc__ or "").replace(
     "{methods}", "\n    ".join(f"- `{name}`: {cls.summary}" for name, cls in METHODS.items())
 )
+
+
+def _balance_loads(path: Path, trace):
+    """The expert loads in `path` (counts of any readable kind; a trace is counted) for the trace's layers."""
+    from moescope.errors import FormatError
+    from moescope.imports import as_counts, detect_format
+    from moescope.imports.registry import READERS
+    from moescope.place.data import balance_table
+
+    try:
+        detect_format(path)
+    except FormatError as exc:  # its own fix names --from, which here would apply to SRC
+        if path.exists():
+            raise FormatError(
+                f"--balance-loads {str(path)!r}: cannot tell its format; give a file of one of these kinds: "
+                f"{', '.join(sorted(READERS))} (--from applies to SRC only)"
+            ) from None
+        raise FormatError(f"--balance-loads: {exc}") from None
+    counts = as_counts(c.Inputs().read(path))
+    return balance_table(counts, trace.layer_ids, trace.n_experts, str(path))
 
 
 def _params(cv_margin: float, max_mean_margin: float, balance_margin: str, drift_margin: str):
@@ -226,7 +265,7 @@ def _export_method(asked: str | None, run: list[str]) -> str:
     return others[0] if others else "frequency"
 
 
-def _print(report, src: Path) -> None:
+def _print(report, src: Path, balance_loads: Path | None = None) -> None:
     con = c.console()
     if report.split == "labels":
         split = f"fitted on {'+'.join(report.fit_labels)} sequences, scored on {'+'.join(report.score_labels)}"
@@ -264,6 +303,12 @@ def _print(report, src: Path) -> None:
             f"{r.fit_seconds:.1f}",
         )
     con.print(table)
+    if balance_loads is not None:
+        con.print(
+            f"Every method balances the expert loads of {balance_loads} (co-activation from {src.name}); the refined "
+            f"methods' train caps are the stated margins against them.",
+            highlight=False,
+        )
     for line in _calibration_lines(report):
         con.print(line, highlight=False)
     con.print(_reading(report), highlight=False)

@@ -226,6 +226,23 @@ def calibrate(
     )
 
 
+def given_loads_calibration(n_devices: int, params: Any) -> Calibration:
+    """The train caps when the placement balances given loads (`moescope.place.data.balance_table`): the
+    stated margins themselves against those loads (``b = cv_margin``, the drift cap as set), as in-sample. No
+    validation can help: the drift left is between the given loads and the loads served, which the fitting
+    data does not hold."""
+    return Calibration(
+        n_devices,
+        params.cv_margin,
+        params.drift_margin,
+        "none (balanced on the given loads: b = cv_margin)",
+        0,
+        (),
+        (),
+        True,
+    )
+
+
 def _over(cv: float, cv_se: float, mm: float, mm_se: float, params: Any) -> float:
     """How far a validated candidate is past the stated margins (each excess plus its standard error): <= 0
     passes."""

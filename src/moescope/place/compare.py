@@ -7,7 +7,11 @@ balancing) is always fitted: every row's devices per token is also given relativ
 R > 0`` each method is scored twice, without and with R copies of the hottest experts, so the trade of
 memory for balance and locality reads off adjacent rows. The refined methods' train caps (unless set by
 hand) are chosen once per D, before any fit, by validation inside the train split (`moescope.place.calibrate`,
-mirroring the protocol: halves, labels or in-sample) and passed to every fit. Every method treats layers
+mirroring the protocol: halves, labels or in-sample) and passed to every fit. With ``balance_loads`` (expert
+loads of the workload to be served, `moescope.place.data.balance_table`) every method, frequency included,
+balances those loads instead of the train tokens', and the refined methods' train caps are the stated margins
+against them (nothing to validate: the drift left is between the given loads and the served ones, which the
+fitting data cannot show). Every method treats layers
 independently, so ``scheduler="local:N"`` (or a Dask address) fits groups of layers as Dask tasks
 (`fit_layers` each) with the same result. Pure: no I/O, no printing.
 
@@ -25,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from moescope.errors import UsageError
-from moescope.place.calibrate import Calibration, calibrate
+from moescope.place.calibrate import Calibration, calibrate, given_loads_calibration
 from moescope.place.data import TrainData
 from moescope.place.layout import Placement, check_devices
 from moescope.place.methods import METHODS, PlaceParams, RefinedPlacement, default_methods
@@ -98,6 +102,7 @@ class PlacementReport:
     fit_labels: tuple[str, ...] = ()  # the labels protocol (split "labels"): whole sequences fitted / scored
     score_labels: tuple[str, ...] = ()
     calibrations: dict[int, Calibration] = dataclasses.field(default_factory=dict)  # the refined methods' margin per D
+    given_loads: bool = False  # balanced on given expert loads (``balance_loads``), not the train tokens'
 
     def row(self, n_devices: int, method: str, replicas: int = 0) -> PlacementRow:
         for r in self.rows:
@@ -117,6 +122,7 @@ class PlacementReport:
             "top_k": self.top_k,
             "layer_ids": self.layer_ids.tolist(),
             "params": dataclasses.asdict(self.params),
+            "balanced_on": "given loads" if self.given_loads else "train tokens",
             "calibration": [c.to_dict() for c in self.calibrations.values()],
             "rows": [r.to_dict(layers) for r in self.rows],
         }
@@ -153,15 +159,17 @@ def fit_layers(
     params: PlaceParams,
     progress: Callable[[int, int], None] | None = None,
     margins: dict[int, tuple[float, float | None]] | None = None,
+    balance: np.ndarray | None = None,
 ) -> list[LayerFit]:
     """Fit every method at every D on the layers of `train` and replay `test` through each placement.
 
     Every method treats layers independently (random streams are keyed by model layer id), so fitting a
     subset of layers gives exactly those layers' rows of fitting all of them: this is the unit of work of a
     Dask task. The refined methods' train balance margin per D comes from `margins` (chosen once on all
-    layers, `compare_placements`) where ``params.balance_margin`` is None. Results in (D, method, R) order.
+    layers, `compare_placements`) where ``params.balance_margin`` is None; `balance`: given loads, one row per
+    layer of `train` (`TrainData`). Results in (D, method, R) order.
     """
-    data = TrainData(train)
+    data = TrainData(train, balance=balance)
     out: list[LayerFit] = []
     total, done = len(devices) * len(names), 0
     for d in devices:
@@ -200,6 +208,7 @@ def compare_placements(
     progress: Callable[[int, int], None] | None = None,
     fit_labels: Sequence[str] | None = None,
     score_labels: Sequence[str] | None = None,
+    balance_loads: np.ndarray | None = None,
 ) -> PlacementReport:
     """Fit every method for every device count on train tokens and score it on held-out tokens.
 
@@ -216,6 +225,9 @@ def compare_placements(
         omitted for "every other label". The report's split is then ``"labels"``.
     seed : seed of the random parts (random placement, local-search kicks, Mt-KaHyPar).
     params : method knobs.
+    balance_loads : ``[layers, E]`` expert loads to balance, one row per layer of `trace`
+        (`moescope.place.data.balance_table`), instead of the train tokens' loads; co-activation still comes
+        from the train tokens.
     scheduler : fit groups of layers as Dask tasks (``"local:N"`` or a scheduler address) instead of all
         layers in this process; the report is identical (fit seconds are then summed over tasks).
     progress : called with (steps done, steps total).
@@ -241,16 +253,19 @@ def compare_placements(
         train, test = split_halves(trace) if split == "test" else (trace, trace)
     if test.n_tokens == 0:
         raise UsageError("no held-out tokens: the trace has no sequence with 2+ tokens; use --split all")
+    if balance_loads is not None and balance_loads.shape != (trace.n_layers, trace.n_experts):
+        raise ValueError(f"balance_loads {balance_loads.shape}: expected {(trace.n_layers, trace.n_experts)}")
     TrainData(train)  # an empty train split fails here, before any work is sent out
     calibrations: dict[int, Calibration] = {}
     if params.balance_margin is None and any(issubclass(METHODS[n], RefinedPlacement) for n in names):
-        protocol = {"test": "halves", "labels": "labels", "all": "all"}[split]
-        calibrations = {d: calibrate(train, d, params, protocol, seed) for d in devs}
+        if balance_loads is not None:
+            calibrations = {d: given_loads_calibration(d, params) for d in devs}
+        else:
+            protocol = {"test": "halves", "labels": "labels", "all": "all"}[split]
+            calibrations = {d: calibrate(train, d, params, protocol, seed) for d in devs}
     margins = {d: (c.balance_margin, c.drift_margin) for d, c in calibrations.items()}
-    if scheduler is None:
-        fitted = fit_layers(train, test, devs, names, replicas, seed, params, progress, margins)
-    else:
-        fitted = _fit_dask(scheduler, train, test, devs, names, replicas, seed, params, progress, margins)
+    fit_args = (devs, names, replicas, seed, params, progress, margins, balance_loads)
+    fitted = fit_layers(train, test, *fit_args) if scheduler is None else _fit_dask(scheduler, train, test, *fit_args)
     rows: list[PlacementRow] = []
     placements: dict[tuple[int, str, int], Placement] = {}
     baselines: dict[int, PlacementScore] = {}
@@ -275,6 +290,7 @@ def compare_placements(
         fit_labels=fit_l,
         score_labels=score_l,
         calibrations=calibrations,
+        given_loads=balance_loads is not None,
     )
 
 
@@ -282,7 +298,9 @@ def _fit_part(part: tuple[RoutingTrace, RoutingTrace], *args: Any) -> list[Layer
     return fit_layers(*part, *args)
 
 
-def _fit_dask(scheduler, train, test, devs, names, replicas, seed, params, progress, margins) -> list[LayerFit]:
+def _fit_dask(
+    scheduler, train, test, devs, names, replicas, seed, params, progress, margins, balance
+) -> list[LayerFit]:
     """`fit_layers` on groups of layers as Dask tasks (about two per worker), stitched back in layer order."""
     from distributed import as_completed
 
@@ -296,8 +314,9 @@ def _fit_dask(scheduler, train, test, devs, names, replicas, seed, params, progr
             ids = train.layer_ids[g].tolist()
             # scattered, not embedded in the task graph: a group's tokens can be hundreds of MB
             [part] = client.scatter([(select_layers(train, ids), select_layers(test, ids))])
+            rows = None if balance is None else balance[g]
             futures.append(
-                client.submit(_fit_part, part, devs, names, replicas, seed, params, None, margins, pure=False)
+                client.submit(_fit_part, part, devs, names, replicas, seed, params, None, margins, rows, pure=False)
             )
         if progress:
             for done, _ in enumerate(as_completed(futures), 1):

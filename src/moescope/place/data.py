@@ -11,6 +11,16 @@
 - `sample`: at most ``max_tokens`` evenly strided train tokens (bounding the search's cost), with a weight
   per token: ``late_weight`` in the second half of its sequence, else 1.
 
+*Given loads* (`balance_table`, ``TrainData(..., balance=)``): the expert loads to balance may come from
+elsewhere than the train tokens -- the expert counts of the workload the placement will serve (a llama.cpp
+imatrix, a counts file, a short capture of that workload) -- while co-activation and the token sets still come
+from the train tokens. Expert loads hardly carry over from one workload to another (on the shared ESFT /
+DeepSeek-V2-Lite trace the per-layer correlation of expert loads between its three tasks is 0.04 to 0.23),
+whereas which experts a token picks together does; so a placement fitted on other workloads keeps its locality
+on a new one but not its balance, and counts of the new workload restore the balance
+(`bench/place_generalisation.py`, section ``given_loads``). ``load`` is then the given loads rescaled to the
+train selections of each layer (the units every cap and penalty is tuned in), for every method alike.
+
 Kernels are parallel across layers. No I/O.
 
     >>> data = TrainData(split_part(trace, "train"))
@@ -26,7 +36,7 @@ import numpy as np
 from moescope._jit import njit_parallel, prange
 from moescope.analyze.coact import coact_counts
 from moescope.errors import UsageError
-from moescope.trace import RoutingTrace, expert_mass
+from moescope.trace import ExpertCounts, RoutingTrace, expert_mass
 
 
 @njit_parallel
@@ -53,12 +63,17 @@ class TrainData:
     protocol : how the placement will be scored (`PROTOCOLS`): ``"halves"`` (later tokens of these
         sequences), ``"labels"`` (other workloads' sequences) or ``"all"`` (these tokens, in-sample). The
         refined methods validate their balance margin the same way (`moescope.place.calibrate`).
+    balance : ``[layers, E]`` given expert loads to balance instead of the train tokens' (`balance_table`),
+        or None.
     """
 
-    def __init__(self, trace: RoutingTrace, protocol: str = "halves") -> None:
+    def __init__(self, trace: RoutingTrace, protocol: str = "halves", balance: np.ndarray | None = None) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol {protocol!r}: expected one of {PROTOCOLS}")
+        if balance is not None and balance.shape != (trace.n_layers, trace.n_experts):
+            raise ValueError(f"balance {balance.shape}: expected {(trace.n_layers, trace.n_experts)}")
         self.protocol = protocol
+        self.balance = balance
         if trace.n_tokens == 0:
             raise UsageError(
                 "no train tokens: the train split (first half of every sequence) is empty; use a trace with "
@@ -79,8 +94,13 @@ class TrainData:
 
     @functools.cached_property
     def load(self) -> np.ndarray:
-        """[layers, E] int64 train selections per expert."""
-        return expert_mass(self.experts, self.n_experts)
+        """[layers, E] int64 train selections per expert, or the given loads (``balance``) rescaled to each
+        layer's train selections and rounded."""
+        own = expert_mass(self.experts, self.n_experts)
+        if self.balance is None:
+            return own
+        scale = own.sum(axis=1, keepdims=True) / self.balance.sum(axis=1, keepdims=True)
+        return np.rint(self.balance * scale).astype(np.int64)
 
     @functools.cached_property
     def coact(self) -> np.ndarray:
@@ -107,6 +127,37 @@ class TrainData:
         if stride <= 1:
             return self.experts, tw
         return np.ascontiguousarray(self.experts[::stride]), np.ascontiguousarray(tw[::stride])
+
+
+def balance_table(counts: ExpertCounts, layer_ids: np.ndarray, n_experts: int, source: str) -> np.ndarray:
+    """``[layers, E] float64``: the rows of `counts` for the model layers `layer_ids` (matched by id), checked to
+    be usable as loads to balance (same expert count, every layer present, non-negative, not all zero); `source`
+    names the file in errors."""
+    if counts.n_experts != n_experts:
+        raise UsageError(
+            f"--balance-loads {source}: {counts.n_experts} experts per layer, but the trace has {n_experts}; give "
+            "counts of the same model"
+        )
+    row = {int(lid): i for i, lid in enumerate(counts.layer_ids.tolist())}
+    missing = [int(x) for x in layer_ids.tolist() if int(x) not in row]
+    if missing:
+        have = ", ".join(str(x) for x in counts.layer_ids.tolist()[:12])
+        raise UsageError(
+            f"--balance-loads {source}: no counts for model layer(s) {', '.join(map(str, missing[:12]))} of the "
+            f"trace (the counts have layers {have}{', ...' if counts.n_layers > 12 else ''}); give counts of the same "
+            "model's layers, or cut the trace with --layers"
+        )
+    table = np.asarray(counts.values, dtype=np.float64)[[row[int(x)] for x in layer_ids.tolist()]]
+    bad = ~np.isfinite(table) | (table < 0)
+    if bad.any():
+        raise UsageError(f"--balance-loads {source}: a load is negative or not finite; expected counts or shares >= 0")
+    empty = [int(layer_ids[i]) for i in np.flatnonzero(table.sum(axis=1) <= 0)]
+    if empty:
+        raise UsageError(
+            f"--balance-loads {source}: layer(s) {', '.join(map(str, empty[:12]))} have no load at all; give counts "
+            "with routing in every placed layer, or cut the trace with --layers"
+        )
+    return np.ascontiguousarray(table)
 
 
 def device_loads(assign: np.ndarray, load: np.ndarray, n_devices: int) -> np.ndarray:
