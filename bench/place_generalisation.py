@@ -141,7 +141,7 @@ def given_loads(trace) -> dict:
         rep = compare_placements(rest, [4, 8], score_labels=[task], balance_loads=table)
         splits[f"without-{task}"] = {
             "sample_sequences": int(sample.size),
-            "sample_tokens": int(counts.values.sum() // trace.top_k),
+            "sample_tokens": int(counts.values.sum() // (trace.top_k * trace.n_layers)),
             "scored_tokens": rep.test_tokens,
             "oracle": oracle,
             "given": [
