@@ -768,3 +768,25 @@ def test_esft_refined_beats_frequency_at_matched_balance(realdata):
         assert row.vs_frequency <= -0.20
         assert row.cv_excess <= 0.05
         assert row.score.experts_per_device.max() <= 64 // d
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_esft_given_loads_restore_balance_on_an_unseen_task(realdata):
+    """Fitted on law + summary, scored on intent: without intent's loads coact-refined breaks the balance rule;
+    balancing the counts of a tenth of intent's sequences (left out of the scored tokens) holds it at D4 while
+    keeping at least 18% fewer devices per token than frequency balanced on the same counts."""
+    from moescope.place.data import balance_table
+    from moescope.slicing import select_sequences
+
+    trace = read_input(realdata / "esft-dsv2lite" / "trace.npz")
+    blind = compare_placements(trace, [4], ["coact-refined"], score_labels=["intent"]).row(4, "coact-refined")
+    assert blind.cv_excess > 0.05
+    seqs = np.flatnonzero(trace.seq_labels == "intent")
+    sample = np.sort(np.random.default_rng([0, 0]).choice(seqs, round(0.1 * seqs.size), replace=False))
+    rest = select_sequences(trace, np.setdiff1d(np.arange(trace.n_sequences), sample))
+    given = balance_table(select_sequences(trace, sample).counts(), rest.layer_ids, rest.n_experts, "sample")
+    row = compare_placements(rest, [4], ["coact-refined"], score_labels=["intent"], balance_loads=given).row(
+        4, "coact-refined"
+    )
+    assert row.cv_excess <= 0.05 and row.vs_frequency <= -0.18
