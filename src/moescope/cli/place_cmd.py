@@ -203,7 +203,7 @@ def _balance_loads(path: Path, trace):
     from moescope.place.data import balance_table
 
     try:
-        detect_format(path)
+        fmt = detect_format(path)
     except FormatError as exc:  # its own fix names --from, which here would apply to SRC
         if path.exists():
             raise FormatError(
@@ -211,7 +211,7 @@ def _balance_loads(path: Path, trace):
                 f"{', '.join(sorted(READERS))} (--from applies to SRC only)"
             ) from None
         raise FormatError(f"--balance-loads: {exc}") from None
-    counts = as_counts(c.Inputs().read(path))
+    counts = as_counts(c.Inputs(fmt=fmt).read(path))  # detected once, here
     return balance_table(counts, trace.layer_ids, trace.n_experts, str(path))
 
 

@@ -253,9 +253,7 @@ def compare_placements(
         train, test = split_halves(trace) if split == "test" else (trace, trace)
     if test.n_tokens == 0:
         raise UsageError("no held-out tokens: the trace has no sequence with 2+ tokens; use --split all")
-    if balance_loads is not None and balance_loads.shape != (trace.n_layers, trace.n_experts):
-        raise ValueError(f"balance_loads {balance_loads.shape}: expected {(trace.n_layers, trace.n_experts)}")
-    TrainData(train)  # an empty train split fails here, before any work is sent out
+    TrainData(train, balance=balance_loads)  # an empty train split or misshapen loads fail here, before any work
     calibrations: dict[int, Calibration] = {}
     if params.balance_margin is None and any(issubclass(METHODS[n], RefinedPlacement) for n in names):
         if balance_loads is not None:
