@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,18 @@ def run(capsys, *args) -> tuple[int, str, str]:
         code = int(exc.code or 0)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def same_json(capsys, command: str, first, second, *args) -> dict:
+    """Run `command` on `first`, then on `second`, with the same `args` (ending in --json): both exit 0 and
+    print the same JSON, which is returned parsed."""
+    outs = []
+    for src in (first, second):
+        code, out, err = run(capsys, command, src, *args)
+        assert code == 0, err
+        outs.append(json.loads(out))
+    assert outs[0] == outs[1]
+    return outs[0]
 
 
 @pytest.fixture

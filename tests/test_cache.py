@@ -13,7 +13,7 @@ import reference
 import reference_adaptive
 import reference_learned
 import reference_queue
-from conftest import random_trace, run
+from conftest import random_trace, run, same_json
 from moescope import fixture
 from moescope.cache import (
     POLICIES,
@@ -715,12 +715,8 @@ def test_learned_near_needs_candidates_and_reads_them(capsys, tmp_path):
     assert "candidates" in trace.extras
     store = write_output(trace, tmp_path / "f.zarr")
     args = ["--capacity", "4,8", "--policy", "lru,learned,learned-near,belady", "--json"]
-    code, out_npz, err = run(capsys, "cache", src, *args)
-    assert code == 0, err
-    code, out_store, err = run(capsys, "cache", store, *args)
-    assert code == 0, err
-    assert json.loads(out_npz) == json.loads(out_store)
-    rows = {(r["policy"], r["capacity"]): r for r in json.loads(out_npz)["table"]["rows"]}
+    got = same_json(capsys, "cache", src, store, *args)
+    rows = {(r["policy"], r["capacity"]): r for r in got["table"]["rows"]}
     assert rows["learned-near", 4]["demand_miss_rate"] != rows["learned", 4]["demand_miss_rate"]  # it reads them
     bare = write_output(trace.replace(extras={}), tmp_path / "bare.npz")
     code, _, err = run(capsys, "cache", bare, "--policy", "learned-near")
@@ -741,12 +737,7 @@ def test_gate_lrfu_needs_weights_and_reads_them(capsys, tmp_path):
     npz = write_output(trace, tmp_path / "w.npz")
     store = write_output(trace, tmp_path / "w.zarr")
     args = ["--capacity", "4,6", "--policy", "lru,lrfu,gate-lrfu,belady", "--json"]
-    code, out_npz, err = run(capsys, "cache", npz, *args)
-    assert code == 0, err
-    code, out_store, err = run(capsys, "cache", store, *args)
-    assert code == 0, err
-    assert json.loads(out_npz) == json.loads(out_store)
-    rows = json.loads(out_npz)["table"]["per_layer"]
+    rows = same_json(capsys, "cache", npz, store, *args)["table"]["per_layer"]
     assert rows["gate-lrfu"] != rows["lrfu"]  # it reads them
     ones = simulate(trace.replace(weights=np.ones(trace.experts.shape, np.float32)), [4, 6], ["lrfu", "gate-lrfu"])
     np.testing.assert_array_equal(ones.stats[0], ones.stats[1])

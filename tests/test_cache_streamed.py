@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
-from conftest import random_trace, run
+from conftest import random_trace, run, same_json
 from moescope.cache import miss_curves, simulate
 from moescope.cache.streamed import layer_groups, miss_curves_store, simulate_store
 from moescope.imports import write_output
@@ -115,11 +113,7 @@ def test_cli_reads_a_store_in_groups_like_the_npz(capsys, stored, tmp_path, monk
             lambda self, layers, _r=real, _c=cls.__name__: calls.append((_c, list(layers))) or _r(self, layers),
         )
     args = ["--capacity", "4,8", "--policy", "lru,lrfu,belady", "--curve", "--layers", "1-4", "--json"]
-    code, out_store, err = run(capsys, "cache", store.path, *args)
-    assert code == 0, err
-    code, out_npz, err = run(capsys, "cache", npz, *args)
-    assert code == 0, err
-    assert json.loads(out_store) == json.loads(out_npz)
+    same_json(capsys, "cache", store.path, npz, *args)
     source = "LayerColumns" if room else "TraceStore"
     assert calls == [(source, [x]) for x in (1, 2, 3, 4)] * 2  # the table, then the curves, one layer at a time
     assert list((tmp_path / "tmp").iterdir()) == []  # the layer files were removed

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import itertools
-import json
 
 import numpy as np
 import pytest
 
-from conftest import random_trace, run
+from conftest import random_trace, run, same_json
 from moescope.cache import PolicyParams, make_policy, simulate
 from moescope.cache import kernels as K
 from moescope.cache.policies import POLICIES
@@ -20,6 +19,16 @@ from moescope.imports import write_output
 from moescope.store import TraceStore, save_trace
 
 WINDOWED = [name for name, cls in POLICIES.items() if cls.windowed]
+
+
+def _groups(seed: int, n: int, n_items: int, rate: float, power: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` random top-3 request groups over ``n_items`` items (uniform draws raised to ``power`` before the
+    argsort: > 1 skews them to low ids) and resets at ``rate``, the first group a reset."""
+    rng = np.random.default_rng(seed)
+    req = np.argsort(rng.random((n, n_items)) ** power, axis=1)[:, :3].astype(np.int32)
+    reset = rng.random(n) < rate
+    reset[0] = True
+    return req, reset
 
 
 @pytest.fixture
@@ -42,10 +51,7 @@ def test_the_default_policies_replay_in_windows():
 @pytest.mark.parametrize("aging", [0, 5])
 def test_a_replayer_fed_windows_counts_as_one_run(name, aging):
     """Cut anywhere (resets inside windows and at their edges), the windows' counts add up to `run`'s."""
-    rng = np.random.default_rng(7)
-    req = np.argsort(rng.random((500, 12)), axis=1)[:, :3].astype(np.int32)
-    reset = rng.random(500) < 0.03
-    reset[0] = True
+    req, reset = _groups(7, 500, 12, 0.03)
     from moescope.cache.policies import Stream
 
     stream = Stream(req, reset, 12, 12)
@@ -73,10 +79,7 @@ def test_a_fitter_fed_windows_fits_as_fit_does(name, monkeypatch):
 
     monkeypatch.setattr(P, "LRFU_FIT_GROUPS", 90)  # LRFU's prefix ends inside the stream, inside a window
     monkeypatch.setattr(PL, "FIT_GROUPS", 50)  # the learned fit samples every few groups
-    rng = np.random.default_rng(3)
-    req = np.argsort(rng.random((400, 12)) ** 2, axis=1)[:, :3].astype(np.int32)
-    reset = rng.random(400) < 0.02
-    reset[0] = True
+    req, reset = _groups(3, 400, 12, 0.02, power=2)
     train, test = Stream(req[:300], reset[:300], 12, 12), Stream(req[300:], reset[300:], 12, 12)
     whole = make_policy(name)
     whole.fit(train)
@@ -245,19 +248,12 @@ def test_simulate_store_replays_in_windows_only_when_it_can(stored, monkeypatch)
 def test_cli_defaults_on_a_store_equal_the_npz(capsys, stored, tmp_path):
     trace, store = stored
     npz = write_output(trace, tmp_path / "t.npz")
-    code, out_store, err = run(capsys, "cache", store.path, "--capacity", "4,8", "--json")
-    assert code == 0, err
-    code, out_npz, err = run(capsys, "cache", npz, "--capacity", "4,8", "--json")
-    assert code == 0, err
-    assert json.loads(out_store) == json.loads(out_npz)
+    same_json(capsys, "cache", store.path, npz, "--capacity", "4,8", "--json")
 
 
 @pytest.mark.kernels
 def test_lru_depths_fed_windows_equal_the_whole():
-    rng = np.random.default_rng(4)
-    req = np.argsort(rng.random((400, 10)), axis=1)[:, :3].astype(np.int32)
-    reset = rng.random(400) < 0.04
-    reset[0] = True
+    req, reset = _groups(4, 400, 10, 0.04)
     whole = K.lru_depths(req, reset, 10)
     state = K.depths_state(10)
     for a in range(0, 400, 33):
@@ -270,10 +266,7 @@ def test_belady_depths_fed_windows_equal_the_whole():
     from moescope.cache.simulate import STACK_DEPTHS
     from moescope.cache.windowed import DEPTHS, BeladyDepths
 
-    rng = np.random.default_rng(5)
-    req = np.argsort(rng.random((400, 10)), axis=1)[:, :3].astype(np.int32)
-    reset = rng.random(400) < 0.04
-    reset[0] = True
+    req, reset = _groups(5, 400, 10, 0.04)
     whole = K.belady_depths(req, reset, 10)
     nu = K.next_use(req, reset, 10)
     for step in (1, 33, 400):
@@ -310,13 +303,8 @@ def test_cli_budget_and_curves_on_a_store_equal_the_npz(capsys, stored, tmp_path
     """--curve and --slots (the budget allocation from LRU's curves) read the store in windows."""
     trace, store = stored
     npz = write_output(trace, tmp_path / "t.npz")
-    args = ["--capacity", "4", "--curve", "--slots", "40", "--json"]
-    code, out_store, err = run(capsys, "cache", store.path, *args)
-    assert code == 0, err
-    code, out_npz, err = run(capsys, "cache", npz, *args)
-    assert code == 0, err
-    assert json.loads(out_store) == json.loads(out_npz)
-    assert "allocation" in json.loads(out_store) and "curves" in json.loads(out_store)
+    got = same_json(capsys, "cache", store.path, npz, "--capacity", "4", "--curve", "--slots", "40", "--json")
+    assert "allocation" in got and "curves" in got
 
 
 def test_lrfu_fits_from_the_train_prefix_read_in_windows(stored, tmp_path, monkeypatch):
