@@ -108,14 +108,15 @@ def given_loads(trace) -> dict:
     import numpy as np
 
     from moescope.place import PlaceParams, compare_placements
+    from moescope.place.compare import label_loads, load_correlation
     from moescope.place.data import balance_table
     from moescope.slicing import select_labels, select_sequences
 
-    tasks = trace.labels()
-    shares = {t: select_labels(trace, [t]).counts().shares() for t in tasks}
+    tasks, per_task = label_loads(trace)
 
     def corr(a: str, b: str) -> float:
-        return round(float(np.mean([np.corrcoef(x, y)[0, 1] for x, y in zip(shares[a], shares[b], strict=True)])), 4)
+        r, _ = load_correlation(per_task[tasks.index(a)], per_task[tasks.index(b)])
+        return round(float("nan") if r is None else r, 4)
 
     splits = {}
     for task in tasks:

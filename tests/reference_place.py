@@ -132,3 +132,22 @@ def load_cv(dev_load: list[float]) -> float:
     mean = sum(dev_load) / n
     var = sum((x - mean) ** 2 for x in dev_load) / n
     return (var**0.5) / mean if mean > 0 else 0.0
+
+
+def label_loads(experts: np.ndarray, seq_starts: np.ndarray, seq_labels: list[str], n_experts: int) -> dict:
+    """{label: [layers, E] selections by the tokens of that label's sequences}, token by token."""
+    ends = [*seq_starts[1:].tolist(), experts.shape[0]]
+    out: dict = {}
+    for lo, hi, lab in zip(seq_starts, ends, seq_labels, strict=True):
+        table = out.setdefault(lab, np.zeros((experts.shape[1], n_experts), dtype=np.int64))
+        for t in range(lo, hi):
+            for layer in range(experts.shape[1]):
+                for e in experts[t, layer]:
+                    table[layer, e] += 1
+    return out
+
+
+def load_correlation(a: np.ndarray, b: np.ndarray) -> tuple[float | None, int]:
+    """Mean of np.corrcoef over the layers where neither row is constant."""
+    rs = [np.corrcoef(x, y)[0, 1] for x, y in zip(a, b, strict=True) if np.ptp(x) > 0 and np.ptp(y) > 0]
+    return (float(np.mean(rs)) if rs else None), len(rs)

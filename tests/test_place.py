@@ -30,6 +30,7 @@ from moescope.place import (
     write_placement,
 )
 from moescope.place import refine as R
+from moescope.place.compare import label_loads, load_agreement, load_correlation
 from moescope.place.data import device_loads, drift_cv
 from moescope.place.methods import _lpt
 from moescope.slicing import select_labels, split_halves
@@ -610,6 +611,69 @@ def test_eplb_map_refuses_empty_slots(tmp_path):
 
 # ----------------------------------------------------------------------------------------------
 # the CLI
+
+
+def test_load_agreement_matches_reference():
+    """label_loads and load_correlation against token-by-token references; constant layers are left out; the
+    labels protocol reports fitted against scored first, then the fitted labels against each other."""
+    tr = _skewed_workloads(seed=9)
+    tr = tr.replace(seq_labels=["a", "b", "c"] * 4)
+    labels, per = label_loads(tr)
+    want = ref.label_loads(tr.experts, tr.seq_starts, tr.seq_labels.tolist(), tr.n_experts)
+    assert labels == ["a", "b", "c"]
+    for i, lab in enumerate(labels):
+        np.testing.assert_array_equal(per[i], want[lab])
+    rng = np.random.default_rng(3)
+    x, y = rng.random((5, 12)), rng.random((5, 12))
+    x[2] = 1.0  # a constant layer has no correlation
+    got, want_r = load_correlation(x, y), ref.load_correlation(x, y)
+    assert got[1] == want_r[1] == 4 and got[0] == pytest.approx(want_r[0])
+    assert load_correlation(x, x * 3.0)[0] == pytest.approx(1.0)
+    assert load_correlation(x, -x)[0] == pytest.approx(-1.0)
+    assert load_correlation(np.ones((2, 4)), x[:2, :4]) == (None, 0)
+
+    every = load_agreement(tr)
+    assert [(g.a, g.b) for g in every] == [("a", "b+c"), ("b", "a+c"), ("c", "a+b")]
+    assert every[1].correlation == pytest.approx(ref.load_correlation(want["b"], want["a"] + want["c"])[0])
+    proto = load_agreement(tr, ["a", "c"], ["b"])
+    assert [(g.a, g.b) for g in proto] == [("a+c", "b"), ("a", "c")]
+    assert proto[0].correlation == pytest.approx(ref.load_correlation(want["a"] + want["c"], want["b"])[0])
+    assert proto[1].layers == tr.n_layers
+    assert load_agreement(tr.replace(seq_labels=None)) == ()
+    assert load_agreement(tr.replace(seq_labels=["a"] * 12)) == ()
+    report = compare_placements(tr, [2], ["frequency"], fit_labels=["a", "c"])
+    assert report.to_dict()["load_agreement"] == [g.to_dict() for g in proto]
+
+
+def _clustered_workloads() -> RoutingTrace:
+    """8 experts in two co-activated clusters (0-3, 4-7), top-2 within a cluster. Workload "even" uses both
+    clusters alike; "skewed" sends 90% of its tokens to the first: a placement with one cluster per device
+    keeps its locality on "skewed" but not its balance."""
+    rng = np.random.default_rng(17)
+    n_seq, seq_len = 16, 50
+    labels = ["even", "skewed"] * (n_seq // 2)
+    experts = np.empty((n_seq * seq_len, 1, 2), dtype=np.int16)
+    for s, lab in enumerate(labels):
+        first = rng.random(seq_len) < (0.5 if lab == "even" else 0.9)
+        for i in range(seq_len):
+            experts[s * seq_len + i, 0] = rng.choice(4, size=2, replace=False) + (0 if first[i] else 4)
+    return RoutingTrace(experts, 8, seq_starts=np.arange(n_seq) * seq_len, seq_labels=labels)
+
+
+def test_cli_says_when_locality_carries_but_balance_does_not(tmp_path):
+    """Fitted on "even", scored on "skewed": coact-greedy cuts devices/token but breaks the balance rule; the
+    reading names the cut and its load CV, and points at --balance-loads; the load agreement is printed."""
+    src = tmp_path / "t.npz"
+    write_output(_clustered_workloads(), src)
+    code, out, exc = _cli(src, "-d", "2", "-m", "coact-greedy", "--fit-labels", "even")
+    assert code == 0, exc
+    text = " ".join(out.split())
+    assert "no method beats frequency" in text and "coact-greedy cuts devices/token by" in text
+    assert "the balance fitted on even did not" in text and "--balance-loads" in text
+    assert "Expert-load agreement between workloads" in text and "even vs skewed" in text
+    code, out, exc = _cli(src, "-d", "2", "-m", "coact-greedy", "--split", "all")
+    assert code == 0, exc
+    assert "--balance-loads" not in " ".join(out.split())
 
 
 def _cli(*args) -> tuple[int, str, BaseException | None]:

@@ -50,6 +50,10 @@ def test_report_is_self_contained_with_verdicts(fixture_report):
     # the placement card states the largest D asked (not the best-looking one), with every D beside it
     assert re.search(r"devices per token at D=8 \(every D asked: [-+]\d+%, [-+]\d+%, [-+]\d+%\)", html)
     assert 0.9 < rep.summary["drift"]["overall"]["identical"] < 0.99
+    # the fixture's five domains: how far their expert loads agree, and that the balance is for this mix
+    agree = rep.summary["placement"]["load_agreement"]
+    assert [g["a"] for g in agree] == read_input(fixture.FIXTURE_DIR / fixture.TRACE).labels()
+    assert "the balance above is for this mix of them" in html and "--balance-loads" in html
     assert "--n-cpu-moe" in html and "Belady" in html
     assert not re.search(r"""<script[^>]+src=|<link[^>]+href=["']https?:""", html)  # nothing fetched to view it
     assert html.count("Plotly.newPlot") == html.count("class='figure'") >= 3

@@ -311,6 +311,9 @@ def _print(report, src: Path, balance_loads: Path | None = None) -> None:
         )
     for line in _calibration_lines(report):
         con.print(line, highlight=False)
+    line = _agreement_line(report)
+    if line:
+        con.print(line, highlight=False)
     con.print(_reading(report), highlight=False)
 
 
@@ -346,15 +349,57 @@ def _reading(report) -> str:
     ok = [r for r in report.rows if r.n_devices == d and r.replicas == 0 and r.within(report.params)]
     best = min(ok, key=lambda r: r.score.mean_devices)
     if best.method == "frequency":
-        return (
+        head = (
             f"Read: at D={d} no method beats frequency's {base.score.mean_devices:.2f} devices/token with load CV "
             f"within {cvm:g} of its {base.score.mean_cv:.3f} and max/mean within {mmm:g} of its "
-            f"{base.score.mean_max_mean:.3f}; placement by co-activation does not pay here."
+            f"{base.score.mean_max_mean:.3f}"
         )
+        free = [r for r in report.rows if r.n_devices == d and r.replicas == 0 and r.method != "frequency"]
+        local = min(free, key=lambda r: r.score.mean_devices, default=None)
+        if local is None or local.vs_frequency >= 0:
+            return head + "; placement by co-activation does not pay here."
+        why = (
+            f"; {local.method} cuts devices/token by {-local.vs_frequency * 100:.1f}% but at load CV "
+            f"{local.score.mean_cv:.3f} and max/mean {local.score.mean_max_mean:.3f}"
+        )
+        if report.split == "labels" and not report.given_loads:
+            return (
+                f"{head}{why}: the locality carried to {'+'.join(report.score_labels)}, the balance fitted on "
+                f"{'+'.join(report.fit_labels)} did not. Give the served workload's expert counts (an imatrix, a "
+                "counts file or a short trace of it) with --balance-loads to balance those instead."
+            )
+        return f"{head}{why}: it does not hold the balance here."
     return (
         f"Read: at D={d}, {best.method} sends each token to {best.score.mean_devices:.2f} devices "
         f"({best.vs_frequency * 100:+.1f}% vs frequency's {base.score.mean_devices:.2f}) at load CV "
         f"{best.score.mean_cv:.3f} (frequency {base.score.mean_cv:.3f}), on {_scored(report)}."
+    )
+
+
+def _agreement_line(report) -> str:
+    """How far the workloads' expert loads agree (`moescope.place.compare.load_agreement`), in one line; empty
+    with fewer than two labelled workloads, or when the placement balanced given loads."""
+    if not report.load_agreement or report.given_loads:
+        return ""
+
+    def fmt(x) -> str:
+        r = "n/a (constant loads)" if x.correlation is None else f"{x.correlation:.2f}"
+        return f"{x.a} vs {x.b} {r}"
+
+    pairs = list(report.load_agreement)
+    if len(pairs) > 4:
+        vals = sorted(x.correlation for x in pairs if x.correlation is not None)
+        shown = (
+            f"{len(pairs)} labels each against the rest: median {vals[len(vals) // 2]:.2f}, range {vals[0]:.2f} to "
+            f"{vals[-1]:.2f}"
+            if vals
+            else f"{len(pairs)} labels: n/a (constant loads)"
+        )
+    else:
+        shown = "; ".join(fmt(x) for x in pairs)
+    return (
+        f"Expert-load agreement between workloads (correlation of per-expert selections, mean over layers): {shown}. "
+        "A placement stays balanced on another workload only as far as its expert loads agree with the fitted ones."
     )
 
 
@@ -371,7 +416,8 @@ def _calibration_lines(report) -> list[str]:
     out = [
         f"Refined methods' train caps, chosen for load CV <= frequency's + {p.cv_margin:g} and max/mean <= "
         f"frequency's + {p.max_mean_margin:g} by validation inside the fitting data ({cals[0].inner}; "
-        f"{len(cals[0].layer_ids)} layers; {sum(c.seconds for c in cals):.1f} s):"
+        f"{len(cals[0].layer_ids)} layer{'s' if len(cals[0].layer_ids) != 1 else ''}; "
+        f"{sum(c.seconds for c in cals):.1f} s):"
     ]
     for cal in cals:
         t = cal.chosen

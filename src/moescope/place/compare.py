@@ -36,9 +36,77 @@ from moescope.place.methods import METHODS, PlaceParams, RefinedPlacement, defau
 from moescope.place.metrics import PlacementScore, route
 from moescope.place.replicas import add_replicas
 from moescope.slicing import EVAL_SPLITS, label_protocol, select_labels, select_layers, split_halves
-from moescope.trace import RoutingTrace
+from moescope.trace import RoutingTrace, expert_mass
 
 BASELINE = "frequency"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadAgreement:
+    """How far the expert loads of workload(s) ``a`` agree with those of ``b``: the correlation of their
+    per-expert selections, mean over the layers where neither is constant (`load_correlation`); None when no
+    layer qualifies."""
+
+    a: str
+    b: str
+    correlation: float | None
+    layers: int
+
+    def to_dict(self) -> dict[str, Any]:
+        r = None if self.correlation is None else round(self.correlation, 4)
+        return {"a": self.a, "b": self.b, "correlation": r, "layers": self.layers}
+
+
+def load_correlation(a: np.ndarray, b: np.ndarray) -> tuple[float | None, int]:
+    """Mean over layers of the Pearson correlation of two ``[layers, E]`` expert-load tables, and the number of
+    layers it is taken over (layers where either table is constant have no correlation and are left out)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    da, db = a - a.mean(axis=1, keepdims=True), b - b.mean(axis=1, keepdims=True)
+    na, nb = np.sqrt((da * da).sum(axis=1)), np.sqrt((db * db).sum(axis=1))
+    ok = (na > 0) & (nb > 0)
+    if not ok.any():
+        return None, 0
+    r = (da[ok] * db[ok]).sum(axis=1) / (na[ok] * nb[ok])
+    return float(np.clip(r, -1.0, 1.0).mean()), int(ok.sum())
+
+
+def label_loads(trace: RoutingTrace) -> tuple[list[str], np.ndarray]:
+    """The trace's labels (first-seen order) and ``[labels, layers, E] int64`` selections of each expert by the
+    tokens of each label's sequences (no labels: one unnamed row with every token)."""
+    labels = trace.labels()
+    if not labels:
+        return [], expert_mass(trace.experts, trace.n_experts)[None]
+    lab_id = {lab: i for i, lab in enumerate(labels)}
+    per_token = np.repeat(np.array([lab_id[x] for x in trace.seq_labels.tolist()], np.int64), trace.seq_lengths)
+    n_lab, n_exp = len(labels), trace.n_experts
+    out = np.empty((n_lab, trace.n_layers, n_exp), dtype=np.int64)
+    for layer in range(trace.n_layers):
+        idx = per_token[:, None] * n_exp + trace.experts[:, layer, :]
+        out[:, layer] = np.bincount(idx.ravel(), minlength=n_lab * n_exp).reshape(n_lab, n_exp)
+    return labels, out
+
+
+def load_agreement(trace: RoutingTrace, fit_labels: Sequence[str] = (), score_labels: Sequence[str] = ()) -> tuple:
+    """`LoadAgreement` of the trace's workloads (sequence labels): with `score_labels` (the labels protocol), the
+    fitted labels' loads against the scored ones', then each fitted label against the other fitted ones (one
+    pair with two); without, each of the trace's labels against the rest. A placement balanced on some
+    workloads' loads stays balanced on another only as far as their loads agree (`moescope.place.data`).
+    Empty with fewer than two labels."""
+    if len(trace.labels()) < 2:
+        return ()
+    labels, per_label = label_loads(trace)
+    row = {lab: i for i, lab in enumerate(labels)}
+    own = list(fit_labels) if fit_labels else labels
+    fitted = per_label[[row[x] for x in own]]
+    total = fitted.sum(axis=0)
+    out = []
+    if score_labels:
+        scored = per_label[[row[x] for x in score_labels]].sum(axis=0)
+        out.append(LoadAgreement("+".join(own), "+".join(score_labels), *load_correlation(total, scored)))
+    for i, lab in enumerate(own[:1] if len(own) == 2 else own if len(own) > 2 else []):
+        rest = "+".join(x for x in own if x != lab) if len(own) <= 4 else f"the other {len(own) - 1}"
+        out.append(LoadAgreement(lab, rest, *load_correlation(fitted[i], total - fitted[i])))
+    return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -103,6 +171,7 @@ class PlacementReport:
     score_labels: tuple[str, ...] = ()
     calibrations: dict[int, Calibration] = dataclasses.field(default_factory=dict)  # the refined methods' margin per D
     given_loads: bool = False  # balanced on given expert loads (``balance_loads``), not the train tokens'
+    load_agreement: tuple[LoadAgreement, ...] = ()  # how far the workloads' expert loads agree (`load_agreement`)
 
     def row(self, n_devices: int, method: str, replicas: int = 0) -> PlacementRow:
         for r in self.rows:
@@ -124,6 +193,7 @@ class PlacementReport:
             "params": dataclasses.asdict(self.params),
             "balanced_on": "given loads" if self.given_loads else "train tokens",
             "calibration": [c.to_dict() for c in self.calibrations.values()],
+            "load_agreement": [x.to_dict() for x in self.load_agreement],
             "rows": [r.to_dict(layers) for r in self.rows],
         }
 
@@ -289,6 +359,7 @@ def compare_placements(
         score_labels=score_l,
         calibrations=calibrations,
         given_loads=balance_loads is not None,
+        load_agreement=load_agreement(trace, fit_l, score_l),
     )
 
 

@@ -684,6 +684,19 @@ def _coact(trace: RoutingTrace, cards: list[Card], figures: list[Figure], summar
 
 
 # -- placement -----------------------------------------------------------------------------------------
+def _agreement_notes(rep) -> tuple[str, ...]:
+    """A note on how far the trace's workloads agree in expert load (`load_agreement`), when it has 2+ labels."""
+    vals = [x.correlation for x in rep.load_agreement if x.correlation is not None]
+    if not vals:
+        return ()
+    span = f"{vals[0]:.2f}" if len(vals) == 1 else f"{min(vals):.2f} to {max(vals):.2f}"
+    return (
+        f"The expert loads of the trace's workloads (sequence labels) correlate {span}, each against the rest: "
+        "the balance above is for this mix of them. To balance another workload, give its expert counts to "
+        "moescope place --balance-loads.",
+    )
+
+
 def _placement(trace: RoutingTrace, cards: list[Card], figures: list[Figure], summary: dict[str, Any], devices) -> None:
     import plotly.graph_objects as go
 
@@ -726,6 +739,7 @@ def _placement(trace: RoutingTrace, cards: list[Card], figures: list[Figure], su
                 f"only if its load CV stays within {cvm:g} of frequency's and its max/mean load within {mmm:g} "
                 "(fewer devices per token = less all-to-all). The refined method's train caps were chosen by "
                 "validation inside the first halves.",
+                *_agreement_notes(rep),
             ),
             "good" if top.vs_frequency < -0.05 else "info",
             (("D", "method", "devices/token (vs frequency)", "load CV frequency/best", "max/mean load"), *rows),
