@@ -108,14 +108,14 @@ def given_loads(trace) -> dict:
     import numpy as np
 
     from moescope.place import PlaceParams, compare_placements
-    from moescope.place.compare import label_loads, load_correlation
+    from moescope.place.compare import load_agreement
     from moescope.place.data import balance_table
     from moescope.slicing import select_labels, select_sequences
 
-    tasks, per_task = label_loads(trace)
+    tasks = trace.labels()
 
     def corr(a: str, b: str) -> float:
-        r, _ = load_correlation(per_task[tasks.index(a)], per_task[tasks.index(b)])
+        r = load_agreement(trace, [a], [b])[0].correlation
         return round(float("nan") if r is None else r, 4)
 
     splits = {}

@@ -30,7 +30,7 @@ from moescope.place import (
     write_placement,
 )
 from moescope.place import refine as R
-from moescope.place.compare import label_loads, load_agreement, load_correlation
+from moescope.place.compare import load_agreement, load_correlation
 from moescope.place.data import device_loads, drift_cv
 from moescope.place.methods import _lpt
 from moescope.slicing import select_labels, split_halves
@@ -614,15 +614,11 @@ def test_eplb_map_refuses_empty_slots(tmp_path):
 
 
 def test_load_agreement_matches_reference():
-    """label_loads and load_correlation against token-by-token references; constant layers are left out; the
+    """load_agreement and load_correlation against token-by-token references; constant layers are left out; the
     labels protocol reports fitted against scored first, then the fitted labels against each other."""
     tr = _skewed_workloads(seed=9)
     tr = tr.replace(seq_labels=["a", "b", "c"] * 4)
-    labels, per = label_loads(tr)
     want = ref.label_loads(tr.experts, tr.seq_starts, tr.seq_labels.tolist(), tr.n_experts)
-    assert labels == ["a", "b", "c"]
-    for i, lab in enumerate(labels):
-        np.testing.assert_array_equal(per[i], want[lab])
     rng = np.random.default_rng(3)
     x, y = rng.random((5, 12)), rng.random((5, 12))
     x[2] = 1.0  # a constant layer has no correlation
@@ -634,11 +630,17 @@ def test_load_agreement_matches_reference():
 
     every = load_agreement(tr)
     assert [(g.a, g.b) for g in every] == [("a", "b+c"), ("b", "a+c"), ("c", "a+b")]
+    many = tr.replace(seq_labels=[f"s{i}" for i in range(12)])  # each against the other 11, named by count
+    assert [(g.a, g.b) for g in load_agreement(many)][:2] == [("s0", "11 labels"), ("s1", "11 labels")]
+    assert [(g.a, g.b) for g in load_agreement(many, score_labels=["s3"])] == [("11 labels", "s3")] + [
+        (f"s{i}", "10 labels") for i in range(12) if i != 3
+    ]
     assert every[1].correlation == pytest.approx(ref.load_correlation(want["b"], want["a"] + want["c"])[0])
     proto = load_agreement(tr, ["a", "c"], ["b"])
     assert [(g.a, g.b) for g in proto] == [("a+c", "b"), ("a", "c")]
     assert proto[0].correlation == pytest.approx(ref.load_correlation(want["a"] + want["c"], want["b"])[0])
     assert proto[1].layers == tr.n_layers
+    assert proto[1].correlation == pytest.approx(ref.load_correlation(want["a"], want["c"])[0])
     assert load_agreement(tr.replace(seq_labels=None)) == ()
     assert load_agreement(tr.replace(seq_labels=["a"] * 12)) == ()
     report = compare_placements(tr, [2], ["frequency"], fit_labels=["a", "c"])

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from moescope._jit import njit_parallel, prange
 from moescope.errors import UsageError
 from moescope.place.calibrate import Calibration, calibrate, given_loads_calibration
 from moescope.place.data import TrainData
@@ -36,7 +37,7 @@ from moescope.place.methods import METHODS, PlaceParams, RefinedPlacement, defau
 from moescope.place.metrics import PlacementScore, route
 from moescope.place.replicas import add_replicas
 from moescope.slicing import EVAL_SPLITS, label_protocol, select_labels, select_layers, split_halves
-from moescope.trace import RoutingTrace, expert_mass
+from moescope.trace import RoutingTrace
 
 BASELINE = "frequency"
 
@@ -70,42 +71,54 @@ def load_correlation(a: np.ndarray, b: np.ndarray) -> tuple[float | None, int]:
     return float(np.clip(r, -1.0, 1.0).mean()), int(ok.sum())
 
 
-def label_loads(trace: RoutingTrace) -> tuple[list[str], np.ndarray]:
-    """The trace's labels (first-seen order) and ``[labels, layers, E] int64`` selections of each expert by the
-    tokens of each label's sequences (no labels: one unnamed row with every token)."""
-    labels = trace.labels()
-    if not labels:
-        return [], expert_mass(trace.experts, trace.n_experts)[None]
-    lab_id = {lab: i for i, lab in enumerate(labels)}
-    per_token = np.repeat(np.array([lab_id[x] for x in trace.seq_labels.tolist()], np.int64), trace.seq_lengths)
-    n_lab, n_exp = len(labels), trace.n_experts
-    out = np.empty((n_lab, trace.n_layers, n_exp), dtype=np.int64)
-    for layer in range(trace.n_layers):
-        idx = per_token[:, None] * n_exp + trace.experts[:, layer, :]
-        out[:, layer] = np.bincount(idx.ravel(), minlength=n_lab * n_exp).reshape(n_lab, n_exp)
-    return labels, out
+@njit_parallel
+def _slot_loads(experts, slot, out):
+    """``out [slots, layers, E]`` += selections of each expert by the tokens of each slot (``slot [tokens]``;
+    -1: counted nowhere). Parallel over blocks of layers, each block reading the tokens in memory order."""
+    n_tok, n_lay, k = experts.shape
+    step = 4  # layers per block: a token's row of a block is one contiguous read
+    for blk in prange((n_lay + step - 1) // step):
+        lo, hi = blk * step, min(n_lay, blk * step + step)
+        for t in range(n_tok):
+            s = slot[t]
+            if s >= 0:
+                for layer in range(lo, hi):
+                    for j in range(k):
+                        out[s, layer, experts[t, layer, j]] += 1
+
+
+MAX_EACH = 64  # labels compared each against the rest, at most (more: only fitted against scored)
 
 
 def load_agreement(trace: RoutingTrace, fit_labels: Sequence[str] = (), score_labels: Sequence[str] = ()) -> tuple:
     """`LoadAgreement` of the trace's workloads (sequence labels): with `score_labels` (the labels protocol), the
-    fitted labels' loads against the scored ones', then each fitted label against the other fitted ones (one
-    pair with two); without, each of the trace's labels against the rest. A placement balanced on some
-    workloads' loads stays balanced on another only as far as their loads agree (`moescope.place.data`).
-    Empty with fewer than two labels."""
-    if len(trace.labels()) < 2:
+    fitted labels' loads (default: every other label's) against the scored ones', then each fitted label against
+    the other fitted ones (one pair with two; none with more than `MAX_EACH`); without, each of the trace's
+    labels against the rest. A placement balanced on some workloads' loads stays balanced on another only as far
+    as their loads agree (`moescope.place.data`). Empty with fewer than two labels. One pass over the tokens;
+    counts are kept only for the labels compared one by one, the other fitted ones together, the scored ones."""
+    labels = trace.labels()
+    if len(labels) < 2:
         return ()
-    labels, per_label = label_loads(trace)
-    row = {lab: i for i, lab in enumerate(labels)}
-    own = list(fit_labels) if fit_labels else labels
-    fitted = per_label[[row[x] for x in own]]
-    total = fitted.sum(axis=0)
-    out = []
-    if score_labels:
-        scored = per_label[[row[x] for x in score_labels]].sum(axis=0)
-        out.append(LoadAgreement("+".join(own), "+".join(score_labels), *load_correlation(total, scored)))
-    for i, lab in enumerate(own[:1] if len(own) == 2 else own if len(own) > 2 else []):
-        rest = "+".join(x for x in own if x != lab) if len(own) <= 4 else f"the other {len(own) - 1}"
-        out.append(LoadAgreement(lab, rest, *load_correlation(fitted[i], total - fitted[i])))
+    fitted = list(fit_labels) or [x for x in labels if x not in score_labels]
+    each = fitted[:1] if len(fitted) == 2 else fitted if 2 < len(fitted) <= MAX_EACH else []
+    if not each and not score_labels:
+        return ()
+    slot_of = {lab: i for i, lab in enumerate(each)}  # then: the other fitted labels, then the scored ones
+    slot_of.update({lab: len(each) for lab in fitted if lab not in slot_of})
+    slot_of.update({lab: len(each) + 1 for lab in score_labels})
+    per_seq = np.array([slot_of.get(x, -1) for x in trace.seq_labels.tolist()], dtype=np.int64)
+    sums = np.zeros((len(each) + 2, trace.n_layers, trace.n_experts), dtype=np.int64)
+    _slot_loads(trace.experts, np.repeat(per_seq, trace.seq_lengths), sums)
+    total = sums[:-1].sum(axis=0)  # every fitted label
+
+    def name(labs: Sequence[str]) -> str:
+        return "+".join(labs) if len(labs) <= 4 else f"{len(labs)} labels"
+
+    out = [LoadAgreement(name(fitted), name(score_labels), *load_correlation(total, sums[-1]))] if score_labels else []
+    for i, lab in enumerate(each):
+        rest = name([x for x in fitted if x != lab])
+        out.append(LoadAgreement(lab, rest, *load_correlation(sums[i], total - sums[i])))
     return tuple(out)
 
 
