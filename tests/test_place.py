@@ -30,7 +30,7 @@ from moescope.place import (
     write_placement,
 )
 from moescope.place import refine as R
-from moescope.place.compare import load_agreement, load_correlation
+from moescope.place.compare import _slot_loads, load_agreement, load_correlation
 from moescope.place.data import device_loads, drift_cv
 from moescope.place.methods import _lpt
 from moescope.slicing import select_labels, split_halves
@@ -130,6 +130,18 @@ def test_train_tables_match_reference():
     np.testing.assert_array_equal(data.load, ref.loads(tr.experts, 7))
     np.testing.assert_array_equal(data.coact, ref.coact(tr.experts, 7))
     np.testing.assert_allclose(data.drift_cov, ref.drift_cov(tr.experts, tr.seq_starts, 7))
+
+
+@pytest.mark.kernels
+def test_slot_loads_match_reference():
+    """The load-agreement kernel's per-slot counts equal token-by-token counts per label (slot -1: skipped)."""
+    tr = random_trace(n_tokens=400, n_layers=7, n_experts=10, k=3, n_seq=8, seed=31)
+    labels = ["p", "q", "r", "p", "s", "q", "r", "p"]
+    want = ref.label_loads(tr.experts, tr.seq_starts, labels, tr.n_experts)
+    slot = {"p": 0, "q": 1, "r": 2, "s": -1}
+    out = np.zeros((3, 7, 10), dtype=np.int64)
+    _slot_loads(tr.experts, np.repeat([slot[x] for x in labels], tr.seq_lengths), out)
+    np.testing.assert_array_equal(out, np.stack([want[x] for x in "pqr"]))
 
 
 @pytest.mark.kernels
