@@ -4,6 +4,7 @@ the train/test split, replicas, exports, the CLI, and the goal on real data."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -688,6 +689,14 @@ def test_cli_says_when_locality_carries_but_balance_does_not(tmp_path):
     code, out, exc = _cli(src, "-d", "2", "-m", "coact-greedy", "--split", "all")
     assert code == 0, exc
     assert "--balance-loads" not in " ".join(out.split())
+    many = tmp_path / "many.npz"  # six workloads, five fitted: fitted against scored, then the five summarised
+    write_output(random_trace(n_tokens=240, n_layers=2, n_experts=8, k=2, n_seq=12, seed=4).replace(
+        seq_labels=[f"w{i % 6}" for i in range(12)]), many)  # fmt: skip
+    code, out, exc = _cli(many, "-d", "2", "-m", "coact-greedy", "--score-labels", "w5")
+    assert code == 0, exc
+    text = " ".join(out.split())
+    assert "w0+w1+w2+w3+w4 vs w5" not in text and "5 labels vs w5 " in text
+    assert re.search(r"5 fitted labels each against the rest: median -?\d\.\d\d, range -?\d\.\d\d to", text)
 
 
 def _cli(*args) -> tuple[int, str, BaseException | None]:

@@ -387,16 +387,18 @@ def _agreement_line(report) -> str:
         return f"{x.a} vs {x.b} {r}"
 
     pairs = list(report.load_agreement)
-    if len(pairs) > 4:
+    head = [fmt(pairs.pop(0))] if report.split == "labels" else []  # fitted against scored comes first
+    if len(pairs) > 3:
         vals = sorted(x.correlation for x in pairs if x.correlation is not None)
-        shown = (
-            f"{len(pairs)} labels each against the rest: median {vals[len(vals) // 2]:.2f}, range {vals[0]:.2f} to "
-            f"{vals[-1]:.2f}"
+        rest = (
+            f"{len(pairs)} fitted labels each against the rest: median {vals[len(vals) // 2]:.2f}, range "
+            f"{vals[0]:.2f} to {vals[-1]:.2f}"
             if vals
-            else f"{len(pairs)} labels: n/a (constant loads)"
+            else f"{len(pairs)} fitted labels: n/a (constant loads)"
         )
+        shown = "; ".join([*head, rest])
     else:
-        shown = "; ".join(fmt(x) for x in pairs)
+        shown = "; ".join([*head, *(fmt(x) for x in pairs)])
     return (
         f"Expert-load agreement between workloads (correlation of per-expert selections, mean over layers): {shown}. "
         "A placement stays balanced on another workload only as far as its expert loads agree with the fitted ones."
