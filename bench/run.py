@@ -360,6 +360,12 @@ def bench_place_inner_split(tmp: Path) -> dict:
     return _bench_module("place_inner_split")
 
 
+def bench_place_defaults(tmp: Path) -> dict:
+    """coact-refined's late-token weight and coact-capped's merge penalty, chosen on the fixture's domains (see
+    bench/place_defaults.py)."""
+    return _bench_module("place_defaults")
+
+
 def bench_timeline_speed(tmp: Path) -> dict:
     """Every decode-timeline strategy at one budget on 1M x 48 x top-8 (see bench/timeline_speed.py)."""
     return _bench_module("timeline_speed")

@@ -43,6 +43,8 @@ from moescope._jit import njit, njit_parallel, prange
 from moescope._rng import GAMMA as _GAMMA
 from moescope._rng import hash2 as _hash
 
+# How a kick perturbs: set by hand with the first version of the search and not re-chosen on a development set
+# (they shape the perturbation, and the search is near-converged: `moescope.place.methods.KICKS`).
 KICK_SWAPS = 3  # random swaps per iterated-local-search round
 KICK_REACH = 16  # a kick swaps an expert with one at most this many places away in train-load order
 UNDO_STEPS = 256  # steps a rejected round may take and still be undone step by step (else: rebuild)
