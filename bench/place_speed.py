@@ -33,6 +33,9 @@ def measure() -> dict:
     report = compare_placements(trace, [8])
     out["seconds"] = round(time.perf_counter() - t0, 2)
     out["cpu_s"] = round(time.process_time() - cpu0, 2)  # all threads; / 2 = wall on 2 idle cores
+    # the placement's wall time over the same run's trace generation (code that does not change with the
+    # placement's): a machine-speed reference, so runs on a machine whose speed drifts still compare
+    out["seconds_per_synth_second"] = round(out["seconds"] / out["synth_s"], 3)
     out["methods"] = {
         r.method: {
             "fit_s": round(r.fit_seconds, 2),
