@@ -1,7 +1,7 @@
 """Two defaults of the placement search, chosen on a development set (called by `bench/run.py place_defaults`).
 
-`PlaceParams.late_weight` (halves protocol: train tokens in the second half of their sequence weigh this many
-times more in coact-refined's objective) and `PlaceParams.coact_lambda` (coact-capped's merge penalty;
+`PlaceParams.late_weight` (train tokens in the second half of their sequence weigh this many times more in
+coact-refined's objective) and `PlaceParams.coact_lambda` (coact-capped's merge penalty;
 coact-capped is a default method and one of coact-refined's starts) were set by hand when the methods were
 first written, while the shared ESFT trace was the only data looked at. This study re-chooses them where the
 placement results are not reported: the project's own fixture trace (tiny Qwen3-MoE, 4 layers x 16 experts,
@@ -22,7 +22,7 @@ Decision rules, fixed before the run:
 - ``late_weight``: among `LATE_WEIGHTS`, the one holding the most cases, halves and labels together; ties:
   the lowest mean change of devices per token against frequency; then the smallest weight;
 - ``coact_lambda`` (with that late weight): among `COACT_LAMBDAS`, the same count; ties: the lowest mean
-  change of devices per token; then the current 5.0.
+  change of devices per token; then the hand-set 5.0 in force before this study.
 
 (A first run applied the late weight under the halves protocol only and chose it on the 18 halves cases:
 weight 1 held 17, weights 2, 3 and 5 held 16. With no late weight the labels cases held 59 of 105, against
@@ -118,6 +118,6 @@ def measure() -> dict:
         "rule": "coact-refined's scored load CV within frequency's + cv_margin, max/mean within + max_mean_margin",
         "late_weight": {"by_value": {str(w): v for w, v in late.items()}, "chosen": chosen_w},
         "coact_lambda": {"by_value": {str(x): v for x, v in lam.items()}, "chosen": chosen_l},
-        "defaults_then": {"late_weight": base.late_weight, "coact_lambda": base.coact_lambda},
+        "defaults_in_force": {"late_weight": base.late_weight, "coact_lambda": base.coact_lambda},
         "seconds": round(time.perf_counter() - t0, 1),
     }
