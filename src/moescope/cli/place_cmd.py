@@ -342,20 +342,22 @@ def _print_layers(report) -> None:
 
 def _reading(report) -> str:
     """One line: the best replica-free non-baseline row at the largest D within the stated constraint (load CV
-    within frequency's + cv_margin, max/mean within frequency's + max_mean_margin), against frequency."""
+    within frequency's + cv_margin, max/mean within frequency's + max_mean_margin), against frequency; when
+    none beats frequency, the row with the fewest devices per token and the balance it broke (under the labels
+    protocol without given loads, with the pointer to --balance-loads)."""
     d = max(r.n_devices for r in report.rows)
     base = report.row(d, "frequency")
     cvm, mmm = report.params.cv_margin, report.params.max_mean_margin
-    ok = [r for r in report.rows if r.n_devices == d and r.replicas == 0 and r.within(report.params)]
-    best = min(ok, key=lambda r: r.score.mean_devices)
+    at_d = [r for r in report.rows if r.n_devices == d and r.replicas == 0]
+    best = min((r for r in at_d if r.within(report.params)), key=lambda r: r.score.mean_devices)
     if best.method == "frequency":
         head = (
             f"Read: at D={d} no method beats frequency's {base.score.mean_devices:.2f} devices/token with load CV "
             f"within {cvm:g} of its {base.score.mean_cv:.3f} and max/mean within {mmm:g} of its "
             f"{base.score.mean_max_mean:.3f}"
         )
-        free = [r for r in report.rows if r.n_devices == d and r.replicas == 0 and r.method != "frequency"]
-        local = min(free, key=lambda r: r.score.mean_devices, default=None)
+        others = (r for r in at_d if r.method != "frequency")
+        local = min(others, key=lambda r: r.score.mean_devices, default=None)
         if local is None or local.vs_frequency >= 0:
             return head + "; placement by co-activation does not pay here."
         why = (
